@@ -1,0 +1,3 @@
+"""wdjax: knowledge distillation through weights, in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,293 @@
+"""BERT and MPNet encoders (Flax NNX) with sequence-classification and masked-LM heads.
+
+One module family serves teachers and students: a student is the same code with a smaller
+`EncoderConfig`. Both architectures are post-LayerNorm Transformers; MPNet differs from BERT in
+three places, all switched on `config.arch == "mpnet"`:
+
+- no token-type embeddings, and RoBERTa-style position ids `cumsum(mask) * mask + pad_id`;
+- a relative-position bias (T5-style bidirectional buckets) computed once per forward pass from
+  one shared `[buckets, heads]` table and added to the attention scores of every layer;
+- the classification head applies dropout before its dense layer as well as after it.
+
+Parameters live in string-keyed paths (`layer_0/attn/q/kernel`, never integer keys) so that
+generators can match them with path rules and Orbax can save them as they are. Kernels use the
+Flax layout `[in, out]` (the transpose of torch's `Linear.weight`).
+
+Dropout is explicit: pass `dropout_key` to train, omit it to evaluate; there is no RNG state
+inside the module, so `nnx.split` yields parameters only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Shape and numerics of a BERT-family encoder (teacher or student)."""
+
+  arch: str = "bert"  # "bert" | "mpnet"
+  vocab_size: int = 30522  # rows of the word-embedding table
+  hidden_size: int = 384  # d_model
+  num_layers: int = 6  # Transformer blocks
+  num_heads: int = 12  # attention heads; head size = hidden_size // num_heads
+  intermediate_size: int = 1536  # FFN inner width
+  max_position_embeddings: int = 512  # rows of the absolute position table
+  type_vocab_size: int = 2  # token-type rows (0 for MPNet)
+  layer_norm_eps: float = 1e-12  # 1e-12 for BERT/MiniLM, 1e-5 for MPNet
+  pad_token_id: int = 0  # 0 for BERT, 1 for MPNet
+  relative_attention_num_buckets: int = 32  # MPNet only
+  hidden_dropout: float = 0.1  # dropout on embeddings, residual branches and the head
+  attention_dropout: float = 0.1  # dropout on attention probabilities
+  num_labels: int = 2  # classifier outputs
+  initializer_range: float = 0.02  # std of the truncated-normal init of fresh weights
+  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision); parameters stay fp32
+  attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
+
+  def __post_init__(self):
+    if self.arch not in ("bert", "mpnet"):
+      raise ValueError(f"arch must be 'bert' or 'mpnet', got {self.arch!r}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+
+def _dense(cfg: EncoderConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+      d_in, d_out, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.truncated_normal(cfg.initializer_range), rngs=rngs)
+
+
+def _layer_norm(cfg: EncoderConfig, d: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Statistics in fp32 even under bf16 compute: LayerNorm is where bf16 loses accuracy.
+  return nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
+                       param_dtype=jnp.float32, rngs=rngs)
+
+
+def _dropout(x: Array, rate: float, key: Array | None) -> Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _keys(key: Array | None, n: int) -> list[Array | None]:
+  return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def relative_position_bucket(relative_position: Array, num_buckets: int = 32,
+                             max_distance: int = 128) -> Array:
+  """T5/MPNet bidirectional bucketing of `memory - context` offsets -> int bucket ids."""
+  n = -relative_position
+  half = num_buckets // 2
+  ret = (n < 0).astype(jnp.int32) * half
+  n = jnp.abs(n)
+  max_exact = half // 2
+  is_small = n < max_exact
+  # log-spaced buckets for large offsets; the float division by max_exact matches the reference.
+  safe_n = jnp.maximum(n, 1).astype(jnp.float32)
+  large = max_exact + (jnp.log(safe_n / max_exact) / math.log(max_distance / max_exact)
+                       * (half - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, half - 1)
+  return ret + jnp.where(is_small, n, large)
+
+
+class Embeddings(nnx.Module):
+
+  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    init = nnx.initializers.truncated_normal(cfg.initializer_range)
+    self.cfg = cfg
+    self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
+                          embedding_init=init, rngs=rngs)
+    self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                              param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
+    if cfg.arch == "bert":
+      self.token_type = nnx.Embed(max(cfg.type_vocab_size, 1), cfg.hidden_size,
+                                  param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
+    self.ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None,
+               dropout_key: Array | None) -> Array:
+    cfg = self.cfg
+    seq = input_ids.shape[1]
+    if cfg.arch == "mpnet":
+      # RoBERTa positions: real tokens count from pad_id + 1; padding sits on pad_id.
+      not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+      positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+    else:
+      positions = jnp.broadcast_to(jnp.arange(seq), input_ids.shape)
+    x = self.word(input_ids) + self.position(positions)
+    if cfg.arch == "bert":
+      types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+      x = x + self.token_type(types)
+    x = self.ln(x)  # [batch, seq, hidden] fp32
+    return _dropout(x, cfg.hidden_dropout, dropout_key).astype(cfg.compute_dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.cfg = cfg
+    self.q = _dense(cfg, d, d, rngs)
+    self.k = _dense(cfg, d, d, rngs)
+    self.v = _dense(cfg, d, d, rngs)
+    self.o = _dense(cfg, d, d, rngs)
+
+  def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None) -> Array:
+    cfg = self.cfg
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [batch, seq, heads, head_dim]
+    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    if dropout_key is None or cfg.attention_dropout == 0.0:
+      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                         implementation=None if cfg.attention == "xla" else cfg.attention)
+    else:
+      # Attention-probability dropout needs the probabilities, so the fused kernel is bypassed.
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+      if bias is not None:
+        scores = scores + bias
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      probs = _dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_dropout, dropout_key)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return self.o(ctx.reshape(b, t, cfg.hidden_size))
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    self.up = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
+    self.down = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.down(jax.nn.gelu(self.up(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Post-LN Transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn = Attention(cfg, rngs)
+    self.attn_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.mlp = Mlp(cfg, rngs)
+    self.mlp_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+
+  def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None) -> Array:
+    k_attn, k_res1, k_res2 = _keys(dropout_key, 3)
+    rate = self.cfg.hidden_dropout
+    h = self.attn_ln(x + _dropout(self.attn(x, mask, bias, k_attn), rate, k_res1))
+    h = h.astype(self.cfg.compute_dtype)
+    out = self.mlp_ln(h + _dropout(self.mlp(h), rate, k_res2))
+    return out.astype(self.cfg.compute_dtype)
+
+
+class Encoder(nnx.Module):
+  """Embeddings + `num_layers` blocks -> last hidden state `[batch, seq, hidden]`."""
+
+  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = Embeddings(cfg, rngs)
+    for i in range(cfg.num_layers):
+      setattr(self, f"layer_{i}", Block(cfg, rngs))
+    if cfg.arch == "mpnet":
+      self.relative_bias = nnx.Embed(
+          cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=jnp.float32,
+          embedding_init=nnx.initializers.truncated_normal(cfg.initializer_range), rngs=rngs)
+
+  def layers(self) -> list[Block]:
+    return [getattr(self, f"layer_{i}") for i in range(self.cfg.num_layers)]
+
+  def position_bias(self, seq: int) -> Array | None:
+    """MPNet's shared relative bias `[1, heads, seq, seq]` (None for BERT)."""
+    if self.cfg.arch != "mpnet":
+      return None
+    pos = jnp.arange(seq)
+    buckets = relative_position_bucket(pos[None, :] - pos[:, None],
+                                       self.cfg.relative_attention_num_buckets)
+    return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               *, dropout_key: Array | None = None) -> Array:
+    keys = _keys(dropout_key, self.cfg.num_layers + 1)
+    x = self.embeddings(input_ids, attention_mask, token_type_ids, keys[0])
+    mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, key]
+    bias = self.position_bias(input_ids.shape[1])
+    for layer, key in zip(self.layers(), keys[1:]):
+      x = layer(x, mask, bias, key)
+    return x
+
+
+class SequenceClassifier(nnx.Module):
+  """Encoder + tanh pooler on the first token + linear classifier -> logits `[batch, labels]`.
+
+  BERT names the two dense layers `pooler.dense` and `classifier`; MPNet names them
+  `classifier.dense` and `classifier.out_proj`. The maths is the same, so one head serves both.
+  """
+
+  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.encoder = Encoder(cfg, rngs)
+    self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+    self.classifier = _dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               *, dropout_key: Array | None = None) -> Array:
+    k_enc, k_pre, k_post = _keys(dropout_key, 3)
+    rate = self.cfg.hidden_dropout
+    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc)
+    first = h[:, 0]  # [batch, hidden]
+    if self.cfg.arch == "mpnet":
+      first = _dropout(first, rate, k_pre)
+    pooled = jnp.tanh(self.pooler(first))
+    return self.classifier(_dropout(pooled, rate, k_post)).astype(jnp.float32)
+
+
+class MaskedLM(nnx.Module):
+  """Encoder + MLM head with the decoder tied to the word embeddings -> `[batch, seq, vocab]`.
+
+  BERT: dense -> GELU -> LayerNorm -> tied decoder + bias; MPNet's `lm_head` is the same.
+  """
+
+  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.encoder = Encoder(cfg, rngs)
+    self.mlm_dense = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+    self.mlm_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               *, dropout_key: Array | None = None) -> Array:
+    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key)
+    h = self.mlm_ln(jax.nn.gelu(self.mlm_dense(h), approximate=False)).astype(self.cfg.compute_dtype)
+    table = self.encoder.embeddings.word.embedding[...].astype(self.cfg.compute_dtype)
+    return (h @ table.T).astype(jnp.float32) + self.mlm_bias[...]
+
+
+HEADS = {"classifier": SequenceClassifier, "mlm": MaskedLM}
+
+
+def build(cfg: EncoderConfig, head: str = "classifier", seed: int = 0) -> nnx.Module:
+  """A freshly initialised model (random weights) of the given head type."""
+  if head not in HEADS:
+    raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+  return HEADS[head](cfg, nnx.Rngs(params=seed))
