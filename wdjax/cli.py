@@ -1,0 +1,127 @@
+"""`wdjax` command line: assets, finetune, distill, eval, export, pipeline, config.
+
+A user mistake ends in one line on stderr and exit status 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from wdjax.errors import WdjaxError
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="wdjax", description="Knowledge distillation through weights, in JAX.")
+  p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  a = sub.add_parser("assets", help="list or fetch the real teachers and datasets")
+  a.add_argument("action", choices=["list", "fetch"])
+  a.add_argument("names", nargs="*", help="asset names for fetch ('all' for every asset)")
+  a.add_argument("--cache-dir", default="", help="asset cache (default $WDJAX_CACHE or ~/.cache/wdjax)")
+
+  def with_config(name: str, help: str) -> argparse.ArgumentParser:
+    c = sub.add_parser(name, help=help)
+    c.add_argument("config", help="Python config file with get_config(), e.g. configs/quickstart.py")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set distill.optim.lr=3e-4 (repeatable)")
+    return c
+
+  with_config("finetune", "fine-tune the pretrained teacher on the task")
+  d = with_config("distill", "distil the fine-tuned teacher into the student")
+  d.add_argument("--phase", default="distill", help="name of the run directory under the workdir")
+  e = with_config("eval", "accuracy of an exported model on the config's data")
+  e.add_argument("--model", default="", help="HF model directory (default <workdir>/distill/model)")
+  e.add_argument("--split", action="append", choices=["train", "validation", "test"])
+  x = with_config("export", "write the dense model of a phase's latest checkpoint")
+  x.add_argument("--phase", default="distill", help="finetune, distill, or another phase name")
+  with_config("pipeline", "finetune, distill with KD and with CE alone, print the comparison")
+  with_config("config", "print the resolved config as JSON")
+  return p
+
+
+def _assets(args) -> None:
+  from wdjax import assets
+  if args.action == "list":
+    root = assets.cache_dir(args.cache_dir)
+    print(f"asset cache: {root}")
+    for a in assets.ASSETS.values():
+      state = "cached" if assets.is_cached(a.name, args.cache_dir) else f"{a.size_mb} MB to fetch"
+      print(f"  {a.name:<20} {a.kind:<8} {state:<16} {a.description}")
+    return
+  names = list(assets.ASSETS) if args.names == ["all"] else args.names
+  if not names:
+    raise WdjaxError("name the assets to fetch (see `wdjax assets list`), or 'all'")
+  for name in names:
+    print(f"{name}: {assets.fetch(name, args.cache_dir)}")
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+  lines = ["| model | trainable params | test accuracy | validation accuracy |", "|---|---|---|---|"]
+  for name, r in rows:
+    lines.append(f"| {name} | {r['trainable_params'] / 1e6:.2f}M | {100 * r['test_accuracy']:.2f} | "
+                 f"{100 * r['validation_accuracy']:.2f} |")
+  return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  if args.command == "assets":
+    _assets(args)
+    return 0
+  from wdjax import config as config_lib
+  cfg = config_lib.load(args.config, args.set)
+  if args.command == "config":
+    print(config_lib.dumps(cfg))
+    return 0
+  from wdjax.train import run as run_lib
+  if args.command == "finetune":
+    run_lib.finetune(cfg)
+  elif args.command == "distill":
+    run_lib.distill(cfg, phase=args.phase)
+  elif args.command == "export":
+    if args.phase == "finetune":
+      run_lib.finetune(cfg, export_only=True)
+    else:
+      run_lib.distill(cfg, phase=args.phase, export_only=True)
+  elif args.command == "eval":
+    model = args.model or str(Path(cfg.workdir) / "distill" / "model")
+    scores = run_lib.evaluate(cfg, model, tuple(args.split or ("validation", "test")))
+    print(json.dumps({"model": model, **{f"{k}_accuracy": v for k, v in scores.items()}}, indent=2))
+  elif args.command == "pipeline":
+    teacher = run_lib.finetune(cfg)
+    student = run_lib.distill(cfg)
+    ce_cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
+    baseline = run_lib.distill(ce_cfg, phase="distill_ce")
+    s = cfg.student
+    shape = f"{s.num_layers}x{s.hidden_size}"
+    table = _table([(f"teacher (fine-tuned {cfg.teacher.model})", teacher),
+                    (f"student {shape}, {cfg.method.name} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})", student),
+                    (f"student {shape}, CE only, same steps", baseline)])
+    Path(cfg.workdir, "results.md").write_text(table + "\n")
+    print("\n" + table)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+  debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+  try:
+    sys.exit(run(argv))
+  except WdjaxError as e:
+    if debug:
+      raise
+    print(f"wdjax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("wdjax: interrupted; rerun the same command to resume from the last checkpoint",
+          file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,225 @@
+"""Typed experiment configs: frozen dataclasses, Python config files, `--set` overrides.
+
+A config file is a Python module with `get_config() -> Config` (the flax-examples / big_vision
+convention); its docstring says how to run it, how long it takes and what it reaches.
+`--set distill.optim.lr=3e-4` replaces one field; the value is parsed as a Python literal and
+checked against the field's type, and an unknown key is rejected with the closest valid names.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import typing
+from pathlib import Path
+
+from wdjax.errors import WdjaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+  model: str = "all-MiniLM-L6-v2"  # pretrained model to fine-tune: asset name or HF directory
+  path: str = ""  # task teacher for `distill`: HF directory; "" = <workdir>/finetune/model
+  dtype: str = "float32"  # compute dtype of the teacher (forward pass and fine-tuning)
+  hidden_dropout: float = 0.1  # dropout while fine-tuning: embeddings, residual branches, head
+  attention_dropout: float = 0.1  # dropout on attention probabilities while fine-tuning
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+  num_layers: int = 3  # Transformer blocks
+  hidden_size: int = 192  # d_model
+  num_heads: int = 12  # attention heads (head size = hidden_size / num_heads)
+  intermediate_size: int = 768  # FFN width
+  hidden_dropout: float = 0.1  # dropout on embeddings, residual branches, head
+  attention_dropout: float = 0.1  # dropout on attention probabilities
+  dtype: str = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay fp32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str = "rotten-tomatoes"  # "rotten-tomatoes" | "files" (your own CSV / JSON lines)
+  train_file: str = ""  # dataset="files": path of the training file
+  validation_file: str = ""  # optional; carved from train by hash when empty
+  test_file: str = ""  # optional; carved from train by hash when empty
+  text_column: str = "text"  # column holding the text
+  label_column: str = "label"  # column holding the class label
+  group_column: str = ""  # optional column whose values never straddle two carved splits
+  max_length: int = 64  # tokens per example, [CLS]/[SEP] included; longer texts are truncated
+  pad_to_multiple: int = 16  # batches pad to the longest example rounded up to this
+  length_grouping: int = 16  # sort windows of this many batches by length (0 = off)
+  max_train_examples: int = 0  # use only the first N training examples (0 = all)
+  max_eval_examples: int = 0  # use only the first N validation / test examples (0 = all)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 5e-5  # peak learning rate
+  schedule: str = "linear"  # "linear" | "cosine" | "constant" decay after warm-up
+  warmup_ratio: float = 0.06  # fraction of the steps spent warming up from 0
+  weight_decay: float = 0.01  # AdamW decay, on matrices only (not biases or LayerNorm)
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # global gradient-norm clipping (0 = off)
+  frozen: tuple[str, ...] = ()  # regexes of parameter paths kept fixed, e.g. "embeddings/word"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int = 32  # global batch (all processes and devices together)
+  epochs: float = 1.0  # training length in passes over the train split
+  steps: int = 0  # training length in steps; overrides epochs when > 0
+  eval_every: int = 0  # validation every N steps (0 = once per epoch); always at the end
+  eval_batch_size: int = 128
+  log_every: int = 25  # metrics line every N steps
+  optim: OptimConfig = OptimConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class KDConfig:
+  temperature: float = 2.0  # softmax temperature of the soft targets
+  alpha: float = 0.9  # weight of the KD term; 1 - alpha weighs the label CE; 0 = no teacher
+  cache_teacher_logits: bool = True  # run the teacher once over the train split, not every step
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  name: str = "kd"  # generator: "kd" (identity: the student's own weights, randomly initialised)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # devices on the 'data' axis (-1 = all that the 'model' axis leaves)
+  model: int = 1  # devices on the 'model' axis (tensor parallelism of heads and FFN)
+  fsdp: bool = False  # also shard parameters over 'data' (large teachers)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 200  # save every N steps (and always at the end)
+  keep: int = 2  # keep the last K checkpoints
+  async_save: bool = True  # write in the background while training goes on
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  tensorboard: bool = False  # also write TensorBoard event files (needs tensorboardX)
+  progress: bool = True  # progress bar with steps/s and ETA (on a terminal; lines otherwise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  workdir: str = "runs/default"  # everything a run writes goes here; rerunning resumes
+  seed: int = 0  # seeds parameter init, data order and dropout
+  cache_dir: str = ""  # asset cache ("" = $WDJAX_CACHE or ~/.cache/wdjax)
+  distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+  teacher: TeacherConfig = TeacherConfig()
+  student: StudentConfig = StudentConfig()
+  data: DataConfig = DataConfig()
+  finetune: TrainConfig = TrainConfig()
+  distill: TrainConfig = TrainConfig(epochs=3.0, optim=OptimConfig(lr=3e-4))
+  kd: KDConfig = KDConfig()
+  method: MethodConfig = MethodConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  log: LogConfig = LogConfig()
+
+  @property
+  def teacher_dir(self) -> str:
+    return self.teacher.path or str(Path(self.workdir) / "finetune" / "model")
+
+
+def _field_names(cls, prefix: str = "") -> list[str]:
+  names = []
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    t = hints[f.name]
+    if dataclasses.is_dataclass(t):
+      names += _field_names(t, prefix + f.name + ".")
+    else:
+      names.append(prefix + f.name)
+  return names
+
+
+def _coerce(key: str, raw: str, typ) -> object:
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw  # bare words are strings: --set method.name=kd
+  origin = typing.get_origin(typ)
+  if typ is bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      value = value.lower() == "true"
+    ok = isinstance(value, bool)
+  elif typ is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  elif typ is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif typ is str:
+    value, ok = str(raw), True
+  elif origin is tuple:
+    if isinstance(value, (str, int, float)):
+      value = (value,)
+    ok = isinstance(value, (tuple, list))
+    value = tuple(value) if ok else value
+  else:
+    ok = True
+  if not ok:
+    raise WdjaxError(f"--set {key}={raw}: expected a {getattr(typ, '__name__', typ)} value")
+  return value
+
+
+def override(cfg, key: str, raw: str):
+  """A copy of `cfg` with dotted `key` set from the string `raw`."""
+  names = _field_names(type(cfg))
+  if key not in names:
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `wdjax config CONFIG`"
+    raise WdjaxError(f"unknown config key {key!r}{hint}")
+  head, _, rest = key.partition(".")
+  if rest:
+    return dataclasses.replace(cfg, **{head: override(getattr(cfg, head), rest, raw)})
+  typ = typing.get_type_hints(type(cfg))[head]
+  return dataclasses.replace(cfg, **{head: _coerce(key, raw, typ)})
+
+
+def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
+  for item in assignments:
+    key, eq, raw = item.partition("=")
+    if not eq:
+      raise WdjaxError(f"--set expects KEY=VALUE, got {item!r}")
+    cfg = override(cfg, key.strip(), raw.strip())
+  return cfg
+
+
+def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
+  """`get_config()` of the Python config file at `path`, with `--set` assignments applied."""
+  p = Path(path)
+  if not p.is_file():
+    raise WdjaxError(f"config file {p} does not exist")
+  spec = importlib.util.spec_from_file_location(f"wdjax_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except TypeError as e:  # an unknown keyword in the file's own dataclass calls
+    raise WdjaxError(f"{p}: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise WdjaxError(f"{p} has no get_config() function")
+  cfg = module.get_config()
+  if not isinstance(cfg, Config):
+    raise WdjaxError(f"{p}: get_config() returned {type(cfg).__name__}, not wdjax.config.Config")
+  return apply_overrides(cfg, list(assignments))
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def dumps(cfg) -> str:
+  return json.dumps(to_dict(cfg), indent=2)

@@ -1,0 +1,1 @@
+"""Data: TFDS builders for the offline real data, tokenisation, and the batch pipeline."""

@@ -1,0 +1,53 @@
+"""A text-classification task ready to train on: the three splits tokenised, plus label names."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from wdjax import assets
+from wdjax.config import DataConfig
+from wdjax.data import builders
+from wdjax.data.tokenize import TextEncoder, TokenizedSplit
+from wdjax.errors import WdjaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  label_names: tuple[str, ...]
+  train: TokenizedSplit
+  validation: TokenizedSplit
+  test: TokenizedSplit
+
+  def split(self, name: str) -> TokenizedSplit:
+    if name not in builders.SPLITS:
+      raise WdjaxError(f"unknown split {name!r}; choose one of {', '.join(builders.SPLITS)}")
+    return getattr(self, name)
+
+
+def make_builder(data: DataConfig, cache: str = ""):
+  data_dir = str(assets.cache_dir(cache) / "tfds")
+  if data.dataset == "rotten-tomatoes":
+    source = assets.path("rotten-tomatoes", cache) / "rotten_tomatoes_corpus_full.csv.bz2"
+    return builders.RottenTomatoes(source=source, data_dir=data_dir, file_format="array_record")
+  if data.dataset == "files":
+    files = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
+    return builders.TextFiles(files={k: v for k, v in files.items() if v}, text_column=data.text_column,
+                              label_column=data.label_column, group_column=data.group_column,
+                              data_dir=data_dir, file_format="array_record")
+  raise WdjaxError(f"data.dataset must be 'rotten-tomatoes' or 'files', got {data.dataset!r}")
+
+
+def load(data: DataConfig, tokenizer_dir: str | Path, pad_id: int, cache: str = "") -> Task:
+  """Prepare (once) and read the dataset, tokenised with `tokenizer_dir`'s tokenizer.json."""
+  builder = builders.prepare(make_builder(data, cache))
+  encoder = TextEncoder(tokenizer_dir, data.max_length, pad_id)
+  splits = {}
+  for name in builders.SPLITS:
+    texts, labels = builders.read_split(builder, name)
+    limit = data.max_train_examples if name == "train" else data.max_eval_examples
+    if limit:
+      texts, labels = texts[:limit], labels[:limit]
+    splits[name] = encoder.encode(texts, labels)
+  return Task(builder.name, tuple(builder.info.features["label"].names), **splits)

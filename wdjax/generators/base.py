@@ -1,0 +1,87 @@
+"""The generator contract, and the identity generator (plain KD / fine-tuning) as its first user.
+
+A generator turns trainable generator parameters (and the frozen teacher's parameters) into the
+student's parameters. All of it is pure functions over pytrees of `jax.Array`, so a training step
+is `loss(apply(generate(gen_params, sg(teacher), state), batch))` under `jax.jit`:
+
+  init(rng, teacher_params, spec)               -> gen_params, gen_state
+  generate(gen_params, teacher_params, state)   -> student_params   (differentiable in gen_params)
+  aux_loss(gen_params, teacher_params, state)   -> scalar            (0 unless the method has one)
+  gradient_transform(state)                     -> optax transform or None
+  update_state(gen_params, state, step)         -> state
+  materialize(gen_params, teacher_params, state)-> dense student params for export / phase 2
+
+The teacher is never differentiated, donated or checkpointed here: the training step passes it
+through `jax.lax.stop_gradient` and keeps it out of the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from wdjax.models.bert import EncoderConfig
+
+Params = Any  # nested dict of jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentSpec:
+  """What a generator must produce: the student's config and its freshly initialised params.
+
+  `init_params` also fixes every leaf's shape and dtype; methods that start from random weights
+  (plain KD) use them as they are, others only read their shapes.
+  """
+
+  config: EncoderConfig
+  init_params: Params
+
+
+class Generator:
+  """Base class with the contract's defaults; a method overrides what it needs."""
+
+  name = "base"
+
+  def init(self, rng: jax.Array, teacher_params: Params | None, spec: StudentSpec
+           ) -> tuple[Params, Params]:
+    raise NotImplementedError
+
+  def generate(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> Params:
+    raise NotImplementedError
+
+  def aux_loss(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> jax.Array:
+    return jnp.zeros((), jnp.float32)
+
+  def gradient_transform(self, gen_state: Params) -> optax.GradientTransformation | None:
+    return None
+
+  def update_state(self, gen_params: Params, gen_state: Params, step: jax.Array) -> Params:
+    return gen_state
+
+  def materialize(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> Params:
+    return self.generate(gen_params, teacher_params, gen_state)
+
+
+class Identity(Generator):
+  """The student's own parameters are the generator parameters: plain KD, or fine-tuning."""
+
+  name = "identity"
+
+  def init(self, rng, teacher_params, spec):
+    del rng, teacher_params
+    return spec.init_params, {}
+
+  def generate(self, gen_params, teacher_params, gen_state):
+    del teacher_params, gen_state
+    return gen_params
+
+
+GENERATORS: dict[str, type[Generator]] = {"kd": Identity, "identity": Identity}
+
+
+def param_count(tree: Params) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

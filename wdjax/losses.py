@@ -1,0 +1,47 @@
+"""Losses: cross-entropy and Hinton knowledge distillation, weighted per example.
+
+Every loss takes `weights [batch]` (0 for padding rows of the last eval batch, 1 otherwise) and
+returns the weighted mean, so sharded and unsharded batches give the same value.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _mean(x: Array, weights: Array) -> Array:
+  return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def cross_entropy(logits: Array, labels: Array, weights: Array) -> Array:
+  """Mean CE of `logits [batch, classes]` against integer `labels [batch]`."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  return _mean(nll, weights)
+
+
+def kd_kl(student_logits: Array, teacher_logits: Array, temperature: float, weights: Array) -> Array:
+  """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), the Hinton soft-target term.
+
+  The T^2 factor keeps its gradient scale independent of T (Hinton et al. 2015).
+  """
+  t = temperature
+  log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+  log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+  return (t * t) * _mean(kl, weights)
+
+
+def hinton(student_logits: Array, teacher_logits: Array, labels: Array, weights: Array, *,
+           temperature: float, alpha: float) -> tuple[Array, dict[str, Array]]:
+  """alpha * KD + (1 - alpha) * CE; returns the total and both parts."""
+  ce = cross_entropy(student_logits, labels, weights)
+  kd = kd_kl(student_logits, teacher_logits, temperature, weights)
+  return alpha * kd + (1.0 - alpha) * ce, {"ce": ce, "kd": kd}
+
+
+def accuracy(logits: Array, labels: Array, weights: Array) -> Array:
+  return _mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32), weights)

@@ -1,0 +1,131 @@
+"""The host loop: resume, step, log, evaluate, checkpoint, stop cleanly.
+
+It owns no model knowledge: it is handed a jitted step, a batch source, an evaluation function
+and a checkpointer. Metrics are fetched from the device only every `log_every` steps and at
+checkpoint steps, so dispatch stays asynchronous in between. Before a checkpoint is written the
+step's loss and gradient norm are checked: a non-finite value stops the run with one message,
+and the checkpoints already on disk stay as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from wdjax.errors import WdjaxError
+from wdjax.train.checkpoint import Checkpointer
+from wdjax.train.metrics import MetricWriter
+
+
+@dataclasses.dataclass
+class LoopSpec:
+  """Everything `fit` needs besides the state."""
+
+  name: str  # phase name shown in logs ("finetune", "distill", ...)
+  total_steps: int
+  steps_per_epoch: int
+  train_step: Callable  # jitted (state, teacher_params, batch) -> (state, metrics)
+  get_batch: Callable[[int], dict]  # step -> device batch
+  evaluate: Callable[[Any], dict]  # state -> {"val_accuracy": ..., ...}
+  checkpointer: Checkpointer
+  writer: MetricWriter
+  meta: dict  # saved with every checkpoint
+  log_every: int = 25
+  eval_every: int = 0  # 0 = once per epoch
+  progress: bool = True
+  lr_at: Callable[[int], float] | None = None
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _Progress:
+  """tqdm on a terminal, a plain line every `log_every` steps otherwise; process 0 only."""
+
+  def __init__(self, spec: LoopSpec, start: int):
+    self.enabled = spec.progress and jax.process_index() == 0
+    self.total, self.name = spec.total_steps, spec.name
+    self.bar = None
+    self.t0, self.s0 = time.perf_counter(), start
+    if self.enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=spec.total_steps, initial=start, desc=spec.name, unit="step",
+                      dynamic_ncols=True, smoothing=0.1)
+
+  def update(self, step: int, metrics: dict | None):
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      if metrics:
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+    elif self.enabled and metrics is not None:
+      rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+      eta = (self.total - step) / rate if rate > 0 else float("nan")
+      print(f"[{self.name}] step {step}/{self.total} loss {metrics['loss']:.4f} "
+            f"acc {metrics['accuracy']:.3f} | {rate:.2f} steps/s, ETA {_fmt_time(eta)}", flush=True)
+
+  def write(self, line: str):
+    if not self.enabled:
+      return
+    if self.bar is not None:
+      self.bar.write(line)
+    else:
+      print(line, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _check_finite(step: int, metrics: dict, spec: LoopSpec) -> None:
+  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+  if bad:
+    last = spec.checkpointer.latest_step()
+    kept = f"checkpoint step {last} in {spec.checkpointer.directory} is kept" if last is not None \
+        else "no checkpoint was written"
+    lr = f" at learning rate {spec.lr_at(step):.3g}" if spec.lr_at else ""
+    raise WdjaxError(f"{spec.name}: {bad[0]} became {metrics[bad[0]]} at step {step}{lr}; {kept}; "
+                     "lower the learning rate or check the data")
+
+
+def fit(state: Any, teacher_params: Any, spec: LoopSpec) -> Any:
+  """Train from `state` (fresh or restored) to `spec.total_steps`; returns the final state."""
+  start = int(jax.device_get(state["step"]))
+  eval_every = spec.eval_every or spec.steps_per_epoch
+  progress = _Progress(spec, start)
+  t_last, s_last = time.perf_counter(), start
+  try:
+    for step in range(start + 1, spec.total_steps + 1):
+      state, metrics = spec.train_step(state, teacher_params, spec.get_batch(step - 1))
+      due_log = step % spec.log_every == 0 or step == spec.total_steps
+      due_ckpt = step == spec.total_steps or (spec.checkpointer.every > 0
+                                                and step % spec.checkpointer.every == 0)
+      host = None
+      if due_log or due_ckpt:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(step, host, spec)
+        now = time.perf_counter()
+        host["steps_per_s"] = (step - s_last) / max(now - t_last, 1e-9)
+        t_last, s_last = now, step
+        if spec.lr_at:
+          host["lr"] = spec.lr_at(step - 1)
+        spec.writer.write(step, spec.name, host)
+      progress.update(step, host)
+      if step % eval_every == 0 or step == spec.total_steps:
+        scores = spec.evaluate(state)
+        spec.writer.write(step, spec.name + "/eval", scores)
+        progress.write(f"[{spec.name}] step {step}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in scores.items()))
+      if due_ckpt:
+        spec.checkpointer.save(step, state, dict(spec.meta, step=step), force=step == spec.total_steps)
+  finally:
+    progress.close()
+    spec.checkpointer.wait()
+  return state

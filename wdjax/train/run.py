@@ -1,0 +1,330 @@
+"""The phases a user runs: fine-tune a teacher, distil a student, evaluate, export.
+
+Each phase writes into `<workdir>/<phase>/`: `checkpoints/` (Orbax), `metrics.jsonl`,
+`results.json` and `model/` (an HF-format directory `transformers` loads). Rerunning a phase
+resumes from its latest checkpoint; a finished phase is not trained again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wdjax import assets, config as config_lib
+from wdjax.config import Config, TrainConfig
+from wdjax.data import pipeline, tasks
+from wdjax.errors import WdjaxError
+from wdjax.generators import GENERATORS, Generator, Identity, StudentSpec, param_count
+from wdjax.models import bert, hf
+from wdjax.train import checkpoint as ckpt_lib, loop, mesh as mesh_lib, step as step_lib
+from wdjax.train.metrics import MetricWriter
+
+Params = Any
+
+
+@dataclasses.dataclass
+class Model:
+  """A loaded or generated model: its config, params and where its tokenizer lives."""
+
+  config: bert.EncoderConfig
+  params: Params
+  tokenizer_dir: Path
+  sha256: str = ""
+
+
+def phase_dir(cfg: Config, phase: str) -> Path:
+  return Path(cfg.workdir) / phase
+
+
+def load_model(model_dir: str | Path, *, require_head: bool, **overrides) -> tuple[Model, list[str]]:
+  cfg, params, fresh = hf.load(model_dir, **overrides)
+  if require_head and any(p.startswith("classifier") for p in fresh):
+    raise WdjaxError(f"{model_dir} has no trained classifier head; fine-tune it first "
+                     "(`wdjax finetune CONFIG`) or point teacher.path at a task model")
+  sha = assets.sha256_file(Path(model_dir) / "model.safetensors")
+  return Model(cfg, params, Path(model_dir), sha), fresh
+
+
+def student_config(cfg: Config, teacher: bert.EncoderConfig) -> bert.EncoderConfig:
+  """The teacher's vocabulary, positions and numerics with the student's shape."""
+  s = cfg.student
+  if s.hidden_size % s.num_heads:
+    raise WdjaxError(f"student.hidden_size {s.hidden_size} is not divisible by "
+                     f"student.num_heads {s.num_heads}")
+  return dataclasses.replace(
+      teacher, num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+      intermediate_size=s.intermediate_size, hidden_dropout=s.hidden_dropout,
+      attention_dropout=s.attention_dropout, dtype=s.dtype)
+
+
+def total_steps(train: TrainConfig, steps_per_epoch: int) -> int:
+  return train.steps if train.steps > 0 else max(1, math.ceil(train.epochs * steps_per_epoch))
+
+
+def _fingerprint(cfg: Config, phase_train: TrainConfig) -> dict:
+  """The settings a resumed run must share with the run that wrote the checkpoints."""
+  d = config_lib.to_dict(cfg)
+  return {"seed": d["seed"], "teacher": d["teacher"], "student": d["student"], "data": d["data"],
+          "train": dataclasses.asdict(phase_train), "kd": d["kd"], "method": d["method"]}
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff(va, vb, f"{prefix}{k}.")
+    elif va != vb and not (isinstance(va, (list, tuple)) and list(va) == list(vb or [])):
+      out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+  return out
+
+
+def _evaluator(apply_fn, mesh, student_sh, batch_size: int, pad_to_multiple: int):
+  """`evaluate(student_params, split) -> {accuracy, loss}` with a jitted, sharded forward pass."""
+  batch_sh = mesh_lib.batch_sharding(mesh)
+
+  def sums(params, batch):
+    logits = apply_fn(params, batch, None)
+    w = batch["weights"]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["labels"][:, None], axis=-1)[:, 0]
+    return jnp.stack([jnp.sum(w * (jnp.argmax(logits, -1) == batch["labels"])), jnp.sum(w * nll),
+                      jnp.sum(w)])
+
+  sums_jit = jax.jit(sums, in_shardings=(student_sh, batch_sh), out_shardings=mesh_lib.replicated(mesh))
+
+  def evaluate(params, split) -> dict[str, float]:
+    total = np.zeros(3)
+    for batch in pipeline.eval_batches(split, batch_size, pad_to_multiple=pad_to_multiple):
+      total += np.asarray(sums_jit(params, _device_batch(batch, mesh)))
+    return {"accuracy": total[0] / total[2], "loss": total[1] / total[2]}
+
+  return evaluate
+
+
+def _device_batch(global_batch: dict, mesh) -> dict:
+  """This process's share of a global host batch, as global device arrays (no 'index')."""
+  local = pipeline.local_slice(global_batch, jax.process_index(), jax.process_count())
+  return mesh_lib.put_batch(_model_inputs(local), mesh)
+
+
+def _model_inputs(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != "index"}
+
+
+def predict_logits(apply_fn, params, split, mesh, params_sh, batch_size: int,
+                   pad_to_multiple: int) -> np.ndarray:
+  """`[n, classes]` logits of every example of `split` (eval mode), on every process."""
+  fn = jax.jit(lambda p, b: apply_fn(p, b, None), in_shardings=(params_sh, mesh_lib.batch_sharding(mesh)),
+               out_shardings=mesh_lib.replicated(mesh))
+  out = None
+  for batch in pipeline.eval_batches(split, batch_size, pad_to_multiple=pad_to_multiple):
+    logits = np.asarray(fn(params, _device_batch(batch, mesh)))
+    if out is None:
+      out = np.zeros((len(split), logits.shape[-1]), np.float32)
+    valid = batch["index"] >= 0
+    out[batch["index"][valid]] = logits[valid]
+  return out
+
+
+def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task,
+                spec: StudentSpec, generator: Generator, teacher: Model | None,
+                tokenizer_dir: Path, log=print, export_only: bool = False) -> dict:
+  """Train `generator`'s parameters for one phase, export the dense model, report accuracies.
+
+  With `export_only`, training is skipped: the latest checkpoint is materialised and exported.
+  """
+  out = phase_dir(cfg, phase)
+  results_path = out / "results.json"
+  mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
+  n_data = mesh.shape["data"]
+  for name, bs in (("batch_size", train.batch_size), ("eval_batch_size", train.eval_batch_size)):
+    if bs % n_data:
+      raise WdjaxError(f"{phase}.{name}={bs} is not divisible by the {n_data} devices of the 'data' axis")
+  batches = pipeline.TrainBatches(
+      task.train, train.batch_size, seed=cfg.seed, pad_to_multiple=cfg.data.pad_to_multiple,
+      length_grouping=cfg.data.length_grouping, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  steps = total_steps(train, batches.steps_per_epoch)
+
+  teacher_params = None
+  teacher_sh = None
+  if teacher is not None:
+    teacher_sh = mesh_lib.param_shardings(teacher.params, mesh, cfg.mesh.fsdp)
+    teacher_params = jax.device_put(teacher.params, teacher_sh)
+  student_graph = nnx.split(bert.build(spec.config))[0]
+  student_apply = step_lib.classifier_apply(student_graph)
+  teacher_apply = None
+  if teacher is not None and cfg.kd.alpha > 0:
+    teacher_cfg = dataclasses.replace(teacher.config, dtype=cfg.teacher.dtype)
+    teacher_apply = step_lib.classifier_apply(nnx.split(bert.build(teacher_cfg))[0])
+
+  def init_fn(init_params, t_params):
+    return generator.init(jax.random.key(cfg.seed), t_params, StudentSpec(spec.config, init_params))
+
+  gen_shapes, gen_state_shapes = jax.eval_shape(init_fn, spec.init_params, teacher_params)
+  tx = step_lib.make_optimizer(train.optim, steps, gen_shapes,
+                               generator.gradient_transform(gen_state_shapes))
+
+  def init_state(init_params, t_params):
+    gen_params, gen_state = init_fn(init_params, t_params)
+    return {"step": jnp.zeros((), jnp.int32), "params": gen_params,
+            "opt_state": tx.init(gen_params), "gen_state": gen_state}
+
+  state_shapes = jax.eval_shape(init_state, spec.init_params, teacher_params)
+  state_sh = mesh_lib.param_shardings(state_shapes, mesh)
+  student_sh = mesh_lib.param_shardings(spec.init_params, mesh)
+  batch_sh = mesh_lib.batch_sharding(mesh)
+  train_step = jax.jit(
+      step_lib.make_train_step(generator=generator, student_apply=student_apply,
+                               teacher_apply=teacher_apply, tx=tx, kd=cfg.kd, seed=cfg.seed),
+      in_shardings=(state_sh, teacher_sh, batch_sh),
+      out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
+  materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
+  evaluate_split = _evaluator(student_apply, mesh, student_sh, train.eval_batch_size,
+                              cfg.data.pad_to_multiple)
+
+  checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
+                                       keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+  meta = {"phase": phase, "fingerprint": _fingerprint(cfg, train),
+          "teacher": {"path": str(teacher.tokenizer_dir), "sha256": teacher.sha256} if teacher else None,
+          "total_steps": steps}
+  latest = checkpointer.latest_step()
+  try:
+    if latest is not None and latest >= steps and results_path.exists() and not export_only:
+      log(f"[{phase}] already complete; results in {results_path}")
+      return json.loads(results_path.read_text())
+    if latest is None and export_only:
+      raise WdjaxError(f"nothing to export: {checkpointer.directory} has no checkpoint; "
+                       f"run the {phase} phase first")
+    if latest is None:
+      state = jax.jit(init_state, out_shardings=state_sh)(spec.init_params, teacher_params)
+    else:
+      saved = checkpointer.read_meta(latest)
+      changed = _diff(saved.get("fingerprint", {}), json.loads(json.dumps(meta["fingerprint"])))
+      if changed:
+        raise WdjaxError(f"{out} holds a run with other settings ({'; '.join(changed[:3])}); "
+                         "use a new workdir (--set workdir=...) or delete that directory")
+      if teacher and saved.get("teacher") and saved["teacher"]["sha256"] != teacher.sha256:
+        raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} changed since {out} was started "
+                         "(sha256 differs); use a new workdir")
+      state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(state_shapes, state_sh))
+      log(f"[{phase}] resuming from step {latest} of {steps} ({checkpointer.directory})")
+
+    log(f"[{phase}] {param_count(gen_shapes) / 1e6:.2f}M trainable parameters, "
+        f"{param_count(spec.init_params) / 1e6:.2f}M in the model, {steps} steps of "
+        f"{train.batch_size} ({steps / batches.steps_per_epoch:.2f} epochs), mesh "
+        f"{dict(mesh.shape)}")
+
+    def evaluate(st):
+      student = materialize(st["params"], teacher_params, st["gen_state"])
+      return {"val_" + k: v for k, v in evaluate_split(student, task.validation).items()}
+
+    logits_cache = None
+    if teacher_apply is not None and cfg.kd.cache_teacher_logits and not export_only:
+      log(f"[{phase}] computing the teacher's logits on the {len(task.train)} training examples")
+      logits_cache = predict_logits(teacher_apply, teacher_params, task.train, mesh, teacher_sh,
+                                    train.eval_batch_size, cfg.data.pad_to_multiple)
+
+    def get_batch(i):
+      batch = batches.batch(i)
+      if logits_cache is not None:
+        batch["teacher_logits"] = logits_cache[batch["index"]]
+      return mesh_lib.put_batch(_model_inputs(batch), mesh)
+
+    spec_loop = loop.LoopSpec(
+        name=phase, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
+        train_step=train_step,
+        get_batch=get_batch,
+        evaluate=evaluate, checkpointer=checkpointer,
+        writer=MetricWriter(out, tensorboard=cfg.log.tensorboard), meta=meta,
+        log_every=train.log_every, eval_every=train.eval_every, progress=cfg.log.progress,
+        lr_at=lambda s: float(step_lib.schedule(train.optim, steps)(s)))
+    if not export_only:
+      state = loop.fit(state, teacher_params, spec_loop)
+    student = jax.device_get(materialize(state["params"], teacher_params, state["gen_state"]))
+  finally:
+    checkpointer.close()
+
+  results = {"phase": phase, "steps": int(jax.device_get(state["step"])), "total_steps": steps,
+             "trainable_params": param_count(gen_shapes),
+             "model_params": param_count(spec.init_params)}
+  for split in ("validation", "test"):
+    scores = evaluate_split(student, task.split(split))
+    results[f"{split}_accuracy"] = scores["accuracy"]
+    results[f"{split}_loss"] = scores["loss"]
+  if jax.process_index() == 0:
+    hf.export(out / "model", spec.config, student, tokenizer_dir=tokenizer_dir,
+              extra={"id2label": dict(enumerate(task.label_names)),
+                     "label2id": {n: i for i, n in enumerate(task.label_names)}})
+    tmp = results_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(results_path)
+  log(f"[{phase}] validation accuracy {results['validation_accuracy']:.4f}, "
+      f"test accuracy {results['test_accuracy']:.4f}; model in {out / 'model'}")
+  return results
+
+
+def finetune(cfg: Config, log=print, export_only: bool = False) -> dict:
+  """Fine-tune the pretrained `teacher.model` on the task; writes `<workdir>/finetune/model`."""
+  _init_distributed(cfg)
+  model_dir = assets.path(cfg.teacher.model, cfg.cache_dir)
+  probe = hf.config_from_hf(hf.read_config(model_dir))
+  task = tasks.load(cfg.data, model_dir, probe.pad_token_id, cfg.cache_dir)
+  model, fresh = load_model(model_dir, require_head=False, num_labels=len(task.label_names),
+                            dtype=cfg.teacher.dtype, hidden_dropout=cfg.teacher.hidden_dropout,
+                            attention_dropout=cfg.teacher.attention_dropout)
+  if fresh:
+    log(f"[finetune] new task head: {', '.join(fresh)}")
+  spec = StudentSpec(model.config, model.params)
+  return train_phase(cfg, phase="finetune", train=cfg.finetune, task=task, spec=spec,
+                     generator=Identity(), teacher=None, tokenizer_dir=model_dir, log=log,
+                     export_only=export_only)
+
+
+def distill(cfg: Config, phase: str = "distill", log=print, export_only: bool = False) -> dict:
+  """Distil the task teacher into the student with `method`; writes `<workdir>/<phase>/model`."""
+  _init_distributed(cfg)
+  teacher_dir = Path(cfg.teacher_dir)
+  if not (teacher_dir / "config.json").exists():
+    raise WdjaxError(f"no task teacher at {teacher_dir}; run `wdjax finetune CONFIG` first "
+                     "or set teacher.path to a fine-tuned HF model directory")
+  teacher, _ = load_model(teacher_dir, require_head=True)
+  task = tasks.load(cfg.data, teacher_dir, teacher.config.pad_token_id, cfg.cache_dir)
+  if len(task.label_names) != teacher.config.num_labels:
+    raise WdjaxError(f"the teacher at {teacher_dir} has {teacher.config.num_labels} labels, the data "
+                     f"{len(task.label_names)}; they must match")
+  s_cfg = student_config(cfg, teacher.config)
+  if cfg.method.name not in GENERATORS:
+    raise WdjaxError(f"unknown method {cfg.method.name!r}; available: {', '.join(GENERATORS)}")
+  generator = GENERATORS[cfg.method.name]()
+  init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=cfg.seed)))
+  spec = StudentSpec(s_cfg, init)
+  return train_phase(cfg, phase=phase, train=cfg.distill, task=task, spec=spec, generator=generator,
+                     teacher=teacher, tokenizer_dir=teacher_dir, log=log, export_only=export_only)
+
+
+def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
+  """Accuracy of an exported HF model directory on the config's data."""
+  _init_distributed(cfg)
+  model, _ = load_model(model_dir, require_head=True)
+  task = tasks.load(cfg.data, model_dir, model.config.pad_token_id, cfg.cache_dir)
+  mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
+  sh = mesh_lib.param_shardings(model.params, mesh)
+  apply = step_lib.classifier_apply(nnx.split(bert.build(model.config))[0])
+  ev = _evaluator(apply, mesh, sh, cfg.distill.eval_batch_size, cfg.data.pad_to_multiple)
+  params = jax.device_put(model.params, sh)
+  return {split: ev(params, task.split(split))["accuracy"] for split in splits}
+
+
+def _init_distributed(cfg: Config) -> None:
+  if cfg.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()

@@ -1,0 +1,132 @@
+"""The jitted training step, built once per run from a generator and two apply functions.
+
+    loss(gen_params) = task_or_kd_loss(apply(generate(gen_params, sg(teacher), state), batch))
+                       + aux_loss(gen_params, sg(teacher), state)
+
+The train state is a plain dict `{step, params, opt_state, gen_state}` (a pytree Orbax saves as
+is). The teacher's parameters are a separate, non-donated argument wrapped in `stop_gradient`, so
+they are never differentiated, updated or checkpointed. Dropout keys are
+`fold_in(key(seed), step)`: a pure function of the step, hence identical on resume.
+
+A non-finite loss or gradient leaves the state untouched (the update is skipped) and is reported
+in the metrics; the host loop stops the run on it, so no checkpoint ever holds NaNs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from wdjax import losses
+from wdjax.config import KDConfig, OptimConfig
+from wdjax.generators.base import Generator, StudentSpec
+from wdjax.train.mesh import path_str
+
+Params = Any
+Batch = dict[str, jax.Array]
+ApplyFn = Callable[[Params, Batch, jax.Array | None], jax.Array]  # -> logits [batch, classes]
+
+
+def schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+  warmup = int(round(optim.warmup_ratio * total_steps))
+  decay_steps = max(total_steps - warmup, 1)
+  if optim.schedule == "linear":
+    decay = optax.linear_schedule(optim.lr, 0.0, decay_steps)
+  elif optim.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(optim.lr, decay_steps)
+  elif optim.schedule == "constant":
+    decay = optax.constant_schedule(optim.lr)
+  else:
+    from wdjax.errors import WdjaxError
+    raise WdjaxError(f"optim.schedule must be linear, cosine or constant, got {optim.schedule!r}")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
+                   extra: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+  """AdamW with warm-up and decay, decay on matrices only, optional frozen paths and extra surgery."""
+  import re
+  decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+  parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+  if extra is not None:
+    parts.append(extra)
+  parts.append(optax.adamw(schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  if not optim.frozen:
+    return tx
+  labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "frozen" if any(re.search(r, path_str(p)) for r in optim.frozen) else "train", params)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def init_state(generator: Generator, tx: optax.GradientTransformation, seed: int,
+               teacher_params: Params | None, spec: StudentSpec) -> dict:
+  gen_params, gen_state = generator.init(jax.random.key(seed), teacher_params, spec)
+  return {"step": jnp.zeros((), jnp.int32), "params": gen_params,
+          "opt_state": tx.init(gen_params), "gen_state": gen_state}
+
+
+def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
+                    tx: optax.GradientTransformation, kd: KDConfig, seed: int):
+  """`step(state, teacher_params, batch) -> (state, metrics)`, not yet jitted.
+
+  The KD targets are `batch["teacher_logits"]` when the batch carries them, else the teacher's
+  forward pass inside the step; with `teacher_apply=None` or `kd.alpha == 0` the loss is CE.
+  """
+  use_teacher_logits = teacher_apply is not None and kd.alpha > 0
+
+  def step(state: dict, teacher_params: Params | None, batch: Batch):
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    if "teacher_logits" in batch:  # precomputed once per run (the teacher is frozen and in eval mode)
+      teacher_logits = batch["teacher_logits"]
+    elif use_teacher_logits:
+      teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch, None))
+    else:
+      teacher_logits = None
+    labels, weights = batch["labels"], batch["weights"]
+
+    def loss_fn(gen_params):
+      student = generator.generate(gen_params, teacher_params, state["gen_state"])
+      logits = student_apply(student, batch, key)
+      if teacher_logits is None:
+        task = losses.cross_entropy(logits, labels, weights)
+        parts = {"ce": task}
+      else:
+        task, parts = losses.hinton(logits, teacher_logits, labels, weights,
+                                    temperature=kd.temperature, alpha=kd.alpha)
+      aux = generator.aux_loss(gen_params, teacher_params, state["gen_state"])
+      return task + aux, (logits, parts, aux)
+
+    (loss, (logits, parts, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    gen_state = generator.update_state(params, state["gen_state"], state["step"] + 1)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "gen_state": gen_state}
+    metrics = {"loss": loss, "aux_loss": aux, "grad_norm": grad_norm,
+               "accuracy": losses.accuracy(logits, labels, weights), **parts}
+    return new_state, metrics
+
+  return step
+
+
+def classifier_apply(graphdef) -> ApplyFn:
+  """Apply function of an NNX sequence classifier from its graphdef (merge inside the trace)."""
+  from flax import nnx
+
+  def apply(params: Params, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key)
+
+  return apply
