@@ -63,7 +63,8 @@ def _run_steps(kd_setup, mesh, fsdp=False, n_steps=2):
       generator=gen, student_apply=step_lib.classifier_apply(nnx.split(bert.build(STUDENT))[0]),
       teacher_apply=step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0]),
       tx=tx, kd=KDConfig(temperature=2.0, alpha=0.5), seed=0)
-  state0 = step_lib.init_state(gen, tx, 0, None, StudentSpec(STUDENT, init))
+  # jitted, so that the donated state owns fresh buffers (never the fixture's arrays)
+  state0 = jax.jit(lambda p: step_lib.init_state(gen, tx, 0, None, StudentSpec(STUDENT, p)))(init)
   state_sh = mesh_lib.param_shardings(state0, mesh)
   teacher_sh = mesh_lib.param_shardings(t_params, mesh, fsdp)
   state = jax.device_put(state0, state_sh)

@@ -175,11 +175,19 @@ def _coerce(key: str, raw: str, typ) -> object:
   return value
 
 
+def _close_matches(key: str, names: list[str]) -> list[str]:
+  """Siblings with a similar last component first (lrr -> lr), else similar full paths."""
+  parent, _, leaf = key.rpartition(".")
+  siblings = {n.rpartition(".")[2]: n for n in names if n.rpartition(".")[0] == parent}
+  close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.6)]
+  return close or difflib.get_close_matches(key, names, n=3, cutoff=0.8)
+
+
 def override(cfg, key: str, raw: str):
   """A copy of `cfg` with dotted `key` set from the string `raw`."""
   names = _field_names(type(cfg))
   if key not in names:
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    close = _close_matches(key, names)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see `wdjax config CONFIG`"
     raise WdjaxError(f"unknown config key {key!r}{hint}")
   head, _, rest = key.partition(".")

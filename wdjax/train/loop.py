@@ -86,12 +86,14 @@ class _Progress:
 
 def _check_finite(step: int, metrics: dict, spec: LoopSpec) -> None:
   bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+  if metrics.get("nonfinite_steps", 0) > 0 and not bad:
+    bad, metrics = ["loss"], dict(metrics, loss=float("nan"))  # an earlier, unlogged step
   if bad:
     last = spec.checkpointer.latest_step()
     kept = f"checkpoint step {last} in {spec.checkpointer.directory} is kept" if last is not None \
         else "no checkpoint was written"
     lr = f" at learning rate {spec.lr_at(step):.3g}" if spec.lr_at else ""
-    raise WdjaxError(f"{spec.name}: {bad[0]} became {metrics[bad[0]]} at step {step}{lr}; {kept}; "
+    raise WdjaxError(f"{spec.name}: {bad[0]} became {metrics[bad[0]]} by step {step}{lr}; {kept}; "
                      "lower the learning rate or check the data")
 
 

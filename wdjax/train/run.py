@@ -167,17 +167,14 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
     teacher_cfg = dataclasses.replace(teacher.config, dtype=cfg.teacher.dtype)
     teacher_apply = step_lib.classifier_apply(nnx.split(bert.build(teacher_cfg))[0])
 
-  def init_fn(init_params, t_params):
-    return generator.init(jax.random.key(cfg.seed), t_params, StudentSpec(spec.config, init_params))
-
-  gen_shapes, gen_state_shapes = jax.eval_shape(init_fn, spec.init_params, teacher_params)
+  gen_shapes, gen_state_shapes = jax.eval_shape(
+      lambda p, t: generator.init(jax.random.key(cfg.seed), t, StudentSpec(spec.config, p)),
+      spec.init_params, teacher_params)
   tx = step_lib.make_optimizer(train.optim, steps, gen_shapes,
                                generator.gradient_transform(gen_state_shapes))
 
   def init_state(init_params, t_params):
-    gen_params, gen_state = init_fn(init_params, t_params)
-    return {"step": jnp.zeros((), jnp.int32), "params": gen_params,
-            "opt_state": tx.init(gen_params), "gen_state": gen_state}
+    return step_lib.init_state(generator, tx, cfg.seed, t_params, StudentSpec(spec.config, init_params))
 
   state_shapes = jax.eval_shape(init_state, spec.init_params, teacher_params)
   state_sh = mesh_lib.param_shardings(state_shapes, mesh)
@@ -199,15 +196,7 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
           "total_steps": steps}
   latest = checkpointer.latest_step()
   try:
-    if latest is not None and latest >= steps and results_path.exists() and not export_only:
-      log(f"[{phase}] already complete; results in {results_path}")
-      return json.loads(results_path.read_text())
-    if latest is None and export_only:
-      raise WdjaxError(f"nothing to export: {checkpointer.directory} has no checkpoint; "
-                       f"run the {phase} phase first")
-    if latest is None:
-      state = jax.jit(init_state, out_shardings=state_sh)(spec.init_params, teacher_params)
-    else:
+    if latest is not None:
       saved = checkpointer.read_meta(latest)
       changed = _diff(saved.get("fingerprint", {}), json.loads(json.dumps(meta["fingerprint"])))
       if changed:
@@ -216,6 +205,15 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
       if teacher and saved.get("teacher") and saved["teacher"]["sha256"] != teacher.sha256:
         raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} changed since {out} was started "
                          "(sha256 differs); use a new workdir")
+      if latest >= steps and results_path.exists() and not export_only:
+        log(f"[{phase}] already complete; results in {results_path}")
+        return json.loads(results_path.read_text())
+    elif export_only:
+      raise WdjaxError(f"nothing to export: {checkpointer.directory} has no checkpoint; "
+                       f"run the {phase} phase first")
+    if latest is None:
+      state = jax.jit(init_state, out_shardings=state_sh)(spec.init_params, teacher_params)
+    else:
       state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(state_shapes, state_sh))
       log(f"[{phase}] resuming from step {latest} of {steps} ({checkpointer.directory})")
 

@@ -8,8 +8,10 @@ is). The teacher's parameters are a separate, non-donated argument wrapped in `s
 they are never differentiated, updated or checkpointed. Dropout keys are
 `fold_in(key(seed), step)`: a pure function of the step, hence identical on resume.
 
-A non-finite loss or gradient leaves the state untouched (the update is skipped) and is reported
-in the metrics; the host loop stops the run on it, so no checkpoint ever holds NaNs.
+A non-finite loss or gradient increments the state's sticky `nonfinite_steps` counter; the host
+loop checks it (with the loss) before every checkpoint and log line and stops the run, so no
+checkpoint ever holds NaNs. (A counter, not a select that keeps the old state: the select costs a
+pass over parameters and optimizer state every step, and a run that met a NaN stops anyway.)
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def init_state(generator: Generator, tx: optax.GradientTransformation, seed: int
                teacher_params: Params | None, spec: StudentSpec) -> dict:
   gen_params, gen_state = generator.init(jax.random.key(seed), teacher_params, spec)
   return {"step": jnp.zeros((), jnp.int32), "params": gen_params,
-          "opt_state": tx.init(gen_params), "gen_state": gen_state}
+          "opt_state": tx.init(gen_params), "gen_state": gen_state,
+          "nonfinite_steps": jnp.zeros((), jnp.int32)}
 
 
 def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
@@ -109,12 +112,12 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-    params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
     gen_state = generator.update_state(params, state["gen_state"], state["step"] + 1)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                 "gen_state": gen_state}
+                 "gen_state": gen_state,
+                 "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
     metrics = {"loss": loss, "aux_loss": aux, "grad_norm": grad_norm,
+               "nonfinite_steps": new_state["nonfinite_steps"],
                "accuracy": losses.accuracy(logits, labels, weights), **parts}
     return new_state, metrics
 
