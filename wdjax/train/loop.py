@@ -129,5 +129,6 @@ def fit(state: Any, teacher_params: Any, spec: LoopSpec) -> Any:
         spec.checkpointer.save(step, state, dict(spec.meta, step=step), force=step == spec.total_steps)
   finally:
     progress.close()
+    spec.writer.close()
     spec.checkpointer.wait()
   return state

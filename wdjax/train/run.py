@@ -177,12 +177,14 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
     return step_lib.init_state(generator, tx, cfg.seed, t_params, StudentSpec(spec.config, init_params))
 
   state_shapes = jax.eval_shape(init_state, spec.init_params, teacher_params)
+  trainable = step_lib.trainable_count(gen_shapes, train.optim.frozen)
   state_sh = mesh_lib.param_shardings(state_shapes, mesh)
   student_sh = mesh_lib.param_shardings(spec.init_params, mesh)
   batch_sh = mesh_lib.batch_sharding(mesh)
   train_step = jax.jit(
       step_lib.make_train_step(generator=generator, student_apply=student_apply,
-                               teacher_apply=teacher_apply, tx=tx, kd=cfg.kd, seed=cfg.seed),
+                               teacher_apply=teacher_apply, tx=tx, kd=cfg.kd, seed=cfg.seed,
+                               frozen=train.optim.frozen),
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
@@ -217,7 +219,7 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
       state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(state_shapes, state_sh))
       log(f"[{phase}] resuming from step {latest} of {steps} ({checkpointer.directory})")
 
-    log(f"[{phase}] {param_count(gen_shapes) / 1e6:.2f}M trainable parameters, "
+    log(f"[{phase}] {trainable / 1e6:.2f}M trainable parameters, "
         f"{param_count(spec.init_params) / 1e6:.2f}M in the model, {steps} steps of "
         f"{train.batch_size} ({steps / batches.steps_per_epoch:.2f} epochs), mesh "
         f"{dict(mesh.shape)}")
@@ -253,7 +255,7 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
     checkpointer.close()
 
   results = {"phase": phase, "steps": int(jax.device_get(state["step"])), "total_steps": steps,
-             "trainable_params": param_count(gen_shapes),
+             "trainable_params": trainable,
              "model_params": param_count(spec.init_params)}
   for split in ("validation", "test"):
     scores = evaluate_split(student, task.split(split))

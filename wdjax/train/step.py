@@ -16,6 +16,7 @@ pass over parameters and optimizer state every step, and a run that met a NaN st
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
@@ -49,10 +50,20 @@ def schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
 
 
+def frozen_mask(params: Params, patterns: tuple[str, ...]) -> Params:
+  """True for leaves whose '/'-joined path matches one of the regexes in `patterns`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: any(re.search(r, path_str(p)) for r in patterns), params)
+
+
+def trainable_count(params: Params, patterns: tuple[str, ...]) -> int:
+  frozen = jax.tree_util.tree_leaves(frozen_mask(params, patterns))
+  return int(sum(x.size for x, f in zip(jax.tree_util.tree_leaves(params), frozen) if not f))
+
+
 def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
                    extra: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
   """AdamW with warm-up and decay, decay on matrices only, optional frozen paths and extra surgery."""
-  import re
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
   if extra is not None:
@@ -62,8 +73,8 @@ def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
   tx = optax.chain(*parts)
   if not optim.frozen:
     return tx
-  labels = jax.tree_util.tree_map_with_path(
-      lambda p, _: "frozen" if any(re.search(r, path_str(p)) for r in optim.frozen) else "train", params)
+  labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train",
+                                  frozen_mask(params, optim.frozen))
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
@@ -76,11 +87,14 @@ def init_state(generator: Generator, tx: optax.GradientTransformation, seed: int
 
 
 def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
-                    tx: optax.GradientTransformation, kd: KDConfig, seed: int):
+                    tx: optax.GradientTransformation, kd: KDConfig, seed: int,
+                    frozen: tuple[str, ...] = ()):
   """`step(state, teacher_params, batch) -> (state, metrics)`, not yet jitted.
 
   The KD targets are `batch["teacher_logits"]` when the batch carries them, else the teacher's
   forward pass inside the step; with `teacher_apply=None` or `kd.alpha == 0` the loss is CE.
+  Leaves matching `frozen` are held by `stop_gradient`, so their gradients are never computed
+  (the optimizer's `set_to_zero` alone would still pay for them).
   """
   use_teacher_logits = teacher_apply is not None and kd.alpha > 0
 
@@ -96,6 +110,9 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
     labels, weights = batch["labels"], batch["weights"]
 
     def loss_fn(gen_params):
+      if frozen:
+        gen_params = jax.tree_util.tree_map(
+            lambda f, x: jax.lax.stop_gradient(x) if f else x, frozen_mask(gen_params, frozen), gen_params)
       student = generator.generate(gen_params, teacher_params, state["gen_state"])
       logits = student_apply(student, batch, key)
       if teacher_logits is None:
