@@ -27,7 +27,7 @@ def test_overrides_are_typed():
 
 
 def test_unknown_key_names_close_matches():
-  with pytest.raises(WdjaxError, match=r"unknown config key 'distill.optim.learning_rate'") as e:
+  with pytest.raises(WdjaxError, match=r"unknown config key 'distill.optim.learning_rate'"):
     config_lib.load(QUICKSTART, ["distill.optim.learning_rate=1e-3"])
   with pytest.raises(WdjaxError, match=r"did you mean distill\.optim\.lr"):
     config_lib.load(QUICKSTART, ["distill.optim.lrr=1e-3"])

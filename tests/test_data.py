@@ -1,7 +1,6 @@
 """Rotten Tomatoes through TFDS, users' own files, tokenisation, and the batch pipeline."""
 
 import bz2
-import collections
 import csv
 import io
 import json

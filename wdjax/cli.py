@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -117,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
       raise
     print(f"wdjax: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except BrokenPipeError:  # output piped into `head` and the like
+    sys.stderr.close()
+    sys.exit(0)
   except KeyboardInterrupt:
     print("wdjax: interrupted; rerun the same command to resume from the last checkpoint",
           file=sys.stderr)

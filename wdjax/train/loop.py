@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from wdjax.errors import WdjaxError
 from wdjax.train.checkpoint import Checkpointer

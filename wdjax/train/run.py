@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from wdjax import assets, config as config_lib
@@ -25,6 +23,7 @@ from wdjax.errors import WdjaxError
 from wdjax.generators import GENERATORS, Generator, Identity, StudentSpec, param_count
 from wdjax.models import bert, hf
 from wdjax.train import checkpoint as ckpt_lib, loop, mesh as mesh_lib, step as step_lib
+from wdjax.train.evaluate import Predictor
 from wdjax.train.metrics import MetricWriter
 
 Params = Any
@@ -87,54 +86,6 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def _evaluator(apply_fn, mesh, student_sh, batch_size: int, pad_to_multiple: int):
-  """`evaluate(student_params, split) -> {accuracy, loss}` with a jitted, sharded forward pass."""
-  batch_sh = mesh_lib.batch_sharding(mesh)
-
-  def sums(params, batch):
-    logits = apply_fn(params, batch, None)
-    w = batch["weights"]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["labels"][:, None], axis=-1)[:, 0]
-    return jnp.stack([jnp.sum(w * (jnp.argmax(logits, -1) == batch["labels"])), jnp.sum(w * nll),
-                      jnp.sum(w)])
-
-  sums_jit = jax.jit(sums, in_shardings=(student_sh, batch_sh), out_shardings=mesh_lib.replicated(mesh))
-
-  def evaluate(params, split) -> dict[str, float]:
-    total = np.zeros(3)
-    for batch in pipeline.eval_batches(split, batch_size, pad_to_multiple=pad_to_multiple):
-      total += np.asarray(sums_jit(params, _device_batch(batch, mesh)))
-    return {"accuracy": total[0] / total[2], "loss": total[1] / total[2]}
-
-  return evaluate
-
-
-def _device_batch(global_batch: dict, mesh) -> dict:
-  """This process's share of a global host batch, as global device arrays (no 'index')."""
-  local = pipeline.local_slice(global_batch, jax.process_index(), jax.process_count())
-  return mesh_lib.put_batch(_model_inputs(local), mesh)
-
-
-def _model_inputs(batch: dict) -> dict:
-  return {k: v for k, v in batch.items() if k != "index"}
-
-
-def predict_logits(apply_fn, params, split, mesh, params_sh, batch_size: int,
-                   pad_to_multiple: int) -> np.ndarray:
-  """`[n, classes]` logits of every example of `split` (eval mode), on every process."""
-  fn = jax.jit(lambda p, b: apply_fn(p, b, None), in_shardings=(params_sh, mesh_lib.batch_sharding(mesh)),
-               out_shardings=mesh_lib.replicated(mesh))
-  out = None
-  for batch in pipeline.eval_batches(split, batch_size, pad_to_multiple=pad_to_multiple):
-    logits = np.asarray(fn(params, _device_batch(batch, mesh)))
-    if out is None:
-      out = np.zeros((len(split), logits.shape[-1]), np.float32)
-    valid = batch["index"] >= 0
-    out[batch["index"][valid]] = logits[valid]
-  return out
-
-
 def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task,
                 spec: StudentSpec, generator: Generator, teacher: Model | None,
                 tokenizer_dir: Path, log=print, export_only: bool = False) -> dict:
@@ -188,8 +139,8 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
-  evaluate_split = _evaluator(student_apply, mesh, student_sh, train.eval_batch_size,
-                              cfg.data.pad_to_multiple)
+  student_predictor = Predictor(student_apply, mesh, student_sh, train.eval_batch_size,
+                                cfg.data.pad_to_multiple)
 
   checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -226,19 +177,19 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
 
     def evaluate(st):
       student = materialize(st["params"], teacher_params, st["gen_state"])
-      return {"val_" + k: v for k, v in evaluate_split(student, task.validation).items()}
+      return {"val_" + k: v for k, v in student_predictor.scores(student, task.validation).items()}
 
     logits_cache = None
     if teacher_apply is not None and cfg.kd.cache_teacher_logits and not export_only:
       log(f"[{phase}] computing the teacher's logits on the {len(task.train)} training examples")
-      logits_cache = predict_logits(teacher_apply, teacher_params, task.train, mesh, teacher_sh,
-                                    train.eval_batch_size, cfg.data.pad_to_multiple)
+      logits_cache = Predictor(teacher_apply, mesh, teacher_sh, train.eval_batch_size,
+                               cfg.data.pad_to_multiple).logits(teacher_params, task.train)
 
     def get_batch(i):
       batch = batches.batch(i)
       if logits_cache is not None:
         batch["teacher_logits"] = logits_cache[batch["index"]]
-      return mesh_lib.put_batch(_model_inputs(batch), mesh)
+      return mesh_lib.put_batch({k: v for k, v in batch.items() if k != "index"}, mesh)
 
     spec_loop = loop.LoopSpec(
         name=phase, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
@@ -258,7 +209,7 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
              "trainable_params": trainable,
              "model_params": param_count(spec.init_params)}
   for split in ("validation", "test"):
-    scores = evaluate_split(student, task.split(split))
+    scores = student_predictor.scores(student, task.split(split))
     results[f"{split}_accuracy"] = scores["accuracy"]
     results[f"{split}_loss"] = scores["loss"]
   if jax.process_index() == 0:
@@ -320,9 +271,9 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
   mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
   sh = mesh_lib.param_shardings(model.params, mesh)
   apply = step_lib.classifier_apply(nnx.split(bert.build(model.config))[0])
-  ev = _evaluator(apply, mesh, sh, cfg.distill.eval_batch_size, cfg.data.pad_to_multiple)
+  predictor = Predictor(apply, mesh, sh, cfg.distill.eval_batch_size, cfg.data.pad_to_multiple)
   params = jax.device_put(model.params, sh)
-  return {split: ev(params, task.split(split))["accuracy"] for split in splits}
+  return {split: predictor.scores(params, task.split(split))["accuracy"] for split in splits}
 
 
 def _init_distributed(cfg: Config) -> None:

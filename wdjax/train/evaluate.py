@@ -1,0 +1,53 @@
+"""Evaluation-mode predictions over a whole split, and the scores computed from them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from wdjax.data import pipeline
+from wdjax.data.tokenize import TokenizedSplit
+from wdjax.train import mesh as mesh_lib
+
+
+def device_batch(global_batch: dict, mesh) -> dict:
+  """This process's share of a global host batch, as global device arrays (without 'index')."""
+  local = pipeline.local_slice(global_batch, jax.process_index(), jax.process_count())
+  return mesh_lib.put_batch({k: v for k, v in local.items() if k != "index"}, mesh)
+
+
+class Predictor:
+  """`logits(params, split) -> [n, classes]` with one jitted, sharded forward pass (no dropout).
+
+  Batches are sorted by length (little padding); every process gets all the logits.
+  """
+
+  def __init__(self, apply_fn: Callable, mesh, params_sharding: Any, batch_size: int,
+               pad_to_multiple: int):
+    self.mesh, self.batch_size, self.pad_to_multiple = mesh, batch_size, pad_to_multiple
+    self._forward = jax.jit(lambda p, b: apply_fn(p, b, None),
+                            in_shardings=(params_sharding, mesh_lib.batch_sharding(mesh)),
+                            out_shardings=mesh_lib.replicated(mesh))
+
+  def logits(self, params: Any, split: TokenizedSplit) -> np.ndarray:
+    out = None
+    for batch in pipeline.eval_batches(split, self.batch_size, pad_to_multiple=self.pad_to_multiple):
+      logits = np.asarray(self._forward(params, device_batch(batch, self.mesh)))
+      if out is None:
+        out = np.zeros((len(split), logits.shape[-1]), np.float32)
+      valid = batch["index"] >= 0
+      out[batch["index"][valid]] = logits[valid]
+    return out
+
+  def scores(self, params: Any, split: TokenizedSplit) -> dict[str, float]:
+    return scores(self.logits(params, split), split.labels)
+
+
+def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """Accuracy and mean cross-entropy of `logits [n, classes]` against `labels [n]`."""
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
+          "loss": float(-np.mean(logp[np.arange(len(labels)), labels]))}
