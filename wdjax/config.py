@@ -76,6 +76,7 @@ class TrainConfig:
   steps: int = 0  # training length in steps; overrides epochs when > 0
   eval_every: int = 0  # validation every N steps (0 = once per epoch); always at the end
   eval_batch_size: int = 128
+  keep_best: bool = True  # export the model of the best validation evaluation (else the last)
   log_every: int = 25  # metrics line every N steps
   optim: OptimConfig = OptimConfig()
 

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from wdjax.errors import WdjaxError
 from wdjax.train.checkpoint import Checkpointer
@@ -31,7 +32,7 @@ class LoopSpec:
   steps_per_epoch: int
   train_step: Callable  # jitted (state, teacher_params, batch) -> (state, metrics)
   get_batch: Callable[[int], dict]  # step -> device batch
-  evaluate: Callable[[Any], dict]  # state -> {"val_accuracy": ..., ...}
+  evaluate: Callable[[Any], tuple[dict, Any]]  # state -> ({"val_accuracy": ...}, dense model params)
   checkpointer: Checkpointer
   writer: MetricWriter
   meta: dict  # saved with every checkpoint
@@ -39,6 +40,7 @@ class LoopSpec:
   eval_every: int = 0  # 0 = once per epoch
   progress: bool = True
   lr_at: Callable[[int], float] | None = None
+  keep_best: bool = True  # export the best-validation model (else the last evaluated one)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -96,8 +98,18 @@ def _check_finite(step: int, metrics: dict, spec: LoopSpec) -> None:
                      "lower the learning rate or check the data")
 
 
-def fit(state: Any, teacher_params: Any, spec: LoopSpec) -> Any:
-  """Train from `state` (fresh or restored) to `spec.total_steps`; returns the final state."""
+def initial_best(params: Any) -> dict:
+  """The `best` record before any evaluation: `params` with a score below every real one."""
+  return {"params": params, "val_accuracy": np.float32(-1.0), "step": np.int32(0)}
+
+
+def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[Any, dict]:
+  """Train from `state` (fresh or restored) to `spec.total_steps`.
+
+  Returns the final state and `best`: the dense model of the evaluation with the highest
+  validation accuracy (or of the last evaluation when `spec.keep_best` is off), with its score
+  and step. Both are checkpointed together, so a resumed run selects exactly as an uninterrupted one.
+  """
   start = int(jax.device_get(state["step"]))
   eval_every = spec.eval_every or spec.steps_per_epoch
   progress = _Progress(spec, start)
@@ -120,14 +132,18 @@ def fit(state: Any, teacher_params: Any, spec: LoopSpec) -> Any:
         spec.writer.write(step, spec.name, host)
       progress.update(step, host)
       if step % eval_every == 0 or step == spec.total_steps:
-        scores = spec.evaluate(state)
-        spec.writer.write(step, spec.name + "/eval", scores)
+        scores, model = spec.evaluate(state)
+        if not spec.keep_best or scores["val_accuracy"] > float(best["val_accuracy"]):
+          best = {"params": model, "val_accuracy": np.float32(scores["val_accuracy"]),
+                  "step": np.int32(step)}
+        spec.writer.write(step, spec.name + "/eval", dict(scores, best_step=int(best["step"])))
         progress.write(f"[{spec.name}] step {step}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in scores.items()))
       if due_ckpt:
-        spec.checkpointer.save(step, state, dict(spec.meta, step=step), force=step == spec.total_steps)
+        spec.checkpointer.save(step, {"train": state, "best": best}, dict(spec.meta, step=step),
+                               force=step == spec.total_steps)
   finally:
     progress.close()
     spec.writer.close()
     spec.checkpointer.wait()
-  return state
+  return state, best

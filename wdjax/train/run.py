@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from wdjax import assets, config as config_lib
@@ -166,8 +167,15 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
                        f"run the {phase} phase first")
     if latest is None:
       state = jax.jit(init_state, out_shardings=state_sh)(spec.init_params, teacher_params)
+      best = loop.initial_best(materialize(state["params"], teacher_params, state["gen_state"]))
     else:
-      state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(state_shapes, state_sh))
+      rep = mesh_lib.replicated(mesh)
+      target = {"train": ckpt_lib.abstract_like(state_shapes, state_sh),
+                "best": {"params": ckpt_lib.abstract_like(spec.init_params, student_sh),
+                         "val_accuracy": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+                         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}}
+      restored, _ = checkpointer.restore(latest, target)
+      state, best = restored["train"], restored["best"]
       log(f"[{phase}] resuming from step {latest} of {steps} ({checkpointer.directory})")
 
     log(f"[{phase}] {trainable / 1e6:.2f}M trainable parameters, "
@@ -177,7 +185,8 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
 
     def evaluate(st):
       student = materialize(st["params"], teacher_params, st["gen_state"])
-      return {"val_" + k: v for k, v in student_predictor.scores(student, task.validation).items()}
+      scores = student_predictor.scores(student, task.validation)
+      return {"val_" + k: v for k, v in scores.items()}, student
 
     logits_cache = None
     if teacher_apply is not None and cfg.kd.cache_teacher_logits and not export_only:
@@ -198,14 +207,15 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
         evaluate=evaluate, checkpointer=checkpointer,
         writer=MetricWriter(out, tensorboard=cfg.log.tensorboard), meta=meta,
         log_every=train.log_every, eval_every=train.eval_every, progress=cfg.log.progress,
-        lr_at=lambda s: float(step_lib.schedule(train.optim, steps)(s)))
+        lr_at=lambda s: float(step_lib.schedule(train.optim, steps)(s)), keep_best=train.keep_best)
     if not export_only:
-      state = loop.fit(state, teacher_params, spec_loop)
-    student = jax.device_get(materialize(state["params"], teacher_params, state["gen_state"]))
+      state, best = loop.fit(state, best, teacher_params, spec_loop)
+    student = jax.device_get(best["params"])
   finally:
     checkpointer.close()
 
   results = {"phase": phase, "steps": int(jax.device_get(state["step"])), "total_steps": steps,
+             "exported_step": int(best["step"]),
              "trainable_params": trainable,
              "model_params": param_count(spec.init_params)}
   for split in ("validation", "test"):
