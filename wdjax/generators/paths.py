@@ -1,0 +1,162 @@
+"""What every generator needs to know about parameter trees, written once.
+
+- **Paths**: a tree is flattened to `{"encoder/layer_0/attn/q/kernel": array, ...}` and back.
+- **Layer maps**: which teacher layers feed student layer l (contiguous groups, every k-th,
+  first N, uniform, or all of them for a learned mix).
+- **Dimension roles**: what each axis of a leaf *is* (the residual stream "hidden", the attention
+  inner space "attn", the FFN inner space "ffn", the pooled space "pooled"), from path rules.
+  Axes without a role (vocabulary rows, positions, classes) are the same size in teacher and
+  student and are never mapped. Two axes with the same role live in the same space, which is
+  what makes a map shared per role (or a selection of indices per role) consistent across
+  residual-connected tensors.
+- **Kernel layout**: kernels are Flax's `[in, out]`, the transpose of the math's `W [out, in]`;
+  a map `M_r [d_teacher, d_student]` acts on an axis by contraction, so `K_s = M_in^T K_t M_out`
+  is `W_s = M_out^T W_t M_in` in math layout.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+# (regex on the path, role of each axis). The first match wins.
+ROLE_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"embeddings/(word|position|token_type)/embedding$", (None, "hidden")),
+    (r"(ln|_ln)/(scale|bias)$", ("hidden",)),
+    (r"attn/(q|k|v)/kernel$", ("hidden", "attn")),
+    (r"attn/(q|k|v)/bias$", ("attn",)),
+    (r"attn/o/kernel$", ("attn", "hidden")),
+    (r"mlp/up/kernel$", ("hidden", "ffn")),
+    (r"mlp/up/bias$", ("ffn",)),
+    (r"mlp/down/kernel$", ("ffn", "hidden")),
+    (r"(attn/o|mlp/down)/bias$", ("hidden",)),
+    (r"relative_bias/embedding$", (None, "heads")),
+    (r"pooler/kernel$", ("hidden", "pooled")),
+    (r"pooler/bias$", ("pooled",)),
+    (r"classifier/kernel$", ("pooled", None)),
+    (r"classifier/bias$", (None,)),
+    (r"mlm_dense/kernel$", ("hidden", "hidden")),
+    (r"mlm_bias$", (None,)),
+)
+
+_LAYER = re.compile(r"(?:^|/)layer_(\d+)(?=/)")
+
+
+def flatten(tree: Params) -> dict[str, Any]:
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    *parents, last = path.split("/")
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = leaf
+  return tree
+
+
+def roles(path: str, ndim: int) -> tuple[str | None, ...]:
+  """The role of each axis of the leaf at `path` (all None when no rule matches)."""
+  for pattern, axes in ROLE_RULES:
+    if re.search(pattern, path) and len(axes) == ndim:
+      return axes
+  return (None,) * ndim
+
+
+def layer_of(path: str) -> int | None:
+  m = _LAYER.search(path)
+  return int(m.group(1)) if m else None
+
+
+def with_layer(path: str, layer: int) -> str:
+  return _LAYER.sub(lambda m: m.group(0).replace(f"layer_{m.group(1)}", f"layer_{layer}"), path, count=1)
+
+
+LAYER_MAPS = ("contiguous", "every_k", "first_n", "uniform", "all")
+
+
+def layer_map(kind: str, n_teacher: int, n_student: int) -> list[list[int]]:
+  """Teacher layers feeding each student layer.
+
+  contiguous: groups of n_t/n_s consecutive layers (WD's grouping: 6->3 gives [0,1],[2,3],[4,5])
+  every_k:    the last layer of each group ([1],[3],[5]: data.md's weight-selection reference)
+  first_n:    the first n_s layers ([0],[1],[2]: weight selection's depth rule)
+  uniform:    round(l (n_t-1)/(n_s-1)), spread over the whole depth ([0],[2],[5])
+  all:        every teacher layer for every student layer (a learned mix chooses)
+  """
+  if n_student > n_teacher:
+    raise ValueError(f"a student of {n_student} layers cannot be mapped from {n_teacher}")
+  if kind in ("contiguous", "every_k") and n_teacher % n_student:
+    raise ValueError(f"layer_map {kind!r} needs n_teacher ({n_teacher}) divisible by "
+                     f"n_student ({n_student}); use 'uniform' or 'first_n'")
+  k = n_teacher // n_student
+  if kind == "contiguous":
+    return [list(range(k * l, k * l + k)) for l in range(n_student)]
+  if kind == "every_k":
+    return [[k * l + k - 1] for l in range(n_student)]
+  if kind == "first_n":
+    return [[l] for l in range(n_student)]
+  if kind == "uniform":
+    if n_student == 1:
+      return [[n_teacher - 1]]
+    return [[int(round(l * (n_teacher - 1) / (n_student - 1)))] for l in range(n_student)]
+  if kind == "all":
+    return [list(range(n_teacher)) for _ in range(n_student)]
+  raise ValueError(f"layer_map must be one of {LAYER_MAPS}, got {kind!r}")
+
+
+def uniform_indices(n_teacher: int, n_student: int) -> np.ndarray:
+  """Weight selection's per-dimension rule: every k-th index when n_s divides n_t, else linspace."""
+  if n_student > n_teacher:
+    raise ValueError(f"cannot select {n_student} of {n_teacher} indices")
+  if n_teacher % n_student == 0:
+    return np.arange(0, n_teacher, n_teacher // n_student)
+  return np.round(np.linspace(0, n_teacher - 1, n_student)).astype(np.int64)
+
+
+def role_sizes(teacher_flat: dict, student_flat: dict, group: Callable[[str], str] = lambda p: p
+               ) -> dict[str, tuple[int, int]]:
+  """`{role: (d_teacher, d_student)}`, checked consistent across all leaves."""
+  sizes: dict[str, tuple[int, int]] = {}
+  for path, s_leaf in student_flat.items():
+    t_leaf = teacher_flat.get(teacher_path(path))
+    if t_leaf is None:
+      continue
+    for axis, role in enumerate(roles(path, np.ndim(s_leaf))):
+      if role is None:
+        continue
+      pair = (np.shape(t_leaf)[axis], np.shape(s_leaf)[axis])
+      if sizes.setdefault(role, pair) != pair:
+        raise ValueError(f"{path}: axis {axis} ({role}) is {pair}, elsewhere {sizes[role]}")
+  return sizes
+
+
+def teacher_path(student_path: str, layer: int | None = None) -> str:
+  """The teacher leaf a student leaf comes from (same path; `layer` replaces the layer index)."""
+  return student_path if layer is None else with_layer(student_path, layer)
+
+
+def project(x: jax.Array, maps: tuple[jax.Array | None, ...]) -> jax.Array:
+  """Contract each axis i of `x` with `maps[i] [d_t, d_s]` (None leaves the axis alone)."""
+  for axis, m in enumerate(maps):
+    if m is not None:
+      x = jnp.moveaxis(jnp.tensordot(x, m, axes=[[axis], [0]]), -1, axis)
+  return x
+
+
+def selection_matrix(n_teacher: int, n_student: int, dtype=jnp.float32) -> jax.Array:
+  """`[n_t, n_s]` with a 1 at (idx_j, j): contracting with it is weight selection."""
+  m = np.zeros((n_teacher, n_student), np.float32)
+  m[uniform_indices(n_teacher, n_student), np.arange(n_student)] = 1.0
+  return jnp.asarray(m, dtype)
