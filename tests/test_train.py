@@ -154,19 +154,22 @@ def _write_config(path: Path, cfg) -> Path:
 
 def _final_params(workdir: Path):
   from safetensors.numpy import load_file
-  return load_file(str(workdir / "distill" / "model" / "model.safetensors"))
+  (model,) = workdir.glob("distill*/model/model.safetensors")
+  return load_file(str(model))
 
 
-def test_kill_and_rerun_resumes_to_the_same_parameters(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["kd", "ws"])
+def test_kill_and_rerun_resumes_to_the_same_parameters(tiny, tmp_path, method):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cfg = tiny(checkpoint=dataclasses.replace(tiny().checkpoint, every=2))
+  cfg = tiny(checkpoint=dataclasses.replace(tiny().checkpoint, every=2),
+             method=dataclasses.replace(tiny().method, name=method))
   cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, steps=12))
   straight = _write_config(tmp_path / "straight.py", dataclasses.replace(cfg, workdir=str(tmp_path / "a")))
   killed = _write_config(tmp_path / "killed.py", dataclasses.replace(cfg, workdir=str(tmp_path / "b")))
   assert _cli(["distill", str(straight)], tmp_path, env).wait() == 0
 
   proc = _cli(["distill", str(killed)], tmp_path, env)
-  ckdir = tmp_path / "b" / "distill" / "checkpoints"
+  ckdir = tmp_path / "b" / run_lib.default_phase(cfg) / "checkpoints"
   deadline = time.time() + 300
   while not (ckdir.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckdir.iterdir())):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()

@@ -33,12 +33,13 @@ def _parser() -> argparse.ArgumentParser:
 
   with_config("finetune", "fine-tune the pretrained teacher on the task")
   d = with_config("distill", "distil the fine-tuned teacher into the student")
-  d.add_argument("--phase", default="distill", help="name of the run directory under the workdir")
+  d.add_argument("--phase", default="", help="run directory under the workdir "
+                 "(default: distill for KD, distill_<method> for the others)")
   e = with_config("eval", "accuracy of an exported model on the config's data")
-  e.add_argument("--model", default="", help="HF model directory (default <workdir>/distill/model)")
+  e.add_argument("--model", default="", help="HF model directory (default: the config's student)")
   e.add_argument("--split", action="append", choices=["train", "validation", "test"])
   x = with_config("export", "write the dense model of a phase's latest checkpoint")
-  x.add_argument("--phase", default="distill", help="finetune, distill, or another phase name")
+  x.add_argument("--phase", default="", help="finetune, or a distill phase (default: the config's)")
   with_config("pipeline", "finetune, distill with KD and with CE alone, print the comparison")
   with_config("config", "print the resolved config as JSON")
   return p
@@ -89,7 +90,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
       run_lib.distill(cfg, phase=args.phase, export_only=True)
   elif args.command == "eval":
-    model = args.model or str(Path(cfg.workdir) / "distill" / "model")
+    model = args.model or str(Path(cfg.workdir) / run_lib.default_phase(cfg) / "model")
     scores = run_lib.evaluate(cfg, model, tuple(args.split or ("validation", "test")))
     print(json.dumps({"model": model, **{f"{k}_accuracy": v for k, v in scores.items()}}, indent=2))
   elif args.command == "pipeline":

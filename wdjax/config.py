@@ -90,7 +90,23 @@ class KDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-  name: str = "kd"  # generator: "kd" (identity: the student's own weights, randomly initialised)
+  name: str = "kd"  # kd | select | ws | gws | wd (see wdjax/generators/__init__.py)
+  init: str = "random"  # kd: the student's starting weights, "random" or "selection" (of the teacher)
+  layer_map: str = ""  # teacher layers per student layer: every_k | contiguous | first_n | uniform ("" = the method's own)
+  sharing: str = "role"  # ws/gws: maps shared per space ("role") or one per tensor axis ("tensor")
+  map_init: str = "identity"  # ws/gws: identity (= weight selection at step 0) | xavier | pca
+  layer_mix: str = "fixed"  # ws/gws: "fixed" layer map, or a "learned" mix over contiguous groups
+  gate: str = "matrix"  # gws: one gate per matrix | row | element
+  gate_init: float = 3.0  # gws: gate logit at init; sigmoid(3) = 0.95 starts from the selected student
+  wd_mode: str = "faithful"  # wd: faithful (maps per tensor, as the paper's code) | lean (per space)
+  phase1_fraction: float = 0.5  # wd: share of the distill steps for phase 1; phase 2 gets the rest
+  phase2_lr: float = 0.0  # wd: phase-2 peak learning rate (0 = distill.optim.lr)
+  pca_batches: int = 8  # map_init=pca: training batches of teacher activations to decompose
+
+  @property
+  def label(self) -> str:
+    """Short name of the method as configured: kd, kd_selection, ws, gws, wd."""
+    return "kd_selection" if self.name == "kd" and self.init == "selection" else self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +224,12 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
 
 
 def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
-  """`get_config()` of the Python config file at `path`, with `--set` assignments applied."""
-  p = Path(path)
+  """`get_config()` of the Python config file at `path`, with `--set` assignments applied.
+
+  `path` may end in `:ARG` (`configs/ws.py:gpu`), which calls `get_config("gpu")`.
+  """
+  name, sep, arg = str(path).partition(".py:")
+  p = Path(name + ".py" if sep else name)
   if not p.is_file():
     raise WdjaxError(f"config file {p} does not exist")
   spec = importlib.util.spec_from_file_location(f"wdjax_config_{p.stem}", p)
@@ -220,7 +240,12 @@ def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
     raise WdjaxError(f"{p}: {e}") from None
   if not hasattr(module, "get_config"):
     raise WdjaxError(f"{p} has no get_config() function")
-  cfg = module.get_config()
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except TypeError as e:
+    raise WdjaxError(f"{p}: get_config({arg!r}) failed ({e})") from None
+  except ValueError as e:  # an unknown variant name, say
+    raise WdjaxError(f"{p}: {e}") from None
   if not isinstance(cfg, Config):
     raise WdjaxError(f"{p}: get_config() returned {type(cfg).__name__}, not wdjax.config.Config")
   return apply_overrides(cfg, list(assignments))

@@ -80,8 +80,5 @@ class Identity(Generator):
     return gen_params
 
 
-GENERATORS: dict[str, type[Generator]] = {"kd": Identity, "identity": Identity}
-
-
 def param_count(tree: Params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,12 +125,11 @@ def uniform_indices(n_teacher: int, n_student: int) -> np.ndarray:
   return np.round(np.linspace(0, n_teacher - 1, n_student)).astype(np.int64)
 
 
-def role_sizes(teacher_flat: dict, student_flat: dict, group: Callable[[str], str] = lambda p: p
-               ) -> dict[str, tuple[int, int]]:
+def role_sizes(teacher_flat: dict, student_flat: dict) -> dict[str, tuple[int, int]]:
   """`{role: (d_teacher, d_student)}`, checked consistent across all leaves."""
   sizes: dict[str, tuple[int, int]] = {}
   for path, s_leaf in student_flat.items():
-    t_leaf = teacher_flat.get(teacher_path(path))
+    t_leaf = teacher_flat.get(path)
     if t_leaf is None:
       continue
     for axis, role in enumerate(roles(path, np.ndim(s_leaf))):
@@ -142,9 +141,14 @@ def role_sizes(teacher_flat: dict, student_flat: dict, group: Callable[[str], st
   return sizes
 
 
-def teacher_path(student_path: str, layer: int | None = None) -> str:
-  """The teacher leaf a student leaf comes from (same path; `layer` replaces the layer index)."""
-  return student_path if layer is None else with_layer(student_path, layer)
+def space_of(path: str, role: str | None) -> str | None:
+  """The space an axis of role `role` of leaf `path` lives in: `hidden` and `pooled` are one
+  space through the whole network; each layer's `attn` and `ffn` spaces are spaces of their own
+  (`attn/layer_l`), since unit j of one layer's FFN has nothing to do with unit j of another's."""
+  layer = layer_of(path)
+  if role in ("attn", "ffn") and layer is not None:
+    return f"{role}/layer_{layer}"
+  return role
 
 
 def project(x: jax.Array, maps: tuple[jax.Array | None, ...]) -> jax.Array:

@@ -153,7 +153,8 @@ class Attention(nnx.Module):
     self.v = _dense(cfg, d, d, rngs)
     self.o = _dense(cfg, d, d, rngs)
 
-  def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None) -> Array:
+  def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
+               capture: dict | None = None) -> Array:
     cfg = self.cfg
     b, t, _ = x.shape
     split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [batch, seq, heads, head_dim]
@@ -169,7 +170,10 @@ class Attention(nnx.Module):
       scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
       probs = _dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_dropout, dropout_key)
       ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    return self.o(ctx.reshape(b, t, cfg.hidden_size))
+    ctx = ctx.reshape(b, t, cfg.hidden_size)
+    if capture is not None:
+      capture["attn"] = ctx  # [batch, seq, hidden]: the attention-inner space (input of o)
+    return self.o(ctx)
 
 
 class Mlp(nnx.Module):
@@ -178,8 +182,11 @@ class Mlp(nnx.Module):
     self.up = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
     self.down = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
 
-  def __call__(self, x: Array) -> Array:
-    return self.down(jax.nn.gelu(self.up(x), approximate=False))
+  def __call__(self, x: Array, capture: dict | None = None) -> Array:
+    h = jax.nn.gelu(self.up(x), approximate=False)
+    if capture is not None:
+      capture["ffn"] = h  # [batch, seq, intermediate]: the FFN-inner space (input of down)
+    return self.down(h)
 
 
 class Block(nnx.Module):
@@ -192,12 +199,13 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, rngs)
     self.mlp_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
 
-  def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None) -> Array:
+  def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
+               capture: dict | None = None) -> Array:
     k_attn, k_res1, k_res2 = _keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
-    h = self.attn_ln(x + _dropout(self.attn(x, mask, bias, k_attn), rate, k_res1))
+    h = self.attn_ln(x + _dropout(self.attn(x, mask, bias, k_attn, capture), rate, k_res1))
     h = h.astype(self.cfg.compute_dtype)
-    out = self.mlp_ln(h + _dropout(self.mlp(h), rate, k_res2))
+    out = self.mlp_ln(h + _dropout(self.mlp(h, capture), rate, k_res2))
     return out.astype(self.cfg.compute_dtype)
 
 
@@ -227,13 +235,21 @@ class Encoder(nnx.Module):
     return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, dropout_key: Array | None = None) -> Array:
+               *, dropout_key: Array | None = None, capture: dict | None = None) -> Array:
+    """Last hidden state. `capture`, if given, is filled with the activations of every space:
+    `hidden/embeddings`, `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (for activation PCA)."""
     keys = _keys(dropout_key, self.cfg.num_layers + 1)
     x = self.embeddings(input_ids, attention_mask, token_type_ids, keys[0])
+    if capture is not None:
+      capture["hidden/embeddings"] = x
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, key]
     bias = self.position_bias(input_ids.shape[1])
-    for layer, key in zip(self.layers(), keys[1:]):
-      x = layer(x, mask, bias, key)
+    for i, (layer, key) in enumerate(zip(self.layers(), keys[1:])):
+      inner = None if capture is None else {}
+      x = layer(x, mask, bias, key, inner)
+      if capture is not None:
+        capture.update({f"{k}/layer_{i}": v for k, v in inner.items()})
+        capture[f"hidden/layer_{i}"] = x
     return x
 
 
@@ -251,14 +267,16 @@ class SequenceClassifier(nnx.Module):
     self.classifier = _dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, dropout_key: Array | None = None) -> Array:
+               *, dropout_key: Array | None = None, capture: dict | None = None) -> Array:
     k_enc, k_pre, k_post = _keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
-    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc)
+    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc, capture=capture)
     first = h[:, 0]  # [batch, hidden]
     if self.cfg.arch == "mpnet":
       first = _dropout(first, rate, k_pre)
     pooled = jnp.tanh(self.pooler(first))
+    if capture is not None:
+      capture["pooled"] = pooled[:, None]  # [batch, 1, hidden]
     return self.classifier(_dropout(pooled, rate, k_post)).astype(jnp.float32)
 
 

@@ -8,6 +8,7 @@ resumes from its latest checkpoint; a finished phase is not trained again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,13 +16,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from wdjax import assets, config as config_lib
 from wdjax.config import Config, TrainConfig
 from wdjax.data import pipeline, tasks
 from wdjax.errors import WdjaxError
-from wdjax.generators import GENERATORS, Generator, Identity, StudentSpec, param_count
+from wdjax import generators
+from wdjax.generators import Generator, Identity, StudentSpec, param_count
 from wdjax.models import bert, hf
 from wdjax.train import checkpoint as ckpt_lib, loop, mesh as mesh_lib, step as step_lib
 from wdjax.train.evaluate import Predictor
@@ -69,11 +72,14 @@ def total_steps(train: TrainConfig, steps_per_epoch: int) -> int:
   return train.steps if train.steps > 0 else max(1, math.ceil(train.epochs * steps_per_epoch))
 
 
-def _fingerprint(cfg: Config, phase_train: TrainConfig) -> dict:
+def _fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool) -> dict:
   """The settings a resumed run must share with the run that wrote the checkpoints."""
   d = config_lib.to_dict(cfg)
-  return {"seed": d["seed"], "teacher": d["teacher"], "student": d["student"], "data": d["data"],
-          "train": dataclasses.asdict(phase_train), "kd": d["kd"], "method": d["method"]}
+  out = {"seed": d["seed"], "teacher": d["teacher"], "data": d["data"],
+         "train": dataclasses.asdict(phase_train)}
+  if distilling:
+    out.update(student=d["student"], kd=d["kd"], method=d["method"])
+  return out
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -145,7 +151,7 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
 
   checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  meta = {"phase": phase, "fingerprint": _fingerprint(cfg, train),
+  meta = {"phase": phase, "fingerprint": _fingerprint(cfg, train, distilling=teacher is not None),
           "teacher": {"path": str(teacher.tokenizer_dir), "sha256": teacher.sha256} if teacher else None,
           "total_steps": steps}
   latest = checkpointer.latest_step()
@@ -190,9 +196,10 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
 
     logits_cache = None
     if teacher_apply is not None and cfg.kd.cache_teacher_logits and not export_only:
-      log(f"[{phase}] computing the teacher's logits on the {len(task.train)} training examples")
-      logits_cache = Predictor(teacher_apply, mesh, teacher_sh, train.eval_batch_size,
-                               cfg.data.pad_to_multiple).logits(teacher_params, task.train)
+      logits_cache = teacher_train_logits(
+          cfg, teacher, task, lambda: Predictor(teacher_apply, mesh, teacher_sh, train.eval_batch_size,
+                                                cfg.data.pad_to_multiple).logits(teacher_params, task.train),
+          log=lambda m: log(f"[{phase}] {m}"))
 
     def get_batch(i):
       batch = batches.batch(i)
@@ -234,6 +241,26 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
   return results
 
 
+def teacher_train_logits(cfg: Config, teacher: Model, task: tasks.Task, compute, log) -> np.ndarray:
+  """The teacher's `[n_train, classes]` logits, computed once per teacher and data and kept in
+  `<workdir>/cache/` (every phase and seed of a workdir distils from the same numbers)."""
+  key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.teacher.dtype,
+                                   len(task.train)]).encode()).hexdigest()[:16]
+  path = Path(cfg.workdir) / "cache" / f"teacher_logits_{key}.npy"
+  if path.exists():
+    logits = np.load(path)
+    if logits.shape[0] == len(task.train):
+      return logits
+  log(f"computing the teacher's logits on the {len(task.train)} training examples")
+  logits = compute()
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, logits)
+    tmp.replace(path)
+  return logits
+
+
 def finetune(cfg: Config, log=print, export_only: bool = False) -> dict:
   """Fine-tune the pretrained `teacher.model` on the task; writes `<workdir>/finetune/model`."""
   _init_distributed(cfg)
@@ -251,9 +278,10 @@ def finetune(cfg: Config, log=print, export_only: bool = False) -> dict:
                      export_only=export_only)
 
 
-def distill(cfg: Config, phase: str = "distill", log=print, export_only: bool = False) -> dict:
+def distill(cfg: Config, phase: str = "", log=print, export_only: bool = False) -> dict:
   """Distil the task teacher into the student with `method`; writes `<workdir>/<phase>/model`."""
   _init_distributed(cfg)
+  phase = phase or default_phase(cfg)
   teacher_dir = Path(cfg.teacher_dir)
   if not (teacher_dir / "config.json").exists():
     raise WdjaxError(f"no task teacher at {teacher_dir}; run `wdjax finetune CONFIG` first "
@@ -264,13 +292,62 @@ def distill(cfg: Config, phase: str = "distill", log=print, export_only: bool = 
     raise WdjaxError(f"the teacher at {teacher_dir} has {teacher.config.num_labels} labels, the data "
                      f"{len(task.label_names)}; they must match")
   s_cfg = student_config(cfg, teacher.config)
-  if cfg.method.name not in GENERATORS:
-    raise WdjaxError(f"unknown method {cfg.method.name!r}; available: {', '.join(GENERATORS)}")
-  generator = GENERATORS[cfg.method.name]()
   init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=cfg.seed)))
+  method = cfg.method
+  if method.name == "kd" and method.init == "selection":
+    init = generators.select(teacher.params, init, method.layer_map or "every_k")
+  elif method.init != "random":
+    raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
+  try:
+    generator = generators.make(method.name, init, teacher.params,
+                                **generator_options(method, teacher, task, cfg))
+  except ValueError as e:  # a layer map or option that does not fit these shapes
+    raise WdjaxError(f"method {method.name}: {e}") from None
   spec = StudentSpec(s_cfg, init)
-  return train_phase(cfg, phase=phase, train=cfg.distill, task=task, spec=spec, generator=generator,
-                     teacher=teacher, tokenizer_dir=teacher_dir, log=log, export_only=export_only)
+  if method.name != "wd":
+    return train_phase(cfg, phase=phase, train=cfg.distill, task=task, spec=spec,
+                       generator=generator, teacher=teacher, tokenizer_dir=teacher_dir, log=log,
+                       export_only=export_only)
+  # WD: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same budget).
+  steps = total_steps(cfg.distill, len(task.train) // cfg.distill.batch_size)
+  steps1 = max(1, int(round(method.phase1_fraction * steps)))
+  first = train_phase(cfg, phase=phase, train=dataclasses.replace(cfg.distill, steps=steps1),
+                      task=task, spec=spec, generator=generator, teacher=teacher,
+                      tokenizer_dir=teacher_dir, log=log, export_only=export_only)
+  if export_only or steps1 >= steps:
+    return first
+  _, generated, _ = hf.load(phase_dir(cfg, phase) / "model")
+  optim2 = dataclasses.replace(cfg.distill.optim, lr=method.phase2_lr or cfg.distill.optim.lr)
+  second = train_phase(cfg, phase=phase + "_phase2",
+                       train=dataclasses.replace(cfg.distill, steps=steps - steps1, optim=optim2),
+                       task=task, spec=StudentSpec(s_cfg, generated), generator=Identity(),
+                       teacher=teacher, tokenizer_dir=teacher_dir, log=log)
+  return dict(second, phase1=first, trainable_params=max(first["trainable_params"],
+                                                          second["trainable_params"]))
+
+
+def default_phase(cfg: Config) -> str:
+  """`distill` for plain KD, `distill_<method>` for the others (one teacher, many students)."""
+  return "distill" if cfg.method.label == "kd" else f"distill_{cfg.method.label}"
+
+
+def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config) -> dict:
+  """The keyword options of `generators.make` for this method config."""
+  if method.name == "select":
+    return {"layer_map": method.layer_map or "every_k"}
+  if method.name in ("ws", "gws"):
+    opts = dict(layer_map=method.layer_map or "every_k", layer_mix=method.layer_mix,
+                sharing=method.sharing, init=method.map_init, gate=method.gate,
+                gate_init=method.gate_init)
+    if method.name == "ws":
+      opts.pop("gate"), opts.pop("gate_init")
+    if method.map_init == "pca":
+      from wdjax.generators.pca import pca_maps
+      opts["pca"] = pca_maps(teacher.config, teacher.params, task.train, cfg, method)
+    return opts
+  if method.name == "wd":
+    return {"mode": method.wd_mode, "layer_map": method.layer_map or "contiguous"}
+  return {}
 
 
 def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:

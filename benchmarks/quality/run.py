@@ -1,0 +1,161 @@
+"""Quality table: every method, same teacher, same student shape, same step budget, several seeds.
+
+    python benchmarks/quality/run.py                       # cpu: MiniLM 6x384 -> 3x192, 3 seeds
+    python benchmarks/quality/run.py --hardware gpu        # MPNet 12x768 -> 6x384
+    python benchmarks/quality/run.py --methods kd ws --seeds 0
+
+It fine-tunes the teacher once (seed 0) and trains, for each seed, the student by: CE from
+scratch, logit KD from scratch, weight selection + KD, WS, GWS and WD (phase 1 + 2), each from
+its config file in `configs/` (so the numbers are what `wdjax distill configs/<m>.py` gives).
+All runs live in the preset's workdir and resume like any other run. It writes
+`benchmarks/quality/results_<hardware>.json`, `.md` (mean +- std test accuracy, trainable
+parameters during training, student parameters, CPU latency of student and teacher) and `.png`.
+
+Latency: the median wall time of a jitted forward pass on the CPU (this process's devices),
+batch 1 and batch 32 at 64 tokens, after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from wdjax import config as config_lib
+from wdjax.models import bert, hf
+from wdjax.train import run as run_lib
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+METHODS = {  # label -> (config file, extra --set assignments)
+    "ce": ("kd.py", ["kd.alpha=0.0"]),
+    "kd": ("kd.py", []),
+    "select+kd": ("select_kd.py", []),
+    "ws": ("ws.py", []),
+    "gws": ("gws.py", []),
+    "wd": ("wd.py", []),
+}
+
+
+def latency_ms(model_dir: Path, batch: int, seq: int = 64, repeats: int = 30) -> float:
+  cfg, params, _ = hf.load(model_dir)
+  graph = nnx.split(bert.build(cfg))[0]
+  fwd = jax.jit(lambda p, i, m: nnx.merge(graph, p)(i, m))
+  ids = np.random.default_rng(0).integers(1000, 5000, (batch, seq)).astype(np.int32)
+  mask = np.ones_like(ids)
+  params = jax.device_put(params)
+  fwd(params, ids, mask).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fwd(params, ids, mask).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def final_model(cfg, phase: str) -> Path:
+  out = Path(cfg.workdir) / phase
+  return out.with_name(phase + "_phase2") / "model" if cfg.method.name == "wd" else out / "model"
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--hardware", choices=["cpu", "gpu"], default="cpu")
+  ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+  ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+  ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
+  args = ap.parse_args()
+  quiet = lambda *_: None
+
+  base = config_lib.load(f"{ROOT}/configs/kd.py:{args.hardware}", args.set)
+  teacher = run_lib.finetune(base)
+  teacher_dir = Path(base.teacher_dir)
+  rows = {}
+  for label in args.methods:
+    file, extra = METHODS[label]
+    runs = []
+    for seed in args.seeds:
+      cfg = config_lib.load(f"{ROOT}/configs/{file}:{args.hardware}",
+                            extra + args.set + [f"seed={seed}", f"teacher.path={teacher_dir}"])
+      cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+      phase = f"quality_{label.replace('+', '_')}_s{seed}"
+      t0 = time.time()
+      result = run_lib.distill(cfg, phase=phase, log=quiet)
+      print(f"{label:10s} seed {seed}: test {100 * result['test_accuracy']:.2f} "
+            f"(val {100 * result['validation_accuracy']:.2f}) in {time.time() - t0:.0f}s", flush=True)
+      runs.append(dict(result, seed=seed, model=str(final_model(cfg, phase))))
+    acc = [100 * r["test_accuracy"] for r in runs]
+    rows[label] = {"runs": runs, "test_mean": float(np.mean(acc)),
+                   "test_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+                   "val_mean": float(np.mean([100 * r["validation_accuracy"] for r in runs])),
+                   "trainable_params": runs[0]["trainable_params"],
+                   "student_params": runs[0]["model_params"]}
+
+  student_dir = Path(rows[next(iter(rows))]["runs"][0]["model"])
+  latency = {name: {b: latency_ms(d, b) for b in (1, 32)}
+             for name, d in (("teacher", teacher_dir), ("student", student_dir))}
+  info = {"hardware": args.hardware, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "seeds": args.seeds, "teacher_test": 100 * teacher["test_accuracy"],
+          "teacher_params": teacher["model_params"], "latency_ms": latency,
+          "budget_steps": rows[next(iter(rows))]["runs"][0]["total_steps"]}
+  (HERE / f"results_{args.hardware}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+  table = markdown(info, rows)
+  (HERE / f"results_{args.hardware}.md").write_text(table)
+  plot(rows, info, HERE / f"results_{args.hardware}.png")
+  print(table)
+
+
+def markdown(info: dict, rows: dict) -> str:
+  lat = info["latency_ms"]
+  speed = {b: lat["teacher"][b] / lat["student"][b] for b in (1, 32)}
+  lines = [
+      f"Rotten Tomatoes test accuracy, mean +- std over seeds {info['seeds']}; same student shape "
+      f"and step budget for every method; teacher {info['teacher_test']:.2f}.",
+      "",
+      "| method | test accuracy | val accuracy | trainable params (training) | student params |",
+      "|---|---|---|---|---|",
+      f"| teacher (fine-tuned) | {info['teacher_test']:.2f} | | | {info['teacher_params'] / 1e6:.2f}M |",
+  ]
+  for label, r in rows.items():
+    lines.append(f"| {label} | {r['test_mean']:.2f} +- {r['test_std']:.2f} | {r['val_mean']:.2f} | "
+                 f"{r['trainable_params'] / 1e6:.2f}M | {r['student_params'] / 1e6:.2f}M |")
+  lines += ["", f"CPU latency ({info['device']}, 64 tokens): teacher {lat['teacher'][1]:.1f} ms vs "
+                f"student {lat['student'][1]:.1f} ms at batch 1 ({speed[1]:.1f}x), "
+                f"{lat['teacher'][32]:.0f} ms vs {lat['student'][32]:.0f} ms at batch 32 ({speed[32]:.1f}x)."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict, info: dict, path: Path) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plot (pip install matplotlib)")
+    return
+  labels = list(rows)
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  for i, label in enumerate(labels):
+    acc = [100 * r["test_accuracy"] for r in rows[label]["runs"]]
+    ax.scatter([i] * len(acc), acc, color="0.6", s=12, zorder=2)
+    ax.errorbar(i, rows[label]["test_mean"], yerr=rows[label]["test_std"], fmt="o", color="C0",
+                capsize=4, zorder=3)
+  ax.axhline(info["teacher_test"], color="C3", ls="--", lw=1, label="teacher")
+  ax.set_xticks(range(len(labels)), labels)
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"Rotten Tomatoes, {info['hardware']} preset, seeds {info['seeds']}")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()

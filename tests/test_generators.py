@@ -1,0 +1,191 @@
+"""The generator contract for weight selection, WS, GWS and WD on the real MiniLM teacher."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tree_allclose
+from wdjax import generators
+from wdjax.config import KDConfig, OptimConfig
+from wdjax.generators import StudentSpec, paths
+from wdjax.models import bert, hf
+from wdjax.train import mesh as mesh_lib, step as step_lib
+
+# 2 of 6 layers, 384 -> 96 wide, 12 heads of 8, FFN 1536 -> 384: every role shrinks.
+STUDENT = dict(num_layers=2, hidden_size=96, num_heads=12, intermediate_size=384)
+
+VARIANTS = {
+    "select": dict(),
+    "ws": dict(),
+    "ws-tensor-xavier": dict(sharing="tensor", init="xavier"),
+    "ws-learned-mix": dict(layer_mix="learned"),
+    "gws-row": dict(gate="row"),
+    "gws-element": dict(gate="element"),
+    "wd": dict(mode="faithful"),
+    "wd-lean": dict(mode="lean"),
+}
+
+
+def _method(variant: str) -> str:
+  return variant.split("-")[0]
+
+
+@pytest.fixture(scope="module")
+def setup(task_teacher):
+  t_cfg, t_params, _ = hf.load(task_teacher)
+  s_cfg = dataclasses.replace(t_cfg, **STUDENT)
+  init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=1)))
+  return t_cfg, t_params, s_cfg, init
+
+
+def _make(setup, variant):
+  _, t_params, s_cfg, init = setup
+  gen = generators.make(_method(variant), init, t_params, **VARIANTS[variant])
+  gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
+  return gen, gen_params, gen_state
+
+
+def test_layer_maps():
+  assert paths.layer_map("every_k", 6, 3) == [[1], [3], [5]]
+  assert paths.layer_map("contiguous", 6, 3) == [[0, 1], [2, 3], [4, 5]]
+  assert paths.layer_map("first_n", 6, 3) == [[0], [1], [2]]
+  assert paths.layer_map("uniform", 6, 3) == [[0], [2], [5]]
+  assert paths.uniform_indices(384, 192).tolist() == list(range(0, 384, 2))
+  assert paths.uniform_indices(10, 4).tolist() == [0, 3, 6, 9]
+  with pytest.raises(ValueError, match="divisible"):
+    paths.layer_map("contiguous", 6, 4)
+
+
+def test_selection_is_a_consistent_slice_of_the_teacher(setup):
+  _, t_params, _, init = setup
+  s = paths.flatten(generators.select(t_params, init))
+  t = paths.flatten(t_params)
+  # student layer 1 <- teacher layer 5 (every_k); hidden 384 -> 96 keeps every 4th unit
+  np.testing.assert_array_equal(s["encoder/layer_1/attn/q/kernel"],
+                                t["encoder/layer_5/attn/q/kernel"][::4, ::4])
+  np.testing.assert_array_equal(s["encoder/layer_0/mlp/down/kernel"],
+                                t["encoder/layer_2/mlp/down/kernel"][::4, ::4])
+  np.testing.assert_array_equal(s["encoder/embeddings/word/embedding"],
+                                t["encoder/embeddings/word/embedding"][:, ::4])
+  np.testing.assert_array_equal(s["encoder/layer_0/mlp_ln/scale"], t["encoder/layer_2/mlp_ln/scale"][::4])
+  np.testing.assert_array_equal(s["classifier/kernel"], t["classifier/kernel"][::4])
+  np.testing.assert_array_equal(s["classifier/bias"], t["classifier/bias"])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_generated_leaves_have_the_student_shapes_and_dtypes(setup, variant):
+  _, t_params, _, init = setup
+  gen, gen_params, gen_state = _make(setup, variant)
+  out = jax.jit(gen.generate)(gen_params, t_params, gen_state)
+  want, got = paths.flatten(init), paths.flatten(out)
+  assert want.keys() == got.keys()
+  for k in want:
+    assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k
+  assert tree_allclose(jax.jit(gen.materialize)(gen_params, t_params, gen_state), out, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["ws", "gws-row", "gws-element"])
+def test_identity_maps_generate_exactly_the_selection_student(setup, variant):
+  _, t_params, _, init = setup
+  gen, gen_params, gen_state = _make(setup, variant)
+  got = paths.flatten(jax.jit(gen.generate)(gen_params, t_params, gen_state))
+  want = paths.flatten(generators.select(t_params, init))
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_selected_student_reproduces_the_selection_network(setup):
+  """Function-level check: the WS student's logits equal the weight-selection model's."""
+  t_cfg, t_params, s_cfg, init = setup
+  gen, gen_params, gen_state = _make(setup, "ws")
+  model = nnx.split(bert.build(s_cfg))[0]
+  ids = jnp.asarray([[101, 1037, 2235, 3185, 2007, 1037, 2502, 4254, 1012, 102]])
+  mask = jnp.ones_like(ids)
+  a = nnx.merge(model, gen.generate(gen_params, t_params, gen_state))(ids, mask)
+  b = nnx.merge(model, generators.select(t_params, init))(ids, mask)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_wd_initialisation_follows_the_reference(setup):
+  _, t_params, _, init = setup
+  gen, gen_params, _ = _make(setup, "wd")
+  mix = gen_params["mix"]["encoder"]["layer_0"]["attn"]["q"]["kernel"]
+  np.testing.assert_array_equal(mix["w"], np.full(3, 1 / 3, np.float32))  # groups of 3, w = 1/ts
+  assert mix["lam"].shape == (3, 3)
+  aff = gen_params["affine"]["encoder"]["layer_1"]["mlp"]["up"]["kernel"]
+  assert (aff["a"] == 1).all() and (aff["b"] == 0).all()
+  assert "classifier" not in gen_params["affine"]  # the output projection is linear only
+  maps = paths.flatten(gen_params["maps"])
+  q = maps["encoder/layer_0/attn/q/kernel/axis_0"]
+  assert q.shape == (384, 96) and abs(float(q.std()) - np.sqrt(2 / (384 + 96))) < 0.01
+  lean = _make(setup, "wd-lean")[1]
+  n_faithful, n_lean = generators.param_count(gen_params), generators.param_count(lean)
+  assert n_lean < 0.8 * n_faithful
+
+
+def _steps(setup, variant, mesh, n=2):
+  t_cfg, t_params, s_cfg, init = setup
+  gen = generators.make(_method(variant), init, t_params, **VARIANTS[variant])
+  shapes = jax.eval_shape(lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))[0])
+  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0), 10, shapes)
+  step = step_lib.make_train_step(
+      generator=gen, student_apply=step_lib.classifier_apply(nnx.split(bert.build(s_cfg))[0]),
+      teacher_apply=step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0]),
+      tx=tx, kd=KDConfig(alpha=0.5), seed=0)
+  state = jax.jit(lambda p, t: step_lib.init_state(gen, tx, 0, t, StudentSpec(s_cfg, p)))(init, t_params)
+  state_sh = mesh_lib.param_shardings(state, mesh)
+  teacher_sh = mesh_lib.param_shardings(t_params, mesh)
+  state, teacher = jax.device_put(state, state_sh), jax.device_put(t_params, teacher_sh)
+  jitted = jax.jit(step, in_shardings=(state_sh, teacher_sh, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  grads_seen = None
+  for i in range(n):
+    batch = {"input_ids": rng.integers(1000, 5000, (8, 16)).astype(np.int32),
+             "attention_mask": np.ones((8, 16), np.int32),
+             "labels": rng.integers(0, 2, 8).astype(np.int32), "weights": np.ones(8, np.float32)}
+    before = jax.device_get(state["params"])
+    state, metrics = jitted(state, teacher, mesh_lib.put_batch(batch, mesh))
+    grads_seen = before
+  return jax.device_get(state), teacher, grads_seen
+
+
+@pytest.mark.parametrize("variant", ["ws", "gws-row", "wd-lean"])
+def test_training_moves_only_generator_leaves_and_never_the_teacher(setup, variant):
+  _, t_params, _, _ = setup
+  state, teacher, before = _steps(setup, variant, mesh_lib.make_mesh(1, 1, jax.devices()[:1]))
+  for got, want in zip(jax.tree_util.tree_leaves(teacher), jax.tree_util.tree_leaves(t_params)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state["params"]),
+                                                    jax.tree_util.tree_leaves(before))]
+  assert sum(moved) > 0.9 * len(moved)  # (nearly) every generator leaf got a gradient and moved
+  assert jax.tree_util.tree_structure(state["params"]) == jax.tree_util.tree_structure(before)
+
+
+@pytest.mark.parametrize("variant", ["ws", "wd"])
+def test_sharded_generator_step_equals_single_device(setup, variant):
+  one, _, _ = _steps(setup, variant, mesh_lib.make_mesh(1, 1, jax.devices()[:1]))
+  many, _, _ = _steps(setup, variant, mesh_lib.make_mesh(4, 2))
+  assert tree_allclose(one["params"], many["params"], rtol=1e-4, atol=1e-5)
+
+
+def test_pca_maps_are_orthonormal_and_deterministic(setup, tiny):
+  from wdjax.data import tasks
+  from wdjax.generators.pca import pca_maps
+  t_cfg, t_params, _, _ = setup
+  cfg = tiny()
+  cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, **{
+      k: v for k, v in STUDENT.items()}))
+  task = tasks.load(cfg.data, cfg.teacher_dir, 0)
+  method = dataclasses.replace(cfg.method, name="ws", map_init="pca", pca_batches=2)
+  a = pca_maps(t_cfg, t_params, task.train, cfg, method)
+  b = pca_maps(t_cfg, t_params, task.train, cfg, method)
+  assert sorted(a) == ["attn/layer_0", "attn/layer_1", "ffn/layer_0", "ffn/layer_1", "hidden", "pooled"]
+  for k, m in a.items():
+    np.testing.assert_array_equal(m, b[k])
+    np.testing.assert_allclose(m.T @ m, np.eye(m.shape[1]), atol=1e-4)
+  assert a["ffn/layer_0"].shape == (1536, 384)

@@ -1,0 +1,76 @@
+"""Activation-PCA maps for Weight Squeezing's `init="pca"` (`methods.md` §4.3).
+
+For every space a map contracts, the map is the top-d_student principal directions of the
+teacher's activations in that space, an orthonormal `[d_teacher, d_student]` basis:
+
+- `hidden`: the residual stream, all layers pooled (embedding output and every block output);
+- `attn/layer_l`, `ffn/layer_l`: student layer l's spaces, from the teacher layer the fixed layer
+  map gives it (the attention context, the FFN's GELU output);
+- `pooled`: the pooler output.
+
+Directions come from the uncentred second moment over real tokens (padding excluded), because
+the maps also carry biases, whose mean matters. Signs are fixed (the largest entry of each
+column is positive), so the same data gives the same maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wdjax.data import pipeline
+from wdjax.generators import paths
+from wdjax.models import bert
+
+
+def second_moments(teacher_cfg: bert.EncoderConfig, teacher_params, split, *, batches: int,
+                   batch_size: int, seed: int, pad_to_multiple: int = 16) -> dict[str, np.ndarray]:
+  """`{activation name: sum over real tokens of x x^T}` over the first `batches` training batches."""
+  graph = nnx.split(bert.build(dataclasses.replace(teacher_cfg, dtype="float32")))[0]
+
+  @jax.jit
+  def moments(params, ids, mask):
+    capture: dict = {}
+    nnx.merge(graph, params)(ids, mask, capture=capture)
+    out = {}
+    for name, x in capture.items():
+      w = mask[:, :1] if name == "pooled" else mask  # the pooler sees one vector per example
+      x = x.astype(jnp.float32) * w[..., None]
+      out[name] = jnp.einsum("bti,btj->ij", x, x)
+    return out
+
+  order = pipeline.TrainBatches(split, batch_size, seed=seed, pad_to_multiple=pad_to_multiple)
+  total: dict[str, np.ndarray] = {}
+  for step in range(min(batches, order.steps_per_epoch)):
+    b = order.batch(step)
+    for k, v in moments(teacher_params, b["input_ids"], b["attention_mask"]).items():
+      total[k] = total.get(k, 0) + np.asarray(v, np.float64)
+  return total
+
+
+def top_directions(moment: np.ndarray, k: int) -> np.ndarray:
+  """`[d, k]` orthonormal eigenvectors of the k largest eigenvalues, sign-fixed."""
+  values, vectors = np.linalg.eigh(moment)
+  top = vectors[:, np.argsort(values)[::-1][:k]]
+  signs = np.sign(top[np.abs(top).argmax(0), np.arange(k)])
+  return (top * signs).astype(np.float32)
+
+
+def pca_maps(teacher_cfg: bert.EncoderConfig, teacher_params, split, cfg, method) -> dict[str, np.ndarray]:
+  """Maps for every space of the student `cfg.student` (see the module docstring)."""
+  moments = second_moments(teacher_cfg, teacher_params, split, batches=method.pca_batches,
+                           batch_size=cfg.distill.batch_size, seed=cfg.seed,
+                           pad_to_multiple=cfg.data.pad_to_multiple)
+  s = cfg.student
+  layers = paths.layer_map(method.layer_map or "every_k", teacher_cfg.num_layers, s.num_layers)
+  maps = {"hidden": top_directions(sum(v for k, v in moments.items() if k.startswith("hidden/")),
+                                   s.hidden_size),
+          "pooled": top_directions(moments["pooled"], s.hidden_size)}
+  for l, group in enumerate(layers):
+    maps[f"attn/layer_{l}"] = top_directions(moments[f"attn/layer_{group[-1]}"], s.hidden_size)
+    maps[f"ffn/layer_{l}"] = top_directions(moments[f"ffn/layer_{group[-1]}"], s.intermediate_size)
+  return maps

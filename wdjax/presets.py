@@ -1,0 +1,55 @@
+"""Shared starting points for the config files in `configs/` (one place for the common settings).
+
+`rotten_tomatoes(hardware)` is the distillation set-up of the quality benchmark:
+
+- `cpu`: the fine-tuned all-MiniLM-L6-v2 teacher (6 x 384) -> a 3 x 192 student (12 heads of 16,
+  FFN 768: data.md's reference student), two epochs, the quickstart's teacher recipe;
+- `gpu`: all-mpnet-base-v2 (12 x 768) -> 6 x 384, bf16, six epochs.
+
+Every method config starts from it and changes only `method` (and the learning rate where the
+method's trainable parameters need another one), so all methods share teacher, data, student
+shape and step budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from wdjax.config import (Config, DataConfig, KDConfig, MethodConfig, OptimConfig, StudentConfig,
+                          TeacherConfig, TrainConfig)
+
+HARDWARE = ("cpu", "gpu")
+
+
+def rotten_tomatoes(hardware: str = "cpu") -> Config:
+  if hardware == "cpu":
+    return Config(
+        workdir="runs/rt_minilm",
+        teacher=TeacherConfig(model="all-MiniLM-L6-v2", hidden_dropout=0.0, attention_dropout=0.0),
+        finetune=TrainConfig(batch_size=32, epochs=1.0,
+                             optim=OptimConfig(lr=1e-4, frozen=("embeddings/word",))),
+        student=StudentConfig(num_layers=3, hidden_size=192, num_heads=12, intermediate_size=768,
+                              hidden_dropout=0.1, attention_dropout=0.0),
+        distill=TrainConfig(batch_size=32, epochs=2.0, eval_every=163, optim=OptimConfig(lr=3e-4)),
+        kd=KDConfig(temperature=2.0, alpha=0.9),
+        data=DataConfig(dataset="rotten-tomatoes", max_length=64),
+    )
+  if hardware == "gpu":
+    return Config(
+        workdir="runs/rt_mpnet",
+        teacher=TeacherConfig(model="all-mpnet-base-v2", dtype="bfloat16"),
+        finetune=TrainConfig(batch_size=32, epochs=3.0, optim=OptimConfig(lr=3e-5)),
+        student=StudentConfig(num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536,
+                              dtype="bfloat16"),
+        distill=TrainConfig(batch_size=32, epochs=6.0, eval_every=164, optim=OptimConfig(lr=3e-4)),
+        kd=KDConfig(temperature=2.0, alpha=0.9),
+        data=DataConfig(dataset="rotten-tomatoes", max_length=64),
+    )
+  raise ValueError(f"hardware must be one of {HARDWARE}, got {hardware!r}")
+
+
+def with_method(cfg: Config, lr: float | None = None, **method) -> Config:
+  """`cfg` with `method` fields set (and the distill learning rate, if given)."""
+  distill = cfg.distill if lr is None else dataclasses.replace(
+      cfg.distill, optim=dataclasses.replace(cfg.distill.optim, lr=lr))
+  return dataclasses.replace(cfg, method=MethodConfig(**method), distill=distill)
