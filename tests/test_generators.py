@@ -27,6 +27,7 @@ VARIANTS = {
     "gws-element": dict(gate="element"),
     "wd": dict(mode="faithful"),
     "wd-lean": dict(mode="lean"),
+    "wd-identity": dict(init="identity"),
 }
 
 
@@ -88,7 +89,7 @@ def test_generated_leaves_have_the_student_shapes_and_dtypes(setup, variant):
   assert tree_allclose(jax.jit(gen.materialize)(gen_params, t_params, gen_state), out, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("variant", ["ws", "gws-row", "gws-element"])
+@pytest.mark.parametrize("variant", ["ws", "gws-row", "gws-element", "wd-identity"])
 def test_identity_maps_generate_exactly_the_selection_student(setup, variant):
   _, t_params, _, init = setup
   gen, gen_params, gen_state = _make(setup, variant)

@@ -99,6 +99,7 @@ class MethodConfig:
   gate: str = "matrix"  # gws: one gate per matrix | row | element
   gate_init: float = 3.0  # gws: gate logit at init; sigmoid(3) = 0.95 starts from the selected student
   wd_mode: str = "faithful"  # wd: faithful (maps per tensor, as the paper's code) | lean (per space)
+  wd_init: str = "xavier"  # wd: xavier (the paper's) | identity (starts at weight selection; an extension)
   phase1_fraction: float = 0.5  # wd: share of the distill steps for phase 1; phase 2 gets the rest
   phase2_lr: float = 0.0  # wd: phase-2 peak learning rate (0 = distill.optim.lr)
   pca_batches: int = 8  # map_init=pca: training batches of teacher activations to decompose

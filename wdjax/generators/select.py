@@ -18,8 +18,9 @@ initialiser, `method.init="selection"` for a KD student.
 
 from __future__ import annotations
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wdjax.generators import paths
 from wdjax.generators.base import Generator, Params, StudentSpec
@@ -58,14 +59,18 @@ class SelectionPlan:
         x = jnp.take(x, self.index[role], axis=axis)
     return x
 
+  def apply(self, teacher_params: Params) -> dict[str, jax.Array]:
+    """The selected student as a flat dict; from a group of teacher layers, the last one
+    (`every_k`'s choice, so a contiguous plan selects what an every-k plan does)."""
+    t_flat = paths.flatten(teacher_params)
+    return {p: self.select(t_flat[srcs[-1]], p) for p, srcs in self.sources.items()}
+
 
 def select(teacher_params: Params, student_shapes: Params, layer_map: str = "every_k") -> Params:
   """The weight-selection student (a param tree shaped like `student_shapes`)."""
-  plan = SelectionPlan(teacher_params, student_shapes, layer_map)
-  t_flat = paths.flatten(teacher_params)
   dtypes = {p: x.dtype for p, x in paths.flatten(student_shapes).items()}
-  return paths.unflatten({p: plan.select(t_flat[srcs[0]], p).astype(dtypes[p])
-                          for p, srcs in plan.sources.items()})
+  selected = SelectionPlan(teacher_params, student_shapes, layer_map).apply(teacher_params)
+  return paths.unflatten({p: x.astype(dtypes[p]) for p, x in selected.items()})
 
 
 class WeightSelection(Generator):
@@ -82,6 +87,4 @@ class WeightSelection(Generator):
 
   def generate(self, gen_params, teacher_params, gen_state):
     del gen_params, gen_state
-    t_flat = paths.flatten(teacher_params)
-    return paths.unflatten({p: self.plan.select(t_flat[srcs[0]], p)
-                            for p, srcs in self.plan.sources.items()})
+    return paths.unflatten(self.plan.apply(teacher_params))

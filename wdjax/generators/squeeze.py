@@ -105,7 +105,7 @@ class WeightSqueezing(Generator):
       gen["mix"] = {p: jnp.zeros((len(s),), jnp.float32) for p, s in self.plan.sources.items()
                     if len(s) > 1}
     if self.gated:
-      selected = self._select(teacher_params)
+      selected = self.plan.apply(teacher_params)  # W_m starts as the weight-selection student
       gen["student"] = selected
       gen["gate"] = {p: jnp.full(self._gate_shape(x.shape), self.gate_init, jnp.float32)
                      for p, x in selected.items()}
@@ -114,11 +114,6 @@ class WeightSqueezing(Generator):
 
   def _gate_shape(self, shape):
     return () if self.gate == "matrix" else shape[-1:] if self.gate == "row" else shape
-
-  def _select(self, teacher_params):
-    """Weight selection of the teacher (the last layer of each group: `every_k`'s choice)."""
-    t_flat = paths.flatten(teacher_params)
-    return {p: self.plan.select(t_flat[srcs[-1]], p) for p, srcs in self.plan.sources.items()}
 
   def mapped(self, gen_params, teacher_params) -> dict[str, jax.Array]:
     """`L W_t R` for every student leaf (flat dict)."""

@@ -8,9 +8,13 @@ contiguous teacher layers `ts*l ... ts*l+ts-1`):
     W_s = A * tanh(M) + B                       A, B: the student tensor's shape
 
 with tanh-affine everywhere except the output projection (here the classifier, linear only:
-`W_s = M`). Initialisation as in the reference: maps and Lambda Xavier-normal, w = 1/ts, A = 1,
-B = 0, so the student at step 0 is a random projection of the teacher, *not* the teacher, and
-phase 1 has to learn the maps. Phase 1 trains these generator parameters; `materialize` writes
+`W_s = M`). Initialisation as in the reference (`init="xavier"`): maps and Lambda Xavier-normal,
+w = 1/ts, A = 1, B = 0, so the student at step 0 is a random projection of the teacher, *not* the
+teacher, and phase 1 has to learn the maps (the paper runs 30k updates).
+
+`init="identity"` is an extension, not WD (`methods.md` §1.9's "function-preserving mode"): maps
+are truncated identities, c is one-hot on the group's last layer and A = W_sel / tanh(W_sel), so
+the student at step 0 is exactly the weight-selection student and phase 1 starts from it. Phase 1 trains these generator parameters; `materialize` writes
 the dense student, which phase 2 fine-tunes as an ordinary model.
 
 Modes:
@@ -38,11 +42,13 @@ class WeightDistillation(Generator):
   name = "wd"
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, mode: str = "faithful",
-               layer_map: str = "contiguous"):
+               layer_map: str = "contiguous", init: str = "xavier"):
     if mode not in ("faithful", "lean"):
       raise ValueError(f"wd mode must be 'faithful' or 'lean', got {mode!r}")
+    if init not in ("xavier", "identity"):
+      raise ValueError(f"wd init must be 'xavier' (the paper's) or 'identity', got {init!r}")
     self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
-    self.mode = mode
+    self.mode, self.init_kind = mode, init
 
   def space(self, path: str, axis: int) -> str | None:
     role = self.plan.roles[path][axis]
@@ -54,23 +60,36 @@ class WeightDistillation(Generator):
     return any(path.startswith(p) for p in OUTPUT_LEAVES)
 
   def init(self, rng, teacher_params, spec):
-    del teacher_params, spec
+    del spec
     maps, mix, affine = {}, {}, {}
     names = sorted({n for p, axes in self.plan.roles.items() for a in range(len(axes))
                     if (n := self.space(p, a)) is not None})
     keys = iter(jax.random.split(rng, len(names) + len(self.plan.sources)))
+    identity = self.init_kind == "identity"
     for name in names:
       path, axis = self._example(name)
       d_t, d_s = self.plan.sizes[self.plan.roles[path][axis]]
-      maps[name] = xavier_normal(next(keys), d_t, d_s)
+      key = next(keys)
+      maps[name] = paths.selection_matrix(d_t, d_s) if identity else xavier_normal(key, d_t, d_s)
+    selected = self.plan.apply(teacher_params) if identity else {}
     for path, sources in self.plan.sources.items():
       key = next(keys)
+      ts = len(sources)
       if paths.layer_of(path) is not None:
-        ts = len(sources)
-        mix[path] = {"lam": xavier_normal(key, ts, ts), "w": jnp.full((ts,), 1.0 / ts, jnp.float32)}
+        if identity:  # c = Lambda w = one-hot on the group's last layer (every_k's choice)
+          mix[path] = {"lam": jnp.eye(ts, dtype=jnp.float32),
+                       "w": jnp.zeros((ts,), jnp.float32).at[-1].set(1.0)}
+        else:
+          mix[path] = {"lam": xavier_normal(key, ts, ts), "w": jnp.full((ts,), 1.0 / ts, jnp.float32)}
       if not self.is_output(path):
         shape = self.plan.student_shapes[path]
-        affine[path] = {"a": jnp.ones(shape, jnp.float32), "b": jnp.zeros(shape, jnp.float32)}
+        if identity:  # A * tanh(W_sel) = W_sel exactly: A = W_sel / tanh(W_sel) (1 where W_sel = 0)
+          w = selected[path]
+          t = jnp.tanh(w)
+          a = jnp.where(jnp.abs(t) > 1e-12, w / jnp.where(jnp.abs(t) > 1e-12, t, 1.0), 1.0)
+        else:
+          a = jnp.ones(shape, jnp.float32)
+        affine[path] = {"a": a, "b": jnp.zeros(shape, jnp.float32)}
     gen = {"maps": maps, "mix": mix, "affine": affine}
     return {k: paths.unflatten(v) for k, v in gen.items()}, {}
 

@@ -346,7 +346,8 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config) -> 
       opts["pca"] = pca_maps(teacher.config, teacher.params, task.train, cfg, method)
     return opts
   if method.name == "wd":
-    return {"mode": method.wd_mode, "layer_map": method.layer_map or "contiguous"}
+    return {"mode": method.wd_mode, "init": method.wd_init,
+            "layer_map": method.layer_map or "contiguous"}
   return {}
 
 
