@@ -42,6 +42,8 @@ METHODS = {  # label -> (config file, extra --set assignments)
     "ws": ("ws.py", []),
     "gws": ("gws.py", []),
     "wd": ("wd.py", []),
+    # WD with the function-preserving start (an extension: methods.md 1.9), phase-1 lr 1e-4
+    "wd-identity": ("wd.py", ["method.wd_init=identity", "distill.optim.lr=1e-4"]),
 }
 
 
@@ -86,7 +88,7 @@ def main():
       cfg = config_lib.load(f"{ROOT}/configs/{file}:{args.hardware}",
                             extra + args.set + [f"seed={seed}", f"teacher.path={teacher_dir}"])
       cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
-      phase = f"quality_{label.replace('+', '_')}_s{seed}"
+      phase = f"quality_{label.replace('+', '_').replace('-', '_')}_s{seed}"
       t0 = time.time()
       result = run_lib.distill(cfg, phase=phase, log=quiet)
       print(f"{label:10s} seed {seed}: test {100 * result['test_accuracy']:.2f} "
