@@ -82,10 +82,13 @@ def _fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool) -> dic
   return out
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+  """Settings that differ between a saved fingerprint and the current one. Keys the saved one
+  lacks are config fields added after that run started: they had their defaults then, so they
+  do not count."""
   out = []
-  for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k), b.get(k)
+  for k in sorted(saved):
+    va, vb = saved[k], now.get(k)
     if isinstance(va, dict) and isinstance(vb, dict):
       out += _diff(va, vb, f"{prefix}{k}.")
     elif va != vb and not (isinstance(va, (list, tuple)) and list(va) == list(vb or [])):
