@@ -3,8 +3,12 @@
     W_s = L W_t R      (a linear map per axis; no nonlinearity)
 
 in Flax layout: every axis of a teacher leaf that has a dimension role is contracted with a map
-`M [d_teacher, d_student]`: kernels `K_s = M_in^T K_t M_out`, biases and LayerNorm vectors
-`b_s = b_t M`, embeddings `E_s = E_t M_hidden`. Maps are
+`M [d_teacher, d_student]`: kernels `K_s = M_in^T K_t M_out`, biases and LayerNorm shifts
+`b_s = b_t M`, embeddings `E_s = E_t M_hidden`. A LayerNorm *gain* is not a vector of the space
+but a diagonal operator on it, so it maps as `diag(M^T diag(g) M)`, i.e. `g_s = g_t (M * M)`:
+for a selection map that is the selection, for a rotation (PCA) a weighted average of gains
+(mapping it as a vector would project the all-ones gain onto near-zero components and silence
+the network). Maps are
 
 - `sharing="role"` (default): one map per space. The residual stream is one space through the
   whole network, so one `hidden` map serves every embedding, LayerNorm and kernel side that
@@ -29,6 +33,8 @@ training starts from the selected model, as GWS starts from its mid-size model).
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +42,9 @@ import numpy as np
 from wdjax.generators import paths
 from wdjax.generators.base import Generator, Params
 from wdjax.generators.select import SelectionPlan
+
+
+GAIN = re.compile(r"(^|/)(ln|\w+_ln)/scale$")
 
 
 def xavier_normal(key, d_in: int, d_out: int) -> jax.Array:
@@ -128,6 +137,8 @@ class WeightSqueezing(Generator):
         x = t_flat[sources[0]]
       maps = tuple(None if (n := self.space(path, a)) is None else gen_params["maps"][n]
                    for a in range(x.ndim))
+      if GAIN.search(path):  # a LayerNorm gain is a diagonal operator: diag(M^T diag(g) M)
+        maps = tuple(None if m is None else m * m for m in maps)
       out[path] = paths.project(x, maps)
     return out
 
