@@ -29,10 +29,18 @@ VARIANTS = {
     "wd-lean": dict(mode="lean"),
     "wd-identity": dict(init="identity"),
 }
+# Generators whose training-time network is not the student (WID trains at the teacher's width).
+# w_step > the steps run: a boundary 1 step after an identity init ranks near-tied norms, and a
+# different reduction order may break the ties differently (test_wid covers the masks).
+OTHER_NETWORK = {"wid": dict(teacher_heads=12, student_heads=12, w_step=100)}
 
 
 def _method(variant: str) -> str:
   return variant.split("-")[0]
+
+
+def _options(variant: str) -> dict:
+  return {**VARIANTS, **OTHER_NETWORK}[variant]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,7 @@ def setup(task_teacher):
 
 def _make(setup, variant):
   _, t_params, s_cfg, init = setup
-  gen = generators.make(_method(variant), init, t_params, **VARIANTS[variant])
+  gen = generators.make(_method(variant), init, t_params, **_options(variant))
   gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
   return gen, gen_params, gen_state
 
@@ -130,11 +138,14 @@ def test_wd_initialisation_follows_the_reference(setup):
 
 def _steps(setup, variant, mesh, n=2):
   t_cfg, t_params, s_cfg, init = setup
-  gen = generators.make(_method(variant), init, t_params, **VARIANTS[variant])
-  shapes = jax.eval_shape(lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))[0])
-  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0), 10, shapes)
+  gen = generators.make(_method(variant), init, t_params, **_options(variant))
+  shapes, state_shapes = jax.eval_shape(
+      lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init)))
+  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0), 10, shapes,
+                               gen.gradient_transform(state_shapes), gen.lr_multipliers(shapes))
+  net_cfg = gen.training_config(s_cfg)
   step = step_lib.make_train_step(
-      generator=gen, student_apply=step_lib.classifier_apply(nnx.split(bert.build(s_cfg))[0]),
+      generator=gen, student_apply=step_lib.classifier_apply(nnx.split(bert.build(net_cfg))[0]),
       teacher_apply=step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0]),
       tx=tx, kd=KDConfig(alpha=0.5), seed=0)
   state = jax.jit(lambda p, t: step_lib.init_state(gen, tx, 0, t, StudentSpec(s_cfg, p)))(init, t_params)
@@ -155,7 +166,7 @@ def _steps(setup, variant, mesh, n=2):
   return jax.device_get(state), teacher, grads_seen
 
 
-@pytest.mark.parametrize("variant", ["ws", "gws-row", "wd-lean"])
+@pytest.mark.parametrize("variant", ["ws", "gws-row", "wd-lean", "wid"])
 def test_training_moves_only_generator_leaves_and_never_the_teacher(setup, variant):
   _, t_params, _, _ = setup
   state, teacher, before = _steps(setup, variant, mesh_lib.make_mesh(1, 1, jax.devices()[:1]))
@@ -167,11 +178,20 @@ def test_training_moves_only_generator_leaves_and_never_the_teacher(setup, varia
   assert jax.tree_util.tree_structure(state["params"]) == jax.tree_util.tree_structure(before)
 
 
-@pytest.mark.parametrize("variant", ["ws", "wd"])
+@pytest.mark.parametrize("variant", ["ws", "wd", "wid"])
 def test_sharded_generator_step_equals_single_device(setup, variant):
   one, _, _ = _steps(setup, variant, mesh_lib.make_mesh(1, 1, jax.devices()[:1]))
   many, _, _ = _steps(setup, variant, mesh_lib.make_mesh(4, 2))
-  assert tree_allclose(one["params"], many["params"], rtol=1e-4, atol=1e-5)
+  if variant != "wid":
+    assert tree_allclose(one["params"], many["params"], rtol=1e-4, atol=1e-5)
+    return
+  # WID's compactors start as identities: their off-diagonal gradients are ~0, and Adam turns
+  # the sign of a ~0 gradient (which a different reduction order may flip) into a full lr-sized
+  # step. So a handful of the 16M compactor entries differ by up to 2 lr; all others agree.
+  a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(one["params"])])
+  b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(many["params"])])
+  off = ~np.isclose(a, b, rtol=1e-4, atol=1e-5)
+  assert off.sum() <= 1e-5 * a.size and np.abs(a - b).max() <= 2 * 1e-3 + 1e-5
 
 
 def test_pca_maps_are_orthonormal_and_deterministic(setup, tiny):

@@ -90,7 +90,7 @@ class KDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-  name: str = "kd"  # kd | select | ws | gws | wd (see wdjax/generators/__init__.py)
+  name: str = "kd"  # kd | select | ws | gws | wd | wid (see wdjax/generators/__init__.py)
   init: str = "random"  # kd: the student's starting weights, "random" or "selection" (of the teacher)
   layer_map: str = ""  # teacher layers per student layer: every_k | contiguous | first_n | uniform ("" = the method's own)
   sharing: str = "role"  # ws/gws: maps shared per space ("role") or one per tensor axis ("tensor")
@@ -100,8 +100,12 @@ class MethodConfig:
   gate_init: float = 3.0  # gws: gate logit at init; sigmoid(3) = 0.95 starts from the selected student
   wd_mode: str = "faithful"  # wd: faithful (maps per tensor, as the paper's code) | lean (per space)
   wd_init: str = "xavier"  # wd: xavier (the paper's) | identity (starts at weight selection; an extension)
-  phase1_fraction: float = 0.5  # wd: share of the distill steps for phase 1; phase 2 gets the rest
-  phase2_lr: float = 0.0  # wd: phase-2 peak learning rate (0 = distill.optim.lr)
+  phase1_fraction: float = 0.5  # wd/wid: share of the distill steps for phase 1; phase 2 gets the rest
+  phase2_lr: float = 0.0  # wd/wid: phase-2 peak learning rate (0 = distill.optim.lr)
+  wid_strategy: str = "dim"  # wid: "dim" narrows every head | "head" drops whole heads
+  wid_w_step: int = 0  # wid: steps between mask boundaries (0 = phase-1 steps // 20: done at 80%)
+  wid_lambda: float = 20.0  # wid: penalty on masked compactor rows/columns
+  wid_teacher_lr_scale: float = 0.02  # wid: teacher weights' lr / compactors' lr (1e-6 / 5e-5)
   pca_batches: int = 8  # map_init=pca: training batches of teacher activations to decompose
 
   @property

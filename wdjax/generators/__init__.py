@@ -7,6 +7,7 @@
 | ws     | WeightSqueezing                   | linear maps per space (or per tensor)             |
 | gws    | WeightSqueezing(gated=True)       | maps + a student-shaped model + gates             |
 | wd     | WeightDistillation                | per-tensor maps, layer mixes, tanh-affine A, B    |
+| wid    | WeightInherited                   | compactors around every kernel + teacher weights  |
 """
 
 from typing import Any
@@ -15,8 +16,9 @@ from wdjax.generators.base import Generator, Identity, StudentSpec, param_count
 from wdjax.generators.select import WeightSelection, select
 from wdjax.generators.squeeze import WeightSqueezing
 from wdjax.generators.wd import WeightDistillation
+from wdjax.generators.wid import WeightInherited
 
-METHODS = ("kd", "select", "ws", "gws", "wd")
+METHODS = ("kd", "select", "ws", "gws", "wd", "wid")
 
 
 def make(name: str, student_shapes: Any = None, teacher_shapes: Any = None, **options) -> Generator:
@@ -29,8 +31,10 @@ def make(name: str, student_shapes: Any = None, teacher_shapes: Any = None, **op
     return WeightSqueezing(student_shapes, teacher_shapes, gated=name == "gws", **options)
   if name == "wd":
     return WeightDistillation(student_shapes, teacher_shapes, **options)
+  if name == "wid":
+    return WeightInherited(student_shapes, teacher_shapes, **options)
   raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
 
 
 __all__ = ["METHODS", "Generator", "Identity", "StudentSpec", "WeightDistillation",
-           "WeightSelection", "WeightSqueezing", "make", "param_count", "select"]
+           "WeightInherited", "WeightSelection", "WeightSqueezing", "make", "param_count", "select"]

@@ -11,6 +11,12 @@ is `loss(apply(generate(gen_params, sg(teacher), state), batch))` under `jax.jit
   update_state(gen_params, state, step)         -> state
   materialize(gen_params, teacher_params, state)-> dense student params for export / phase 2
 
+Most generators produce the student itself. One that trains a different network (WID trains the
+teacher-width network it later cuts) says so with `training_config` (the network `generate`'s
+output is applied with) and `model_kwargs` (extra arguments of that network, from the state);
+`lr_multipliers` gives per-leaf learning-rate factors (WID's teacher weights train 50x slower),
+and `gradient_transform`'s update may read the current state as the `gen_state` extra argument.
+
 The teacher is never differentiated, donated or checkpointed here: the training step passes it
 through `jax.lax.stop_gradient` and keeps it out of the optimizer.
 """
@@ -61,6 +67,18 @@ class Generator:
 
   def update_state(self, gen_params: Params, gen_state: Params, step: jax.Array) -> Params:
     return gen_state
+
+  def training_config(self, student: EncoderConfig) -> EncoderConfig:
+    """Config of the network `generate` returns (the student's, unless the method says)."""
+    return student
+
+  def model_kwargs(self, gen_state: Params) -> dict:
+    """Extra keyword arguments of the training-time network's forward pass."""
+    return {}
+
+  def lr_multipliers(self, gen_params: Params) -> Params | None:
+    """Per-leaf factors on the learning rate (a pytree like `gen_params`), or None for all 1."""
+    return None
 
   def materialize(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> Params:
     return self.generate(gen_params, teacher_params, gen_state)

@@ -83,6 +83,21 @@ def _layer_norm(cfg: EncoderConfig, d: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
                        param_dtype=jnp.float32, rngs=rngs)
 
 
+def _norm(ln: nnx.LayerNorm, x: Array, keep: Array | None) -> Array:
+  """`ln(x)`, or with `keep` (`[hidden]` of 0/1) a LayerNorm whose mean and variance run over the
+  kept units only: WID's training-time LayerNorm, which equals the cut student's LayerNorm once
+  the dropped units carry zeros (their gain and shift are driven to zero as well)."""
+  if keep is None:
+    return ln(x)
+  x = x.astype(jnp.float32)
+  keep = keep.astype(jnp.float32)
+  n = jnp.sum(keep)
+  mean = jnp.sum(x * keep, axis=-1, keepdims=True) / n
+  var = jnp.sum(jnp.square((x - mean) * keep), axis=-1, keepdims=True) / n
+  y = (x - mean) * jax.lax.rsqrt(var + ln.epsilon)
+  return y * ln.scale[...] + ln.bias[...]
+
+
 def _dropout(x: Array, rate: float, key: Array | None) -> Array:
   if key is None or rate == 0.0:
     return x
@@ -126,7 +141,7 @@ class Embeddings(nnx.Module):
     self.ln = _layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None,
-               dropout_key: Array | None) -> Array:
+               dropout_key: Array | None, hidden_keep: Array | None = None) -> Array:
     cfg = self.cfg
     seq = input_ids.shape[1]
     if cfg.arch == "mpnet":
@@ -139,7 +154,7 @@ class Embeddings(nnx.Module):
     if cfg.arch == "bert":
       types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
       x = x + self.token_type(types)
-    x = self.ln(x)  # [batch, seq, hidden] fp32
+    x = _norm(self.ln, x, hidden_keep)  # [batch, seq, hidden] fp32
     return _dropout(x, cfg.hidden_dropout, dropout_key).astype(cfg.compute_dtype)
 
 
@@ -200,12 +215,13 @@ class Block(nnx.Module):
     self.mlp_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
-               capture: dict | None = None) -> Array:
+               capture: dict | None = None, hidden_keep: Array | None = None) -> Array:
     k_attn, k_res1, k_res2 = _keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
-    h = self.attn_ln(x + _dropout(self.attn(x, mask, bias, k_attn, capture), rate, k_res1))
+    h = _norm(self.attn_ln, x + _dropout(self.attn(x, mask, bias, k_attn, capture), rate, k_res1),
+              hidden_keep)
     h = h.astype(self.cfg.compute_dtype)
-    out = self.mlp_ln(h + _dropout(self.mlp(h, capture), rate, k_res2))
+    out = _norm(self.mlp_ln, h + _dropout(self.mlp(h, capture), rate, k_res2), hidden_keep)
     return out.astype(self.cfg.compute_dtype)
 
 
@@ -235,18 +251,20 @@ class Encoder(nnx.Module):
     return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, dropout_key: Array | None = None, capture: dict | None = None) -> Array:
+               *, dropout_key: Array | None = None, capture: dict | None = None,
+               hidden_keep: Array | None = None) -> Array:
     """Last hidden state. `capture`, if given, is filled with the activations of every space:
-    `hidden/embeddings`, `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (for activation PCA)."""
+    `hidden/embeddings`, `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (for activation PCA).
+    `hidden_keep` (`[hidden]` 0/1) restricts every LayerNorm's statistics to the kept units."""
     keys = _keys(dropout_key, self.cfg.num_layers + 1)
-    x = self.embeddings(input_ids, attention_mask, token_type_ids, keys[0])
+    x = self.embeddings(input_ids, attention_mask, token_type_ids, keys[0], hidden_keep)
     if capture is not None:
       capture["hidden/embeddings"] = x
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, key]
     bias = self.position_bias(input_ids.shape[1])
     for i, (layer, key) in enumerate(zip(self.layers(), keys[1:])):
       inner = None if capture is None else {}
-      x = layer(x, mask, bias, key, inner)
+      x = layer(x, mask, bias, key, inner, hidden_keep)
       if capture is not None:
         capture.update({f"{k}/layer_{i}": v for k, v in inner.items()})
         capture[f"hidden/layer_{i}"] = x
@@ -267,10 +285,12 @@ class SequenceClassifier(nnx.Module):
     self.classifier = _dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, dropout_key: Array | None = None, capture: dict | None = None) -> Array:
+               *, dropout_key: Array | None = None, capture: dict | None = None,
+               hidden_keep: Array | None = None) -> Array:
     k_enc, k_pre, k_post = _keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
-    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc, capture=capture)
+    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc, capture=capture,
+                     hidden_keep=hidden_keep)
     first = h[:, 0]  # [batch, hidden]
     if self.cfg.arch == "mpnet":
       first = _dropout(first, rate, k_pre)

@@ -121,7 +121,8 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
   if teacher is not None:
     teacher_sh = mesh_lib.param_shardings(teacher.params, mesh, cfg.mesh.fsdp)
     teacher_params = jax.device_put(teacher.params, teacher_sh)
-  student_graph = nnx.split(bert.build(spec.config))[0]
+  student_graph = nnx.split(bert.build(generator.training_config(spec.config)))[0]
+  export_apply = step_lib.classifier_apply(nnx.split(bert.build(spec.config))[0])
   student_apply = step_lib.classifier_apply(student_graph)
   teacher_apply = None
   if teacher is not None and cfg.kd.alpha > 0:
@@ -132,7 +133,8 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
       lambda p, t: generator.init(jax.random.key(cfg.seed), t, StudentSpec(spec.config, p)),
       spec.init_params, teacher_params)
   tx = step_lib.make_optimizer(train.optim, steps, gen_shapes,
-                               generator.gradient_transform(gen_state_shapes))
+                               generator.gradient_transform(gen_state_shapes),
+                               generator.lr_multipliers(gen_shapes))
 
   def init_state(init_params, t_params):
     return step_lib.init_state(generator, tx, cfg.seed, t_params, StudentSpec(spec.config, init_params))
@@ -149,7 +151,7 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
-  student_predictor = Predictor(student_apply, mesh, student_sh, train.eval_batch_size,
+  student_predictor = Predictor(export_apply, mesh, student_sh, train.eval_batch_size,
                                 cfg.data.pad_to_multiple)
 
   checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
@@ -307,13 +309,18 @@ def distill(cfg: Config, phase: str = "", log=print, export_only: bool = False) 
   except ValueError as e:  # a layer map or option that does not fit these shapes
     raise WdjaxError(f"method {method.name}: {e}") from None
   spec = StudentSpec(s_cfg, init)
-  if method.name != "wd":
+  if method.name not in ("wd", "wid"):
     return train_phase(cfg, phase=phase, train=cfg.distill, task=task, spec=spec,
                        generator=generator, teacher=teacher, tokenizer_dir=teacher_dir, log=log,
                        export_only=export_only)
-  # WD: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same budget).
+  # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
+  # total budget).
   steps = total_steps(cfg.distill, len(task.train) // cfg.distill.batch_size)
   steps1 = max(1, int(round(method.phase1_fraction * steps)))
+  if method.name == "wid" and not method.wid_w_step:  # the generator needs phase 1's length
+    generator = generators.make(method.name, init, teacher.params,
+                                **dict(generator_options(method, teacher, task, cfg),
+                                       w_step=max(1, steps1 // 20)))
   first = train_phase(cfg, phase=phase, train=dataclasses.replace(cfg.distill, steps=steps1),
                       task=task, spec=spec, generator=generator, teacher=teacher,
                       tokenizer_dir=teacher_dir, log=log, export_only=export_only)
@@ -351,6 +358,11 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config) -> 
   if method.name == "wd":
     return {"mode": method.wd_mode, "init": method.wd_init,
             "layer_map": method.layer_map or "contiguous"}
+  if method.name == "wid":
+    return {"teacher_heads": teacher.config.num_heads, "student_heads": cfg.student.num_heads,
+            "strategy": method.wid_strategy, "w_step": method.wid_w_step or 500,
+            "l2_lambda": method.wid_lambda, "teacher_lr_scale": method.wid_teacher_lr_scale,
+            "layer_map": method.layer_map or "every_k"}
   return {}
 
 

@@ -30,7 +30,7 @@ from wdjax.train.mesh import path_str
 
 Params = Any
 Batch = dict[str, jax.Array]
-ApplyFn = Callable[[Params, Batch, jax.Array | None], jax.Array]  # -> logits [batch, classes]
+ApplyFn = Callable[..., jax.Array]  # (params, batch, dropout_key, **model_kwargs) -> logits [batch, classes]
 
 
 def schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -61,15 +61,27 @@ def trainable_count(params: Params, patterns: tuple[str, ...]) -> int:
   return int(sum(x.size for x, f in zip(jax.tree_util.tree_leaves(params), frozen) if not f))
 
 
+def scale_by_tree(factors: Params) -> optax.GradientTransformation:
+  """Multiply each leaf's update by its constant factor (per-group learning rates)."""
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (
+          jax.tree_util.tree_map(lambda u, f: u * f, updates, factors), state))
+
+
 def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
-                   extra: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-  """AdamW with warm-up and decay, decay on matrices only, optional frozen paths and extra surgery."""
+                   extra: optax.GradientTransformation | None = None,
+                   lr_factors: Params | None = None) -> optax.GradientTransformation:
+  """AdamW with warm-up and decay, decay on matrices only, optional frozen paths, extra surgery
+  (first, on the raw gradients) and per-leaf learning-rate factors (last)."""
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
   if extra is not None:
     parts.append(extra)
   parts.append(optax.adamw(schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay, mask=decay_mask))
+  if lr_factors is not None:
+    parts.append(scale_by_tree(lr_factors))
   tx = optax.chain(*parts)
   if not optim.frozen:
     return tx
@@ -114,7 +126,7 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
         gen_params = jax.tree_util.tree_map(
             lambda f, x: jax.lax.stop_gradient(x) if f else x, frozen_mask(gen_params, frozen), gen_params)
       student = generator.generate(gen_params, teacher_params, state["gen_state"])
-      logits = student_apply(student, batch, key)
+      logits = student_apply(student, batch, key, **generator.model_kwargs(state["gen_state"]))
       if teacher_logits is None:
         task = losses.cross_entropy(logits, labels, weights)
         parts = {"ce": task}
@@ -126,7 +138,8 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
 
     (loss, (logits, parts, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
+                                   gen_state=state["gen_state"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     gen_state = generator.update_state(params, state["gen_state"], state["step"] + 1)
@@ -145,8 +158,8 @@ def classifier_apply(graphdef) -> ApplyFn:
   """Apply function of an NNX sequence classifier from its graphdef (merge inside the trace)."""
   from flax import nnx
 
-  def apply(params: Params, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+  def apply(params: Params, batch: Batch, dropout_key: jax.Array | None, **kwargs) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    return model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key)
+    return model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key, **kwargs)
 
   return apply

@@ -1,0 +1,154 @@
+"""WID (methods.md §3): compactors, mask schedule, gradient surgery, exact cut-and-merge."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wdjax import generators
+from wdjax.generators import StudentSpec, paths
+from wdjax.models import bert, hf
+
+# A random teacher with a head layout unlike BERT-base's: 4 heads of 12, FFN 96.
+SMALL = bert.EncoderConfig(vocab_size=300, hidden_size=48, num_layers=2, num_heads=4,
+                           intermediate_size=96, max_position_embeddings=64, hidden_dropout=0.0,
+                           attention_dropout=0.0)
+# dim: 4 heads of 12 -> 4 heads of 6; head: 4 heads of 12 -> 2 heads of 12.
+STUDENTS = {"dim": dict(hidden_size=24, num_heads=4, intermediate_size=40),
+            "head": dict(hidden_size=24, num_heads=2, intermediate_size=40)}
+
+
+def _params(cfg, seed):
+  return nnx.to_pure_dict(nnx.state(bert.build(cfg, seed=seed)))
+
+
+def _wid(t_cfg, t_params, s_cfg, **options):
+  init = _params(s_cfg, 1)
+  gen = generators.make("wid", init, t_params, teacher_heads=t_cfg.num_heads,
+                        student_heads=s_cfg.num_heads, **options)
+  gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
+  return gen, gen_params, gen_state
+
+
+def _forward(cfg, params, ids, **kwargs):
+  model = nnx.merge(nnx.split(bert.build(cfg))[0], params)
+  return model(ids, jnp.ones_like(ids), **kwargs)
+
+
+def _ids(vocab=300, shape=(3, 10), seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(5, vocab, shape), jnp.int32)
+
+
+def test_step_zero_reproduces_the_real_teacher(task_teacher):
+  t_cfg, t_params, _ = hf.load(task_teacher)
+  s_cfg = dataclasses.replace(t_cfg, hidden_size=192, num_heads=12, intermediate_size=768)
+  gen, gp, gs = _wid(t_cfg, t_params, s_cfg)
+  net = gen.generate(gp, t_params, gs)
+  for got, want in zip(jax.tree_util.tree_leaves(net), jax.tree_util.tree_leaves(t_params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # identity compactors
+  ids = _ids(30000)
+  want = _forward(t_cfg, t_params, ids)
+  got = _forward(gen.training_config(s_cfg), net, ids, **gen.model_kwargs(gs))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["dim", "head"])
+def test_mask_sizes_follow_the_schedule(strategy):
+  t_params = _params(SMALL, 0)
+  s_cfg = dataclasses.replace(SMALL, **STUDENTS[strategy])
+  gen, gp, gs = _wid(SMALL, t_params, s_cfg, strategy=strategy, w_step=10)
+  # Perturb the compactors so the norms differ and the ranking is not by index.
+  key = iter(jax.random.split(jax.random.key(3), 100))
+  gp = {"weights": gp["weights"], "compactors": jax.tree_util.tree_map(
+      lambda c: c + 0.1 * jax.random.normal(next(key), c.shape), gp["compactors"])}
+  cut_dim, cut_heads = (48 - 24) // 4, (48 - 24) // 12
+  for step in range(1, 200):
+    new = gen.update_state(gp, gs, jnp.asarray(step))
+    masks = paths.flatten(new["masks"])
+    if step % 10 or step < 10:
+      assert all(np.array_equal(masks[s], paths.flatten(gs["masks"])[s]) for s in masks)
+      gs = new
+      continue
+    gs, k = new, step // 10
+    for space, m in masks.items():
+      m = np.asarray(m)
+      dropped = int((m == 0).sum())
+      if space == "hidden" or space.startswith("attn"):
+        chunks = (m.reshape(4, 12) == 0).sum(axis=1)
+        if strategy == "dim":
+          want = min(k * max(1, cut_dim // 8), cut_dim)
+          assert (chunks == want).all(), (space, step, chunks)
+        else:
+          want_heads = min(step // 20, cut_heads)
+          assert sorted(chunks.tolist()) == [0] * (4 - want_heads) + [12] * want_heads
+      else:
+        delta = 96 - 40 if space.startswith("ffn") else 48 - 24
+        assert dropped == min((k * delta) // 16, delta), (space, step)
+  assert float(gs["active"]) == 1.0
+
+
+def _zero_masked(gen, gp, gs):
+  """What long training with the penalty converges to: masked entries exactly zero."""
+  keep = gen.keep_tree(gp, paths.flatten(gs["masks"]))
+  return jax.tree_util.tree_map(lambda p, k: p * k, gp, keep)
+
+
+@pytest.mark.parametrize("strategy,layers", [("dim", 2), ("head", 2), ("dim", 1)])
+def test_cut_student_equals_the_masked_training_network(strategy, layers):
+  t_params = _params(SMALL, 0)
+  s_cfg = dataclasses.replace(SMALL, num_layers=layers, **STUDENTS[strategy])
+  gen, gp, gs = _wid(SMALL, t_params, s_cfg, strategy=strategy, w_step=1)
+  key = iter(jax.random.split(jax.random.key(5), 200))
+  gp = jax.tree_util.tree_map(lambda c: c + 0.05 * jax.random.normal(next(key), c.shape), gp)
+  gs = gen.update_state(gp, gs, jnp.asarray(16))  # k = 16: every space at its target size
+  for space, m in paths.flatten(gs["masks"]).items():
+    assert int(np.sum(np.asarray(m))) == gen.space_size(space)[1], space
+  gp = _zero_masked(gen, gp, gs)
+  ids = _ids()
+  train_out = _forward(gen.training_config(s_cfg), gen.generate(gp, t_params, gs), ids,
+                       **gen.model_kwargs(gs))
+  student = gen.materialize(gp, t_params, gs)
+  shapes = jax.tree_util.tree_map(jnp.shape, _params(s_cfg, 0))
+  assert jax.tree_util.tree_map(jnp.shape, student) == shapes
+  np.testing.assert_allclose(_forward(s_cfg, student, ids), train_out, atol=1e-5, rtol=1e-5)
+
+
+def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
+  t_params = _params(SMALL, 0)
+  s_cfg = dataclasses.replace(SMALL, **STUDENTS["dim"])
+  gen, gp, gs = _wid(SMALL, t_params, s_cfg, w_step=1, l2_lambda=20.0)
+  tx = gen.gradient_transform(gs)
+  grads = jax.tree_util.tree_map(jnp.ones_like, gp)
+  # Before the first boundary: plain L2 (g + C) on every compactor, weights untouched.
+  out, _ = tx.update(grads, tx.init(gp), gp, gen_state=gs)
+  c = paths.flatten(out["compactors"])["encoder/layer_0/attn/q/kernel/col"]
+  np.testing.assert_array_equal(c, 1.0 + np.eye(48))
+  gs = gen.update_state(gp, gs, jnp.asarray(16))
+  keep = paths.flatten(gen.keep_tree(gp, paths.flatten(gs["masks"]))["compactors"])
+  rows = [np.asarray(keep[f"encoder/layer_1/attn/{m}/kernel/row"]) for m in "qkv"]
+  assert all(np.array_equal(rows[0], r) for r in rows[1:])
+  np.testing.assert_array_equal(rows[0][0], paths.flatten(gs["masks"])["attn/layer_1"])
+  out, _ = tx.update(grads, tx.init(gp), gp, gen_state=gs)
+  q = np.asarray(paths.flatten(out["compactors"])["encoder/layer_1/attn/q/kernel/row"])
+  p = np.asarray(paths.flatten(gp["compactors"])["encoder/layer_1/attn/q/kernel/row"])
+  masked = rows[0][0] == 0
+  np.testing.assert_array_equal(q[:, masked], 20.0 * p[:, masked])
+  np.testing.assert_array_equal(q[:, ~masked], 1.0)
+  ln = np.asarray(paths.flatten(out["weights"])["encoder/layer_0/mlp_ln/scale"])
+  hidden = np.asarray(paths.flatten(gs["masks"])["hidden"])
+  np.testing.assert_array_equal(ln[hidden == 1], 1.0)
+  np.testing.assert_array_equal(ln[hidden == 0], 20.0 * np.asarray(
+      paths.flatten(gp["weights"])["encoder/layer_0/mlp_ln/scale"])[hidden == 0])
+
+
+def test_head_layouts_that_do_not_fit_are_refused():
+  t_params = _params(SMALL, 0)
+  with pytest.raises(ValueError, match="keeps the teacher's 4 heads"):
+    _wid(SMALL, t_params, dataclasses.replace(SMALL, hidden_size=24, num_heads=2,
+                                              intermediate_size=40))
+  with pytest.raises(ValueError, match="needs 2 heads"):
+    _wid(SMALL, t_params, dataclasses.replace(SMALL, hidden_size=24, num_heads=4,
+                                              intermediate_size=40), strategy="head")

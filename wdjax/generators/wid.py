@@ -1,0 +1,311 @@
+"""Weight-Inherited Distillation (Wu et al., NAACL 2024 Findings), as `methods.md` §3.
+
+Every linear layer of the (depth-selected) teacher is wrapped in two identity-initialised square
+*compactors*, a column compactor on its input and a row compactor on its output. In Flax layout
+(`y = x K + b`):
+
+    y = ((x C) K + b) R        ==  x (C K R) + b R           C [in, in], R [out, out]
+
+so the training-time network is a plain network *of the teacher's width* whose kernels are
+`C K R` and biases `b R` (`generate`), and the embeddings (summed, before their LayerNorm) carry
+one row compactor, which distributes over the three tables. The teacher's own weights train too,
+at `teacher_lr_scale` times the compactors' learning rate (§3.4: 1e-6 vs 5e-5).
+
+Masks (non-trainable state, full-size 0/1 vectors, so shapes are static) pick the units to drop
+in each space: `hidden` (one, global), `attn/layer_l`, `ffn/layer_l` (one per layer) and
+`pooled` (the classifier head's space; the MLM head's `M` in the paper). Every `w_step` steps
+they are recomputed in jit from the column compactors' per-input norms (`hidden`: layer 0's V;
+`attn/layer_l`: layer l's O; `ffn/layer_l`: layer l's down; `pooled`: the classifier), growing
+as §3.4's schedule says:
+
+- `dim`: `hidden` and `attn` drop the same number of units in every head-sized chunk, growing by
+  `max(1, cut // 8)` per `w_step` up to `cut = (d_t - d_s) / heads` (the reference's `cut // 8`
+  is 0, and nothing is ever pruned, when `cut < 8`);
+- `head`: `attn` drops whole heads, one more every `2 w_step`; `hidden` drops whole head-sized
+  blocks the same way (the reference's behaviour);
+- `ffn` and `pooled`: unstructured, `(k * delta) // 16` after `k` boundaries, up to `delta`.
+
+The masks are used twice: every LayerNorm over the hidden space takes its statistics over the
+kept units only (`model_kwargs`), and the optimizer's first transform (`gradient_transform`)
+replaces the task gradient of every masked compactor row/column, masked bias entry and masked
+LayerNorm gain/shift by `lambda * p` (the clean form of §3.4's surgery; until the first
+boundary every compactor gets `g + C`, the reference's plain L2). Masked entries therefore decay
+to zero, at which point the cut is exact.
+
+`materialize` cuts every compactor to the `d_s` kept units of each space (the current masks,
+completed by largest norm while the schedule is still growing) and merges it: a plain student of
+the target width. In `dim` mode the student's heads are narrower, so the attention scale
+`1/sqrt(head_dim)` changes; `sqrt(head_dim_s / head_dim_t)` is folded into the query kernel and
+bias so the student computes what the training network did (the reference converter leaves it
+out, §3.5).
+
+Depth: WID keeps the teacher's depth; a shallower student takes its layers from the teacher by
+a layer map first (`every_k` by default; an extension, as in weight selection).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wdjax.generators import paths
+from wdjax.generators.base import Generator, Params, StudentSpec
+from wdjax.generators.select import SelectionPlan
+
+STRATEGIES = ("dim", "head")
+
+
+def _rank(x: jax.Array) -> jax.Array:
+  """Rank of each entry along the last axis, 0 = smallest (stable: ties by index)."""
+  return jnp.argsort(jnp.argsort(x, axis=-1, stable=True), axis=-1, stable=True)
+
+
+def drop_smallest(norms: jax.Array, n: jax.Array) -> jax.Array:
+  """0/1 keep mask dropping the `n` smallest entries of the last axis (`n` may be traced)."""
+  return (_rank(norms) >= n).astype(jnp.float32)
+
+
+class WeightInherited(Generator):
+  name = "wid"
+
+  def __init__(self, student_shapes: Params, teacher_shapes: Params, *, teacher_heads: int,
+               student_heads: int, strategy: str = "dim", w_step: int = 500,
+               l2_lambda: float = 20.0, teacher_lr_scale: float = 0.02,
+               layer_map: str = "every_k"):
+    if strategy not in STRATEGIES:
+      raise ValueError(f"WID strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if w_step < 1:
+      raise ValueError(f"w_step must be >= 1, got {w_step}")
+    plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+    self.sources = {p: srcs[-1] for p, srcs in plan.sources.items()}
+    self.sizes = plan.sizes  # role -> (d_teacher, d_student)
+    self.n_layers = plan.n_student
+    t_flat = paths.flatten(teacher_shapes)
+    self.train_shapes = {p: tuple(np.shape(t_flat[q])) for p, q in self.sources.items()}
+    d_t, d_s = self.sizes["hidden"]
+    if "relative_bias/embedding" in " ".join(self.sources) and strategy == "head":
+      raise ValueError("WID's head strategy drops different heads in different layers, which "
+                       "MPNet's shared relative-position bias cannot express; use strategy='dim'")
+    self.heads_t = teacher_heads
+    self.hd_t = d_t // teacher_heads
+    if strategy == "dim":
+      if student_heads != teacher_heads or d_s % student_heads:
+        raise ValueError(f"WID strategy 'dim' keeps the teacher's {teacher_heads} heads and "
+                         f"narrows each; the student has {student_heads} heads of width {d_s}")
+      self.hd_s = d_s // student_heads
+    else:
+      if d_s % self.hd_t or d_s // self.hd_t != student_heads:
+        raise ValueError(f"WID strategy 'head' keeps whole heads of {self.hd_t}: a student of "
+                         f"width {d_s} needs {d_s // self.hd_t} heads, it has {student_heads}")
+      self.hd_s = self.hd_t
+    self.strategy, self.w_step, self.l2_lambda = strategy, w_step, l2_lambda
+    self.teacher_lr_scale = teacher_lr_scale
+    # Compactor sides: (kernel path, axis) for every kernel axis with a dimension role.
+    self.compacted: dict[str, tuple[str | None, str | None]] = {}
+    for p, shape in self.train_shapes.items():
+      if p.endswith("/kernel"):
+        r = paths.roles(p, 2)
+        if any(r):
+          self.compacted[p] = (paths.space_of(p, r[0]) if r[0] else None,
+                               paths.space_of(p, r[1]) if r[1] else None)
+    self.spaces = sorted({s for pair in self.compacted.values() for s in pair if s}
+                         | {"hidden"})
+    self.norm_source = {"hidden": ("encoder/layer_0/attn/v/kernel", "col")}
+    for p, (s_in, _) in self.compacted.items():
+      if p.endswith("attn/o/kernel") or p.endswith("mlp/down/kernel") or p.endswith("classifier/kernel"):
+        self.norm_source[s_in] = (p, "col")
+    missing = [s for s in self.spaces if s not in self.norm_source]
+    if missing:
+      raise ValueError(f"WID has no compactor to rank the units of {missing}")
+
+  # --- sizes -----------------------------------------------------------------------------------
+
+  def space_size(self, space: str) -> tuple[int, int]:
+    return self.sizes[space.split("/")[0]]
+
+  def training_config(self, student):
+    """The training-time network: the student's depth at the teacher's width and head layout."""
+    import dataclasses
+    return dataclasses.replace(student, hidden_size=self.sizes["hidden"][0],
+                               num_heads=self.heads_t,
+                               intermediate_size=self.sizes["ffn"][0])
+
+  # --- contract ---------------------------------------------------------------------------------
+
+  def init(self, rng, teacher_params, spec: StudentSpec):
+    del rng
+    t_flat = paths.flatten(teacher_params)
+    weights = {p: jnp.asarray(t_flat[q], jnp.float32) for p, q in self.sources.items()}
+    comp = {"embeddings": jnp.eye(self.sizes["hidden"][0], dtype=jnp.float32)}
+    for p, (s_in, s_out) in self.compacted.items():
+      d_in, d_out = self.train_shapes[p]
+      if s_in:
+        comp[p + "/col"] = jnp.eye(d_in, dtype=jnp.float32)
+      if s_out:
+        comp[p + "/row"] = jnp.eye(d_out, dtype=jnp.float32)
+    masks = {s: jnp.ones((self.space_size(s)[0],), jnp.float32) for s in self.spaces}
+    return ({"weights": paths.unflatten(weights), "compactors": paths.unflatten(comp)},
+            {"masks": paths.unflatten(masks), "active": jnp.zeros((), jnp.float32)})
+
+  def _flat(self, gen_params):
+    return paths.flatten(gen_params["weights"]), paths.flatten(gen_params["compactors"])
+
+  def generate(self, gen_params, teacher_params, gen_state):
+    """The teacher-width training network `{C K R, b R, E R_emb, ...}`."""
+    del teacher_params, gen_state
+    w, c = self._flat(gen_params)
+    out = {}
+    for p, x in w.items():
+      base = p.rsplit("/", 1)[0]
+      if p in self.compacted:
+        if p + "/col" in c:
+          x = c[p + "/col"] @ x
+        if p + "/row" in c:
+          x = x @ c[p + "/row"]
+      elif p.endswith("/bias") and base + "/kernel/row" in c:
+        x = x @ c[base + "/kernel/row"]
+      elif p.startswith("encoder/embeddings/") and p.endswith("/embedding"):
+        x = x @ c["embeddings"]
+      out[p] = x
+    return paths.unflatten(out)
+
+  def model_kwargs(self, gen_state) -> dict:
+    return {"hidden_keep": gen_state["masks"]["hidden"]}
+
+  def lr_multipliers(self, gen_params) -> Params:
+    return {"weights": jax.tree_util.tree_map(lambda _: self.teacher_lr_scale,
+                                              gen_params["weights"]),
+            "compactors": jax.tree_util.tree_map(lambda _: 1.0, gen_params["compactors"])}
+
+  # --- masks ----------------------------------------------------------------------------------
+
+  def unit_norms(self, gen_params) -> dict[str, jax.Array]:
+    """Per-unit L2 norm of each space's ranking compactor (its rows: one per input unit)."""
+    c = paths.flatten(gen_params["compactors"])
+    return {s: jnp.linalg.norm(c[f"{p}/{side}"], axis=1) for s, (p, side) in self.norm_source.items()}
+
+  def dropped(self, space: str, k: jax.Array, step: jax.Array) -> jax.Array:
+    """How many units of `space` are masked after `k = step // w_step` boundaries (per chunk for
+    the chunked spaces, heads for `head` mode)."""
+    d_t, d_s = self.space_size(space)
+    delta = d_t - d_s
+    kind = space.split("/")[0]
+    if kind in ("hidden", "attn"):
+      if self.strategy == "dim":
+        cut = delta // self.heads_t
+        return jnp.minimum(k * max(1, cut // 8), cut)
+      return jnp.minimum(step // (2 * self.w_step), delta // self.hd_t)
+    return jnp.minimum((k * delta) // 16, delta)
+
+  def masks_for(self, norms: dict[str, jax.Array], n: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    out = {}
+    for s, v in norms.items():
+      kind = s.split("/")[0]
+      if kind in ("hidden", "attn"):
+        chunks = v.reshape(self.heads_t, self.hd_t)
+        if self.strategy == "dim":
+          out[s] = drop_smallest(chunks, n[s]).reshape(-1)
+        else:
+          keep = drop_smallest(chunks.sum(axis=1), n[s])
+          out[s] = jnp.repeat(keep, self.hd_t)
+      else:
+        out[s] = drop_smallest(v, n[s])
+    return out
+
+  def update_state(self, gen_params, gen_state, step):
+    """At every boundary `step = k w_step` (k >= 1), recompute every mask from scratch."""
+    def recompute(_):
+      k = step // self.w_step
+      n = {s: self.dropped(s, k, step) for s in self.spaces}
+      return {"masks": paths.unflatten(self.masks_for(self.unit_norms(gen_params), n)),
+              "active": jnp.ones((), jnp.float32)}
+    boundary = (step >= self.w_step) & (step % self.w_step == 0)
+    return jax.lax.cond(boundary, recompute, lambda _: gen_state, None)
+
+  def final_keep(self, gen_params, gen_state) -> dict[str, np.ndarray]:
+    """Indices (sorted, static count d_s) of the units each space keeps in the student: the
+    current masks' kept units, completed by largest norm while the schedule still grows."""
+    norms = self.unit_norms(gen_params)
+    masks = paths.flatten(gen_state["masks"])
+    out = {}
+    for s, v in norms.items():
+      d_t, d_s = self.space_size(s)
+      score = v + masks[s] * (1.0 + jnp.max(v))  # kept units first, then by norm
+      kind = s.split("/")[0]
+      if kind in ("hidden", "attn"):
+        if self.strategy == "dim":
+          n = jnp.asarray((d_t - d_s) // self.heads_t)
+        else:
+          n = jnp.asarray((d_t - d_s) // self.hd_t)
+      else:
+        n = jnp.asarray(d_t - d_s)
+      keep = self.masks_for({s: score}, {s: n})[s]
+      out[s] = jnp.nonzero(keep, size=d_s)[0]
+    return out
+
+  def materialize(self, gen_params, teacher_params, gen_state):
+    """Cut and merge: the plain student of the target width (§3.5)."""
+    net = paths.flatten(self.generate(gen_params, teacher_params, gen_state))
+    keep = self.final_keep(gen_params, gen_state)
+    q_scale = math.sqrt(self.hd_s / self.hd_t)
+    out = {}
+    for p, x in net.items():
+      for axis, role in enumerate(paths.roles(p, x.ndim)):
+        if role is not None and role != "heads":
+          x = jnp.take(x, keep[paths.space_of(p, role)], axis=axis)
+      if q_scale != 1.0 and ("attn/q/kernel" in p or "attn/q/bias" in p):
+        x = x * q_scale
+      out[p] = x
+    return paths.unflatten(out)
+
+  # --- gradient surgery -------------------------------------------------------------------------
+
+  def keep_tree(self, gen_params_like, masks: dict[str, jax.Array]) -> Params:
+    """For every generator leaf, the 0/1 array (broadcastable to it) of its unmasked entries:
+    compactor columns (`col`: its rows, the input units) and rows (`row`: its columns), biases
+    and LayerNorm gains/shifts of a masked space; 1 for everything else."""
+    w, c = self._flat(gen_params_like)
+    kw = {}
+    for p, x in w.items():
+      r = paths.roles(p, np.ndim(x))
+      kw[p] = masks[paths.space_of(p, r[0])] if np.ndim(x) == 1 and r[0] else jnp.ones((), jnp.float32)
+    kc = {}
+    for p in c:
+      kernel, side = p.rsplit("/", 1) if p != "embeddings" else ("embeddings", "row")
+      if kernel == "embeddings":
+        kc[p] = masks["hidden"][None, :]
+      elif side == "col":
+        kc[p] = masks[self.compacted[kernel][0]][:, None]
+      else:
+        kc[p] = masks[self.compacted[kernel][1]][None, :]
+    return {"weights": paths.unflatten(kw), "compactors": paths.unflatten(kc)}
+
+  def gradient_transform(self, gen_state) -> optax.GradientTransformationExtraArgs:
+    """`g' = where(keep, g, lambda p)` on masked entries once masks exist; `g + C` on every
+    compactor before that. Reads the current masks from the `gen_state` extra argument."""
+    del gen_state
+    lam = self.l2_lambda
+
+    def init_fn(params):
+      del params
+      return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, gen_state=None, **extra):
+      del extra
+      if params is None or gen_state is None:
+        raise ValueError("WID's gradient surgery needs params and gen_state")
+      masks = paths.flatten(gen_state["masks"])
+      active = gen_state["active"] > 0  # the first boundary has passed
+      keep = self.keep_tree(params, masks)
+      surgery = jax.tree_util.tree_map(
+          lambda g, p, k: jnp.where(k > 0, g, lam * p).astype(g.dtype), updates, params, keep)
+      warm = {"weights": updates["weights"],
+              "compactors": jax.tree_util.tree_map(lambda g, p: g + p, updates["compactors"],
+                                                   params["compactors"])}
+      return jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), surgery, warm), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
