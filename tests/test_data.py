@@ -151,3 +151,42 @@ def test_user_file_with_a_missing_column_is_one_clear_error(tmp_path, minilm_dir
   cfg = DataConfig(dataset="files", train_file=str(train), label_column="stars")
   with pytest.raises(WdjaxError, match="has no column 'stars'"):
     tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+
+
+def test_augmented_copies_keep_special_tokens_and_carry_no_label():
+  from wdjax.data.augment import augment
+  from wdjax.data.tokenize import TokenizedSplit
+  rng = np.random.default_rng(0)
+  n, width = 200, 40
+  lengths = rng.integers(8, width, n).astype(np.int32)
+  ids = np.zeros((n, width), np.int32)
+  for i, length in enumerate(lengths):
+    ids[i, :length] = np.r_[101, rng.integers(1000, 2000, length - 2), 102]
+  split = TokenizedSplit(ids, lengths, rng.integers(0, 2, n).astype(np.int32), 0)
+  out = augment(split, 3, mask_id=103, seed=0)
+  again = augment(split, 3, mask_id=103, seed=0)
+  np.testing.assert_array_equal(out.ids, again.ids)  # deterministic in the data seed
+  assert len(out) == 4 * n
+  np.testing.assert_array_equal(out.ids[:n], ids)  # the originals come first, untouched
+  np.testing.assert_array_equal(out.labels[:n], split.labels)
+  assert (out.labels[n:] == -1).all()
+  copies = out.ids[n:]
+  ends = out.lengths[n:]
+  assert (copies[:, 0] == 101).all() and (copies[np.arange(3 * n), ends - 1] == 102).all()
+  assert all((copies[i, ends[i]:] == 0).all() for i in range(3 * n))  # padded after the end
+  short = ends < np.repeat(lengths, 3)
+  assert 0.15 < short.mean() < 0.35  # n-gram sampling with p = 0.25
+  body = np.concatenate([copies[i, 1:ends[i] - 1] for i in np.flatnonzero(~short)])
+  assert 0.07 < (body == 103).mean() < 0.13  # masking with p = 0.1
+
+
+def test_unlabelled_examples_enter_the_kd_term_only():
+  import jax.numpy as jnp
+  from wdjax import losses
+  s = jnp.array([[2.0, -1.0], [0.5, 0.3]])
+  t = jnp.array([[1.0, 0.0], [-1.0, 1.0]])
+  labels, w = jnp.array([0, 0]), jnp.ones(2)
+  _, parts = losses.hinton(s, t, labels, w, temperature=2.0, alpha=0.5,
+                           label_weights=jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(parts["ce"], losses.cross_entropy(s[:1], labels[:1], w[:1]), rtol=1e-6)
+  np.testing.assert_allclose(parts["kd"], losses.kd_kl(s, t, 2.0, w), rtol=1e-6)

@@ -54,6 +54,7 @@ class DataConfig:
   length_grouping: int = 16  # sort windows of this many batches by length (0 = off)
   max_train_examples: int = 0  # use only the first N training examples (0 = all)
   max_eval_examples: int = 0  # use only the first N validation / test examples (0 = all)
+  augment: int = 0  # KD only: perturbed, teacher-labelled copies per training example (data/augment.py)
 
 
 @dataclasses.dataclass(frozen=True)

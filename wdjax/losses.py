@@ -36,9 +36,11 @@ def kd_kl(student_logits: Array, teacher_logits: Array, temperature: float, weig
 
 
 def hinton(student_logits: Array, teacher_logits: Array, labels: Array, weights: Array, *,
-           temperature: float, alpha: float) -> tuple[Array, dict[str, Array]]:
-  """alpha * KD + (1 - alpha) * CE; returns the total and both parts."""
-  ce = cross_entropy(student_logits, labels, weights)
+           temperature: float, alpha: float, label_weights: Array | None = None
+           ) -> tuple[Array, dict[str, Array]]:
+  """alpha * KD + (1 - alpha) * CE; returns the total and both parts. The CE averages over
+  `label_weights` (default `weights`): examples without a gold label get 0 there."""
+  ce = cross_entropy(student_logits, labels, weights if label_weights is None else label_weights)
   kd = kd_kl(student_logits, teacher_logits, temperature, weights)
   return alpha * kd + (1.0 - alpha) * ce, {"ce": ce, "kd": kd}
 

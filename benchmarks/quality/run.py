@@ -5,7 +5,8 @@
     python benchmarks/quality/run.py --methods kd ws --seeds 0
 
 It fine-tunes the teacher once (seed 0) and trains, for each seed, the student by: CE from
-scratch, logit KD from scratch, weight selection + KD, WS, GWS and WD (phase 1 + 2), each from
+scratch, logit KD from scratch, weight selection + KD, WS, GWS, WD (phase 1 + 2) and WID
+(compactors, then the cut student fine-tuned), each from
 its config file in `configs/` (so the numbers are what `wdjax distill configs/<m>.py` gives).
 All runs live in the preset's workdir and resume like any other run. It writes
 `benchmarks/quality/results_<hardware>.json`, `.md` (mean +- std test accuracy, trainable
@@ -44,6 +45,7 @@ METHODS = {  # label -> (config file, extra --set assignments)
     "wd": ("wd.py", []),
     # WD with the function-preserving start (an extension: methods.md 1.9), phase-1 lr 1e-4
     "wd-identity": ("wd.py", ["method.wd_init=identity", "distill.optim.lr=1e-4"]),
+    "wid": ("wid.py", []),
 }
 
 
@@ -65,7 +67,8 @@ def latency_ms(model_dir: Path, batch: int, seq: int = 64, repeats: int = 30) ->
 
 def final_model(cfg, phase: str) -> Path:
   out = Path(cfg.workdir) / phase
-  return out.with_name(phase + "_phase2") / "model" if cfg.method.name == "wd" else out / "model"
+  two_phase = cfg.method.name in ("wd", "wid")
+  return out.with_name(phase + "_phase2") / "model" if two_phase else out / "model"
 
 
 def main():

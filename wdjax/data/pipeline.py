@@ -39,8 +39,10 @@ def make_batch(data: TokenizedSplit, index: np.ndarray, length: int) -> dict[str
   return {
       "input_ids": ids,  # [batch, length] int32
       "attention_mask": mask,  # [batch, length] int32
-      "labels": np.where(valid, data.labels[safe], 0).astype(np.int32),  # [batch]
+      "labels": np.where(valid, np.maximum(data.labels[safe], 0), 0).astype(np.int32),  # [batch]
       "weights": valid.astype(np.float32),  # [batch] 0 for padding rows
+      # [batch] 0 also for examples without a gold label (augmented text: KD term only)
+      "label_weights": (valid & (data.labels[safe] >= 0)).astype(np.float32),
       "index": index.astype(np.int32),  # [batch] example ids, -1 for padding rows
   }
 

@@ -50,4 +50,11 @@ def load(data: DataConfig, tokenizer_dir: str | Path, pad_id: int, cache: str = 
     if limit:
       texts, labels = texts[:limit], labels[:limit]
     splits[name] = encoder.encode(texts, labels)
+  if data.augment:
+    from wdjax.data.augment import augment
+    mask_id = next((i for t in ("[MASK]", "<mask>") if (i := encoder.tokenizer.token_to_id(t)) is not None),
+                   None)
+    if mask_id is None:
+      raise WdjaxError(f"data.augment needs a mask token; {tokenizer_dir}'s tokenizer has none")
+    splits["train"] = augment(splits["train"], data.augment, mask_id=mask_id)
   return Task(builder.name, tuple(builder.info.features["label"].names), **splits)

@@ -120,6 +120,7 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
     else:
       teacher_logits = None
     labels, weights = batch["labels"], batch["weights"]
+    label_weights = batch.get("label_weights", weights)
 
     def loss_fn(gen_params):
       if frozen:
@@ -128,11 +129,12 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
       student = generator.generate(gen_params, teacher_params, state["gen_state"])
       logits = student_apply(student, batch, key, **generator.model_kwargs(state["gen_state"]))
       if teacher_logits is None:
-        task = losses.cross_entropy(logits, labels, weights)
+        task = losses.cross_entropy(logits, labels, label_weights)
         parts = {"ce": task}
       else:
         task, parts = losses.hinton(logits, teacher_logits, labels, weights,
-                                    temperature=kd.temperature, alpha=kd.alpha)
+                                    temperature=kd.temperature, alpha=kd.alpha,
+                                    label_weights=label_weights)
       aux = generator.aux_loss(gen_params, teacher_params, state["gen_state"])
       return task + aux, (logits, parts, aux)
 
@@ -148,7 +150,7 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
                  "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
     metrics = {"loss": loss, "aux_loss": aux, "grad_norm": grad_norm,
                "nonfinite_steps": new_state["nonfinite_steps"],
-               "accuracy": losses.accuracy(logits, labels, weights), **parts}
+               "accuracy": losses.accuracy(logits, labels, label_weights), **parts}
     return new_state, metrics
 
   return step

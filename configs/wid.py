@@ -1,0 +1,23 @@
+"""Weight-Inherited Distillation, task-specific: compactors around every kernel of the teacher
+(its layers 1, 3, 5 for a 3-layer student) train on the task loss with masks growing towards
+the student's width, then the cut-and-merged student is fine-tuned (methods.md §3; half of the
+step budget each). No teacher forward pass and no KD term, as in the paper (kd.alpha=0).
+Compactors at lr 3e-4, the teacher's weights at 0.02x that (the paper's 1e-6 : 5e-5 ratio),
+mask boundaries every phase-1 steps // 20 (the schedule completes at 80% of phase 1).
+Variants: --set method.wid_strategy=head (drop whole heads: needs student.num_heads=6 here).
+
+Commands:
+  wdjax finetune configs/wid.py:cpu
+  wdjax distill configs/wid.py:cpu          # phase 1 then phase 2
+Result (cpu, 3 seeds): see the quality table in README.md. gpu: not yet measured.
+"""
+
+import dataclasses
+
+from wdjax import presets
+
+
+def get_config(hardware: str = "cpu"):
+  cfg = presets.with_method(presets.rotten_tomatoes(hardware), lr=3e-4, name="wid",
+                            wid_strategy="dim", phase2_lr=1e-4)
+  return dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
