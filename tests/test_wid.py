@@ -65,8 +65,9 @@ def test_mask_sizes_follow_the_schedule(strategy):
   gp = {"weights": gp["weights"], "compactors": jax.tree_util.tree_map(
       lambda c: c + 0.1 * jax.random.normal(next(key), c.shape), gp["compactors"])}
   cut_dim, cut_heads = (48 - 24) // 4, (48 - 24) // 12
+  update = jax.jit(gen.update_state)
   for step in range(1, 200):
-    new = gen.update_state(gp, gs, jnp.asarray(step))
+    new = update(gp, gs, jnp.asarray(step))
     masks = paths.flatten(new["masks"])
     if step % 10 or step < 10:
       assert all(np.array_equal(masks[s], paths.flatten(gs["masks"])[s]) for s in masks)
