@@ -67,7 +67,7 @@ def latency_ms(model_dir: Path, batch: int, seq: int = 64, repeats: int = 30) ->
 
 def final_model(cfg, phase: str) -> Path:
   out = Path(cfg.workdir) / phase
-  two_phase = cfg.method.name in ("wd", "wid")
+  two_phase = cfg.method.name in run_lib.TWO_PHASE
   return out.with_name(phase + "_phase2") / "model" if two_phase else out / "model"
 
 

@@ -45,6 +45,7 @@ a layer map first (`every_k` by default; an extension, as in weight selection).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -129,7 +130,6 @@ class WeightInherited(Generator):
 
   def training_config(self, student):
     """The training-time network: the student's depth at the teacher's width and head layout."""
-    import dataclasses
     return dataclasses.replace(student, hidden_size=self.sizes["hidden"][0],
                                num_heads=self.heads_t,
                                intermediate_size=self.sizes["ffn"][0])

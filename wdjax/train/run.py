@@ -303,24 +303,20 @@ def distill(cfg: Config, phase: str = "", log=print, export_only: bool = False) 
     init = generators.select(teacher.params, init, method.layer_map or "every_k")
   elif method.init != "random":
     raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
+  # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
+  # total budget); WID's mask schedule is laid out over phase 1's length.
+  steps = total_steps(cfg.distill, len(task.train) // cfg.distill.batch_size)
+  steps1 = max(1, int(round(method.phase1_fraction * steps))) if method.name in TWO_PHASE else steps
   try:
     generator = generators.make(method.name, init, teacher.params,
-                                **generator_options(method, teacher, task, cfg))
+                                **generator_options(method, teacher, task, cfg, steps1))
   except ValueError as e:  # a layer map or option that does not fit these shapes
     raise WdjaxError(f"method {method.name}: {e}") from None
   spec = StudentSpec(s_cfg, init)
-  if method.name not in ("wd", "wid"):
+  if method.name not in TWO_PHASE:
     return train_phase(cfg, phase=phase, train=cfg.distill, task=task, spec=spec,
                        generator=generator, teacher=teacher, tokenizer_dir=teacher_dir, log=log,
                        export_only=export_only)
-  # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
-  # total budget).
-  steps = total_steps(cfg.distill, len(task.train) // cfg.distill.batch_size)
-  steps1 = max(1, int(round(method.phase1_fraction * steps)))
-  if method.name == "wid" and not method.wid_w_step:  # the generator needs phase 1's length
-    generator = generators.make(method.name, init, teacher.params,
-                                **dict(generator_options(method, teacher, task, cfg),
-                                       w_step=max(1, steps1 // 20)))
   first = train_phase(cfg, phase=phase, train=dataclasses.replace(cfg.distill, steps=steps1),
                       task=task, spec=spec, generator=generator, teacher=teacher,
                       tokenizer_dir=teacher_dir, log=log, export_only=export_only)
@@ -336,12 +332,16 @@ def distill(cfg: Config, phase: str = "", log=print, export_only: bool = False) 
                                                           second["trainable_params"]))
 
 
+TWO_PHASE = ("wd", "wid")  # methods whose phase 1 trains a generator and phase 2 the student
+
+
 def default_phase(cfg: Config) -> str:
   """`distill` for plain KD, `distill_<method>` for the others (one teacher, many students)."""
   return "distill" if cfg.method.label == "kd" else f"distill_{cfg.method.label}"
 
 
-def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config) -> dict:
+def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config,
+                      phase1_steps: int) -> dict:
   """The keyword options of `generators.make` for this method config."""
   if method.name == "select":
     return {"layer_map": method.layer_map or "every_k"}
@@ -360,7 +360,8 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config) -> 
             "layer_map": method.layer_map or "contiguous"}
   if method.name == "wid":
     return {"teacher_heads": teacher.config.num_heads, "student_heads": cfg.student.num_heads,
-            "strategy": method.wid_strategy, "w_step": method.wid_w_step or 500,
+            "strategy": method.wid_strategy,
+            "w_step": method.wid_w_step or max(1, phase1_steps // 20),
             "l2_lambda": method.wid_lambda, "teacher_lr_scale": method.wid_teacher_lr_scale,
             "layer_map": method.layer_map or "every_k"}
   return {}
