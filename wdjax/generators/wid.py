@@ -301,11 +301,17 @@ class WeightInherited(Generator):
       masks = paths.flatten(gen_state["masks"])
       active = gen_state["active"] > 0  # the first boundary has passed
       keep = self.keep_tree(params, masks)
-      surgery = jax.tree_util.tree_map(
-          lambda g, p, k: jnp.where(k > 0, g, lam * p).astype(g.dtype), updates, params, keep)
-      warm = {"weights": updates["weights"],
-              "compactors": jax.tree_util.tree_map(lambda g, p: g + p, updates["compactors"],
-                                                   params["compactors"])}
-      return jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), surgery, warm), state
+
+      def surgery(_):
+        return jax.tree_util.tree_map(
+            lambda g, p, k: jnp.where(k > 0, g, lam * p).astype(g.dtype), updates, params, keep)
+
+      def warm(_):
+        return {"weights": updates["weights"],
+                "compactors": jax.tree_util.tree_map(lambda g, p: g + p, updates["compactors"],
+                                                     params["compactors"])}
+
+      # cond, not a select of both: one pass over the generator's leaves per step, not three.
+      return jax.lax.cond(active, surgery, warm, None), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
