@@ -3,8 +3,10 @@
 the student's width, then the cut-and-merged student is fine-tuned (methods.md §3; half of the
 step budget each). No teacher forward pass and no KD term, as in the paper (kd.alpha=0).
 Compactors at lr 3e-4, the teacher's weights at 0.02x that (the paper's 1e-6 : 5e-5 ratio),
-mask boundaries every phase-1 steps // 20 (the schedule completes at 80% of phase 1).
-Variants: --set method.wid_strategy=head (drop whole heads: needs student.num_heads=6 here).
+mask boundaries every phase-1 steps // 20 (the schedule completes at 80% of phase 1), masked
+entries pulled to zero by the reference's momentum-form surgery (lambda 20).
+Variants: --set method.wid_strategy=head (drop whole heads: needs student.num_heads=6 here);
+--set method.wid_surgery=clean (g' = lambda p: under Adam ~20x slower decay, see wid.py).
 
 Commands:
   wdjax finetune configs/wid.py:cpu

@@ -5,12 +5,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from wdjax import generators
+from wdjax.config import OptimConfig
 from wdjax.generators import StudentSpec, paths
 from wdjax.models import bert, hf
+from wdjax.train import step as step_lib
 
 # A random teacher with a head layout unlike BERT-base's: 4 heads of 12, FFN 96.
 SMALL = bert.EncoderConfig(vocab_size=300, hidden_size=48, num_layers=2, num_heads=4,
@@ -120,7 +123,7 @@ def test_cut_student_equals_the_masked_training_network(strategy, layers):
 def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
   t_params = _params(SMALL, 0)
   s_cfg = dataclasses.replace(SMALL, **STUDENTS["dim"])
-  gen, gp, gs = _wid(SMALL, t_params, s_cfg, w_step=1, l2_lambda=20.0)
+  gen, gp, gs = _wid(SMALL, t_params, s_cfg, w_step=1, l2_lambda=20.0, surgery="clean")
   tx = gen.gradient_transform(gs)
   grads = jax.tree_util.tree_map(jnp.ones_like, gp)
   # Before the first boundary: plain L2 (g + C) on every compactor, weights untouched.
@@ -143,6 +146,42 @@ def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
   np.testing.assert_array_equal(ln[hidden == 1], 1.0)
   np.testing.assert_array_equal(ln[hidden == 0], 20.0 * np.asarray(
       paths.flatten(gp["weights"])["encoder/layer_0/mlp_ln/scale"])[hidden == 0])
+
+
+def _surgery_only(tx, params, gen_state, steps):
+  """`steps` optimizer updates with a zero task gradient: only the surgery moves anything."""
+  zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+  def body(_, carry):
+    p, st = carry
+    u, st = tx.update(zero, st, p, gen_state=gen_state)
+    return optax.apply_updates(p, u), st
+
+  return jax.jit(lambda p: jax.lax.fori_loop(0, steps, body, (p, tx.init(p)))[0])(params)
+
+
+def test_momentum_surgery_drives_masked_entries_to_zero_much_faster_than_clean():
+  """Under Adam the clean form's lambda cancels (masked entries move ~lr per step); the
+  reference's momentum injection moves them ~lambda lr per step. Zero task gradient, so only the
+  surgery acts: unmasked entries must not move at all."""
+  t_params = _params(SMALL, 0)
+  s_cfg = dataclasses.replace(SMALL, **STUDENTS["dim"])
+  largest = {}
+  for surgery in ("clean", "momentum"):
+    gen, gp, gs = _wid(SMALL, t_params, s_cfg, w_step=1, l2_lambda=20.0, surgery=surgery)
+    gs = gen.update_state(gp, gs, jnp.asarray(16))
+    optim = OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant", weight_decay=0.0)
+    tx = step_lib.make_optimizer(optim, 100, gp, gen.gradient_transform(gs), None,
+                                 gen.moment_injection())
+    trained = _surgery_only(tx, gp, gs, steps=100)
+    name = "encoder/layer_1/attn/q/kernel/row"
+    masked = np.asarray(paths.flatten(gs["masks"])["attn/layer_1"]) == 0
+    before = np.asarray(paths.flatten(gp["compactors"])[name])
+    after = np.asarray(paths.flatten(trained["compactors"])[name])
+    np.testing.assert_array_equal(after[:, ~masked], before[:, ~masked])
+    largest[surgery] = np.abs(after[:, masked]).max()
+  assert largest["clean"] > 0.85  # identity diagonal 1 -> ~0.9 after 100 steps of 1e-3
+  assert largest["momentum"] < 0.3
 
 
 def test_head_layouts_that_do_not_fit_are_refused():

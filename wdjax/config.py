@@ -106,6 +106,7 @@ class MethodConfig:
   wid_strategy: str = "dim"  # wid: "dim" narrows every head | "head" drops whole heads
   wid_w_step: int = 0  # wid: steps between mask boundaries (0 = phase-1 steps // 20: done at 80%)
   wid_lambda: float = 20.0  # wid: penalty on masked compactor rows/columns
+  wid_surgery: str = "momentum"  # wid: "momentum" (the reference's form) | "clean" (g' = lambda p)
   wid_teacher_lr_scale: float = 0.02  # wid: teacher weights' lr / compactors' lr (1e-6 / 5e-5)
   pca_batches: int = 8  # map_init=pca: training batches of teacher activations to decompose
 

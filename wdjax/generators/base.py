@@ -16,6 +16,7 @@ teacher-width network it later cuts) says so with `training_config` (the network
 output is applied with) and `model_kwargs` (extra arguments of that network, from the state);
 `lr_multipliers` gives per-leaf learning-rate factors (WID's teacher weights train 50x slower),
 and `gradient_transform`'s update may read the current state as the `gen_state` extra argument.
+`moment_injection` (WID's momentum-form surgery) nudges Adam's first moment before each update.
 
 The teacher is never differentiated, donated or checkpointed here: the training step passes it
 through `jax.lax.stop_gradient` and keeps it out of the optimizer.
@@ -24,6 +25,7 @@ through `jax.lax.stop_gradient` and keeps it out of the optimizer.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,6 +35,7 @@ import optax
 from wdjax.models.bert import EncoderConfig
 
 Params = Any  # nested dict of jax.Array
+MomentInjection = Callable[[Params, Params], tuple[Params, Params]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,11 @@ class Generator:
 
   def lr_multipliers(self, gen_params: Params) -> Params | None:
     """Per-leaf factors on the learning rate (a pytree like `gen_params`), or None for all 1."""
+    return None
+
+  def moment_injection(self) -> MomentInjection | None:
+    """`fn(params, gen_state) -> (keep, target)`, or None: before each Adam update, every entry
+    where `keep` is 0 gets `mu <- b1 mu + (1 - b1) target` (see `step.scale_by_adam_injected`)."""
     return None
 
   def materialize(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> Params:

@@ -134,7 +134,8 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
       spec.init_params, teacher_params)
   tx = step_lib.make_optimizer(train.optim, steps, gen_shapes,
                                generator.gradient_transform(gen_state_shapes),
-                               generator.lr_multipliers(gen_shapes))
+                               generator.lr_multipliers(gen_shapes),
+                               generator.moment_injection())
 
   def init_state(init_params, t_params):
     return step_lib.init_state(generator, tx, cfg.seed, t_params, StudentSpec(spec.config, init_params))
@@ -362,7 +363,8 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config,
     return {"teacher_heads": teacher.config.num_heads, "student_heads": cfg.student.num_heads,
             "strategy": method.wid_strategy,
             "w_step": method.wid_w_step or max(1, phase1_steps // 20),
-            "l2_lambda": method.wid_lambda, "teacher_lr_scale": method.wid_teacher_lr_scale,
+            "l2_lambda": method.wid_lambda, "surgery": method.wid_surgery,
+            "teacher_lr_scale": method.wid_teacher_lr_scale,
             "layer_map": method.layer_map or "every_k"}
   return {}
 

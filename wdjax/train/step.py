@@ -25,7 +25,7 @@ import optax
 
 from wdjax import losses
 from wdjax.config import KDConfig, OptimConfig
-from wdjax.generators.base import Generator, StudentSpec
+from wdjax.generators.base import Generator, MomentInjection, StudentSpec
 from wdjax.train.mesh import path_str
 
 Params = Any
@@ -69,17 +69,44 @@ def scale_by_tree(factors: Params) -> optax.GradientTransformation:
           jax.tree_util.tree_map(lambda u, f: u * f, updates, factors), state))
 
 
+def scale_by_adam_injected(b1: float, b2: float, eps: float, inject: MomentInjection
+                          ) -> optax.GradientTransformationExtraArgs:
+  """`optax.scale_by_adam`, whose first moment is nudged before each update where the
+  generator's `keep` is 0: `mu <- b1 mu + (1 - b1) target` (WID's momentum-form surgery, §3.4;
+  unlike the reference, entries with `keep = 1` are left alone). `inject(params, gen_state)`
+  reads the `gen_state` extra argument the training step passes."""
+  inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+  def update_fn(updates, state, params=None, *, gen_state=None, **extra):
+    del extra
+    keep, target = inject(params, gen_state)
+    mu = jax.tree_util.tree_map(
+        lambda m, k, t: jnp.where(k > 0, m, b1 * m + (1 - b1) * t).astype(m.dtype),
+        state.mu, keep, target)
+    return inner.update(updates, state._replace(mu=mu), params)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
 def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
                    extra: optax.GradientTransformation | None = None,
-                   lr_factors: Params | None = None) -> optax.GradientTransformation:
+                   lr_factors: Params | None = None,
+                   inject: MomentInjection | None = None) -> optax.GradientTransformation:
   """AdamW with warm-up and decay, decay on matrices only, optional frozen paths, extra surgery
-  (first, on the raw gradients) and per-leaf learning-rate factors (last)."""
+  (first, on the raw gradients), an optional nudge of Adam's first moment (`inject`) and
+  per-leaf learning-rate factors (last)."""
   decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
   if extra is not None:
     parts.append(extra)
-  parts.append(optax.adamw(schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay, mask=decay_mask))
+  lr = schedule(optim, total_steps)
+  if inject is None:
+    parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, mask=decay_mask))
+  else:  # optax.adamw's own chain, with the injecting Adam
+    parts += [scale_by_adam_injected(optim.b1, optim.b2, optim.eps, inject),
+              optax.add_decayed_weights(optim.weight_decay, decay_mask),
+              optax.scale_by_learning_rate(lr)]
   if lr_factors is not None:
     parts.append(scale_by_tree(lr_factors))
   tx = optax.chain(*parts)
