@@ -190,3 +190,36 @@ def test_unlabelled_examples_enter_the_kd_term_only():
                            label_weights=jnp.array([1.0, 0.0]))
   np.testing.assert_allclose(parts["ce"], losses.cross_entropy(s[:1], labels[:1], w[:1]), rtol=1e-6)
   np.testing.assert_allclose(parts["kd"], losses.kd_kl(s, t, 2.0, w), rtol=1e-6)
+
+
+def test_mlm_masking_follows_bert_recipe_and_is_a_function_of_the_step():
+  from wdjax.data.mlm import MlmMasking
+  rng = np.random.default_rng(0)
+  b, seq, vocab = 4000, 40, 1000
+  lengths = rng.integers(3, seq + 1, b)
+  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+  ids = np.where(mask > 0, rng.integers(10, vocab, (b, seq)), 0).astype(np.int32)
+  ids[:, 0] = 1  # [CLS]
+  ids[np.arange(b), lengths - 1] = 2  # [SEP]
+  batch = {"input_ids": ids, "attention_mask": mask, "weights": np.ones(b, np.float32)}
+  masking = MlmMasking(mask_id=3, vocab_size=vocab, special_ids=(0, 1, 2, 3), max_predictions=6)
+  out = masking(batch, step=5)
+  used = out["label_weights"] > 0
+  rows = np.arange(b)[:, None]
+  # 15% of the ordinary tokens (at least 1, at most 6), never a special token, no repeats.
+  n_ordinary = lengths - 2
+  np.testing.assert_array_equal(used.sum(1), np.clip(np.round(0.15 * n_ordinary), 1, 6))
+  np.testing.assert_array_equal(out["labels"][used], ids[rows, out["mlm_positions"]][used])
+  assert not np.isin(out["labels"][used], (0, 1, 2, 3)).any()
+  pos = np.where(used, out["mlm_positions"], -1 - np.arange(6)[None])
+  assert all(len(set(r)) == 6 for r in pos)
+  # 80% [MASK], 10% random, 10% unchanged; nothing else changes.
+  new = out["input_ids"][rows, out["mlm_positions"]][used]
+  frac_mask = np.mean(new == 3)
+  frac_same = np.mean(new == out["labels"][used])
+  assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.02  # ~0.1% of same by chance
+  changed = out["input_ids"] != ids
+  assert changed.sum() <= used.sum() and not changed[out["attention_mask"] == 0].any()
+  # Dynamic but reproducible: same step, same masks; next step, others.
+  np.testing.assert_array_equal(masking(batch, 5)["input_ids"], out["input_ids"])
+  assert (masking(batch, 6)["mlm_positions"] != out["mlm_positions"]).any()

@@ -159,3 +159,15 @@ def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path, minilm_dir):
   (bad / "model.safetensors").symlink_to(minilm_dir / "model.safetensors")
   with pytest.raises(WdjaxError, match=r"has shape \[30522, 384\] but the config needs \[30522, 768\]"):
     hf.load(bad)
+
+
+def test_mlm_logits_at_positions_equal_the_full_logits_there():
+  cfg = bert.EncoderConfig(vocab_size=99, hidden_size=48, num_layers=2, num_heads=6,
+                           intermediate_size=80, max_position_embeddings=64)
+  model = bert.build(cfg, "mlm", seed=3)
+  ids, mask = _batch(99, 0, lengths=(12, 7, 3))
+  pos = jnp.asarray([[0, 5, 11], [1, 2, 6], [0, 1, 2]], jnp.int32)
+  full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  some = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=pos))
+  np.testing.assert_allclose(some, np.take_along_axis(full, np.asarray(pos)[..., None], axis=1),
+                             rtol=1e-6, atol=1e-6)

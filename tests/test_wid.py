@@ -1,6 +1,8 @@
 """WID (methods.md §3): compactors, mask schedule, gradient surgery, exact cut-and-merge."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +26,20 @@ STUDENTS = {"dim": dict(hidden_size=24, num_heads=4, intermediate_size=40),
             "head": dict(hidden_size=24, num_heads=2, intermediate_size=40)}
 
 
-def _params(cfg, seed):
-  return nnx.to_pure_dict(nnx.state(bert.build(cfg, seed=seed)))
+def _params(cfg, seed, head="classifier"):
+  return nnx.to_pure_dict(nnx.state(bert.build(cfg, head, seed=seed)))
 
 
-def _wid(t_cfg, t_params, s_cfg, **options):
-  init = _params(s_cfg, 1)
+def _wid(t_cfg, t_params, s_cfg, head="classifier", **options):
+  init = _params(s_cfg, 1, head)
   gen = generators.make("wid", init, t_params, teacher_heads=t_cfg.num_heads,
                         student_heads=s_cfg.num_heads, **options)
   gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
   return gen, gen_params, gen_state
 
 
-def _forward(cfg, params, ids, **kwargs):
-  model = nnx.merge(nnx.split(bert.build(cfg))[0], params)
+def _forward(cfg, params, ids, head="classifier", **kwargs):
+  model = nnx.merge(nnx.split(bert.build(cfg, head))[0], params)
   return model(ids, jnp.ones_like(ids), **kwargs)
 
 
@@ -100,11 +102,14 @@ def _zero_masked(gen, gp, gs):
   return jax.tree_util.tree_map(lambda p, k: p * k, gp, keep)
 
 
-@pytest.mark.parametrize("strategy,layers", [("dim", 2), ("head", 2), ("dim", 1)])
-def test_cut_student_equals_the_masked_training_network(strategy, layers):
-  t_params = _params(SMALL, 0)
+@pytest.mark.parametrize("strategy,layers,head", [("dim", 2, "classifier"), ("head", 2, "classifier"),
+                                                  ("dim", 1, "classifier"), ("dim", 2, "mlm")])
+def test_cut_student_equals_the_masked_training_network(strategy, layers, head):
+  """Also for the masked-LM network of task-agnostic WID (its head's dense and LayerNorm live in
+  the hidden space: the decoder is tied to the cut word embeddings)."""
+  t_params = _params(SMALL, 0, head)
   s_cfg = dataclasses.replace(SMALL, num_layers=layers, **STUDENTS[strategy])
-  gen, gp, gs = _wid(SMALL, t_params, s_cfg, strategy=strategy, w_step=1)
+  gen, gp, gs = _wid(SMALL, t_params, s_cfg, head, strategy=strategy, w_step=1)
   key = iter(jax.random.split(jax.random.key(5), 200))
   gp = jax.tree_util.tree_map(lambda c: c + 0.05 * jax.random.normal(next(key), c.shape), gp)
   gs = gen.update_state(gp, gs, jnp.asarray(16))  # k = 16: every space at its target size
@@ -112,12 +117,12 @@ def test_cut_student_equals_the_masked_training_network(strategy, layers):
     assert int(np.sum(np.asarray(m))) == gen.space_size(space)[1], space
   gp = _zero_masked(gen, gp, gs)
   ids = _ids()
-  train_out = _forward(gen.training_config(s_cfg), gen.generate(gp, t_params, gs), ids,
+  train_out = _forward(gen.training_config(s_cfg), gen.generate(gp, t_params, gs), ids, head,
                        **gen.model_kwargs(gs))
   student = gen.materialize(gp, t_params, gs)
-  shapes = jax.tree_util.tree_map(jnp.shape, _params(s_cfg, 0))
+  shapes = jax.tree_util.tree_map(jnp.shape, _params(s_cfg, 0, head))
   assert jax.tree_util.tree_map(jnp.shape, student) == shapes
-  np.testing.assert_allclose(_forward(s_cfg, student, ids), train_out, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(_forward(s_cfg, student, ids, head), train_out, atol=1e-5, rtol=1e-5)
 
 
 def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
@@ -192,3 +197,35 @@ def test_head_layouts_that_do_not_fit_are_refused():
   with pytest.raises(ValueError, match="needs 2 heads"):
     _wid(SMALL, t_params, dataclasses.replace(SMALL, hidden_size=24, num_heads=4,
                                               intermediate_size=40), strategy="head")
+
+
+def test_task_agnostic_wid_fits_an_mlm_head_then_cuts_and_fine_tunes(tiny, minilm_dir):
+  """MiniLM ships no MLM head: one is fitted on the frozen encoder (only the head trains), WID
+  compresses the MLM network, and the cut student (an MLM model transformers loads with the
+  same logits) is fine-tuned with a new classifier head."""
+  import torch
+  import transformers
+
+  from wdjax.config import MethodConfig, StudentConfig
+  from wdjax.train import run
+  cfg = tiny(method=MethodConfig(name="wid", wid_objective="mlm", mlm_head_steps=12),
+             student=StudentConfig(num_layers=2, hidden_size=96, num_heads=12, intermediate_size=256))
+  cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
+  result = run.distill(cfg)
+  work = Path(cfg.workdir)
+  head = json.loads((work / "mlm_head" / "results.json").read_text())
+  assert head["trainable_params"] == 384 * 384 + 384 + 2 * 384 + 30522  # the head alone
+  first = result["phase1"]
+  assert first["phase"] == "distill_wid_mlm" and result["phase"] == "distill_wid_mlm_phase2"
+  assert first["model_params"] > result["model_params"]  # the MLM student carries its head
+  # The exported cut MLM student is a plain 2x96 BertForMaskedLM with our logits.
+  s_cfg, s_params, fresh = hf.load(work / "distill_wid_mlm" / "model", head="mlm")
+  assert fresh == [] and (s_cfg.hidden_size, s_cfg.num_heads) == (96, 12)
+  ids = _ids(30522, (2, 9))
+  ours = np.asarray(_forward(s_cfg, s_params, ids, "mlm"))
+  ref = transformers.BertForMaskedLM.from_pretrained(work / "distill_wid_mlm" / "model").eval()
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(np.asarray(ids))).logits.numpy()
+  np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+  c_cfg, _, fresh = hf.load(work / "distill_wid_mlm_phase2" / "model")
+  assert fresh == [] and c_cfg.hidden_size == 96 and c_cfg.num_labels == 2

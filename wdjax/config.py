@@ -106,14 +106,18 @@ class MethodConfig:
   wid_strategy: str = "dim"  # wid: "dim" narrows every head | "head" drops whole heads
   wid_w_step: int = 0  # wid: steps between mask boundaries (0 = phase-1 steps // 20: done at 80%)
   wid_lambda: float = 20.0  # wid: penalty on masked compactor rows/columns
+  wid_objective: str = "task"  # wid: "task" (compactors on the task loss) | "mlm" (task-agnostic)
+  mlm_head_steps: int = 300  # wid mlm: steps that fit an MLM head to a teacher that ships none
   wid_surgery: str = "momentum"  # wid: "momentum" (the reference's form) | "clean" (g' = lambda p)
   wid_teacher_lr_scale: float = 0.02  # wid: teacher weights' lr / compactors' lr (1e-6 / 5e-5)
   pca_batches: int = 8  # map_init=pca: training batches of teacher activations to decompose
 
   @property
   def label(self) -> str:
-    """Short name of the method as configured: kd, kd_selection, ws, gws, wd."""
-    return "kd_selection" if self.name == "kd" and self.init == "selection" else self.name
+    """Short name of the method as configured: kd, kd_selection, ws, gws, wd, wid, wid_mlm."""
+    if self.name == "kd" and self.init == "selection":
+      return "kd_selection"
+    return "wid_mlm" if self.name == "wid" and self.wid_objective == "mlm" else self.name
 
 
 @dataclasses.dataclass(frozen=True)

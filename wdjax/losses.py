@@ -17,9 +17,10 @@ def _mean(x: Array, weights: Array) -> Array:
 
 
 def cross_entropy(logits: Array, labels: Array, weights: Array) -> Array:
-  """Mean CE of `logits [batch, classes]` against integer `labels [batch]`."""
+  """Mean CE of `logits [..., classes]` against integer `labels [...]` (`[batch]` for a
+  classifier, `[batch, k]` for masked-LM predictions), weighted by `weights [...]`."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
   return _mean(nll, weights)
 
 

@@ -42,6 +42,7 @@ ROLE_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"classifier/kernel$", ("pooled", None)),
     (r"classifier/bias$", (None,)),
     (r"mlm_dense/kernel$", ("hidden", "hidden")),
+    (r"mlm_dense/bias$", ("hidden",)),
     (r"mlm_bias$", (None,)),
 )
 

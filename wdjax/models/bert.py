@@ -314,9 +314,17 @@ class MaskedLM(nnx.Module):
     self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, dropout_key: Array | None = None) -> Array:
-    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key)
-    h = self.mlm_ln(jax.nn.gelu(self.mlm_dense(h), approximate=False)).astype(self.cfg.compute_dtype)
+               *, dropout_key: Array | None = None, positions: Array | None = None,
+               hidden_keep: Array | None = None) -> Array:
+    """Logits `[batch, seq, vocab]`, or `[batch, k, vocab]` at `positions [batch, k]` only (the
+    head then costs k, not seq, vocabulary projections). `hidden_keep` as in `Encoder`; the
+    head's LayerNorm lives in the hidden space too (the decoder is tied to the embeddings)."""
+    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key,
+                     hidden_keep=hidden_keep)
+    if positions is not None:
+      h = jnp.take_along_axis(h, positions[..., None], axis=1)
+    h = _norm(self.mlm_ln, jax.nn.gelu(self.mlm_dense(h), approximate=False), hidden_keep)
+    h = h.astype(self.cfg.compute_dtype)
     table = self.encoder.embeddings.word.embedding[...].astype(self.cfg.compute_dtype)
     return (h @ table.T).astype(jnp.float32) + self.mlm_bias[...]
 

@@ -21,13 +21,18 @@ from flax import nnx
 
 from wdjax import assets, config as config_lib
 from wdjax.config import Config, TrainConfig
-from wdjax.data import pipeline, tasks
+from wdjax.data import mlm, pipeline, tasks
+from wdjax.data.mlm import MlmMasking
 from wdjax.errors import WdjaxError
 from wdjax import generators
 from wdjax.generators import Generator, Identity, StudentSpec, param_count
 from wdjax.models import bert, hf
 from wdjax.train import checkpoint as ckpt_lib, loop, mesh as mesh_lib, step as step_lib
 from wdjax.train.evaluate import Predictor
+from wdjax.train.objectives import Classification, MaskedLanguageModel
+
+Objective = Classification | MaskedLanguageModel
+CLASSIFICATION = Classification()
 from wdjax.train.metrics import MetricWriter
 
 Params = Any
@@ -98,10 +103,12 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task,
                 spec: StudentSpec, generator: Generator, teacher: Model | None,
-                tokenizer_dir: Path, log=print, export_only: bool = False) -> dict:
+                tokenizer_dir: Path, log=print, export_only: bool = False,
+                objective: Objective = CLASSIFICATION) -> dict:
   """Train `generator`'s parameters for one phase, export the dense model, report accuracies.
 
   With `export_only`, training is skipped: the latest checkpoint is materialised and exported.
+  `objective` picks the head and loss (classification, or masked-LM on the task's text).
   """
   out = phase_dir(cfg, phase)
   results_path = out / "results.json"
@@ -121,11 +128,12 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
   if teacher is not None:
     teacher_sh = mesh_lib.param_shardings(teacher.params, mesh, cfg.mesh.fsdp)
     teacher_params = jax.device_put(teacher.params, teacher_sh)
-  student_graph = nnx.split(bert.build(generator.training_config(spec.config)))[0]
-  export_apply = step_lib.classifier_apply(nnx.split(bert.build(spec.config))[0])
-  student_apply = step_lib.classifier_apply(student_graph)
+  head = objective.head
+  student_graph = nnx.split(bert.build(generator.training_config(spec.config), head))[0]
+  export_apply = objective.apply(nnx.split(bert.build(spec.config, head))[0])
+  student_apply = objective.apply(student_graph)
   teacher_apply = None
-  if teacher is not None and cfg.kd.alpha > 0:
+  if teacher is not None and cfg.kd.alpha > 0 and head == "classifier":
     teacher_cfg = dataclasses.replace(teacher.config, dtype=cfg.teacher.dtype)
     teacher_apply = step_lib.classifier_apply(nnx.split(bert.build(teacher_cfg))[0])
 
@@ -152,12 +160,13 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
-  student_predictor = Predictor(export_apply, mesh, student_sh, train.eval_batch_size,
-                                cfg.data.pad_to_multiple)
+  student_predictor = objective.predictor(export_apply, mesh, student_sh, train.eval_batch_size,
+                                         cfg.data.pad_to_multiple)
 
   checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  meta = {"phase": phase, "fingerprint": _fingerprint(cfg, train, distilling=teacher is not None),
+  meta = {"phase": phase, "fingerprint": dict(_fingerprint(cfg, train, distilling=teacher is not None),
+                                              objective=repr(objective)),
           "teacher": {"path": str(teacher.tokenizer_dir), "sha256": teacher.sha256} if teacher else None,
           "total_steps": steps}
   latest = checkpointer.latest_step()
@@ -208,7 +217,7 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
           log=lambda m: log(f"[{phase}] {m}"))
 
     def get_batch(i):
-      batch = batches.batch(i)
+      batch = objective.prepare(batches.batch(i), i)
       if logits_cache is not None:
         batch["teacher_logits"] = logits_cache[batch["index"]]
       return mesh_lib.put_batch({k: v for k, v in batch.items() if k != "index"}, mesh)
@@ -236,9 +245,10 @@ def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task
     results[f"{split}_accuracy"] = scores["accuracy"]
     results[f"{split}_loss"] = scores["loss"]
   if jax.process_index() == 0:
-    hf.export(out / "model", spec.config, student, tokenizer_dir=tokenizer_dir,
-              extra={"id2label": dict(enumerate(task.label_names)),
-                     "label2id": {n: i for i, n in enumerate(task.label_names)}})
+    labels = {"id2label": dict(enumerate(task.label_names)),
+              "label2id": {n: i for i, n in enumerate(task.label_names)}}
+    hf.export(out / "model", spec.config, student, head, tokenizer_dir=tokenizer_dir,
+              extra=labels if head == "classifier" else None)
     tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(results_path)
@@ -297,22 +307,21 @@ def distill(cfg: Config, phase: str = "", log=print, export_only: bool = False) 
   if len(task.label_names) != teacher.config.num_labels:
     raise WdjaxError(f"the teacher at {teacher_dir} has {teacher.config.num_labels} labels, the data "
                      f"{len(task.label_names)}; they must match")
+  method = cfg.method
+  if method.name == "wid" and method.wid_objective not in ("task", "mlm"):
+    raise WdjaxError(f"method.wid_objective must be 'task' or 'mlm', got {method.wid_objective!r}")
+  if method.name == "wid" and method.wid_objective == "mlm":
+    return _distill_wid_mlm(cfg, phase, teacher, task, log, export_only)
   s_cfg = student_config(cfg, teacher.config)
   init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=cfg.seed)))
-  method = cfg.method
   if method.name == "kd" and method.init == "selection":
     init = generators.select(teacher.params, init, method.layer_map or "every_k")
   elif method.init != "random":
     raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
   # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
   # total budget); WID's mask schedule is laid out over phase 1's length.
-  steps = total_steps(cfg.distill, len(task.train) // cfg.distill.batch_size)
-  steps1 = max(1, int(round(method.phase1_fraction * steps))) if method.name in TWO_PHASE else steps
-  try:
-    generator = generators.make(method.name, init, teacher.params,
-                                **generator_options(method, teacher, task, cfg, steps1))
-  except ValueError as e:  # a layer map or option that does not fit these shapes
-    raise WdjaxError(f"method {method.name}: {e}") from None
+  steps, steps1 = _phase_steps(cfg, task)
+  generator = _generator(method, init, teacher, task, cfg, steps1)
   spec = StudentSpec(s_cfg, init)
   if method.name not in TWO_PHASE:
     return train_phase(cfg, phase=phase, train=cfg.distill, task=task, spec=spec,
@@ -324,13 +333,89 @@ def distill(cfg: Config, phase: str = "", log=print, export_only: bool = False) 
   if export_only or steps1 >= steps:
     return first
   _, generated, _ = hf.load(phase_dir(cfg, phase) / "model")
-  optim2 = dataclasses.replace(cfg.distill.optim, lr=method.phase2_lr or cfg.distill.optim.lr)
+  return _phase2(cfg, phase, first, StudentSpec(s_cfg, generated), teacher, task, steps - steps1, log)
+
+
+def _phase_steps(cfg: Config, task: tasks.Task) -> tuple[int, int]:
+  """(total distill steps, phase-1 steps): two-phase methods split the one budget."""
+  steps = total_steps(cfg.distill, len(task.train) // cfg.distill.batch_size)
+  if cfg.method.name not in TWO_PHASE:
+    return steps, steps
+  return steps, max(1, int(round(cfg.method.phase1_fraction * steps)))
+
+
+def _generator(method, init: Params, teacher: Model, task: tasks.Task, cfg: Config,
+               steps1: int) -> Generator:
+  try:
+    return generators.make(method.name, init, teacher.params,
+                           **generator_options(method, teacher, task, cfg, steps1))
+  except ValueError as e:  # a layer map or option that does not fit these shapes
+    raise WdjaxError(f"method {method.name}: {e}") from None
+
+
+def _phase2(cfg: Config, phase: str, first: dict, spec: StudentSpec, teacher: Model,
+            task: tasks.Task, steps: int, log) -> dict:
+  """Fine-tune phase 1's student on the task (KD from the task teacher if kd.alpha > 0)."""
+  optim2 = dataclasses.replace(cfg.distill.optim, lr=cfg.method.phase2_lr or cfg.distill.optim.lr)
   second = train_phase(cfg, phase=phase + "_phase2",
-                       train=dataclasses.replace(cfg.distill, steps=steps - steps1, optim=optim2),
-                       task=task, spec=StudentSpec(s_cfg, generated), generator=Identity(),
-                       teacher=teacher, tokenizer_dir=teacher_dir, log=log)
+                       train=dataclasses.replace(cfg.distill, steps=steps, optim=optim2),
+                       task=task, spec=spec, generator=Identity(), teacher=teacher,
+                       tokenizer_dir=teacher.tokenizer_dir, log=log)
   return dict(second, phase1=first, trainable_params=max(first["trainable_params"],
                                                           second["trainable_params"]))
+
+
+def mlm_teacher(cfg: Config, task: tasks.Task, masking: MlmMasking, log) -> Model:
+  """The *pretrained* teacher (`teacher.model`) with a masked-LM head.
+
+  sentence-transformers checkpoints (MiniLM, MPNet) ship none, so the head (dense, GELU,
+  LayerNorm, bias; the decoder is tied to the word embeddings) is trained alone on the frozen
+  encoder, on the task's text, once per workdir (phase `mlm_head`, `method.mlm_head_steps` at
+  lr 1e-3). Frozen, because WID must start from the teacher's own encoder: the head only has to
+  read it out, and a head fitted to a fixed encoder is what the pretrained model would have had.
+  """
+  model_dir = assets.path(cfg.teacher.model, cfg.cache_dir)
+  t_cfg, params, fresh = hf.load(model_dir, head="mlm")
+  if not fresh:  # the checkpoint has its MLM head
+    return Model(t_cfg, params, model_dir, assets.sha256_file(model_dir / "model.safetensors"))
+  head_cfg = dataclasses.replace(cfg, seed=0)  # one head per workdir, whatever the run's seed
+  optim = dataclasses.replace(cfg.distill.optim, lr=1e-3, frozen=(r"^encoder/",))
+  train = dataclasses.replace(cfg.distill, steps=cfg.method.mlm_head_steps, optim=optim)
+  result = train_phase(head_cfg, phase="mlm_head", train=train, task=task,
+                       spec=StudentSpec(t_cfg, params), generator=Identity(), teacher=None,
+                       tokenizer_dir=model_dir, log=log, objective=MaskedLanguageModel(masking))
+  log(f"[mlm_head] masked-token accuracy of the pretrained teacher: validation "
+      f"{result['validation_accuracy']:.3f}")
+  t_cfg, params, _ = hf.load(phase_dir(head_cfg, "mlm_head") / "model", head="mlm")
+  return Model(t_cfg, params, model_dir,
+               assets.sha256_file(phase_dir(head_cfg, "mlm_head") / "model" / "model.safetensors"))
+
+
+def _distill_wid_mlm(cfg: Config, phase: str, task_teacher: Model, task: tasks.Task, log,
+                     export_only: bool) -> dict:
+  """Task-agnostic WID (methods.md §3.4): phase 1 trains the compactors of the *pretrained*
+  teacher on masked-LM alone (the task's text, no labels, no teacher outputs); the cut student
+  (encoder + MLM head) is then fine-tuned on the task with a fresh classifier head."""
+  method = cfg.method
+  masking = mlm.masking_for(task_teacher.tokenizer_dir, task_teacher.config.vocab_size,
+                            seed=cfg.seed)
+  teacher = mlm_teacher(cfg, task, masking, log)
+  s_cfg = student_config(cfg, teacher.config)
+  init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, "mlm", seed=cfg.seed)))
+  steps, steps1 = _phase_steps(cfg, task)
+  generator = _generator(method, init, teacher, task, cfg, steps1)
+  first = train_phase(cfg, phase=phase, train=dataclasses.replace(cfg.distill, steps=steps1),
+                      task=task, spec=StudentSpec(s_cfg, init), generator=generator,
+                      teacher=teacher, tokenizer_dir=teacher.tokenizer_dir, log=log,
+                      export_only=export_only, objective=MaskedLanguageModel(masking))
+  if export_only or steps1 >= steps:
+    return first
+  s_cls = dataclasses.replace(s_cfg, num_labels=task_teacher.config.num_labels)
+  _, encoder, fresh = hf.load(phase_dir(cfg, phase) / "model", seed=cfg.seed,
+                              num_labels=task_teacher.config.num_labels)
+  log(f"[{phase}_phase2] new task head: {', '.join(fresh)}")
+  return _phase2(cfg, phase, first, StudentSpec(s_cls, encoder), task_teacher, task,
+                 steps - steps1, log)
 
 
 TWO_PHASE = ("wd", "wid")  # methods whose phase 1 trains a generator and phase 2 the student

@@ -1,0 +1,89 @@
+"""What a phase trains for: sequence classification (the default) or masked language modelling.
+
+An objective names the model head, builds the apply function the step differentiates, turns a
+host batch into the batch that apply function and the loss expect, and scores a split (accuracy
+and mean loss; for MLM over the masked tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wdjax.data import pipeline
+from wdjax.data.mlm import MlmMasking
+from wdjax.data.tokenize import TokenizedSplit
+from wdjax.train import mesh as mesh_lib
+from wdjax.train import step as step_lib
+from wdjax.train.evaluate import Predictor, device_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+  head = "classifier"
+
+  def apply(self, graphdef) -> step_lib.ApplyFn:
+    return step_lib.classifier_apply(graphdef)
+
+  def prepare(self, batch: dict, step: int) -> dict:
+    del step
+    return batch
+
+  def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
+    return Predictor(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLanguageModel:
+  """BERT-style MLM on the task's text (labels unused); logits only at the masked positions."""
+
+  masking: MlmMasking
+  head = "mlm"
+
+  def apply(self, graphdef) -> step_lib.ApplyFn:
+    from flax import nnx
+
+    def apply(params, batch, dropout_key, **kwargs):
+      model = nnx.merge(graphdef, params)
+      return model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key,
+                   positions=batch["mlm_positions"], **kwargs)  # [batch, k, vocab]
+
+    return apply
+
+  def prepare(self, batch: dict, step: int) -> dict:
+    return self.masking(batch, step)
+
+  def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
+    return MlmPredictor(self.masking, apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
+
+
+class MlmPredictor:
+  """Masked-token accuracy and cross-entropy over a split, with the same masks every call."""
+
+  def __init__(self, masking: MlmMasking, apply_fn, mesh, params_sharding: Any, batch_size: int,
+               pad_to_multiple: int):
+    self.masking = dataclasses.replace(masking, seed=masking.seed + 1)  # not the training masks
+    self.mesh, self.batch_size, self.pad_to_multiple = mesh, batch_size, pad_to_multiple
+
+    def sums(params, batch):
+      logits = apply_fn(params, batch, None)
+      logp = jax.nn.log_softmax(logits, axis=-1)
+      nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+      w = batch["label_weights"]
+      hit = (logits.argmax(-1) == batch["labels"]) * w
+      return jnp.stack([jnp.sum(nll * w), jnp.sum(hit), jnp.sum(w)])
+
+    self._sums = jax.jit(sums, in_shardings=(params_sharding, mesh_lib.batch_sharding(mesh)),
+                         out_shardings=mesh_lib.replicated(mesh))
+
+  def scores(self, params: Any, split: TokenizedSplit) -> dict[str, float]:
+    total = np.zeros(3)
+    for i, batch in enumerate(pipeline.eval_batches(split, self.batch_size,
+                                                    pad_to_multiple=self.pad_to_multiple)):
+      total += np.asarray(self._sums(params, device_batch(self.masking(batch, i), self.mesh)))
+    n = max(total[2], 1.0)
+    return {"accuracy": float(total[1] / n), "loss": float(total[0] / n)}
