@@ -1,4 +1,4 @@
-"""The generator contract for weight selection, WS, GWS and WD on the real MiniLM teacher."""
+"""The generator contract for weight selection, WS, GWS, WD, WID and OPDF on the real MiniLM teacher."""
 
 import dataclasses
 
@@ -28,6 +28,8 @@ VARIANTS = {
     "wd": dict(mode="faithful"),
     "wd-lean": dict(mode="lean"),
     "wd-identity": dict(init="identity"),
+    # 384 -> 96 wide: OPDF's constraint is undefined across widths (test_opdf covers it).
+    "opdf": dict(n_cores=3, constraint_lambda=0.0),
 }
 # Generators whose training-time network is not the student (WID trains at the teacher's width).
 # w_step > the steps run: a boundary 1 step after an identity init ranks near-tied norms, and a
@@ -166,7 +168,7 @@ def _steps(setup, variant, mesh, n=2):
   return jax.device_get(state), teacher, grads_seen
 
 
-@pytest.mark.parametrize("variant", ["ws", "gws-row", "wd-lean", "wid"])
+@pytest.mark.parametrize("variant", ["ws", "gws-row", "wd-lean", "wid", "opdf"])
 def test_training_moves_only_generator_leaves_and_never_the_teacher(setup, variant):
   _, t_params, _, _ = setup
   state, teacher, before = _steps(setup, variant, mesh_lib.make_mesh(1, 1, jax.devices()[:1]))
@@ -178,7 +180,7 @@ def test_training_moves_only_generator_leaves_and_never_the_teacher(setup, varia
   assert jax.tree_util.tree_structure(state["params"]) == jax.tree_util.tree_structure(before)
 
 
-@pytest.mark.parametrize("variant", ["ws", "wd", "wid"])
+@pytest.mark.parametrize("variant", ["ws", "wd", "wid", "opdf"])
 def test_sharded_generator_step_equals_single_device(setup, variant):
   one, _, _ = _steps(setup, variant, mesh_lib.make_mesh(1, 1, jax.devices()[:1]))
   many, _, _ = _steps(setup, variant, mesh_lib.make_mesh(4, 2))

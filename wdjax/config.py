@@ -91,7 +91,7 @@ class KDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-  name: str = "kd"  # kd | select | ws | gws | wd | wid (see wdjax/generators/__init__.py)
+  name: str = "kd"  # kd | select | ws | gws | wd | wid | opdf (see wdjax/generators/__init__.py)
   init: str = "random"  # kd: the student's starting weights, "random" or "selection" (of the teacher)
   layer_map: str = ""  # teacher layers per student layer: every_k | contiguous | first_n | uniform ("" = the method's own)
   sharing: str = "role"  # ws/gws: maps shared per space ("role") or one per tensor axis ("tensor")
@@ -110,6 +110,9 @@ class MethodConfig:
   mlm_head_steps: int = 300  # wid mlm: steps that fit an MLM head to a teacher that ships none
   wid_surgery: str = "momentum"  # wid: "momentum" (the reference's form) | "clean" (g' = lambda p)
   wid_teacher_lr_scale: float = 0.02  # wid: teacher weights' lr / compactors' lr (1e-6 / 5e-5)
+  opdf_cores: int = 5  # opdf: cores per matrix (2 = the SVD ablation, 5 = Theseus's, 7 = LGTM's)
+  opdf_lambda: float = -1.0  # opdf: constraint-loss weight (-1 = the paper's 1e-4 / student layers)
+  opdf_start: str = "selection"  # opdf: student's starting weights: teacher layers | "random"
   pca_batches: int = 8  # map_init=pca: training batches of teacher activations to decompose
 
   @property

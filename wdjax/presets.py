@@ -55,3 +55,14 @@ def with_method(cfg: Config, lr: float | None = None, **method) -> Config:
   distill = cfg.distill if lr is None else dataclasses.replace(
       cfg.distill, optim=dataclasses.replace(cfg.distill.optim, lr=lr))
   return dataclasses.replace(cfg, method=MethodConfig(**method), distill=distill)
+
+
+SAME_WIDTH = {  # the teacher's width and heads at half its depth (OPDF's setting)
+    "cpu": dict(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536),
+    "gpu": dict(num_layers=6, hidden_size=768, num_heads=12, intermediate_size=3072),
+}
+
+
+def same_width(cfg: Config, hardware: str) -> Config:
+  """`cfg` with the student at the teacher's width, half its depth (cpu 3x384, gpu 6x768)."""
+  return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, **SAME_WIDTH[hardware]))

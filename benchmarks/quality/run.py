@@ -6,7 +6,8 @@
 
 It fine-tunes the teacher once (seed 0) and trains, for each seed, the student by: CE from
 scratch, logit KD from scratch, weight selection + KD, WS, GWS, WD (phase 1 + 2) and WID
-(compactors, then the cut student fine-tuned), each from
+(compactors on the task loss or, task-agnostic, on masked-LM; then the cut student fine-tuned),
+each from
 its config file in `configs/` (so the numbers are what `wdjax distill configs/<m>.py` gives).
 All runs live in the preset's workdir and resume like any other run. It writes
 `benchmarks/quality/results_<hardware>.json`, `.md` (mean +- std test accuracy, trainable
@@ -29,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from wdjax import config as config_lib
+from wdjax import config as config_lib, presets
 from wdjax.models import bert, hf
 from wdjax.train import run as run_lib
 
@@ -42,10 +43,18 @@ METHODS = {  # label -> (config file, extra --set assignments)
     "select+kd": ("select_kd.py", []),
     "ws": ("ws.py", []),
     "gws": ("gws.py", []),
+    # WD as configs/wd.py runs it: identity-initialised maps (an extension, methods.md 1.9)
     "wd": ("wd.py", []),
-    # WD with the function-preserving start (an extension: methods.md 1.9), phase-1 lr 1e-4
-    "wd-identity": ("wd.py", ["method.wd_init=identity", "distill.optim.lr=1e-4"]),
+    # WD as the paper initialises it: xavier-normal maps, phase-1 lr 3e-4
+    "wd-paper": ("wd.py", ["method.wd_init=xavier", "distill.optim.lr=3e-4"]),
     "wid": ("wid.py", []),
+    # task-agnostic WID: compactors on masked-LM over the task's text, then fine-tuned
+    "wid-mlm": ("wid.py", ["method.wid_objective=mlm"]),
+    # OPDF's own setting: a half-depth student at the teacher's width (3x384 on cpu), from the
+    # teacher's layers; its baseline is KD alone on that student, and the ablation drops the loss
+    "kd-384": ("select_kd.py", ["SAME_WIDTH"]),
+    "opdf": ("opdf.py", []),
+    "opdf-noloss": ("opdf.py", ["method.opdf_lambda=0"]),
 }
 
 
@@ -88,8 +97,11 @@ def main():
     file, extra = METHODS[label]
     runs = []
     for seed in args.seeds:
+      sets = [a for a in extra if a != "SAME_WIDTH"]
+      if "SAME_WIDTH" in extra:  # the teacher's width at half its depth (presets.same_width)
+        sets += [f"student.{k}={v}" for k, v in presets.SAME_WIDTH[args.hardware].items()]
       cfg = config_lib.load(f"{ROOT}/configs/{file}:{args.hardware}",
-                            extra + args.set + [f"seed={seed}", f"teacher.path={teacher_dir}"])
+                            sets + args.set + [f"seed={seed}", f"teacher.path={teacher_dir}"])
       cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
       phase = f"quality_{label.replace('+', '_').replace('-', '_')}_s{seed}"
       t0 = time.time()
@@ -102,6 +114,7 @@ def main():
                    "test_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
                    "val_mean": float(np.mean([100 * r["validation_accuracy"] for r in runs])),
                    "trainable_params": runs[0]["trainable_params"],
+                   "student": f"{cfg.student.num_layers}x{cfg.student.hidden_size}",
                    "student_params": runs[0]["model_params"]}
 
   student_dir = Path(rows[next(iter(rows))]["runs"][0]["model"])
@@ -122,16 +135,17 @@ def markdown(info: dict, rows: dict) -> str:
   lat = info["latency_ms"]
   speed = {b: lat["teacher"][b] / lat["student"][b] for b in (1, 32)}
   lines = [
-      f"Rotten Tomatoes test accuracy, mean +- std over seeds {info['seeds']}; same student shape "
-      f"and step budget for every method; teacher {info['teacher_test']:.2f}.",
+      f"Rotten Tomatoes test accuracy, mean +- std over seeds {info['seeds']}; same step budget "
+      f"({info['budget_steps']} steps) for every method; teacher {info['teacher_test']:.2f}.",
       "",
-      "| method | test accuracy | val accuracy | trainable params (training) | trainable + Adam (fp32) "
-      "| student params |",
-      "|---|---|---|---|---|---|",
-      f"| teacher (fine-tuned) | {info['teacher_test']:.2f} | | | | {info['teacher_params'] / 1e6:.2f}M |",
+      "| method | student | test accuracy | val accuracy | trainable params (training) "
+      "| trainable + Adam (fp32) | student params |",
+      "|---|---|---|---|---|---|---|",
+      f"| teacher (fine-tuned) | | {info['teacher_test']:.2f} | | | | {info['teacher_params'] / 1e6:.2f}M |",
   ]
   for label, r in rows.items():
-    lines.append(f"| {label} | {r['test_mean']:.2f} +- {r['test_std']:.2f} | {r['val_mean']:.2f} | "
+    lines.append(f"| {label} | {r.get('student', '')} | {r['test_mean']:.2f} +- {r['test_std']:.2f} | "
+                 f"{r['val_mean']:.2f} | "
                  f"{r['trainable_params'] / 1e6:.2f}M | {12 * r['trainable_params'] / 2**20:.0f} MB | "
                  f"{r['student_params'] / 1e6:.2f}M |")
   lines += ["", f"CPU latency ({info['device']}, 64 tokens): teacher {lat['teacher'][1]:.1f} ms vs "

@@ -451,6 +451,10 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config,
             "l2_lambda": method.wid_lambda, "surgery": method.wid_surgery,
             "teacher_lr_scale": method.wid_teacher_lr_scale,
             "layer_map": method.layer_map or "every_k"}
+  if method.name == "opdf":
+    return {"n_cores": method.opdf_cores, "start": method.opdf_start,
+            "constraint_lambda": None if method.opdf_lambda < 0 else method.opdf_lambda,
+            "layer_map": method.layer_map or "every_k"}
   return {}
 
 

@@ -1,0 +1,138 @@
+"""OPDF (methods.md §2): exact MPO decomposition, canonical form, constraint loss, contraction."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wdjax import generators
+from wdjax.generators import StudentSpec, mpo, paths
+from wdjax.models import bert, hf
+
+# A random teacher (2 layers, 4 heads of 12) and a half-depth student of the same width.
+SMALL = bert.EncoderConfig(vocab_size=5000, hidden_size=48, num_layers=2, num_heads=4,
+                           intermediate_size=96, max_position_embeddings=64, hidden_dropout=0.0,
+                           attention_dropout=0.0)
+HALF = dataclasses.replace(SMALL, num_layers=1)
+
+
+def _params(cfg, seed):
+  return nnx.to_pure_dict(nnx.state(bert.build(cfg, seed=seed)))
+
+
+def _rel(a, b):
+  return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("n_cores", [2, 5, 7])
+def test_contraction_reproduces_random_and_real_matrices(minilm_dir, n_cores):
+  _, t_params, _ = hf.load(minilm_dir)
+  flat = paths.flatten(t_params)
+  rng = np.random.default_rng(n_cores)
+  matrices = [rng.standard_normal((96, 160)).astype(np.float32),
+              np.asarray(flat["encoder/layer_2/attn/q/kernel"]).T,  # [384, 384]
+              np.asarray(flat["encoder/layer_4/mlp/up/kernel"]).T]  # [1536, 384]
+  for w in matrices:
+    factors = mpo.factorize(*w.shape, n_cores)
+    cores = mpo.decompose(w, *factors)
+    assert [c.shape for c in cores] == mpo.core_shapes(*factors)
+    assert _rel(mpo.contract([jnp.asarray(c) for c in cores]), w) < 1e-5
+
+
+def test_trainable_sizes_match_the_reference_table():
+  """methods.md §2.2: 768x768 and 3072x768 with the reference's 2-, 5- and 7-core layouts."""
+  table = {(768, 768): (589_824, 921_600, 1_916_928, 2_580_480),
+           (3072, 768): (2_359_296, 3_686_400, 7_667_712, 10_321_920)}
+  for (rows, cols), (dense, *counts) in table.items():
+    assert rows * cols == dense
+    for n, want in zip((2, 5, 7), counts):
+      assert mpo.param_count(*mpo.factorize(rows, cols, n)) == want
+  assert mpo.factorize(768, 768, 5) == ((32, 1, 1, 1, 24), (32, 1, 1, 1, 24))
+  assert mpo.factorize(3072, 768, 7) == ((64, 1, 1, 1, 1, 1, 48), (32, 1, 1, 1, 1, 1, 24))
+
+
+def test_canonical_form_is_deterministic_orthonormal_and_sign_fixed():
+  w = np.random.default_rng(0).standard_normal((96, 160)).astype(np.float32)
+  factors = mpo.factorize(96, 160, 5)
+  a, b = mpo.decompose(w, *factors), mpo.decompose(w.copy(), *factors)
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  centre = 2
+  for k, core in enumerate(a):
+    d0, i, j, d1 = core.shape
+    if k < centre:  # left-orthonormal, each column's largest entry positive
+      m = core.reshape(d0 * i * j, d1).astype(np.float64)
+      np.testing.assert_allclose(m.T @ m, np.eye(d1), atol=1e-5)
+      assert (m[np.abs(m).argmax(0), np.arange(d1)] > 0).all()
+    elif k > centre:  # right-orthonormal
+      m = core.reshape(d0, i * j * d1).astype(np.float64)
+      np.testing.assert_allclose(m @ m.T, np.eye(d0), atol=1e-5)
+  # The centre carries the whole norm.
+  np.testing.assert_allclose(np.linalg.norm(a[centre]), np.linalg.norm(w), rtol=1e-5)
+
+
+def _opdf(t_params, s_cfg=HALF, **options):
+  init = _params(s_cfg, 1)
+  gen = generators.make("opdf", init, t_params, **options)
+  gp, gs = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
+  return gen, gp, gs, init
+
+
+def test_constraint_loss_has_gradient_on_exactly_the_auxiliary_cores():
+  t_params = _params(SMALL, 0)
+  gen, gp, gs, _ = _opdf(t_params, n_cores=5, constraint_lambda=1.0)
+  # Started from the teacher's layer 1 (the aligned one), the student's cores are the targets.
+  assert float(gen.aux_loss(gp, t_params, gs)) < 1e-10
+  key = iter(jax.random.split(jax.random.key(1), 100))
+  gp = jax.tree_util.tree_map(lambda x: x + 0.01 * jax.random.normal(next(key), x.shape), gp)
+  grads = paths.flatten(jax.grad(lambda p: gen.aux_loss(p, t_params, gs))(gp))
+  for path, g in grads.items():
+    nonzero = bool(np.any(np.asarray(g) != 0))
+    core = path.rsplit("/core_", 1)
+    want = path.startswith("cores/") and int(core[1]) != 2  # every core but the centre (k = 2)
+    assert nonzero == want, path
+  assert len([p for p in grads if p.startswith("cores/")]) == 6 * 5  # q k v o up down, 5 cores
+
+
+def test_student_starts_as_the_selected_teacher_layers_and_exports_what_it_trains(tmp_path):
+  """At init, the contracted student is the teacher's layer 1 (every_k) to 1e-5; `materialize`
+  is the training network, and the exported model computes it."""
+  t_params = _params(SMALL, 0)
+  gen, gp, gs, init = _opdf(t_params, n_cores=7)
+  student = gen.materialize(gp, t_params, gs)
+  selected = generators.select(t_params, init, "every_k")
+  for (p, a), b in zip(paths.flatten(student).items(), paths.flatten(selected).values()):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=p)
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, 5000, (3, 10)), jnp.int32)
+  model = nnx.merge(nnx.split(bert.build(HALF))[0], gen.generate(gp, t_params, gs))
+  want = np.asarray(model(ids, jnp.ones_like(ids)))
+  out = hf.export(tmp_path / "m", HALF, jax.device_get(student))
+  cfg, params, _ = hf.load(out)
+  got = np.asarray(nnx.merge(nnx.split(bert.build(cfg))[0], params)(ids, jnp.ones_like(ids)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Trainable size: 2.3-4.4x the dense matrices (here 48x48 and 96x48 at 7 cores).
+  n_cores = sum(x.size for x in jax.tree_util.tree_leaves(gp["cores"]))
+  n_dense = sum(np.size(paths.flatten(init)[p]) for p in gen.factors)
+  assert 2.0 < n_cores / n_dense < 4.5
+
+
+def test_width_mismatch_refuses_the_undefined_constraint():
+  t_params = _params(SMALL, 0)
+  narrow = dataclasses.replace(HALF, hidden_size=24, intermediate_size=48)
+  with pytest.raises(ValueError, match="constraint is undefined"):
+    _opdf(t_params, narrow, constraint_lambda=1e-4)
+  gen, gp, gs, _ = _opdf(t_params, narrow, constraint_lambda=0.0)
+  assert float(gen.aux_loss(gp, t_params, gs)) == 0.0
+
+
+def test_sharded_step_with_the_constraint_equals_single_device(monkeypatch):
+  import test_generators as contract
+  from conftest import tree_allclose
+  from wdjax.train import mesh as mesh_lib
+  monkeypatch.setitem(contract.VARIANTS, "opdf", dict(n_cores=5, constraint_lambda=1.0))
+  setup = (SMALL, _params(SMALL, 0), HALF, _params(HALF, 1))
+  one, _, _ = contract._steps(setup, "opdf", mesh_lib.make_mesh(1, 1, jax.devices()[:1]), n=3)
+  many, _, _ = contract._steps(setup, "opdf", mesh_lib.make_mesh(4, 2), n=3)
+  assert tree_allclose(one["params"], many["params"], rtol=1e-4, atol=1e-5)

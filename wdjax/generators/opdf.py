@@ -1,0 +1,115 @@
+"""OPDF: an over-parameterised student whose matrices train as exact MPO chains (methods.md §2)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wdjax.generators import paths
+from wdjax.generators.base import Generator, Params, StudentSpec
+from wdjax.generators.mpo import contract, core_shapes, decompose, factorize
+from wdjax.generators.select import SelectionPlan
+
+DECOMPOSED = r"encoder/layer_\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel$"
+
+
+def _host_decompose(w: jax.Array, i_factors, j_factors) -> list[jax.Array]:
+  """`decompose` as a host callback, so `init` stays traceable (jit, eval_shape)."""
+  shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in core_shapes(i_factors, j_factors)]
+  return jax.pure_callback(lambda x: decompose(np.asarray(x), i_factors, j_factors), shapes, w)
+
+
+class MatrixProductOperator(Generator):
+  """OPDF (Zhan et al., NeurIPS 2024; methods.md §2): every attention and FFN matrix of the
+  student trains as an exact MPO chain, contracted once per step; `aux_loss` pulls the student's
+  auxiliary cores (all but the central one) towards the teacher's, decomposed the same way
+  (teacher layer by `layer_map`: every_k aligns student layer i with teacher layer 2i+1 for a
+  half-depth student, as §2.4).
+
+  gen_params: `{"cores": {<kernel path>/core_k: [d_{k-1}, i_k, j_k, d_k]}, "dense": {...}}`;
+  gen_state: `{"targets": {<kernel path>/core_k: teacher core}}` for the constrained cores.
+  Cores decompose the math-layout matrix `W = kernel.T [out, in]`, as the reference.
+
+  The student starts from `start`: "selection" (the teacher's layers by `layer_map`, sliced to
+  the student's width: at the same width, the teacher's own layers) or "random" (its fresh init).
+  Width mismatch (an extension, §2.8 b): only the auxiliary cores whose shapes coincide are
+  constrained; with none, a non-zero `constraint_lambda` is refused.
+  """
+
+  name = "opdf"
+
+  def __init__(self, student_shapes: Params, teacher_shapes: Params, *, n_cores: int = 5,
+               constraint_lambda: float | None = None, start: str = "selection",
+               layer_map: str = "every_k"):
+    if start not in ("selection", "random"):
+      raise ValueError(f"OPDF start must be 'selection' or 'random', got {start!r}")
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+    self.start = start
+    s_flat, t_flat = paths.flatten(student_shapes), paths.flatten(teacher_shapes)
+    self.n_cores = n_cores
+    self.factors, self.constrained = {}, {}
+    for p, x in s_flat.items():
+      if not re.search(DECOMPOSED, p):
+        continue
+      d_in, d_out = np.shape(x)
+      self.factors[p] = factorize(d_out, d_in, n_cores)
+      t_in, t_out = np.shape(t_flat[self.plan.sources[p][-1]])
+      t_factors = factorize(t_out, t_in, n_cores)
+      centre = (n_cores - 1) // 2
+      self.constrained[p] = tuple(
+          k for k, (a, b) in enumerate(zip(core_shapes(*self.factors[p]), core_shapes(*t_factors)))
+          if k != centre and a == b)
+    self.teacher_factors = {p: factorize(*np.shape(t_flat[self.plan.sources[p][-1]])[::-1], n_cores)
+                            for p in self.factors}
+    n_pairs = sum(len(v) for v in self.constrained.values())
+    self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
+                              else constraint_lambda)
+    if self.constraint_lambda and n_pairs == 0:
+      raise ValueError("no auxiliary core of the student has the shape of the teacher's (their "
+                       "widths differ): OPDF's constraint is undefined (methods.md §2.8); set "
+                       "the constraint's lambda to 0 to train the over-parameterised student alone")
+
+  def init(self, rng, teacher_params, spec: StudentSpec):
+    del rng
+    start = (paths.flatten(spec.init_params) if self.start == "random"
+             else self.plan.apply(teacher_params))
+    t_flat = paths.flatten(teacher_params)
+    cores, dense, targets = {}, {}, {}
+    for p, x in start.items():
+      if p not in self.factors:
+        dense[p] = jnp.asarray(x)
+        continue
+      for k, c in enumerate(_host_decompose(jnp.asarray(x, jnp.float32).T, *self.factors[p])):
+        cores[f"{p}/core_{k}"] = c
+      if self.constrained[p]:
+        t_w = jnp.asarray(t_flat[self.plan.sources[p][-1]], jnp.float32).T
+        t_cores = _host_decompose(t_w, *self.teacher_factors[p])
+        for k in self.constrained[p]:
+          targets[f"{p}/core_{k}"] = t_cores[k]
+    return ({"cores": paths.unflatten(cores), "dense": paths.unflatten(dense)},
+            {"targets": paths.unflatten(targets)})
+
+  def _cores(self, gen_params) -> dict[str, list[jax.Array]]:
+    flat = paths.flatten(gen_params["cores"])
+    return {p: [flat[f"{p}/core_{k}"] for k in range(self.n_cores)] for p in self.factors}
+
+  def generate(self, gen_params, teacher_params, gen_state):
+    del teacher_params, gen_state
+    out = dict(paths.flatten(gen_params["dense"]))
+    for p, cores in self._cores(gen_params).items():
+      out[p] = contract(cores).T
+    return paths.unflatten(out)
+
+  def aux_loss(self, gen_params, teacher_params, gen_state):
+    """lambda * (1/|M|) sum_m sum_{k aux} MSE(T_s^(m,k), sg(T_t^(m,k))) (§2.5, the paper's
+    definition: the released code's version never reaches the gradient)."""
+    del teacher_params
+    if not self.constraint_lambda:
+      return jnp.zeros((), jnp.float32)
+    flat = paths.flatten(gen_params["cores"])
+    targets = paths.flatten(gen_state["targets"])
+    total = sum(jnp.mean(jnp.square(flat[k] - jax.lax.stop_gradient(t))) for k, t in targets.items())
+    return self.constraint_lambda * total / len(self.factors)
