@@ -207,3 +207,15 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tiny, tmp_path):
   meta = ck.read_meta(steps[-1])
   assert meta["step"] == steps[-1]
   ck.close()
+
+
+def test_a_second_process_on_the_same_phase_directory_is_refused(tmp_path):
+  from wdjax.errors import WdjaxError
+  from wdjax.train.checkpoint import PhaseLock
+  first = PhaseLock(tmp_path / "distill").acquire()
+  # flock is per open file: a second opener conflicts as another process would.
+  with pytest.raises(WdjaxError, match=r"distill is in use by wdjax pid \d+"):
+    PhaseLock(tmp_path / "distill").acquire()
+  PhaseLock(tmp_path / "other").acquire().release()  # other phases are free
+  first.release()
+  PhaseLock(tmp_path / "distill").acquire().release()  # released: free again

@@ -84,3 +84,41 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` carrying `shardings` (the restore target)."""
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class PhaseLock:
+  """One process per phase directory: a second `wdjax` run on the same directory (a benchmark
+  queued twice, a resume started while the first run still trains) is refused with one line
+  instead of both writing checkpoints there. An `flock` on `<dir>/.lock`, so the OS releases it
+  when the holder exits, even when killed; only process 0 of a multi-host run takes it."""
+
+  def __init__(self, directory: str | Path):
+    self.path = Path(directory) / ".lock"
+    self._file = None
+
+  def acquire(self) -> PhaseLock:
+    import fcntl
+    import os
+    if jax.process_index() != 0:
+      return self
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(self.path, "a+")  # noqa: SIM115  (held open while the run lasts)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise WdjaxError(f"{self.path.parent} is in use by {holder}; wait for it to finish or "
+                       "train into another --phase or workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"wdjax pid {os.getpid()}\n")
+    f.flush()
+    self._file = f
+    return self
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()  # closing drops the flock
+      self._file = None

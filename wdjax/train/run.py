@@ -101,7 +101,16 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task,
+def train_phase(cfg: Config, *, phase: str, **kwargs) -> dict:
+  """`_train_phase` holding the phase directory's lock (one process per phase directory)."""
+  lock = ckpt_lib.PhaseLock(phase_dir(cfg, phase)).acquire()
+  try:
+    return _train_phase(cfg, phase=phase, **kwargs)
+  finally:
+    lock.release()
+
+
+def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task,
                 spec: StudentSpec, generator: Generator, teacher: Model | None,
                 tokenizer_dir: Path, log=print, export_only: bool = False,
                 objective: Objective = CLASSIFICATION) -> dict:
