@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="Python config file with get_config(), e.g. configs/quickstart.py")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set distill.optim.lr=3e-4 (repeatable)")
+    m = c.add_argument_group("multi-process (run the same command in every process)")
+    m.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (auto-detected on TPU pods and SLURM)")
+    m.add_argument("--coordinator", default="", metavar="HOST:PORT",
+                   help="process 0's address (or $WDJAX_COORDINATOR)")
+    m.add_argument("--num-processes", type=int, default=0, help="(or $WDJAX_NUM_PROCESSES)")
+    m.add_argument("--process-id", type=int, default=-1, help="(or $WDJAX_PROCESS_ID)")
     return c
 
   with_config("finetune", "fine-tune the pretrained teacher on the task")
@@ -69,12 +76,25 @@ def _table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join(lines)
 
 
+def _main_print(text: str) -> bool:
+  """Print on process 0 only; True there."""
+  import jax
+  if jax.process_index() != 0:
+    return False
+  print(text)
+  return True
+
+
 def run(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.command == "assets":
     _assets(args)
     return 0
   from wdjax import config as config_lib
+  if args.command != "config" and (args.distributed or args.coordinator or args.num_processes
+                                   or args.process_id >= 0):
+    from wdjax import distributed
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   cfg = config_lib.load(args.config, args.set)
   if args.command == "config":
     print(config_lib.dumps(cfg))
@@ -92,7 +112,8 @@ def run(argv: list[str] | None = None) -> int:
   elif args.command == "eval":
     model = args.model or str(Path(cfg.workdir) / run_lib.default_phase(cfg) / "model")
     scores = run_lib.evaluate(cfg, model, tuple(args.split or ("validation", "test")))
-    print(json.dumps({"model": model, **{f"{k}_accuracy": v for k, v in scores.items()}}, indent=2))
+    _main_print(json.dumps({"model": model, **{f"{k}_accuracy": v for k, v in scores.items()}},
+                           indent=2))
   elif args.command == "pipeline":
     teacher = run_lib.finetune(cfg)
     student = run_lib.distill(cfg)
@@ -103,8 +124,8 @@ def run(argv: list[str] | None = None) -> int:
     table = _table([(f"teacher (fine-tuned {cfg.teacher.model})", teacher),
                     (f"student {shape}, {cfg.method.name} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})", student),
                     (f"student {shape}, CE only, same steps", baseline)])
-    Path(cfg.workdir, "results.md").write_text(table + "\n")
-    print("\n" + table)
+    if _main_print("\n" + table):
+      Path(cfg.workdir, "results.md").write_text(table + "\n")
   return 0
 
 

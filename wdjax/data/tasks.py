@@ -41,7 +41,8 @@ def make_builder(data: DataConfig, cache: str = ""):
 
 def load(data: DataConfig, tokenizer_dir: str | Path, pad_id: int, cache: str = "") -> Task:
   """Prepare (once) and read the dataset, tokenised with `tokenizer_dir`'s tokenizer.json."""
-  builder = builders.prepare(make_builder(data, cache))
+  from wdjax import distributed
+  builder = distributed.process0_first("dataset", lambda: builders.prepare(make_builder(data, cache)))
   encoder = TextEncoder(tokenizer_dir, data.max_length, pad_id)
   splits = {}
   for name in builders.SPLITS:

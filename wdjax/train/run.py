@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wdjax import assets, config as config_lib
+from wdjax import assets, config as config_lib, distributed
 from wdjax.config import Config, TrainConfig
 from wdjax.data import mlm, pipeline, tasks
 from wdjax.data.mlm import MlmMasking
@@ -112,7 +112,7 @@ def train_phase(cfg: Config, *, phase: str, **kwargs) -> dict:
 
 def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Task,
                 spec: StudentSpec, generator: Generator, teacher: Model | None,
-                tokenizer_dir: Path, log=print, export_only: bool = False,
+                tokenizer_dir: Path, log=distributed.log, export_only: bool = False,
                 objective: Objective = CLASSIFICATION) -> dict:
   """Train `generator`'s parameters for one phase, export the dense model, report accuracies.
 
@@ -261,6 +261,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
     tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(results_path)
+  distributed.barrier(f"{phase} exported")  # phase 2 and resumes read what process 0 wrote
   log(f"[{phase}] validation accuracy {results['validation_accuracy']:.4f}, "
       f"test accuracy {results['test_accuracy']:.4f}; model in {out / 'model'}")
   return results
@@ -286,10 +287,11 @@ def teacher_train_logits(cfg: Config, teacher: Model, task: tasks.Task, compute,
   return logits
 
 
-def finetune(cfg: Config, log=print, export_only: bool = False) -> dict:
+def finetune(cfg: Config, log=distributed.log, export_only: bool = False) -> dict:
   """Fine-tune the pretrained `teacher.model` on the task; writes `<workdir>/finetune/model`."""
   _init_distributed(cfg)
-  model_dir = assets.path(cfg.teacher.model, cfg.cache_dir)
+  model_dir = distributed.process0_first(
+      "teacher asset", lambda: assets.path(cfg.teacher.model, cfg.cache_dir))
   probe = hf.config_from_hf(hf.read_config(model_dir))
   task = tasks.load(cfg.data, model_dir, probe.pad_token_id, cfg.cache_dir)
   model, fresh = load_model(model_dir, require_head=False, num_labels=len(task.label_names),
@@ -303,7 +305,7 @@ def finetune(cfg: Config, log=print, export_only: bool = False) -> dict:
                      export_only=export_only)
 
 
-def distill(cfg: Config, phase: str = "", log=print, export_only: bool = False) -> dict:
+def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
   """Distil the task teacher into the student with `method`; writes `<workdir>/<phase>/model`."""
   _init_distributed(cfg)
   phase = phase or default_phase(cfg)
@@ -383,7 +385,8 @@ def mlm_teacher(cfg: Config, task: tasks.Task, masking: MlmMasking, log) -> Mode
   lr 1e-3). Frozen, because WID must start from the teacher's own encoder: the head only has to
   read it out, and a head fitted to a fixed encoder is what the pretrained model would have had.
   """
-  model_dir = assets.path(cfg.teacher.model, cfg.cache_dir)
+  model_dir = distributed.process0_first(
+      "teacher asset", lambda: assets.path(cfg.teacher.model, cfg.cache_dir))
   t_cfg, params, fresh = hf.load(model_dir, head="mlm")
   if not fresh:  # the checkpoint has its MLM head
     return Model(t_cfg, params, model_dir, assets.sha256_file(model_dir / "model.safetensors"))
@@ -481,5 +484,5 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
 
 
 def _init_distributed(cfg: Config) -> None:
-  if cfg.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  if cfg.distributed:
+    distributed.initialize()
