@@ -86,6 +86,7 @@ def main():
   ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
   ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
   ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
+  ap.add_argument("--tag", default="", help="write results_<hardware>_<tag>.* (a side table)")
   args = ap.parse_args()
   quiet = lambda *_: None
 
@@ -124,10 +125,11 @@ def main():
           "seeds": args.seeds, "teacher_test": 100 * teacher["test_accuracy"],
           "teacher_params": teacher["model_params"], "latency_ms": latency,
           "budget_steps": rows[next(iter(rows))]["runs"][0]["total_steps"]}
-  (HERE / f"results_{args.hardware}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+  stem = f"results_{args.hardware}" + (f"_{args.tag}" if args.tag else "")
+  (HERE / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
   table = markdown(info, rows)
-  (HERE / f"results_{args.hardware}.md").write_text(table)
-  plot(rows, info, HERE / f"results_{args.hardware}.png")
+  (HERE / f"{stem}.md").write_text(table)
+  plot(rows, info, HERE / f"{stem}.png")
   print(table)
 
 

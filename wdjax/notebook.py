@@ -1,0 +1,56 @@
+"""Small helpers the Colab notebooks (`colab/`) share, so that no notebook carries its own copy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# A seconds-long run of any config (the notebooks' TINY mode, which the test suite executes).
+TINY = ["data.max_train_examples=128", "data.max_eval_examples=32", "data.max_length=32",
+        "data.pad_to_multiple=32", "finetune.steps=2", "finetune.batch_size=16",
+        "finetune.eval_batch_size=32", "distill.steps=4", "distill.batch_size=16",
+        "distill.eval_batch_size=32", "distill.eval_every=4", "student.num_layers=2",
+        "student.hidden_size=96", "student.num_heads=12", "student.intermediate_size=256",
+        "method.mlm_head_steps=2", "log.progress=false"]
+
+
+def hardware() -> str:
+  """"gpu" (the big configs) on a GPU or TPU runtime, "cpu" otherwise."""
+  import jax
+  return "cpu" if jax.devices()[0].platform == "cpu" else "gpu"
+
+
+def expand(extra: list[str], hardware: str) -> list[str]:
+  """`--set` overrides with "SAME_WIDTH" replaced by the teacher-width student of `hardware`."""
+  from wdjax import presets
+  out = [a for a in extra if a != "SAME_WIDTH"]
+  if "SAME_WIDTH" in extra:
+    out += [f"student.{k}={v}" for k, v in presets.SAME_WIDTH[hardware].items()]
+  return out
+
+
+def metrics(workdir: Path, phase: str) -> dict[str, list[dict]]:
+  """`{phase: rows}` of a run's metrics.jsonl, its phase 2 included (two-phase methods)."""
+  out = {}
+  for name in (phase, phase + "_phase2"):
+    path = Path(workdir) / name / "metrics.jsonl"
+    if path.exists():
+      out[name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return out
+
+
+def final_model(workdir: Path, phase: str) -> Path:
+  """The exported student of a run: phase 2's when there is one."""
+  two = Path(workdir) / (phase + "_phase2") / "model"
+  return two if two.exists() else Path(workdir) / phase / "model"
+
+
+def table(teacher: dict, results: dict[str, dict]) -> str:
+  lines = ["| model | test accuracy | validation accuracy | trainable params (training) | params |",
+           "|---|---|---|---|---|",
+           f"| teacher | {100 * teacher['test_accuracy']:.2f} | "
+           f"{100 * teacher['validation_accuracy']:.2f} | | {teacher['model_params'] / 1e6:.2f}M |"]
+  for label, r in results.items():
+    lines.append(f"| {label} | {100 * r['test_accuracy']:.2f} | {100 * r['validation_accuracy']:.2f} "
+                 f"| {r['trainable_params'] / 1e6:.2f}M | {r['model_params'] / 1e6:.2f}M |")
+  return "\n".join(lines)
