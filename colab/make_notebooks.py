@@ -137,7 +137,7 @@ def build(name: str, intro: str, methods: dict) -> nbformat.NotebookNode:
   params.metadata["tags"] = ["parameters"]
   distil = distil_cell(methods)
   if any("SAME_WIDTH" in extra for _, extra in methods.values()):
-    distil = distil.replace("overrides + extra)", "overrides + notebook.expand(extra, hardware))")
+    distil = distil.replace("overrides + extra)", "overrides + notebook.expand(extra, hardware, TINY))")
   cells = [new_markdown_cell(intro), params, new_code_cell(INSTALL), new_code_cell(SETUP),
            new_code_cell(FETCH), new_code_cell(TEACHER), new_code_cell(distil),
            new_code_cell(CURVES), new_code_cell(TABLE), new_code_cell(RELOAD)]

@@ -57,17 +57,20 @@ def test_trainable_sizes_match_the_reference_table():
 def test_canonical_form_is_deterministic_orthonormal_and_sign_fixed():
   w = np.random.default_rng(0).standard_normal((96, 160)).astype(np.float32)
   factors = mpo.factorize(96, 160, 5)
-  a, b = mpo.decompose(w, *factors), mpo.decompose(w.copy(), *factors)
-  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  a, b = mpo.decompose(w, *factors), jax.jit(mpo.decompose, static_argnums=(1, 2))(w, *factors)
+  a2 = mpo.decompose(w.copy(), *factors)
+  assert all(np.array_equal(x, y) for x, y in zip(a, a2))  # the same cores twice
+  assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(a, b))  # and the same under jit
+  a = [np.asarray(x, np.float64) for x in a]
   centre = 2
   for k, core in enumerate(a):
     d0, i, j, d1 = core.shape
     if k < centre:  # left-orthonormal, each column's largest entry positive
-      m = core.reshape(d0 * i * j, d1).astype(np.float64)
+      m = core.reshape(d0 * i * j, d1)
       np.testing.assert_allclose(m.T @ m, np.eye(d1), atol=1e-5)
       assert (m[np.abs(m).argmax(0), np.arange(d1)] > 0).all()
     elif k > centre:  # right-orthonormal
-      m = core.reshape(d0, i * j * d1).astype(np.float64)
+      m = core.reshape(d0, i * j * d1)
       np.testing.assert_allclose(m @ m.T, np.eye(d0), atol=1e-5)
   # The centre carries the whole norm.
   np.testing.assert_allclose(np.linalg.norm(a[centre]), np.linalg.norm(w), rtol=1e-5)

@@ -11,7 +11,7 @@ TINY = ["data.max_train_examples=128", "data.max_eval_examples=32", "data.max_le
         "finetune.eval_batch_size=32", "distill.steps=4", "distill.batch_size=16",
         "distill.eval_batch_size=32", "distill.eval_every=4", "student.num_layers=2",
         "student.hidden_size=96", "student.num_heads=12", "student.intermediate_size=256",
-        "method.mlm_head_steps=2", "log.progress=false"]
+        "method.mlm_head_steps=2", "method.opdf_cores=2", "log.progress=false"]
 
 
 def hardware() -> str:
@@ -20,12 +20,14 @@ def hardware() -> str:
   return "cpu" if jax.devices()[0].platform == "cpu" else "gpu"
 
 
-def expand(extra: list[str], hardware: str) -> list[str]:
-  """`--set` overrides with "SAME_WIDTH" replaced by the teacher-width student of `hardware`."""
+def expand(extra: list[str], hardware: str, tiny: bool = False) -> list[str]:
+  """`--set` overrides with "SAME_WIDTH" replaced by the teacher-width student of `hardware`
+  (one layer of it when `tiny`)."""
   from wdjax import presets
   out = [a for a in extra if a != "SAME_WIDTH"]
   if "SAME_WIDTH" in extra:
     out += [f"student.{k}={v}" for k, v in presets.SAME_WIDTH[hardware].items()]
+    out += ["student.num_layers=1"] if tiny else []
   return out
 
 

@@ -14,15 +14,16 @@ Canonical form (§2.3, §2.8): TT-SVD from the left, each SVD's singular vectors
 largest-magnitude entry of each left vector positive), then QR sweeps from the right towards the
 centre `c = (n - 1) // 2` with positive diagonals: cores left of the centre are left-orthonormal,
 cores right of it right-orthonormal, all the weight sits in the centre. The same matrix gives the
-same cores, bit for bit, every time; the decomposition runs once, on the host, in float64.
+same cores, bit for bit, every time on a given backend; the decomposition is jnp, so it runs
+inside jit (OPDF's `init`), once per run.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def bond_dims(i_factors: tuple[int, ...], j_factors: tuple[int, ...]) -> tuple[int, ...]:
@@ -60,27 +61,27 @@ def factorize(rows: int, cols: int, n_cores: int) -> tuple[tuple[int, ...], tupl
   return (a, *pad, b), (c, *pad, e)
 
 
-def _sign_fix(u: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sign_fix(u: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Flip each singular pair so the largest-magnitude entry of the left vector is positive."""
-  idx = np.argmax(np.abs(u), axis=0)
-  s = np.sign(u[idx, np.arange(u.shape[1])])
-  s[s == 0] = 1.0
-  return u * s, vt * s[:, None]
+  pivot = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None], axis=0)[0]
+  sign = jnp.where(pivot < 0, -1.0, 1.0).astype(u.dtype)
+  return u * sign, vt * sign[:, None]
 
 
-def decompose(w: np.ndarray, i_factors, j_factors) -> list[np.ndarray]:
-  """Exact MPO cores of `w [I, J]` in the canonical form (float64 on the host, then float32)."""
+def decompose(w: jax.Array, i_factors, j_factors) -> list[jax.Array]:
+  """Exact MPO cores of `w [I, J]` in the canonical form (jittable: `init` runs it inside the
+  sharded jit that creates the train state, once; float32 unless x64 is on)."""
   i_factors, j_factors = tuple(i_factors), tuple(j_factors)
   n = len(i_factors)
   if len(j_factors) != n or math.prod(i_factors) != w.shape[0] or math.prod(j_factors) != w.shape[1]:
     raise ValueError(f"factors {i_factors} x {j_factors} do not multiply to the shape {w.shape}")
   d = bond_dims(i_factors, j_factors)
-  t = np.asarray(w, np.float64).reshape(*i_factors, *j_factors)
+  t = jnp.asarray(w).reshape(*i_factors, *j_factors)
   t = t.transpose([a for k in range(n) for a in (k, n + k)])  # (i_1, j_1, ..., i_n, j_n)
   cores, rest = [], t.reshape(1, -1)
   for k in range(n - 1):  # TT-SVD from the left: left-orthonormal cores
     m = rest.reshape(d[k] * i_factors[k] * j_factors[k], -1)
-    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     u, vt = _sign_fix(u[:, :d[k + 1]], vt[:d[k + 1]])
     cores.append(u.reshape(d[k], i_factors[k], j_factors[k], d[k + 1]))
     rest = s[:d[k + 1], None] * vt
@@ -88,13 +89,12 @@ def decompose(w: np.ndarray, i_factors, j_factors) -> list[np.ndarray]:
   c = (n - 1) // 2
   for k in range(n - 1, c, -1):  # QR sweep from the right: right-orthonormal cores right of c
     m = cores[k].reshape(d[k], -1)  # [d_{k-1}, i j d_k]
-    q, r = np.linalg.qr(m.T)  # m = r.T q.T
-    sign = np.sign(np.diag(r))
-    sign[sign == 0] = 1.0
+    q, r = jnp.linalg.qr(m.T)  # m = r.T q.T
+    sign = jnp.where(jnp.diag(r) < 0, -1.0, 1.0).astype(r.dtype)
     q, r = q * sign, r * sign[:, None]
     cores[k] = q.T.reshape(cores[k].shape)
-    cores[k - 1] = np.tensordot(cores[k - 1], r.T, axes=([3], [0]))
-  return [x.astype(np.float32) for x in cores]
+    cores[k - 1] = jnp.tensordot(cores[k - 1], r.T, axes=([3], [0]))
+  return cores
 
 
 def contract(cores: list[jnp.ndarray]) -> jnp.ndarray:

@@ -58,7 +58,6 @@ class MatrixProductOperator(Generator):
           if k != centre and a == b)
     self.teacher_factors = {p: factorize(*np.shape(t_flat[self.plan.sources[p][-1]])[::-1], n_cores)
                             for p in self.factors}
-    self._decompose_once(student_shapes, teacher_shapes)
     n_pairs = sum(len(v) for v in self.constrained.values())
     self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
                               else constraint_lambda)
@@ -67,38 +66,24 @@ class MatrixProductOperator(Generator):
                        "widths differ): OPDF's constraint is undefined (methods.md §2.8); set "
                        "the constraint's lambda to 0 to train the over-parameterised student alone")
 
-  def _decompose_once(self, student: Params, teacher: Params) -> None:
-    """The starting cores and the teacher's targets, decomposed here, on the host, once.
-
-    Not in `init`: `init` runs inside a jit sharded over the mesh, where a host callback (SVDs
-    in numpy, float64) deadlocks the devices' collectives on multi-device CPU. So OPDF is built
-    from concrete weights (as `wdjax distill` builds every generator) and `init` returns these
-    arrays; its `teacher_params` / `spec` arguments must be the weights it was built from."""
-    t_flat = paths.flatten(teacher)
-    if not all(isinstance(x, (np.ndarray, jax.Array)) for x in t_flat.values()):
-      raise ValueError("OPDF decomposes the teacher's and the student's matrices when it is "
-                       "built: pass their weights, not shapes")
-    start = (paths.flatten(student) if self.start == "random" else self.plan.apply(teacher))
-    self._start_cores, self._targets = {}, {}
-    for p in self.factors:
-      self._start_cores[p] = decompose(np.asarray(start[p], np.float32).T, *self.factors[p])
-      if self.constrained[p]:
-        t_cores = decompose(np.asarray(t_flat[self.plan.sources[p][-1]], np.float32).T,
-                            *self.teacher_factors[p])
-        self._targets[p] = {k: t_cores[k] for k in self.constrained[p]}
-
   def init(self, rng, teacher_params, spec: StudentSpec):
-    """The cores of the starting weights, the other leaves as they are, the teacher's targets."""
+    """The cores of the starting weights, the other leaves as they are, and the aligned teacher
+    layers' auxiliary cores as constant targets (decomposed here, once, inside the jit)."""
     del rng
     start = (paths.flatten(spec.init_params) if self.start == "random"
              else self.plan.apply(teacher_params))
+    t_flat = paths.flatten(teacher_params)
     cores, targets = {}, {}
     dense = {p: jnp.asarray(x) for p, x in start.items() if p not in self.factors}
     for p in self.factors:
-      for k, c in enumerate(self._start_cores[p]):
-        cores[f"{p}/core_{k}"] = jnp.asarray(c)
-      for k, t in self._targets.get(p, {}).items():
-        targets[f"{p}/core_{k}"] = jnp.asarray(t)
+      w = jnp.asarray(start[p], jnp.float32).T
+      for k, c in enumerate(decompose(w, *self.factors[p])):
+        cores[f"{p}/core_{k}"] = c
+      if self.constrained[p]:
+        t_w = jnp.asarray(t_flat[self.plan.sources[p][-1]], jnp.float32).T
+        t_cores = decompose(t_w, *self.teacher_factors[p])
+        for k in self.constrained[p]:
+          targets[f"{p}/core_{k}"] = t_cores[k]
     return ({"cores": paths.unflatten(cores), "dense": paths.unflatten(dense)},
             {"targets": paths.unflatten(targets)})
 
