@@ -49,23 +49,27 @@ def _params(model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, task_teacher):
-  """KD, 8 steps on 8 devices: by 1 process, and by 2 processes of 4 devices."""
+  """KD, 8 steps on 8 devices: by 1 process, 2 processes of 4 devices, 4 processes of 2."""
   from conftest import tiny_config
   tmp = tmp_path_factory.mktemp("multihost")
   cfg = tiny_config(tmp / "one", task_teacher, mesh=MeshConfig(data=-1))
   one = _write_config(tmp / "one.py", cfg)
   two = _write_config(tmp / "two.py", dataclasses.replace(cfg, workdir=str(tmp / "two")))
+  four = _write_config(tmp / "four.py", dataclasses.replace(cfg, workdir=str(tmp / "four")))
   _launch(1, ["distill", str(one)])
+  _launch(4, ["distill", str(four)])
   outs = _launch(2, ["distill", str(two)])
   return tmp, outs
 
 
-def test_two_processes_train_what_one_process_trains(runs):
+def test_two_and_four_processes_train_what_one_process_trains(runs):
   tmp, outs = runs
-  a, b = _params(tmp / "one" / "distill" / "model"), _params(tmp / "two" / "distill" / "model")
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  a = _params(tmp / "one" / "distill" / "model")
+  for name in ("two", "four"):
+    b = _params(tmp / name / "distill" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=f"{name}: {k}")
   # Only process 0 logs and exports (gloo's own connection lines aside).
   ours = [[ln for ln in out.splitlines() if not ln.startswith("[Gloo]")] for out in outs]
   assert any("test accuracy" in ln for ln in ours[0]) and ours[1] == []
