@@ -87,6 +87,9 @@ def main():
   ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
   ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
   ap.add_argument("--tag", default="", help="write results_<hardware>_<tag>.* (a side table)")
+  ap.add_argument("--latency", default="measure",
+                  help="'measure', 'none', or a results JSON whose latencies to reuse (measured "
+                       "on a quiet machine: latency under load means nothing)")
   args = ap.parse_args()
   quiet = lambda *_: None
 
@@ -119,12 +122,18 @@ def main():
                    "student_params": runs[0]["model_params"]}
 
   student_dir = Path(rows[next(iter(rows))]["runs"][0]["model"])
-  latency = {name: {b: latency_ms(d, b) for b in (1, 32)}
-             for name, d in (("teacher", teacher_dir), ("student", student_dir))}
+  if args.latency == "measure":
+    latency = {name: {str(b): latency_ms(d, b) for b in (1, 32)}
+               for name, d in (("teacher", teacher_dir), ("student", student_dir))}
+  elif args.latency == "none":
+    latency = None
+  else:  # a quiet machine's measurement of the same models, from an earlier results file
+    latency = json.loads(Path(args.latency).read_text())["info"]["latency_ms"]
+  first = rows[next(iter(rows))]["runs"][0]
   info = {"hardware": args.hardware, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "seeds": args.seeds, "teacher_test": 100 * teacher["test_accuracy"],
           "teacher_params": teacher["model_params"], "latency_ms": latency,
-          "budget_steps": rows[next(iter(rows))]["runs"][0]["total_steps"]}
+          "budget_steps": first["total_steps"] + first.get("phase1", {}).get("total_steps", 0)}
   stem = f"results_{args.hardware}" + (f"_{args.tag}" if args.tag else "")
   (HERE / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
   table = markdown(info, rows)
@@ -135,7 +144,6 @@ def main():
 
 def markdown(info: dict, rows: dict) -> str:
   lat = info["latency_ms"]
-  speed = {b: lat["teacher"][b] / lat["student"][b] for b in (1, 32)}
   lines = [
       f"Rotten Tomatoes test accuracy, mean +- std over seeds {info['seeds']}; same step budget "
       f"({info['budget_steps']} steps) for every method; teacher {info['teacher_test']:.2f}.",
@@ -150,9 +158,11 @@ def markdown(info: dict, rows: dict) -> str:
                  f"{r['val_mean']:.2f} | "
                  f"{r['trainable_params'] / 1e6:.2f}M | {12 * r['trainable_params'] / 2**20:.0f} MB | "
                  f"{r['student_params'] / 1e6:.2f}M |")
-  lines += ["", f"CPU latency ({info['device']}, 64 tokens): teacher {lat['teacher'][1]:.1f} ms vs "
-                f"student {lat['student'][1]:.1f} ms at batch 1 ({speed[1]:.1f}x), "
-                f"{lat['teacher'][32]:.0f} ms vs {lat['student'][32]:.0f} ms at batch 32 ({speed[32]:.1f}x)."]
+  if lat:
+    t, s = ({str(k): v for k, v in lat[m].items()} for m in ("teacher", "student"))
+    lines += ["", f"CPU latency ({info['device']}, 64 tokens): teacher {t['1']:.1f} ms vs "
+                  f"student {s['1']:.1f} ms at batch 1 ({t['1'] / s['1']:.1f}x), "
+                  f"{t['32']:.0f} ms vs {s['32']:.0f} ms at batch 32 ({t['32'] / s['32']:.1f}x)."]
   return "\n".join(lines) + "\n"
 
 
