@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from wdjax import config as config_lib, presets
+from wdjax import config as config_lib, notebook
 from wdjax.models import bert, hf
 from wdjax.train import run as run_lib
 
@@ -101,9 +101,7 @@ def main():
     file, extra = METHODS[label]
     runs = []
     for seed in args.seeds:
-      sets = [a for a in extra if a != "SAME_WIDTH"]
-      if "SAME_WIDTH" in extra:  # the teacher's width at half its depth (presets.same_width)
-        sets += [f"student.{k}={v}" for k, v in presets.SAME_WIDTH[args.hardware].items()]
+      sets = notebook.expand(extra, args.hardware)  # "SAME_WIDTH": the teacher's width
       cfg = config_lib.load(f"{ROOT}/configs/{file}:{args.hardware}",
                             sets + args.set + [f"seed={seed}", f"teacher.path={teacher_dir}"])
       cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))

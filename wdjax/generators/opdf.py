@@ -44,20 +44,18 @@ class MatrixProductOperator(Generator):
     self.start = start
     s_flat, t_flat = paths.flatten(student_shapes), paths.flatten(teacher_shapes)
     self.n_cores = n_cores
-    self.factors, self.constrained = {}, {}
+    self.factors, self.teacher_factors, self.constrained = {}, {}, {}
     for p, x in s_flat.items():
       if not re.search(DECOMPOSED, p):
         continue
       d_in, d_out = np.shape(x)
       self.factors[p] = factorize(d_out, d_in, n_cores)
       t_in, t_out = np.shape(t_flat[self.plan.sources[p][-1]])
-      t_factors = factorize(t_out, t_in, n_cores)
+      t_factors = self.teacher_factors[p] = factorize(t_out, t_in, n_cores)
       centre = (n_cores - 1) // 2
       self.constrained[p] = tuple(
           k for k, (a, b) in enumerate(zip(core_shapes(*self.factors[p]), core_shapes(*t_factors)))
           if k != centre and a == b)
-    self.teacher_factors = {p: factorize(*np.shape(t_flat[self.plan.sources[p][-1]])[::-1], n_cores)
-                            for p in self.factors}
     n_pairs = sum(len(v) for v in self.constrained.values())
     self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
                               else constraint_lambda)
