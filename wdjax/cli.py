@@ -112,7 +112,8 @@ def run(argv: list[str] | None = None) -> int:
   elif args.command == "eval":
     model = args.model or str(Path(cfg.workdir) / run_lib.default_phase(cfg) / "model")
     scores = run_lib.evaluate(cfg, model, tuple(args.split or ("validation", "test")))
-    _main_print(json.dumps({"model": model, **{f"{k}_accuracy": v for k, v in scores.items()}},
+    metric = "bleu" if cfg.data.dataset == "bible" else "accuracy"
+    _main_print(json.dumps({"model": model, **{f"{k}_{metric}": v for k, v in scores.items()}},
                            indent=2))
   elif args.command == "pipeline":
     teacher = run_lib.finetune(cfg)

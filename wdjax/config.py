@@ -42,7 +42,7 @@ class StudentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = "rotten-tomatoes"  # "rotten-tomatoes" | "files" (your own CSV / JSON lines)
+  dataset: str = "rotten-tomatoes"  # "rotten-tomatoes" | "files" (your own CSV / JSON lines) | "bible" (translation)
   train_file: str = ""  # dataset="files": path of the training file
   validation_file: str = ""  # optional; carved from train by hash when empty
   test_file: str = ""  # optional; carved from train by hash when empty
@@ -55,6 +55,27 @@ class DataConfig:
   max_train_examples: int = 0  # use only the first N training examples (0 = all)
   max_eval_examples: int = 0  # use only the first N validation / test examples (0 = all)
   augment: int = 0  # KD only: perturbed, teacher-labelled copies per training example (data/augment.py)
+  pair: str = "en-de"  # dataset="bible": source-target languages (data/bible.py: en, de, fr, es, ...)
+  vocab_size: int = 8000  # dataset="bible": joint BPE vocabulary size
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslationConfig:
+  """data.dataset="bible": the teacher is trained from scratch (`wdjax finetune`); students keep
+  its encoder and take their decoder's shape from `student` (WD's setting, methods.md §1.2)."""
+
+  layers: int = 6  # teacher decoder layers
+  encoder_layers: int = 6  # teacher (and student) encoder layers
+  hidden_size: int = 512  # teacher d_model (encoder and decoder)
+  num_heads: int = 8  # teacher attention heads
+  intermediate_size: int = 2048  # teacher FFN width
+  pre_ln: bool = False  # pre-LN blocks (False: post-LN, as transformer_wmt_en_de)
+  label_smoothing: float = 0.1  # epsilon of the label-smoothed CE (teacher and students)
+  beam: int = 4  # beam size for BLEU
+  len_penalty: float = 1.0  # beam scores are sum log p / length ** len_penalty
+  kd_beam: int = 6  # beam of the teacher's sequence-KD translations (the reference's)
+  seq_kd: str = "add"  # students' data: "add" (bitext + teacher translations) | "replace" | "none"
+  wd_encoder: str = "elementwise"  # wd: "elementwise" (A*tanh(W)+B, the reference) | "mapped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +177,7 @@ class Config:
   distill: TrainConfig = TrainConfig(epochs=3.0, optim=OptimConfig(lr=3e-4))
   kd: KDConfig = KDConfig()
   method: MethodConfig = MethodConfig()
+  mt: TranslationConfig = TranslationConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   log: LogConfig = LogConfig()

@@ -16,11 +16,15 @@ def _mean(x: Array, weights: Array) -> Array:
   return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def cross_entropy(logits: Array, labels: Array, weights: Array) -> Array:
+def cross_entropy(logits: Array, labels: Array, weights: Array, smoothing: float = 0.0) -> Array:
   """Mean CE of `logits [..., classes]` against integer `labels [...]` (`[batch]` for a
-  classifier, `[batch, k]` for masked-LM predictions), weighted by `weights [...]`."""
+  classifier, `[batch, k]` for masked-LM predictions, `[batch, tgt]` for translation), weighted
+  by `weights [...]`. With `smoothing` ε, fairseq's label-smoothed CE:
+  `(1 - ε) nll + ε mean_v(-log p_v)`."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  if smoothing:
+    nll = (1.0 - smoothing) * nll - smoothing * jnp.mean(logp, axis=-1)
   return _mean(nll, weights)
 
 

@@ -47,6 +47,15 @@ def make_batch(data: TokenizedSplit, index: np.ndarray, length: int) -> dict[str
   }
 
 
+def split_batch(data, index: np.ndarray, pad_to_multiple: int) -> dict[str, np.ndarray]:
+  """The batch of examples `index` of a split: a split type with its own `batch` method
+  (translation pairs, `data/bible.py`) builds it; a `TokenizedSplit` is padded here."""
+  if not isinstance(data, TokenizedSplit):
+    return data.batch(index, pad_to_multiple)
+  length = padded_length(data.lengths[index[index >= 0]], pad_to_multiple, data.ids.shape[1])
+  return make_batch(data, index, length)
+
+
 class TrainBatches:
   """`batch(step)`: the process-local training batch of global step `step`."""
 
@@ -84,9 +93,8 @@ class TrainBatches:
     return self.epoch_order(step // self.steps_per_epoch)[step % self.steps_per_epoch]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    index = self.global_indices(step)
-    length = padded_length(self.data.lengths[index], self.pad_to_multiple, self.data.ids.shape[1])
-    return local_slice(make_batch(self.data, index, length), self.process_index, self.process_count)
+    batch = split_batch(self.data, self.global_indices(step), self.pad_to_multiple)
+    return local_slice(batch, self.process_index, self.process_count)
 
 
 def local_slice(batch: dict[str, np.ndarray], process_index: int, process_count: int
@@ -105,5 +113,4 @@ def eval_batches(data: TokenizedSplit, batch_size: int, *, pad_to_multiple: int 
     index = np.full(batch_size, -1)
     chunk = order[start:start + batch_size]
     index[:len(chunk)] = chunk
-    length = padded_length(data.lengths[chunk], pad_to_multiple, data.ids.shape[1])
-    yield make_batch(data, index, length)
+    yield split_batch(data, index, pad_to_multiple)

@@ -26,7 +26,25 @@ import numpy as np
 Params = Any
 
 # (regex on the path, role of each axis). The first match wins.
+# Encoder-decoders (models/transformer.py): the encoder's spaces are its own (`enc_*`: WD keeps
+# its width while the decoder's shrinks); cross-attention reads the encoder's stream into an
+# inner space of its own (`xattn`); the rest of the decoder uses the encoder-only roles below.
 ROLE_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"^enc/embed/embedding$", (None, "enc_hidden")),
+    (r"^enc/.*ln/(scale|bias)$", ("enc_hidden",)),
+    (r"^enc/.*attn/(q|k|v)/kernel$", ("enc_hidden", "enc_attn")),
+    (r"^enc/.*attn/(q|k|v)/bias$", ("enc_attn",)),
+    (r"^enc/.*attn/o/kernel$", ("enc_attn", "enc_hidden")),
+    (r"^enc/.*mlp/up/kernel$", ("enc_hidden", "enc_ffn")),
+    (r"^enc/.*mlp/up/bias$", ("enc_ffn",)),
+    (r"^enc/.*mlp/down/kernel$", ("enc_ffn", "enc_hidden")),
+    (r"^enc/.*(attn/o|mlp/down)/bias$", ("enc_hidden",)),
+    (r"cross_attn/q/kernel$", ("hidden", "xattn")),
+    (r"cross_attn/(k|v)/kernel$", ("enc_hidden", "xattn")),
+    (r"cross_attn/(q|k|v)/bias$", ("xattn",)),
+    (r"cross_attn/o/kernel$", ("xattn", "hidden")),
+    (r"^dec/embed/embedding$", (None, "hidden")),
+    (r"^dec/output/kernel$", ("hidden", None)),
     (r"embeddings/(word|position|token_type)/embedding$", (None, "hidden")),
     (r"(ln|_ln)/(scale|bias)$", ("hidden",)),
     (r"attn/(q|k|v)/kernel$", ("hidden", "attn")),
@@ -78,6 +96,13 @@ def roles(path: str, ndim: int) -> tuple[str | None, ...]:
 def layer_of(path: str) -> int | None:
   m = _LAYER.search(path)
   return int(m.group(1)) if m else None
+
+
+def stack_of(path: str) -> str:
+  """The layer stack a layered leaf belongs to: the path before `layer_N` ('encoder/' in a
+  BERT, 'enc/' or 'dec/' in an encoder-decoder); depth maps are planned per stack."""
+  m = _LAYER.search(path)
+  return path[:m.start() + (m.group(0).startswith("/"))] if m else ""
 
 
 def with_layer(path: str, layer: int) -> str:
@@ -142,13 +167,16 @@ def role_sizes(teacher_flat: dict, student_flat: dict) -> dict[str, tuple[int, i
   return sizes
 
 
+PER_LAYER_ROLES = ("attn", "ffn", "enc_attn", "enc_ffn", "xattn")
+
+
 def space_of(path: str, role: str | None) -> str | None:
   """The space an axis of role `role` of leaf `path` lives in: `hidden` and `pooled` are one
   space through the whole network; each layer's `attn` and `ffn` spaces are spaces of their own
   (`attn/layer_l`), since unit j of one layer's FFN has nothing to do with unit j of another's."""
   layer = layer_of(path)
-  if role in ("attn", "ffn") and layer is not None:
-    return f"{role}/layer_{layer}"
+  if role in PER_LAYER_ROLES and layer is not None:
+    return f"{role}/layer_{layer}"  # roles differ per stack, so names do not collide
   return role
 
 

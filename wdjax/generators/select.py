@@ -31,9 +31,14 @@ class SelectionPlan:
 
   def __init__(self, teacher_shapes: Params, student_shapes: Params, layer_map: str = "every_k"):
     t_flat, s_flat = paths.flatten(teacher_shapes), paths.flatten(student_shapes)
-    self.n_teacher = 1 + max(l for p in t_flat if (l := paths.layer_of(p)) is not None)
-    self.n_student = 1 + max(l for p in s_flat if (l := paths.layer_of(p)) is not None)
-    self.layers = paths.layer_map(layer_map, self.n_teacher, self.n_student)
+    # depth is planned per layer stack (one for an encoder, two for an encoder-decoder)
+    depth = lambda flat, stack: 1 + max(paths.layer_of(p) for p in flat if paths.layer_of(p) is not None
+                                         and paths.stack_of(p) == stack)
+    stacks = sorted({paths.stack_of(p) for p in s_flat if paths.layer_of(p) is not None})
+    self.stack_layers = {st: paths.layer_map(layer_map, depth(t_flat, st), depth(s_flat, st))
+                         for st in stacks}
+    self.n_teacher = sum(depth(t_flat, st) for st in stacks)
+    self.n_student = sum(depth(s_flat, st) for st in stacks)
     self.sizes = paths.role_sizes(t_flat, s_flat)
     self.index = {r: paths.uniform_indices(t, s) for r, (t, s) in self.sizes.items()}
     self.student_shapes = {p: tuple(np.shape(x)) for p, x in s_flat.items()}
@@ -41,7 +46,8 @@ class SelectionPlan:
     self.sources: dict[str, list[str]] = {}
     for p in s_flat:
       layer = paths.layer_of(p)
-      srcs = [p] if layer is None else [paths.with_layer(p, t) for t in self.layers[layer]]
+      srcs = [p] if layer is None else [paths.with_layer(p, t)
+                                        for t in self.stack_layers[paths.stack_of(p)][layer]]
       missing = [q for q in srcs if q not in t_flat]
       if missing:
         raise ValueError(f"student leaf {p} has no teacher counterpart {missing[0]}")

@@ -20,6 +20,9 @@ the dense student, which phase 2 fine-tunes as an ordinary model.
 Modes:
 - `faithful`: maps are separate for every tensor and axis (the reference code; biases, LayerNorm
   vectors and embeddings get their own output-side map too);
+- `elementwise=("enc/",)`: leaves under these prefixes are `A * tanh(W_t) + B` of their own
+  teacher leaf (no maps, no layer mixing): the reference's encoder-decoder keeps the teacher's
+  encoder shape and re-parameterises it this way while the decoder is compressed (§1.2).
 - `lean`: maps shared per space, as Weight Squeezing's `sharing="role"` (one map for the
   residual stream, one per layer for its attention and FFN spaces); Lambda, w, A, B stay per
   tensor. Far fewer parameters; not in the paper.
@@ -35,24 +38,34 @@ from wdjax.generators.base import Generator, Params
 from wdjax.generators.select import SelectionPlan
 from wdjax.generators.squeeze import xavier_normal
 
-OUTPUT_LEAVES = ("classifier/",)  # linear only: WD's "output projection"
+OUTPUT_LEAVES = ("classifier/", "dec/output/")  # linear only: WD's "output projection"
 
 
 class WeightDistillation(Generator):
   name = "wd"
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, mode: str = "faithful",
-               layer_map: str = "contiguous", init: str = "xavier"):
+               layer_map: str = "contiguous", init: str = "xavier", elementwise: tuple[str, ...] = ()):
     if mode not in ("faithful", "lean"):
       raise ValueError(f"wd mode must be 'faithful' or 'lean', got {mode!r}")
     if init not in ("xavier", "identity"):
       raise ValueError(f"wd init must be 'xavier' (the paper's) or 'identity', got {init!r}")
     self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
-    self.mode, self.init_kind = mode, init
+    self.mode, self.init_kind, self.elementwise = mode, init, tuple(elementwise)
+    t_flat = paths.flatten(teacher_shapes)
+    for path, sources in self.plan.sources.items():
+      if self.is_elementwise(path) and (len(sources) != 1 or
+                                        tuple(t_flat[sources[0]].shape) != self.plan.student_shapes[path]):
+        raise ValueError(f"{path} is generated elementwise (prefix in {self.elementwise}), so it must "
+                         "have its teacher leaf's shape and one teacher layer")
+
+  def is_elementwise(self, path: str) -> bool:
+    """The reference's encoder: `A * tanh(W_t) + B` of the same-shaped teacher leaf, no maps."""
+    return any(path.startswith(p) for p in self.elementwise)
 
   def space(self, path: str, axis: int) -> str | None:
     role = self.plan.roles[path][axis]
-    if role is None:
+    if role is None or self.is_elementwise(path):
       return None
     return f"{path}/axis_{axis}" if self.mode == "faithful" else paths.space_of(path, role)
 
@@ -75,7 +88,7 @@ class WeightDistillation(Generator):
     for path, sources in self.plan.sources.items():
       key = next(keys)
       ts = len(sources)
-      if paths.layer_of(path) is not None:
+      if paths.layer_of(path) is not None and not self.is_elementwise(path):
         if identity:  # c = Lambda w = one-hot on the group's last layer (every_k's choice)
           mix[path] = {"lam": jnp.eye(ts, dtype=jnp.float32),
                        "w": jnp.zeros((ts,), jnp.float32).at[-1].set(1.0)}
@@ -107,7 +120,7 @@ class WeightDistillation(Generator):
     t_flat = paths.flatten(teacher_params)
     out = {}
     for path, sources in self.plan.sources.items():
-      if paths.layer_of(path) is not None:
+      if paths.layer_of(path) is not None and not self.is_elementwise(path):
         m = _lookup(mix, path)
         c = m["lam"] @ m["w"]  # [ts]
         x = sum(c[j] * t_flat[s] for j, s in enumerate(sources))  # mix layers first: cheap

@@ -9,6 +9,8 @@ that `transformers.Auto*` classes load, through a temporary directory renamed in
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -236,6 +238,32 @@ def load(model_dir: str | os.PathLike, head: str = "classifier", seed: int = 0, 
   return cfg, params, fresh
 
 
+@contextlib.contextmanager
+def atomic_directory(out: Path):
+  """Yields a temporary sibling of `out` to fill; on success it replaces `out` (the old one
+  is kept until the new one is in place), on failure it is removed and `out` is untouched."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  try:
+    yield tmp
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+      shutil.rmtree(old, ignore_errors=True)
+      out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def copy_tokenizer(tokenizer_dir: str | os.PathLike | None, dest: Path) -> None:
+  if tokenizer_dir is not None:
+    for name in TOKENIZER_FILES:
+      if (Path(tokenizer_dir) / name).is_file():
+        shutil.copy2(Path(tokenizer_dir) / name, dest / name)
+
+
 def export(out_dir: str | os.PathLike, cfg: bert.EncoderConfig, params: Params, head: str = "classifier",
            tokenizer_dir: str | os.PathLike | None = None, extra: dict | None = None) -> Path:
   """Write an HF task-model directory atomically (temporary sibling, then rename)."""
@@ -251,23 +279,10 @@ def export(out_dir: str | os.PathLike, cfg: bert.EncoderConfig, params: Params, 
   if head == "mlm":  # transformers expects the decoder bias under its own name as well
     tensors[("cls.predictions.decoder.bias" if cfg.arch == "bert" else "lm_head.decoder.bias")] = \
         tensors["cls.predictions.bias" if cfg.arch == "bert" else "lm_head.bias"].copy()
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-  try:
+  with atomic_directory(out) as tmp:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     hf = config_to_hf(cfg, head)
     hf.update(extra or {})
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    if tokenizer_dir is not None:
-      for name in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).is_file():
-          shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-      shutil.rmtree(old, ignore_errors=True)
-      out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    copy_tokenizer(tokenizer_dir, tmp)
   return out

@@ -1,13 +1,15 @@
-"""What a phase trains for: sequence classification (the default) or masked language modelling.
+"""What a phase trains for: sequence classification (the default), masked language modelling,
+or translation (`wdjax/train/translate.py`).
 
-An objective names the model head, builds the apply function the step differentiates, turns a
-host batch into the batch that apply function and the loss expect, and scores a split (accuracy
-and mean loss; for MLM over the masked tokens).
+An objective builds the network (`build`), the apply function the step differentiates, turns a
+host batch into the batch that apply function and the loss expect, scores a split (accuracy
+and mean loss; for MLM over the masked tokens), and exports the trained model (`export`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,8 +24,27 @@ from wdjax.train import step as step_lib
 from wdjax.train.evaluate import Predictor, device_batch
 
 
+class _Encoder:
+  """BERT-family networks exported as HF directories."""
+
+  head = "classifier"
+  label_smoothing = 0.0
+
+  def build(self, config, seed: int = 0):
+    from wdjax.models import bert
+    return bert.build(config, self.head, seed=seed)
+
+  def export(self, out: Path, config, params, tokenizer_dir: Path, task) -> None:
+    from wdjax.models import hf
+    labels = None
+    if self.head == "classifier":
+      labels = {"id2label": dict(enumerate(task.label_names)),
+                "label2id": {n: i for i, n in enumerate(task.label_names)}}
+    hf.export(out, config, params, self.head, tokenizer_dir=tokenizer_dir, extra=labels)
+
+
 @dataclasses.dataclass(frozen=True)
-class Classification:
+class Classification(_Encoder):
   head = "classifier"
 
   def apply(self, graphdef) -> step_lib.ApplyFn:
@@ -38,7 +59,7 @@ class Classification:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedLanguageModel:
+class MaskedLanguageModel(_Encoder):
   """BERT-style MLM on the task's text (labels unused); logits only at the masked positions."""
 
   masking: MlmMasking

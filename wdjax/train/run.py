@@ -84,6 +84,8 @@ def _fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool) -> dic
          "train": dataclasses.asdict(phase_train)}
   if distilling:
     out.update(student=d["student"], kd=d["kd"], method=d["method"])
+  if cfg.data.dataset == "bible":
+    out["mt"] = d["mt"]
   return out
 
 
@@ -138,8 +140,8 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
     teacher_sh = mesh_lib.param_shardings(teacher.params, mesh, cfg.mesh.fsdp)
     teacher_params = jax.device_put(teacher.params, teacher_sh)
   head = objective.head
-  student_graph = nnx.split(bert.build(generator.training_config(spec.config), head))[0]
-  export_apply = objective.apply(nnx.split(bert.build(spec.config, head))[0])
+  student_graph = nnx.split(objective.build(generator.training_config(spec.config)))[0]
+  export_apply = objective.apply(nnx.split(objective.build(spec.config))[0])
   student_apply = objective.apply(student_graph)
   teacher_apply = None
   if teacher is not None and cfg.kd.alpha > 0 and head == "classifier":
@@ -165,7 +167,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
   train_step = jax.jit(
       step_lib.make_train_step(generator=generator, student_apply=student_apply,
                                teacher_apply=teacher_apply, tx=tx, kd=cfg.kd, seed=cfg.seed,
-                               frozen=train.optim.frozen),
+                               frozen=train.optim.frozen, label_smoothing=objective.label_smoothing),
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
@@ -254,10 +256,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
     results[f"{split}_accuracy"] = scores["accuracy"]
     results[f"{split}_loss"] = scores["loss"]
   if jax.process_index() == 0:
-    labels = {"id2label": dict(enumerate(task.label_names)),
-              "label2id": {n: i for i, n in enumerate(task.label_names)}}
-    hf.export(out / "model", spec.config, student, head, tokenizer_dir=tokenizer_dir,
-              extra=labels if head == "classifier" else None)
+    objective.export(out / "model", spec.config, student, tokenizer_dir, task)
     tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(results_path)
@@ -288,8 +287,12 @@ def teacher_train_logits(cfg: Config, teacher: Model, task: tasks.Task, compute,
 
 
 def finetune(cfg: Config, log=distributed.log, export_only: bool = False) -> dict:
-  """Fine-tune the pretrained `teacher.model` on the task; writes `<workdir>/finetune/model`."""
+  """Fine-tune the pretrained `teacher.model` on the task (translation: train the teacher from
+  scratch); writes `<workdir>/finetune/model`."""
   _init_distributed(cfg)
+  if cfg.data.dataset == "bible":
+    from wdjax.train import translate
+    return translate.train_teacher(cfg, log, export_only)
   model_dir = distributed.process0_first(
       "teacher asset", lambda: assets.path(cfg.teacher.model, cfg.cache_dir))
   probe = hf.config_from_hf(hf.read_config(model_dir))
@@ -308,6 +311,9 @@ def finetune(cfg: Config, log=distributed.log, export_only: bool = False) -> dic
 def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
   """Distil the task teacher into the student with `method`; writes `<workdir>/<phase>/model`."""
   _init_distributed(cfg)
+  if cfg.data.dataset == "bible":
+    from wdjax.train import translate
+    return translate.distill(cfg, phase, log, export_only)
   phase = phase or default_phase(cfg)
   teacher_dir = Path(cfg.teacher_dir)
   if not (teacher_dir / "config.json").exists():
@@ -365,13 +371,13 @@ def _generator(method, init: Params, teacher: Model, task: tasks.Task, cfg: Conf
 
 
 def _phase2(cfg: Config, phase: str, first: dict, spec: StudentSpec, teacher: Model,
-            task: tasks.Task, steps: int, log) -> dict:
+            task: tasks.Task, steps: int, log, objective: Objective = CLASSIFICATION) -> dict:
   """Fine-tune phase 1's student on the task (KD from the task teacher if kd.alpha > 0)."""
   optim2 = dataclasses.replace(cfg.distill.optim, lr=cfg.method.phase2_lr or cfg.distill.optim.lr)
   second = train_phase(cfg, phase=phase + "_phase2",
                        train=dataclasses.replace(cfg.distill, steps=steps, optim=optim2),
                        task=task, spec=spec, generator=Identity(), teacher=teacher,
-                       tokenizer_dir=teacher.tokenizer_dir, log=log)
+                       tokenizer_dir=teacher.tokenizer_dir, log=log, objective=objective)
   return dict(second, phase1=first, trainable_params=max(first["trainable_params"],
                                                           second["trainable_params"]))
 
@@ -471,8 +477,11 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config,
 
 
 def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
-  """Accuracy of an exported HF model directory on the config's data."""
+  """Accuracy of an exported HF model directory on the config's data (translation: BLEU)."""
   _init_distributed(cfg)
+  if cfg.data.dataset == "bible":
+    from wdjax.train import translate
+    return translate.evaluate(cfg, model_dir, splits)
   model, _ = load_model(model_dir, require_head=True)
   task = tasks.load(cfg.data, model_dir, model.config.pad_token_id, cfg.cache_dir)
   mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)

@@ -127,13 +127,14 @@ def init_state(generator: Generator, tx: optax.GradientTransformation, seed: int
 
 def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
                     tx: optax.GradientTransformation, kd: KDConfig, seed: int,
-                    frozen: tuple[str, ...] = ()):
+                    frozen: tuple[str, ...] = (), label_smoothing: float = 0.0):
   """`step(state, teacher_params, batch) -> (state, metrics)`, not yet jitted.
 
   The KD targets are `batch["teacher_logits"]` when the batch carries them, else the teacher's
   forward pass inside the step; with `teacher_apply=None` or `kd.alpha == 0` the loss is CE.
   Leaves matching `frozen` are held by `stop_gradient`, so their gradients are never computed
-  (the optimizer's `set_to_zero` alone would still pay for them).
+  (the optimizer's `set_to_zero` alone would still pay for them). `label_smoothing` applies to
+  the CE when there are no teacher logits (translation's loss, ε = 0.1 in WD's recipe).
   """
   use_teacher_logits = teacher_apply is not None and kd.alpha > 0
 
@@ -156,7 +157,7 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
       student = generator.generate(gen_params, teacher_params, state["gen_state"])
       logits = student_apply(student, batch, key, **generator.model_kwargs(state["gen_state"]))
       if teacher_logits is None:
-        task = losses.cross_entropy(logits, labels, label_weights)
+        task = losses.cross_entropy(logits, labels, label_weights, smoothing=label_smoothing)
         parts = {"ce": task}
       else:
         task, parts = losses.hinton(logits, teacher_logits, labels, weights,

@@ -1,0 +1,337 @@
+"""Translation: teacher training, sequence-level KD data, students (KD, WD), BLEU.
+
+The same phases, generators, step, loop and checkpoints as the encoder tasks (`run.py`), with
+the `Translation` objective (teacher-forced label-smoothed CE over target tokens):
+
+  wdjax finetune configs/mt.py          the teacher, from scratch on the bitext  -> finetune/
+  wdjax distill  configs/mt.py          a student on bitext + the teacher's beam
+                                        translations of the training sources (sequence-level KD,
+                                        Kim & Rush; cached in <workdir>/cache/)  -> distill*/
+  --set method.name=wd                  Weight Distillation: phase 1 trains the generator (the
+                                        decoder compressed, the encoder re-parameterised
+                                        elementwise), phase 2 fine-tunes the student
+  --set mt.seq_kd=none                  the from-scratch student (bitext only)
+
+Every trained model is scored by BLEU (sacrebleu, detokenised output against the raw reference
+text) on the validation and test splits with beam search; `<phase>/results.json` holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wdjax import assets, config as config_lib, distributed
+from wdjax.config import Config
+from wdjax.data import bible, builders, pipeline
+from wdjax.data.bible import BpeCodec, PairSplit
+from wdjax.errors import WdjaxError
+from wdjax import generators
+from wdjax.generators import Identity, StudentSpec
+from wdjax.models import search, transformer
+from wdjax.models.transformer import TransformerConfig
+from wdjax.train import mesh as mesh_lib
+from wdjax.train import run as run_lib
+from wdjax.train.evaluate import device_batch
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Translation:
+  """Teacher-forced next-token prediction of the target, label-smoothed CE."""
+
+  label_smoothing: float = 0.1
+  head = "translation"
+
+  def build(self, config: TransformerConfig, seed: int = 0):
+    return transformer.build(config, seed)
+
+  def apply(self, graphdef):
+    def apply(params, batch, dropout_key, **kwargs):
+      model = nnx.merge(graphdef, params)
+      return model(batch["src_ids"], batch["src_mask"], batch["tgt_in"], dropout_key=dropout_key,
+                   **kwargs)  # [batch, tgt, vocab]
+    return apply
+
+  def prepare(self, batch: dict, step: int) -> dict:
+    del step
+    return batch
+
+  def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
+    return TokenScorer(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
+
+  def export(self, out: Path, config, params, tokenizer_dir: Path, task) -> None:
+    del task
+    transformer.save(out, config, params, tokenizer_dir)
+
+
+class TokenScorer:
+  """Teacher-forced token accuracy and cross-entropy (no smoothing) over a split."""
+
+  def __init__(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
+    self.mesh, self.batch_size, self.pad_to_multiple = mesh, batch_size, pad_to_multiple
+
+    def sums(params, batch):
+      logits = apply_fn(params, batch, None)
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+      w = batch["weights"]
+      hit = (logits.argmax(-1) == batch["labels"]) * w
+      return jnp.stack([jnp.sum(nll * w), jnp.sum(hit), jnp.sum(w)])
+
+    self._sums = jax.jit(sums, in_shardings=(params_sharding, mesh_lib.batch_sharding(mesh)),
+                         out_shardings=mesh_lib.replicated(mesh))
+
+  def scores(self, params: Any, split: PairSplit) -> dict[str, float]:
+    total = np.zeros(3)
+    for batch in pipeline.eval_batches(split, self.batch_size, pad_to_multiple=self.pad_to_multiple):
+      total += np.asarray(self._sums(params, device_batch(batch, self.mesh)))
+    n = max(total[2], 1.0)
+    return {"accuracy": float(total[1] / n), "loss": float(total[0] / n)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslationTask:
+  name: str
+  train: PairSplit
+  validation: PairSplit
+  test: PairSplit
+  tokenizer: Path  # tokenizer.json of the joint BPE
+  label_names: tuple[str, ...] = ()
+
+  def split(self, name: str) -> PairSplit:
+    if name not in builders.SPLITS:
+      raise WdjaxError(f"unknown split {name!r}; choose one of {', '.join(builders.SPLITS)}")
+    return getattr(self, name)
+
+
+def _builder(cfg: Config) -> bible.Bible:
+  data_dir = assets.cache_dir(cfg.cache_dir) / "tfds"
+  source = assets.path("bible", cfg.cache_dir) / "bible.db"
+  return builders.prepare(bible.Bible(source=source, pair=cfg.data.pair, data_dir=str(data_dir),
+                                      file_format="array_record"))
+
+
+def load_task(cfg: Config, tokenizer: Path | None = None) -> TranslationTask:
+  """The Bible pair of `cfg.data`, tokenised with `tokenizer` (a model's tokenizer.json), or with
+  the joint BPE trained once per (pair, vocabulary size) on the training split."""
+  if cfg.data.dataset != "bible":
+    raise WdjaxError(f"translation needs data.dataset='bible', got {cfg.data.dataset!r}")
+  builder = distributed.process0_first("dataset", lambda: _builder(cfg))
+  texts = {s: bible.read_split(builder, s) for s in builders.SPLITS}
+  if tokenizer is None:
+    src, tgt = bible.parse_pair(cfg.data.pair)
+    tokenizer = (assets.cache_dir(cfg.cache_dir) / "tfds" / "bible_bpe"
+                 / f"{src}_{tgt}_{cfg.data.vocab_size}" / "tokenizer.json")
+    if not tokenizer.is_file():
+      distributed.process0_first("vocabulary", lambda: None if tokenizer.is_file() else bible.train_bpe(
+          list(texts["train"][0]) + list(texts["train"][1]), cfg.data.vocab_size, tokenizer))
+  codec = BpeCodec(tokenizer)
+  splits = {}
+  for name, (sources, targets) in texts.items():
+    limit = cfg.data.max_train_examples if name == "train" else cfg.data.max_eval_examples
+    if limit:
+      sources, targets = sources[:limit], targets[:limit]
+    splits[name] = codec.split(sources, targets, cfg.data.max_length, drop_long=name == "train")
+  return TranslationTask(builder.info.full_name, tokenizer=tokenizer, **splits)
+
+
+def teacher_config(cfg: Config, vocab_size: int) -> TransformerConfig:
+  m, t = cfg.mt, cfg.teacher
+  return TransformerConfig(
+      vocab_size=vocab_size, hidden_size=m.hidden_size, num_heads=m.num_heads,
+      intermediate_size=m.intermediate_size, num_layers=m.layers,
+      encoder_hidden_size=m.hidden_size, encoder_heads=m.num_heads,
+      encoder_intermediate_size=m.intermediate_size, encoder_layers=m.encoder_layers,
+      pre_ln=m.pre_ln, hidden_dropout=t.hidden_dropout, attention_dropout=t.attention_dropout,
+      dtype=t.dtype)
+
+
+def student_config(cfg: Config, teacher: TransformerConfig) -> TransformerConfig:
+  """The teacher's encoder and vocabulary, the student's decoder."""
+  s = cfg.student
+  try:
+    return dataclasses.replace(
+        teacher, hidden_size=s.hidden_size, num_heads=s.num_heads, intermediate_size=s.intermediate_size,
+        num_layers=s.num_layers, hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
+        dtype=s.dtype)
+  except ValueError as e:
+    raise WdjaxError(f"student: {e}") from None
+
+
+def objective(cfg: Config) -> Translation:
+  return Translation(cfg.mt.label_smoothing)
+
+
+def train_teacher(cfg: Config, log=distributed.log, export_only: bool = False) -> dict:
+  """Train the teacher from scratch on the bitext; writes `<workdir>/finetune/model`."""
+  task = load_task(cfg)
+  t_cfg = teacher_config(cfg, BpeCodec(task.tokenizer).vocab_size)
+  init = nnx.to_pure_dict(nnx.state(transformer.build(t_cfg, cfg.seed)))
+  results = run_lib.train_phase(cfg, phase="finetune", train=cfg.finetune, task=task,
+                                spec=StudentSpec(t_cfg, init), generator=Identity(), teacher=None,
+                                tokenizer_dir=task.tokenizer.parent, log=log,
+                                export_only=export_only, objective=objective(cfg))
+  return with_bleu(cfg, run_lib.phase_dir(cfg, "finetune"), results, task, log)
+
+
+def load_teacher(cfg: Config) -> run_lib.Model:
+  d = Path(cfg.teacher_dir)
+  if not (d / "config.json").exists():
+    raise WdjaxError(f"no translation teacher at {d}; run `wdjax finetune CONFIG` first "
+                     "or set teacher.path to a trained wdjax-transformer directory")
+  t_cfg, params = transformer.load(d, dtype=cfg.teacher.dtype)
+  return run_lib.Model(t_cfg, params, d, assets.sha256_file(d / "model.safetensors"))
+
+
+def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
+  """A student of the teacher by `method` (kd: the student itself; wd: phase 1 + phase 2) on the
+  data `mt.seq_kd` names; writes `<workdir>/<phase>/model` and BLEU into its results."""
+  phase = phase or run_lib.default_phase(cfg)
+  teacher = load_teacher(cfg)
+  task = load_task(cfg, teacher.tokenizer_dir / "tokenizer.json")
+  task = dataclasses.replace(task, train=training_pairs(cfg, teacher, task, log))
+  s_cfg = student_config(cfg, teacher.config)
+  method = cfg.method
+  init = nnx.to_pure_dict(nnx.state(transformer.build(s_cfg, cfg.seed)))
+  if method.name == "kd" and method.init == "selection":
+    init = generators.select(teacher.params, init, method.layer_map or "every_k")
+  if method.name not in ("kd", "wd"):
+    raise WdjaxError(f"translation supports method kd and wd, got {method.name!r}")
+  if cfg.mt.wd_encoder not in ("elementwise", "mapped"):
+    raise WdjaxError(f"mt.wd_encoder must be 'elementwise' or 'mapped', got {cfg.mt.wd_encoder!r}")
+  steps, steps1 = run_lib._phase_steps(cfg, task)
+  spec = StudentSpec(s_cfg, init)
+  train = cfg.distill
+  if method.name == "kd":
+    generator = Identity()
+  else:
+    try:
+      generator = generators.make(
+          "wd", init, teacher.params, mode=method.wd_mode, init=method.wd_init,
+          layer_map=method.layer_map or "contiguous",
+          elementwise=("enc/",) if cfg.mt.wd_encoder == "elementwise" else ())
+    except ValueError as e:
+      raise WdjaxError(f"method wd: {e}") from None
+    train = dataclasses.replace(cfg.distill, steps=steps1)
+  out = run_lib.train_phase(cfg, phase=phase, train=train, task=task, spec=spec, generator=generator,
+                            teacher=teacher, tokenizer_dir=teacher.tokenizer_dir, log=log,
+                            export_only=export_only, objective=objective(cfg))
+  final = phase
+  if method.name == "wd" and not export_only and steps1 < steps:
+    _, generated = transformer.load(run_lib.phase_dir(cfg, phase) / "model")
+    out = run_lib._phase2(cfg, phase, out, StudentSpec(s_cfg, generated), teacher, task,
+                          steps - steps1, log, objective=objective(cfg))
+    final = phase + "_phase2"
+  return with_bleu(cfg, run_lib.phase_dir(cfg, final), out, task, log)
+
+
+def training_pairs(cfg: Config, teacher: run_lib.Model, task: TranslationTask, log) -> PairSplit:
+  """The students' training pairs: the bitext, plus or instead of the teacher's translations."""
+  mode = cfg.mt.seq_kd
+  if mode not in ("add", "replace", "none"):
+    raise WdjaxError(f"mt.seq_kd must be 'add', 'replace' or 'none', got {mode!r}")
+  if mode == "none":
+    return task.train
+  kd = sequence_kd(cfg, teacher, task.train, log)
+  return task.train.concat(kd) if mode == "add" else kd
+
+
+def sequence_kd(cfg: Config, teacher: run_lib.Model, train: PairSplit, log) -> PairSplit:
+  """The training sources paired with the teacher's beam-`mt.kd_beam` translations, computed once
+  per teacher and data and kept in `<workdir>/cache/` (every student of a workdir shares them)."""
+  key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.mt.kd_beam,
+                                   cfg.mt.len_penalty, len(train)]).encode()).hexdigest()[:16]
+  path = Path(cfg.workdir) / "cache" / f"seq_kd_{key}.npz"
+
+  def compute():
+    if path.exists():
+      return
+    log(f"[seq-kd] translating the {len(train)} training sources with the teacher (beam {cfg.mt.kd_beam})")
+    ids = translate(teacher.config, teacher.params, train, beam=cfg.mt.kd_beam,
+                    len_penalty=cfg.mt.len_penalty, max_len=cfg.data.max_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, ids=ids)
+    tmp.replace(path)
+
+  distributed.process0_first("sequence-KD data", compute)
+  ids = np.load(path)["ids"]
+  lengths = np.argmax(ids == bible.EOS, axis=1).astype(np.int32) + 1
+  codec = BpeCodec(teacher.tokenizer_dir / "tokenizer.json")
+  return train.with_targets(ids.astype(np.int32), lengths, tuple(codec.decode(ids)))
+
+
+def translate(config: TransformerConfig, params: Params, split: PairSplit, *, beam: int,
+              len_penalty: float = 1.0, max_len: int = 64, batch_size: int = 64,
+              progress: bool = True) -> np.ndarray:
+  """`[n, max_len]` ids of each source's translation (beam 1: greedy), </s>-terminated."""
+  graphdef = nnx.split(transformer.build(dataclasses.replace(config, hidden_dropout=0.0,
+                                                             attention_dropout=0.0)))[0]
+  params = jax.device_put(params, jax.devices()[0])
+  out = np.full((len(split), max_len), bible.PAD, np.int32)
+  batches = list(pipeline.eval_batches(split, batch_size, pad_to_multiple=8))
+  if progress and jax.process_index() == 0:
+    from tqdm import tqdm
+    batches = tqdm(batches, desc="translate", unit="batch", leave=False, disable=not sys.stderr.isatty())
+  for batch in batches:
+    if beam == 1:
+      ids = search.greedy(graphdef, params, batch["src_ids"], batch["src_mask"], max_len)
+    else:
+      ids, _ = search.beam_search(graphdef, params, batch["src_ids"], batch["src_mask"], max_len,
+                                  beam, len_penalty)
+    valid = batch["index"] >= 0
+    out[batch["index"][valid]] = np.asarray(ids)[valid]
+  return out
+
+
+def bleu(hypotheses: list[str], references: list[str] | tuple[str, ...]) -> float:
+  """Corpus BLEU (sacrebleu's defaults: 13a tokenisation, exponential smoothing)."""
+  import sacrebleu
+  return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def with_bleu(cfg: Config, phase_path: Path, results: dict, task: TranslationTask, log) -> dict:
+  """`results` plus validation/test BLEU of the phase's exported model (computed once, kept in
+  its results.json)."""
+  if "test_bleu" in results:
+    return results
+  m_cfg, params = transformer.load(phase_path / "model")
+  codec = BpeCodec(phase_path / "model" / "tokenizer.json")
+  for split in ("validation", "test"):
+    data = task.split(split)
+    ids = translate(m_cfg, params, data, beam=cfg.mt.beam, len_penalty=cfg.mt.len_penalty,
+                    max_len=cfg.data.max_length)
+    results[f"{split}_bleu"] = bleu(codec.decode(ids), data.references)
+  if jax.process_index() == 0:
+    path = phase_path / "results.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+  log(f"[{phase_path.name}] BLEU (beam {cfg.mt.beam}): validation {results['validation_bleu']:.2f}, "
+      f"test {results['test_bleu']:.2f}")
+  return results
+
+
+def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
+  """BLEU of a saved translation model on the config's data."""
+  m_cfg, params = transformer.load(model_dir)
+  task = load_task(cfg, Path(model_dir) / "tokenizer.json")
+  codec = BpeCodec(Path(model_dir) / "tokenizer.json")
+  out = {}
+  for split in splits:
+    data = task.split(split)
+    ids = translate(m_cfg, params, data, beam=cfg.mt.beam, len_penalty=cfg.mt.len_penalty,
+                    max_len=cfg.data.max_length)
+    out[split] = bleu(codec.decode(ids), data.references)
+  return out
