@@ -73,3 +73,31 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6) -> bool:
   la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   return len(la) == len(lb) and all(
       np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol) for x, y in zip(la, lb))
+
+
+def run_generator_steps(gen, s_cfg, init, t_params, mesh, batches, *, student_apply, teacher_apply=None,
+                        kd_alpha: float = 0.5, label_smoothing: float = 0.0):
+  """Train `gen` for one step per batch on `mesh` (lr 1e-3, Adam): returns (state, teacher as
+  it was after the steps, generator params before the last step)."""
+  from wdjax.generators import StudentSpec
+  from wdjax.config import KDConfig, OptimConfig
+  from wdjax.train import mesh as mesh_lib, step as step_lib
+  shapes, state_shapes = jax.eval_shape(
+      lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init)))
+  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0), 10, shapes,
+                               gen.gradient_transform(state_shapes), gen.lr_multipliers(shapes))
+  step = step_lib.make_train_step(generator=gen, student_apply=student_apply,
+                                  teacher_apply=teacher_apply, tx=tx,
+                                  kd=KDConfig(alpha=kd_alpha if teacher_apply else 0.0), seed=0,
+                                  label_smoothing=label_smoothing)
+  state = jax.jit(lambda p, t: step_lib.init_state(gen, tx, 0, t, StudentSpec(s_cfg, p)))(init, t_params)
+  state_sh = mesh_lib.param_shardings(state, mesh)
+  teacher_sh = mesh_lib.param_shardings(t_params, mesh)
+  state, teacher = jax.device_put(state, state_sh), jax.device_put(t_params, teacher_sh)
+  jitted = jax.jit(step, in_shardings=(state_sh, teacher_sh, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
+  before = None
+  for batch in batches:
+    before = jax.device_get(state["params"])
+    state, _ = jitted(state, teacher, mesh_lib.put_batch(batch, mesh))
+  return jax.device_get(state), teacher, before

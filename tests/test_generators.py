@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tree_allclose
+from conftest import run_generator_steps, tree_allclose
 from wdjax import generators
-from wdjax.config import KDConfig, OptimConfig
 from wdjax.generators import StudentSpec, paths
 from wdjax.models import bert, hf
 from wdjax.train import mesh as mesh_lib, step as step_lib
@@ -141,31 +140,15 @@ def test_wd_initialisation_follows_the_reference(setup):
 def _steps(setup, variant, mesh, n=2):
   t_cfg, t_params, s_cfg, init = setup
   gen = generators.make(_method(variant), init, t_params, **_options(variant))
-  shapes, state_shapes = jax.eval_shape(
-      lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init)))
-  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0), 10, shapes,
-                               gen.gradient_transform(state_shapes), gen.lr_multipliers(shapes))
-  net_cfg = gen.training_config(s_cfg)
-  step = step_lib.make_train_step(
-      generator=gen, student_apply=step_lib.classifier_apply(nnx.split(bert.build(net_cfg))[0]),
-      teacher_apply=step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0]),
-      tx=tx, kd=KDConfig(alpha=0.5), seed=0)
-  state = jax.jit(lambda p, t: step_lib.init_state(gen, tx, 0, t, StudentSpec(s_cfg, p)))(init, t_params)
-  state_sh = mesh_lib.param_shardings(state, mesh)
-  teacher_sh = mesh_lib.param_shardings(t_params, mesh)
-  state, teacher = jax.device_put(state, state_sh), jax.device_put(t_params, teacher_sh)
-  jitted = jax.jit(step, in_shardings=(state_sh, teacher_sh, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   rng = np.random.default_rng(0)
-  grads_seen = None
-  for i in range(n):
-    batch = {"input_ids": rng.integers(1000, 5000, (8, 16)).astype(np.int32),
-             "attention_mask": np.ones((8, 16), np.int32),
-             "labels": rng.integers(0, 2, 8).astype(np.int32), "weights": np.ones(8, np.float32)}
-    before = jax.device_get(state["params"])
-    state, metrics = jitted(state, teacher, mesh_lib.put_batch(batch, mesh))
-    grads_seen = before
-  return jax.device_get(state), teacher, grads_seen
+  batches = [{"input_ids": rng.integers(1000, 5000, (8, 16)).astype(np.int32),
+              "attention_mask": np.ones((8, 16), np.int32),
+              "labels": rng.integers(0, 2, 8).astype(np.int32), "weights": np.ones(8, np.float32)}
+             for _ in range(n)]
+  return run_generator_steps(
+      gen, s_cfg, init, t_params, mesh, batches,
+      student_apply=step_lib.classifier_apply(nnx.split(bert.build(gen.training_config(s_cfg)))[0]),
+      teacher_apply=step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0]))
 
 
 @pytest.mark.parametrize("variant", ["ws", "gws-row", "wd-lean", "wid", "opdf"])

@@ -57,7 +57,8 @@ def parse_pair(pair: str) -> tuple[str, str]:
 
 
 def read_pairs(db: str | os.PathLike, src: str, tgt: str) -> list[tuple[int, str, str]]:
-  """`[(book, source, target)]` in canonical verse order, both sides non-empty after cleaning."""
+  """`[(book, source, target)]` in canonical verse order (book, chapter, verse), both sides
+  non-empty after cleaning."""
   con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
   try:
     rows = con.execute(
@@ -73,7 +74,8 @@ def read_pairs(db: str | os.PathLike, src: str, tgt: str) -> list[tuple[int, str
 class Bible(tfds.core.GeneratorBasedBuilder):
   """Aligned Bible verses, one language pair per builder config, split by book."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "`order`: the verse's position in canonical order (TFDS shuffles records)"}
 
   def __init__(self, *, source: str | os.PathLike, pair: str = "en-de", **kwargs):
     self._db = Path(source)
@@ -85,14 +87,15 @@ class Bible(tfds.core.GeneratorBasedBuilder):
         builder=self, description=self.__doc__,
         features=tfds.features.FeaturesDict({"source": tfds.features.Text(),
                                              "target": tfds.features.Text(),
-                                             "book": tfds.features.Scalar(np.int32)}),
+                                             "book": tfds.features.Scalar(np.int32),
+                                             "order": tfds.features.Scalar(np.int32)}),
         supervised_keys=("source", "target"))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local: the asset cache
     by_split: dict[str, list] = {"train": [], "validation": [], "test": []}
-    for book, s, t in read_pairs(self._db, self._src, self._tgt):
-      by_split[split_of(book)].append({"source": s, "target": t, "book": book})
+    for order, (book, s, t) in enumerate(read_pairs(self._db, self._src, self._tgt)):
+      by_split[split_of(book)].append({"source": s, "target": t, "book": book, "order": order})
     return {name: self._generate_examples(rows) for name, rows in by_split.items()}
 
   def _generate_examples(self, rows):
@@ -101,9 +104,9 @@ class Bible(tfds.core.GeneratorBasedBuilder):
 
 
 def read_split(builder: tfds.core.GeneratorBasedBuilder, split: str) -> tuple[list[str], list[str]]:
-  """(sources, targets) of a prepared split, in verse order."""
+  """(sources, targets) of a prepared split, in canonical verse order."""
   ds = builder.as_data_source(split=split)
-  records = ds.__getitems__(range(len(ds)))
+  records = sorted(ds.__getitems__(range(len(ds))), key=lambda r: int(r["order"]))
   text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else x
   return [text(r["source"]) for r in records], [text(r["target"]) for r in records]
 

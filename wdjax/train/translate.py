@@ -259,7 +259,8 @@ def sequence_kd(cfg: Config, teacher: run_lib.Model, train: PairSplit, log) -> P
       return
     log(f"[seq-kd] translating the {len(train)} training sources with the teacher (beam {cfg.mt.kd_beam})")
     ids = translate(teacher.config, teacher.params, train, beam=cfg.mt.kd_beam,
-                    len_penalty=cfg.mt.len_penalty, max_len=cfg.data.max_length)
+                    len_penalty=cfg.mt.len_penalty, max_len=cfg.data.max_length,
+                    pad_to_multiple=cfg.data.pad_to_multiple)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, ids=ids)
@@ -274,13 +275,15 @@ def sequence_kd(cfg: Config, teacher: run_lib.Model, train: PairSplit, log) -> P
 
 def translate(config: TransformerConfig, params: Params, split: PairSplit, *, beam: int,
               len_penalty: float = 1.0, max_len: int = 64, batch_size: int = 64,
-              progress: bool = True) -> np.ndarray:
-  """`[n, max_len]` ids of each source's translation (beam 1: greedy), </s>-terminated."""
+              pad_to_multiple: int = 8, progress: bool = True) -> np.ndarray:
+  """`[n, max_len]` ids of each source's translation (beam 1: greedy), </s>-terminated.
+  Sources are batched shortest first and padded to a multiple of `pad_to_multiple` (one
+  compiled search per padded length)."""
   graphdef = nnx.split(transformer.build(dataclasses.replace(config, hidden_dropout=0.0,
                                                              attention_dropout=0.0)))[0]
   params = jax.device_put(params, jax.devices()[0])
   out = np.full((len(split), max_len), bible.PAD, np.int32)
-  batches = list(pipeline.eval_batches(split, batch_size, pad_to_multiple=8))
+  batches = list(pipeline.eval_batches(split, batch_size, pad_to_multiple=pad_to_multiple))
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
     batches = tqdm(batches, desc="translate", unit="batch", leave=False, disable=not sys.stderr.isatty())
@@ -311,7 +314,7 @@ def with_bleu(cfg: Config, phase_path: Path, results: dict, task: TranslationTas
   for split in ("validation", "test"):
     data = task.split(split)
     ids = translate(m_cfg, params, data, beam=cfg.mt.beam, len_penalty=cfg.mt.len_penalty,
-                    max_len=cfg.data.max_length)
+                    max_len=cfg.data.max_length, pad_to_multiple=cfg.data.pad_to_multiple)
     results[f"{split}_bleu"] = bleu(codec.decode(ids), data.references)
   if jax.process_index() == 0:
     path = phase_path / "results.json"
@@ -332,6 +335,6 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
   for split in splits:
     data = task.split(split)
     ids = translate(m_cfg, params, data, beam=cfg.mt.beam, len_penalty=cfg.mt.len_penalty,
-                    max_len=cfg.data.max_length)
+                    max_len=cfg.data.max_length, pad_to_multiple=cfg.data.pad_to_multiple)
     out[split] = bleu(codec.decode(ids), data.references)
   return out
