@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from wdjax.config import (Config, DataConfig, KDConfig, MethodConfig, OptimConfig, StudentConfig,
-                          TeacherConfig, TrainConfig)
+                          TeacherConfig, TrainConfig, TranslationConfig)
 
 HARDWARE = ("cpu", "gpu")
 
@@ -46,6 +46,54 @@ def rotten_tomatoes(hardware: str = "cpu") -> Config:
         distill=TrainConfig(batch_size=32, epochs=6.0, eval_every=164, optim=OptimConfig(lr=3e-4)),
         kd=KDConfig(temperature=2.0, alpha=0.9),
         data=DataConfig(dataset="rotten-tomatoes", max_length=64),
+    )
+  raise ValueError(f"hardware must be one of {HARDWARE}, got {hardware!r}")
+
+
+def bible_translation(hardware: str = "cpu") -> Config:
+  """Bible En-De (data/bible.py), a teacher trained from scratch, students that keep its encoder
+  and shrink its decoder (WD's setting, methods.md §1.2-1.4):
+
+  - `cpu`: what 2 CPU cores train in about an hour for the whole table: teacher 2+2 layers x 128
+    (4 heads, FFN 512, pre-LN, BPE 4k, pairs up to 48 tokens a side: 79% of the verses), 2,000
+    steps of 64 pairs; student decoder 1 x 64 (FFN 256), 1,500 steps; beam 4 (KD data, BLEU);
+  - `gpu`: the paper's transformer_wmt_en_de teacher (6+6 x 512, 8 heads, FFN 2048, post-LN,
+    warm-up 4,000) in bf16; student decoder 1 x 256 (FFN 1024, the reference's `stu1`); the
+    KD data with beam 6 as the reference.
+  Adam b2 = 0.98 and label smoothing 0.1 as the reference; linear decay instead of its
+  inverse-sqrt schedule (wdjax's schedules), and far fewer steps than its 30k per phase.
+  """
+  adam = dict(b2=0.98, weight_decay=0.0)
+  if hardware == "cpu":
+    return Config(
+        workdir="runs/bible_en_de",
+        data=DataConfig(dataset="bible", pair="en-de", vocab_size=4000, max_length=48,
+                        pad_to_multiple=16),
+        mt=TranslationConfig(layers=2, encoder_layers=2, hidden_size=128, num_heads=4,
+                             intermediate_size=512, pre_ln=True, beam=4, kd_beam=4),
+        teacher=TeacherConfig(hidden_dropout=0.1, attention_dropout=0.1),
+        finetune=TrainConfig(batch_size=64, steps=2000, eval_every=500, eval_batch_size=128,
+                             optim=OptimConfig(lr=1.5e-3, warmup_ratio=0.05, **adam)),
+        student=StudentConfig(num_layers=1, hidden_size=64, num_heads=4, intermediate_size=256),
+        distill=TrainConfig(batch_size=64, steps=1500, eval_every=500, eval_batch_size=128,
+                            optim=OptimConfig(lr=1.5e-3, warmup_ratio=0.05, **adam)),
+        kd=KDConfig(alpha=0.0),
+    )
+  if hardware == "gpu":
+    return Config(
+        workdir="runs/bible_en_de_gpu",
+        data=DataConfig(dataset="bible", pair="en-de", vocab_size=16000, max_length=128,
+                        pad_to_multiple=16),
+        mt=TranslationConfig(layers=6, encoder_layers=6, hidden_size=512, num_heads=8,
+                             intermediate_size=2048, pre_ln=False, beam=5, kd_beam=6),
+        teacher=TeacherConfig(hidden_dropout=0.1, attention_dropout=0.1, dtype="bfloat16"),
+        finetune=TrainConfig(batch_size=128, steps=30000, eval_every=2000, eval_batch_size=256,
+                             optim=OptimConfig(lr=7e-4, warmup_ratio=4000 / 30000, **adam)),
+        student=StudentConfig(num_layers=1, hidden_size=256, num_heads=4, intermediate_size=1024,
+                              dtype="bfloat16"),
+        distill=TrainConfig(batch_size=128, steps=30000, eval_every=2000, eval_batch_size=256,
+                            optim=OptimConfig(lr=7e-4, warmup_ratio=1000 / 30000, **adam)),
+        kd=KDConfig(alpha=0.0),
     )
   raise ValueError(f"hardware must be one of {HARDWARE}, got {hardware!r}")
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from wdjax.data import pipeline
 from wdjax.data.mlm import MlmMasking
-from wdjax.data.tokenize import TokenizedSplit
 from wdjax.train import mesh as mesh_lib
 from wdjax.train import step as step_lib
 from wdjax.train.evaluate import Predictor, device_batch
@@ -79,32 +78,35 @@ class MaskedLanguageModel(_Encoder):
     return self.masking(batch, step)
 
   def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
-    return MlmPredictor(self.masking, apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
+    masking = dataclasses.replace(self.masking, seed=self.masking.seed + 1)  # not the training masks
+    return TokenPredictor(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple, prepare=masking)
 
 
-class MlmPredictor:
-  """Masked-token accuracy and cross-entropy over a split, with the same masks every call."""
+class TokenPredictor:
+  """Token accuracy and cross-entropy (no smoothing) over a split: masked-LM predictions
+  (`label_weights [batch, k]`) or teacher-forced target tokens (`weights [batch, tgt]`).
+  `prepare(batch, i)` turns eval batch i into the model's batch (MLM: the same masks every call)."""
 
-  def __init__(self, masking: MlmMasking, apply_fn, mesh, params_sharding: Any, batch_size: int,
-               pad_to_multiple: int):
-    self.masking = dataclasses.replace(masking, seed=masking.seed + 1)  # not the training masks
+  def __init__(self, apply_fn, mesh, params_sharding: Any, batch_size: int, pad_to_multiple: int,
+               prepare=None):
+    self.prepare = prepare or (lambda batch, i: batch)
     self.mesh, self.batch_size, self.pad_to_multiple = mesh, batch_size, pad_to_multiple
 
     def sums(params, batch):
       logits = apply_fn(params, batch, None)
-      logp = jax.nn.log_softmax(logits, axis=-1)
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
       nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
-      w = batch["label_weights"]
+      w = batch.get("label_weights", batch["weights"])
       hit = (logits.argmax(-1) == batch["labels"]) * w
       return jnp.stack([jnp.sum(nll * w), jnp.sum(hit), jnp.sum(w)])
 
     self._sums = jax.jit(sums, in_shardings=(params_sharding, mesh_lib.batch_sharding(mesh)),
                          out_shardings=mesh_lib.replicated(mesh))
 
-  def scores(self, params: Any, split: TokenizedSplit) -> dict[str, float]:
+  def scores(self, params: Any, split) -> dict[str, float]:
     total = np.zeros(3)
     for i, batch in enumerate(pipeline.eval_batches(split, self.batch_size,
                                                     pad_to_multiple=self.pad_to_multiple)):
-      total += np.asarray(self._sums(params, device_batch(self.masking(batch, i), self.mesh)))
+      total += np.asarray(self._sums(params, device_batch(self.prepare(batch, i), self.mesh)))
     n = max(total[2], 1.0)
     return {"accuracy": float(total[1] / n), "loss": float(total[0] / n)}

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -39,9 +38,8 @@ from wdjax import generators
 from wdjax.generators import Identity, StudentSpec
 from wdjax.models import search, transformer
 from wdjax.models.transformer import TransformerConfig
-from wdjax.train import mesh as mesh_lib
 from wdjax.train import run as run_lib
-from wdjax.train.evaluate import device_batch
+from wdjax.train.objectives import TokenPredictor
 
 Params = Any
 
@@ -68,36 +66,11 @@ class Translation:
     return batch
 
   def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
-    return TokenScorer(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
+    return TokenPredictor(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
 
   def export(self, out: Path, config, params, tokenizer_dir: Path, task) -> None:
     del task
     transformer.save(out, config, params, tokenizer_dir)
-
-
-class TokenScorer:
-  """Teacher-forced token accuracy and cross-entropy (no smoothing) over a split."""
-
-  def __init__(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
-    self.mesh, self.batch_size, self.pad_to_multiple = mesh, batch_size, pad_to_multiple
-
-    def sums(params, batch):
-      logits = apply_fn(params, batch, None)
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-      nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
-      w = batch["weights"]
-      hit = (logits.argmax(-1) == batch["labels"]) * w
-      return jnp.stack([jnp.sum(nll * w), jnp.sum(hit), jnp.sum(w)])
-
-    self._sums = jax.jit(sums, in_shardings=(params_sharding, mesh_lib.batch_sharding(mesh)),
-                         out_shardings=mesh_lib.replicated(mesh))
-
-  def scores(self, params: Any, split: PairSplit) -> dict[str, float]:
-    total = np.zeros(3)
-    for batch in pipeline.eval_batches(split, self.batch_size, pad_to_multiple=self.pad_to_multiple):
-      total += np.asarray(self._sums(params, device_batch(batch, self.mesh)))
-    n = max(total[2], 1.0)
-    return {"accuracy": float(total[1] / n), "loss": float(total[0] / n)}
 
 
 @dataclasses.dataclass(frozen=True)

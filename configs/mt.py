@@ -1,0 +1,23 @@
+"""Translation, Bible En-De: the teacher trained from scratch, then students that keep its
+encoder and shrink its decoder (WD's setting). One file, every row of the MT table:
+
+  wdjax finetune configs/mt.py:cpu                                  # the teacher
+  wdjax distill  configs/mt.py:cpu                                  # seq-KD student (bitext + teacher beams)
+  wdjax distill  configs/mt.py:cpu --set mt.seq_kd=none --phase distill_scratch
+                                                                    # from scratch: bitext only
+  wdjax distill  configs/mt.py:cpu --set method.name=wd --set method.wd_init=identity
+                                                                    # WD, phase 1 + phase 2
+  wdjax eval     configs/mt.py:cpu --model runs/bible_en_de/distill/model      # BLEU
+
+or all of them with `python benchmarks/mt/run.py --hardware cpu` (BLEU, parameters, decoding
+speed). The from-scratch and seq-KD students share a workdir with the teacher; their phase
+directories differ by the method label and `--phase`.
+
+Runtime (cpu, 2 cores): see benchmarks/mt/results_cpu.md. gpu: not yet measured (no GPU lent).
+"""
+
+from wdjax import presets
+
+
+def get_config(hardware: str = "cpu"):
+  return presets.bible_translation(hardware)
