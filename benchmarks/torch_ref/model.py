@@ -1,0 +1,77 @@
+"""A BERT sequence classifier as a function of a flat parameter dict (PyTorch).
+
+Parameters are keyed by '/'-joined paths (`encoder/layer_0/attn/q/kernel`) with kernels laid out
+`[in, out]`, so generated parameters (WS, WD, ...) plug in without a module tree; the forward
+pass is the HF BertForSequenceClassification maths: post-LN blocks, exact GELU, tanh pooler on
+the first token. Dropout is off (parity and speed runs compare deterministic steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class BertShape:
+  num_layers: int
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+  vocab_size: int = 30522
+  max_positions: int = 512
+  num_labels: int = 2
+  eps: float = 1e-12
+
+
+def _linear(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+  return x @ p[f"{name}/kernel"] + p[f"{name}/bias"]
+
+
+def _ln(p: dict, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+  return F.layer_norm(x, x.shape[-1:], p[f"{name}/scale"], p[f"{name}/bias"], eps)
+
+
+def classifier_logits(p: dict, shape: BertShape, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+  """Logits `[batch, labels]` of `input_ids [batch, seq]`."""
+  b, t = input_ids.shape
+  e = "encoder/embeddings"
+  x = (p[f"{e}/word/embedding"][input_ids] + p[f"{e}/position/embedding"][:t][None]
+       + p[f"{e}/token_type/embedding"][0])
+  x = _ln(p, f"{e}/ln", x, shape.eps)
+  mask = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, key]
+  h = shape.num_heads
+  for i in range(shape.num_layers):
+    pre = f"encoder/layer_{i}"
+    heads = lambda y: y.view(b, t, h, -1).transpose(1, 2)  # [batch, heads, seq, head_dim]
+    q, k, v = (heads(_linear(p, f"{pre}/attn/{n}", x)) for n in "qkv")
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ctx = ctx.transpose(1, 2).reshape(b, t, -1)
+    x = _ln(p, f"{pre}/attn_ln", x + _linear(p, f"{pre}/attn/o", ctx), shape.eps)
+    ffn = F.gelu(_linear(p, f"{pre}/mlp/up", x))
+    x = _ln(p, f"{pre}/mlp_ln", x + _linear(p, f"{pre}/mlp/down", ffn), shape.eps)
+  pooled = torch.tanh(_linear(p, "pooler", x[:, 0]))
+  return _linear(p, "classifier", pooled).float()
+
+
+def init_params(shape: BertShape, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+  """Random parameters of this shape (N(0, 0.02) matrices, zero biases, unit LayerNorm gains)."""
+  d, f = shape.hidden_size, shape.intermediate_size
+  normal = lambda *s: torch.randn(*s, generator=generator) * 0.02
+  p = {"encoder/embeddings/word/embedding": normal(shape.vocab_size, d),
+       "encoder/embeddings/position/embedding": normal(shape.max_positions, d),
+       "encoder/embeddings/token_type/embedding": normal(2, d),
+       "encoder/embeddings/ln/scale": torch.ones(d), "encoder/embeddings/ln/bias": torch.zeros(d),
+       "pooler/kernel": normal(d, d), "pooler/bias": torch.zeros(d),
+       "classifier/kernel": normal(d, shape.num_labels), "classifier/bias": torch.zeros(shape.num_labels)}
+  for i in range(shape.num_layers):
+    pre = f"encoder/layer_{i}"
+    for n, (a, c) in {"attn/q": (d, d), "attn/k": (d, d), "attn/v": (d, d), "attn/o": (d, d),
+                      "mlp/up": (d, f), "mlp/down": (f, d)}.items():
+      p[f"{pre}/{n}/kernel"], p[f"{pre}/{n}/bias"] = normal(a, c), torch.zeros(c)
+    for n in ("attn_ln", "mlp_ln"):
+      p[f"{pre}/{n}/scale"], p[f"{pre}/{n}/bias"] = torch.ones(d), torch.zeros(d)
+  return p
