@@ -1,0 +1,282 @@
+"""wdjax against PyTorch, the same training step side by side, for every method in torch_ref.
+
+    python benchmarks/speed.py                  # gpu: BERT-base-size teacher -> 6x384, seq 128
+    python benchmarks/speed.py --preset cpu     # tiny shapes: checks the harness on a CPU
+    python benchmarks/speed.py --methods kd ws  # a subset
+
+For each method (kd, ws, wd: the steps `benchmarks/torch_ref/` implements; their parity with
+wdjax is tested in tests/test_torch_parity.py) and each batch (32k and 4k tokens per step on
+gpu), one run times:
+
+- `wdjax`: the library's jitted step (`make_train_step`, donation, AdamW), teacher forward inside;
+- `jax-handwritten` (kd only): the same maths as a bare `jax.jit` function over the NNX model
+  and `optax.adamw`, no wdjax machinery: the library-overhead reference;
+- `torch-eager` and `torch-compile`: benchmarks/torch_ref as a PyTorch user writes it (SDPA
+  attention, AdamW fused on CUDA, bf16 autocast on CUDA), eager and under `torch.compile`.
+
+Warm-up steps are excluded; the step time is the median of `steps` timed steps (each ends in a
+device sync); compile time (first step) is reported separately. Teacher and student have the
+shapes of all-mpnet-base-v2 (12 x 768, FFN 3072, vocab 30527) and a 6 x 384 student, in the BERT
+architecture both implementations share (MPNet's relative bias is <0.1% of the FLOPs); weights
+are random (speed does not depend on them). MFU counts matmul FLOPs: per token and layer
+`2 (4 D^2 + 2 D F) + 4 S D` forward; teacher 1x, student 3x (forward + backward), plus the
+generator's FLOPs from XLA's cost analysis of `generate`, 3x; peak 989 TFLOP/s (H100 dense
+bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.kd_step import PEAK_FLOPS, step_flops  # noqa: E402
+from wdjax import generators  # noqa: E402
+from wdjax.config import KDConfig, OptimConfig  # noqa: E402
+from wdjax.generators import StudentSpec, paths  # noqa: E402
+from wdjax.models import bert  # noqa: E402
+from wdjax.train import mesh as mesh_lib, step as step_lib  # noqa: E402
+
+PRESETS = {
+    "gpu": dict(teacher=dict(vocab_size=30527, hidden_size=768, num_layers=12, num_heads=12,
+                             intermediate_size=3072, max_position_embeddings=514),
+                student=dict(num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536),
+                seq=128, batches=(256, 32), dtype="bfloat16", steps=30, warmup=5),
+    "cpu": dict(teacher=dict(vocab_size=2000, hidden_size=128, num_layers=2, num_heads=4,
+                             intermediate_size=256, max_position_embeddings=64),
+                student=dict(num_layers=1, hidden_size=64, num_heads=4, intermediate_size=128),
+                seq=32, batches=(16, 4), dtype="float32", steps=5, warmup=2),
+}
+METHODS = ("kd", "ws", "wd")
+KD = dict(temperature=2.0, alpha=0.9)
+
+
+def _configs(preset):
+  t = bert.EncoderConfig(**preset["teacher"], dtype=preset["dtype"], hidden_dropout=0.0,
+                         attention_dropout=0.0)
+  return t, dataclasses.replace(t, **preset["student"])
+
+
+def _batch(preset, batch, seed):
+  rng = np.random.default_rng(seed)
+  v = preset["teacher"]["vocab_size"]
+  return {"input_ids": rng.integers(3, v, (batch, preset["seq"])).astype(np.int32),
+          "attention_mask": np.ones((batch, preset["seq"]), np.int32),
+          "labels": rng.integers(0, 2, batch).astype(np.int32), "weights": np.ones(batch, np.float32)}
+
+
+def _time(run, steps, warmup, sync):
+  t0 = time.perf_counter()
+  sync(run(0))
+  compile_s = time.perf_counter() - t0
+  for i in range(warmup):
+    sync(run(i + 1))
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    sync(run(i))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), compile_s
+
+
+def wdjax_step(method, preset, batch, handwritten=False):
+  t_cfg, s_cfg = _configs(preset)
+  mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
+  t_params = jax.device_put(nnx.to_pure_dict(nnx.state(bert.build(t_cfg, seed=0))))
+  init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=1)))
+  s_graph, t_graph = nnx.split(bert.build(s_cfg))[0], nnx.split(bert.build(t_cfg))[0]
+  batches = [mesh_lib.put_batch(_batch(preset, batch, i), mesh) for i in range(4)]
+  gen = generators.make(method, init, t_params)
+  gen_flops = 0.0
+  if method != "kd":
+    gp, gs = jax.eval_shape(lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init)))
+    cost = jax.jit(gen.generate).lower(gp, t_params, gs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    gen_flops = 3 * float(cost.get("flops", 0.0))
+  if handwritten:  # the same maths as a bare jax.jit step: the library-overhead reference
+    tx = optax.adamw(1e-4, weight_decay=0.01)
+
+    def step(state, teacher, b):
+      params, opt = state
+      def loss_fn(p):
+        logits = nnx.merge(s_graph, p)(b["input_ids"], b["attention_mask"])
+        t_logits = jax.lax.stop_gradient(nnx.merge(t_graph, teacher)(b["input_ids"], b["attention_mask"]))
+        t = KD["temperature"]
+        log_ps, log_pt = jax.nn.log_softmax(logits / t), jax.nn.log_softmax(t_logits / t)
+        kl = (jax.numpy.exp(log_pt) * (log_pt - log_ps)).sum(-1).mean()
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+        return KD["alpha"] * t * t * kl + (1 - KD["alpha"]) * ce
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt = tx.update(grads, opt, params)
+      return (optax.apply_updates(params, updates), opt), loss
+
+    state = (init, tx.init(init))
+  else:
+    shapes = jax.eval_shape(lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))[0])
+    tx = step_lib.make_optimizer(OptimConfig(lr=1e-4), 10_000, shapes)
+    step = step_lib.make_train_step(
+        generator=gen, student_apply=step_lib.classifier_apply(s_graph),
+        teacher_apply=step_lib.classifier_apply(t_graph), tx=tx,
+        kd=KDConfig(**KD, cache_teacher_logits=False), seed=0)
+    state = jax.jit(lambda p, t: step_lib.init_state(gen, tx, 0, t, StudentSpec(s_cfg, p)))(init, t_params)
+  jitted = jax.jit(step, donate_argnums=0)
+  holder = [state]
+
+  def run(i):
+    holder[0], out = jitted(holder[0], t_params, batches[i % 4])
+    return out
+
+  median, compile_s = _time(run, preset["steps"], preset["warmup"], jax.block_until_ready)
+  stats = jax.devices()[0].memory_stats() or {}
+  return median, compile_s, gen_flops, stats.get("peak_bytes_in_use")
+
+
+def torch_step(method, preset, batch, compiled):
+  import torch
+  from benchmarks.torch_ref import generators as tgen
+  from benchmarks.torch_ref.model import BertShape, classifier_logits, init_params
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  t_cfg, s_cfg = _configs(preset)
+  shape = lambda c: BertShape(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size,
+                              c.vocab_size, c.max_position_embeddings)
+  g = torch.Generator().manual_seed(0)
+  teacher = {k: v.to(dev) for k, v in init_params(shape(t_cfg), g).items()}
+  s_init = init_params(shape(s_cfg), g)
+  s_shapes = {k: tuple(v.shape) for k, v in s_init.items()}
+  n_t, n_s = t_cfg.num_layers, s_cfg.num_layers
+  if method == "kd":
+    gen = s_init
+  elif method == "ws":
+    gen = tgen.ws_init(teacher, s_shapes, n_t, n_s)
+  else:
+    gen = tgen.wd_init(teacher, s_shapes, n_t, n_s, g)
+  gen = {k: v.to(dev).requires_grad_(True) for k, v in gen.items()}
+  opt = torch.optim.AdamW(list(gen.values()), lr=1e-4, weight_decay=0.01,
+                          **({"fused": True} if dev == "cuda" else {"foreach": True}))
+  generate = {"kd": lambda gp, t: gp, "ws": lambda gp, t: tgen.ws_generate(gp, t, s_shapes, n_t, n_s),
+              "wd": lambda gp, t: tgen.wd_generate(gp, t, s_shapes, n_t, n_s)}[method]
+  amp = preset["dtype"] == "bfloat16" and dev == "cuda"
+
+  def loss_fn(gp, ids, mask, labels):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+      with torch.no_grad():
+        t_logits = classifier_logits(teacher, shape(t_cfg), ids, mask)
+      logits = classifier_logits(generate(gp, teacher), shape(s_cfg), ids, mask)
+      return tgen.hinton_loss(logits.float(), t_logits.float(), labels, **KD)
+
+  fwd_bwd = torch.compile(loss_fn) if compiled else loss_fn
+  batches = [{k: torch.tensor(v).to(dev) for k, v in _batch(preset, batch, i).items()} for i in range(4)]
+
+  def run(i):
+    b = batches[i % 4]
+    opt.zero_grad(set_to_none=True)
+    loss = fwd_bwd(gen, b["input_ids"].long(), b["attention_mask"], b["labels"].long())
+    loss.backward()
+    opt.step()
+    return loss
+
+  sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda x: x.item())
+  if dev == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  median, compile_s = _time(run, preset["steps"], preset["warmup"], sync)
+  peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+  return median, compile_s, None, peak
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+  ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+  args = ap.parse_args(argv)
+  preset = PRESETS[args.preset]
+  t_cfg, s_cfg = _configs(preset)
+  device = jax.devices()[0]
+  rows = []
+  for method in args.methods:
+    for batch in preset["batches"]:
+      impls = {"wdjax": lambda: wdjax_step(method, preset, batch)}
+      if method == "kd":
+        impls["jax-handwritten"] = lambda: wdjax_step(method, preset, batch, handwritten=True)
+      impls["torch-eager"] = lambda: torch_step(method, preset, batch, compiled=False)
+      impls["torch-compile"] = lambda: torch_step(method, preset, batch, compiled=True)
+      tokens = batch * preset["seq"]
+      flops = step_flops(t_cfg, s_cfg, tokens, preset["seq"])["total"]
+      gen_flops = 0.0
+      for impl, fn in impls.items():
+        median, compile_s, g_flops, peak = fn()
+        gen_flops = g_flops if g_flops is not None else gen_flops
+        row = {"method": method, "impl": impl, "tokens_per_step": tokens, "step_ms": 1e3 * median,
+               "tokens_per_s": tokens / median, "compile_s": compile_s, "peak_bytes": peak,
+               "flops_per_step": flops + gen_flops}
+        if device.platform in PEAK_FLOPS:
+          row["mfu"] = (flops + gen_flops) / median / PEAK_FLOPS[device.platform]
+        rows.append(row)
+        print(f"{method:3s} {impl:16s} {tokens:6d} tok/step: {1e3 * median:8.2f} ms", flush=True)
+  import torch
+  info = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+          "flax": __import__("flax").__version__, "torch": torch.__version__,
+          "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+          "python": platform.python_version(), "preset": args.preset, "dtype": preset["dtype"],
+          "teacher": preset["teacher"], "student": preset["student"], "seq": preset["seq"]}
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / f"speed_{args.preset}"
+  stem.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
+  stem.with_suffix(".md").write_text(table(rows, info) + "\n")
+  plot(rows, stem.with_suffix(".png"))
+  print(table(rows, info))
+  return 0
+
+
+def table(rows, info) -> str:
+  lines = [f"Training step, teacher {info['teacher']['num_layers']}x{info['teacher']['hidden_size']} -> "
+           f"student {info['student']['num_layers']}x{info['student']['hidden_size']}, seq {info['seq']}, "
+           f"{info['dtype']}; {info['device']} (jax {info['jax']}), torch {info['torch']} on {info['torch_device']}",
+           "", "| method | tokens/step | impl | step (ms) | tokens/s | vs torch-compile | vs torch-eager | MFU | "
+           "peak mem | compile (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  ref = {(r["method"], r["tokens_per_step"], r["impl"]): r["step_ms"] for r in rows}
+  for r in rows:
+    key = (r["method"], r["tokens_per_step"])
+    vs = lambda impl: f"{ref[(*key, impl)] / r['step_ms']:.2f}x" if (*key, impl) in ref else "-"
+    mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+    mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a"
+    lines.append(f"| {r['method']} | {r['tokens_per_step']} | {r['impl']} | {r['step_ms']:.2f} | "
+                 f"{r['tokens_per_s']:.0f} | {vs('torch-compile')} | {vs('torch-eager')} | {mfu} | {mem} | "
+                 f"{r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = sorted({(r["method"], r["tokens_per_step"]) for r in rows}, key=lambda k: (k[0], -k[1]))
+  impls = list(dict.fromkeys(r["impl"] for r in rows))
+  fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.5))
+  width = 0.8 / len(impls)
+  for j, impl in enumerate(impls):
+    vals = [next((r["tokens_per_s"] for r in rows if (r["method"], r["tokens_per_step"]) == g
+                  and r["impl"] == impl), 0) for g in groups]
+    ax.bar(np.arange(len(groups)) + j * width, vals, width, label=impl)
+  ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{m}\n{t} tok" for m, t in groups])
+  ax.set_ylabel("tokens / s")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
