@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.kd_step import PEAK_FLOPS, step_flops  # noqa: E402
 from wdjax import generators  # noqa: E402
 from wdjax.config import KDConfig, OptimConfig  # noqa: E402
-from wdjax.generators import StudentSpec, paths  # noqa: E402
+from wdjax.generators import StudentSpec  # noqa: E402
 from wdjax.models import bert  # noqa: E402
 from wdjax.train import mesh as mesh_lib, step as step_lib  # noqa: E402
 
