@@ -1,11 +1,12 @@
 """wdjax's training loss and gradients equal the PyTorch reference's (benchmarks/torch_ref/), for
-KD, Weight Squeezing and Weight Distillation, from the same parameters and batch (float32,
+KD, Weight Squeezing (plain and gated), Weight Distillation and OPDF (with its constraint loss), from the same parameters and batch (float32,
 dropout off): the two implementations share no code, so agreement checks both."""
 
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -49,16 +50,32 @@ def _shape(cfg) -> BertShape:
                    cfg.vocab_size, cfg.max_position_embeddings, cfg.num_labels, cfg.layer_norm_eps)
 
 
-@pytest.mark.parametrize("method", ["kd", "ws", "wd"])
+OPTIONS = {"kd": {}, "ws": {}, "gws": dict(gate="row"), "wd": {},
+           # a 6 -> 3 layer student at the teacher's width: OPDF's setting, constraint on
+           "opdf": dict(n_cores=3, constraint_lambda=0.5)}
+
+
+def _perturb(tree, seed):
+  leaves, struct = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  scale = lambda x: float(jnp.std(x)) or 1.0  # relative to the leaf's spread (constant leaves: 1)
+  return jax.tree_util.tree_unflatten(struct, [x + 0.1 * scale(x) * jax.random.normal(k, x.shape)
+                                               for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
 def test_loss_and_gradients_match_pytorch(setup, method):
   t_cfg, t_params, s_cfg, init, batch = setup
-  gen = generators.make(method, init, t_params)
+  if method == "opdf":
+    import dataclasses
+    s_cfg = dataclasses.replace(s_cfg, hidden_size=t_cfg.hidden_size, intermediate_size=t_cfg.intermediate_size)
+    init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=1)))
+  gen = generators.make(method, init, t_params, **OPTIONS[method])
   gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
-  if method == "wd":  # random affine parameters, so every part of the map is exercised
-    leaves, tree = jax.tree_util.tree_flatten(gen_params["affine"])
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    gen_params["affine"] = jax.tree_util.tree_unflatten(
-        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  # perturbed away from their initial values, so every part of each map is exercised (identity
+  # maps and A = 1, B = 0 hide mistakes; OPDF's cores would sit exactly on their targets)
+  for part in {"wd": ["affine"], "gws": ["gate", "student"], "opdf": ["cores"]}.get(method, []):
+    gen_params[part] = _perturb(gen_params[part], 3)
   s_apply = step_lib.classifier_apply(nnx.split(bert.build(s_cfg))[0])
   t_apply = step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0])
   teacher_logits = t_apply(t_params, batch, None)
@@ -66,7 +83,7 @@ def test_loss_and_gradients_match_pytorch(setup, method):
   def loss_fn(g):
     logits = s_apply(gen.generate(g, t_params, gen_state), batch, None)
     return losses.hinton(logits, teacher_logits, batch["labels"], batch["weights"],
-                         temperature=TEMPERATURE, alpha=ALPHA)[0]
+                         temperature=TEMPERATURE, alpha=ALPHA)[0] + gen.aux_loss(g, t_params, gen_state)
 
   loss, grads = jax.value_and_grad(loss_fn)(gen_params)
 
@@ -84,16 +101,18 @@ def test_loss_and_gradients_match_pytorch(setup, method):
   n_t, n_s = t_cfg.num_layers, s_cfg.num_layers
   if method == "kd":
     student = tg  # the student's own weights
-  elif method == "ws":
-    student = tgen.ws_generate(tg, teacher, student_shapes, n_t, n_s)
   else:
-    student = tgen.wd_generate(tg, teacher, student_shapes, n_t, n_s)
+    student = getattr(tgen, f"{method}_generate")(tg, teacher, student_shapes, n_t, n_s)
   ids, mask = torch.tensor(batch["input_ids"]).long(), torch.tensor(batch["attention_mask"])
   with torch.no_grad():
     t_logits = classifier_logits(teacher, _shape(t_cfg), ids, mask)
   np.testing.assert_allclose(t_logits.numpy(), teacher_logits, rtol=1e-4, atol=1e-5)
   t_loss = tgen.hinton_loss(classifier_logits(student, _shape(s_cfg), ids, mask), t_logits,
                             torch.tensor(batch["labels"]).long(), TEMPERATURE, ALPHA)
+  if method == "opdf":
+    targets = {k: torch.tensor(np.asarray(v)) for k, v in paths.flatten(gen_state["targets"]).items()}
+    assert targets
+    t_loss = t_loss + tgen.opdf_constraint(tg, targets, OPTIONS[method]["constraint_lambda"], len(gen.factors))
   t_loss.backward()
   assert t_loss.item() == pytest.approx(float(loss), rel=1e-5)
   assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)

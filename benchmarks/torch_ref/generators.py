@@ -107,6 +107,44 @@ def ws_generate(gen: dict, teacher: dict, student_shapes: dict, n_teacher: int, 
   return out
 
 
+def gws_generate(gen: dict, teacher: dict, student_shapes: dict, n_teacher: int, n_student: int) -> dict:
+  """Gated WS: `g W_m + (1 - g) M_in^T W_t M_out`, g = sigmoid(gate) per matrix, row or element."""
+  mapped = ws_generate(gen, teacher, student_shapes, n_teacher, n_student)
+  out = {}
+  for path, x in mapped.items():
+    g = torch.sigmoid(gen[f"gate/{path}"])
+    out[path] = g * gen[f"student/{path}"] + (1 - g) * x
+  return out
+
+
+# ---------------------------------------------------------------- OPDF
+
+
+def mpo_contract(cores: list) -> torch.Tensor:
+  """`W [I, J]` of an MPO chain, cores `[d_left, i_k, j_k, d_right]`, row-major multi-indices."""
+  out = cores[0][0]  # [i_1, j_1, d_1]
+  for core in cores[1:]:
+    a, b, _ = out.shape
+    out = torch.einsum("IJd,dije->IiJje", out, core)
+    out = out.reshape(a * core.shape[1], b * core.shape[2], core.shape[3])
+  return out[..., 0]
+
+
+def opdf_generate(gen: dict, teacher: dict, student_shapes: dict, n_teacher: int, n_student: int) -> dict:
+  """Every matrix with cores is their contraction (cores factor `W = kernel^T`); the rest dense."""
+  out = {}
+  for path in student_shapes:
+    cores = sorted((k for k in gen if k.startswith(f"cores/{path}/core_")),
+                   key=lambda k: int(k.rsplit("_", 1)[1]))
+    out[path] = mpo_contract([gen[k] for k in cores]).T if cores else gen[f"dense/{path}"]
+  return out
+
+
+def opdf_constraint(gen: dict, targets: dict, lam: float, n_matrices: int) -> torch.Tensor:
+  """lambda / |M| * sum over constrained cores of MSE(student core, teacher core)."""
+  return lam * sum(((gen[f"cores/{k}"] - t) ** 2).mean() for k, t in targets.items()) / n_matrices
+
+
 # ---------------------------------------------------------------- Weight Distillation
 
 
