@@ -16,6 +16,7 @@ Users with their own HF-format model directory pass its path wherever an asset n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -218,12 +219,32 @@ def _deb_members(deb: Path) -> tarfile.TarFile:
   raise WdjaxError(f"{deb} has no data.tar member")
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+  """Hold an exclusive `flock` on `path` (blocking): one process at a time builds a shared
+  file (an asset, a prepared dataset); the others wait, then find it built."""
+  import fcntl
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def fetch(name: str, cache: str | os.PathLike | None = None, progress=print) -> Path:
-  """Download (if needed), verify and extract an asset; returns its directory."""
+  """Download (if needed), verify and extract an asset; returns its directory. Concurrent
+  fetches of one asset (parallel test workers, several jobs) wait for each other."""
   asset = get(name)
   root = cache_dir(cache)
+  with file_lock(root / f".{asset.name}.lock"):
+    return _fetch(asset, root, cache, progress)
+
+
+def _fetch(asset: Asset, root: Path, cache, progress) -> Path:
   out = root / asset.name
-  if is_cached(name, cache):
+  if is_cached(asset.name, cache):
     return out
   files = []
   for pkg in asset.packages:

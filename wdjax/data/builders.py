@@ -173,10 +173,13 @@ class TextFiles(_TextClassification):
 
 
 def prepare(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.GeneratorBasedBuilder:
-  """Build the ArrayRecord files once (a no-op when they exist)."""
+  """Build the ArrayRecord files once (a no-op when they exist; concurrent builders of one
+  dataset wait for each other)."""
+  from wdjax.assets import file_lock
   tfds.display_progress_bar(False)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with file_lock(Path(builder.data_dir).parent / ".prepare.lock"):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 

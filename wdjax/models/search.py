@@ -66,8 +66,7 @@ def beam_search(graphdef, params, src_ids: jax.Array, src_mask: jax.Array, max_l
   """Best hypothesis per sentence: `([batch, max_len] ids ending in </s> then <pad>, [batch] score)`."""
   model = nnx.merge(graphdef, params)
   b, k = src_ids.shape[0], beam
-  rep = lambda x: jnp.repeat(x, k, axis=0)  # [b, ...] -> [b * k, ...]
-  cache = model.init_cache(rep(src_ids), rep(src_mask), max_len)
+  cache = model.init_cache(src_ids, src_mask, max_len, repeat=k)  # rows [b * k], beams of a sentence adjacent
   batch_idx = jnp.arange(b)[:, None]
 
   def body(c):

@@ -265,15 +265,18 @@ class Transformer(nnx.Module):
       x, _ = layer(x, None, causal, layer.cross_attn.project_kv(memory), cross_mask, k[i])
     return self.dec.logits(x)
 
-  def init_cache(self, src_ids: Array, src_mask: Array, max_len: int) -> dict:
-    """Encode the source once; empty self-attention caches for `max_len` target positions."""
+  def init_cache(self, src_ids: Array, src_mask: Array, max_len: int, repeat: int = 1) -> dict:
+    """Encode the source once; empty self-attention caches for `max_len` target positions. With
+    `repeat=k` (beam search) every sentence's rows are repeated k times after encoding, so the
+    encoder and the cross-attention projections run once per sentence, not once per beam."""
     c = self.cfg
     memory = self.enc(src_ids, src_mask, None)
-    b, hd = src_ids.shape[0], c.hidden_size // c.num_heads
-    cache = {"src_mask": src_mask.astype(jnp.int32)}
+    rep = lambda x: jnp.repeat(x, repeat, axis=0)
+    b, hd = src_ids.shape[0] * repeat, c.hidden_size // c.num_heads
+    cache = {"src_mask": rep(src_mask.astype(jnp.int32))}
     for i in range(c.num_layers):
       layer = getattr(self.dec, f"layer_{i}")
-      ck, cv = layer.cross_attn.project_kv(memory)
+      ck, cv = (rep(x) for x in layer.cross_attn.project_kv(memory))
       zeros = jnp.zeros((b, max_len, c.num_heads, hd), c.compute_dtype)
       cache[f"layer_{i}"] = {"k": zeros, "v": zeros, "cross_k": ck, "cross_v": cv}
     return cache
