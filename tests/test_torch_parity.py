@@ -52,7 +52,9 @@ def _shape(cfg) -> BertShape:
 
 OPTIONS = {"kd": {}, "ws": {}, "gws": dict(gate="row"), "wd": {},
            # a 6 -> 3 layer student at the teacher's width: OPDF's setting, constraint on
-           "opdf": dict(n_cores=3, constraint_lambda=0.5)}
+           "opdf": dict(n_cores=3, constraint_lambda=0.5),
+           # the training network at the teacher's width, with a hidden mask half-way down
+           "wid": dict(teacher_heads=12, student_heads=12, w_step=100)}
 
 
 def _perturb(tree, seed):
@@ -74,14 +76,22 @@ def test_loss_and_gradients_match_pytorch(setup, method):
   gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
   # perturbed away from their initial values, so every part of each map is exercised (identity
   # maps and A = 1, B = 0 hide mistakes; OPDF's cores would sit exactly on their targets)
-  for part in {"wd": ["affine"], "gws": ["gate", "student"], "opdf": ["cores"]}.get(method, []):
+  for part in {"wd": ["affine"], "gws": ["gate", "student"], "opdf": ["cores"],
+               "wid": ["compactors"]}.get(method, []):
     gen_params[part] = _perturb(gen_params[part], 3)
-  s_apply = step_lib.classifier_apply(nnx.split(bert.build(s_cfg))[0])
+  hidden_keep = None
+  if method == "wid":  # drop every other residual unit (as a mask schedule would, part way)
+    keep = np.ones(t_cfg.hidden_size, np.float32)
+    keep[1::2] = 0
+    gen_state["masks"]["hidden"] = jnp.asarray(keep)
+    hidden_keep = keep
+    s_cfg = gen.training_config(s_cfg)
+  s_apply = step_lib.classifier_apply(nnx.split(bert.build(gen.training_config(s_cfg)))[0])
   t_apply = step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0])
   teacher_logits = t_apply(t_params, batch, None)
 
   def loss_fn(g):
-    logits = s_apply(gen.generate(g, t_params, gen_state), batch, None)
+    logits = s_apply(gen.generate(g, t_params, gen_state), batch, None, **gen.model_kwargs(gen_state))
     return losses.hinton(logits, teacher_logits, batch["labels"], batch["weights"],
                          temperature=TEMPERATURE, alpha=ALPHA)[0] + gen.aux_loss(g, t_params, gen_state)
 
@@ -92,7 +102,7 @@ def test_loss_and_gradients_match_pytorch(setup, method):
   step = step_lib.make_train_step(generator=gen, student_apply=s_apply, teacher_apply=t_apply, tx=tx,
                                   kd=KDConfig(temperature=TEMPERATURE, alpha=ALPHA), seed=0)
   state = step_lib.init_state(gen, tx, 0, t_params, StudentSpec(s_cfg, init))
-  state["params"] = gen_params
+  state["params"], state["gen_state"] = gen_params, gen_state
   _, metrics = jax.jit(step)(state, t_params, batch)
 
   teacher = _torch(t_params)
@@ -107,7 +117,8 @@ def test_loss_and_gradients_match_pytorch(setup, method):
   with torch.no_grad():
     t_logits = classifier_logits(teacher, _shape(t_cfg), ids, mask)
   np.testing.assert_allclose(t_logits.numpy(), teacher_logits, rtol=1e-4, atol=1e-5)
-  t_loss = tgen.hinton_loss(classifier_logits(student, _shape(s_cfg), ids, mask), t_logits,
+  keep = None if hidden_keep is None else torch.tensor(hidden_keep)
+  t_loss = tgen.hinton_loss(classifier_logits(student, _shape(s_cfg), ids, mask, keep), t_logits,
                             torch.tensor(batch["labels"]).long(), TEMPERATURE, ALPHA)
   if method == "opdf":
     targets = {k: torch.tensor(np.asarray(v)) for k, v in paths.flatten(gen_state["targets"]).items()}

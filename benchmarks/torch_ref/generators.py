@@ -9,6 +9,8 @@ from the papers' definitions (methods.md §1.2, §4.2), not translated from wdja
        attention and FFN spaces, the pooler's), LayerNorm gains as diag(M^T diag(g) M).
   WD:  W_s = A * tanh(P^T (sum_j c_j W_t^(j)) Q) + B, c = Lambda w, a map per tensor axis,
        the classifier linear only.
+  GWS: g W_m + (1 - g) WS(W_t);  OPDF: W = contraction of its MPO cores, plus the constraint;
+  WID: the teacher-width network of kernels C K R with LayerNorms over the kept units.
 """
 
 from __future__ import annotations
@@ -182,6 +184,32 @@ def wd_generate(gen: dict, teacher: dict, student_shapes: dict, n_teacher: int, 
     if not path.startswith("classifier/"):  # the output projection is linear only
       x = gen[f"affine/{path}/a"] * torch.tanh(x) + gen[f"affine/{path}/b"]
     out[path] = x
+  return out
+
+
+# ---------------------------------------------------------------- WID
+
+
+def wid_generate(gen: dict, teacher: dict, student_shapes: dict, n_teacher: int, n_student: int) -> dict:
+  """WID's training network (teacher width): every kernel `C K R` (column compactor on its input,
+  row compactor on its output), biases `b R`, embedding tables `E R_emb`; the weights themselves
+  (the depth-selected teacher's) are trainable leaves too."""
+  out = {}
+  for key, x in gen.items():
+    if not key.startswith("weights/"):
+      continue
+    p = key[len("weights/"):]
+    base = p.rsplit("/", 1)[0]
+    if p.endswith("/kernel"):
+      if f"compactors/{p}/col" in gen:
+        x = gen[f"compactors/{p}/col"] @ x
+      if f"compactors/{p}/row" in gen:
+        x = x @ gen[f"compactors/{p}/row"]
+    elif p.endswith("/bias") and f"compactors/{base}/kernel/row" in gen:
+      x = x @ gen[f"compactors/{base}/kernel/row"]
+    elif p.startswith("encoder/embeddings/") and p.endswith("/embedding"):
+      x = x @ gen["compactors/embeddings"]
+    out[p] = x
   return out
 
 

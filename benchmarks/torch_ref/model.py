@@ -30,18 +30,25 @@ def _linear(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
   return x @ p[f"{name}/kernel"] + p[f"{name}/bias"]
 
 
-def _ln(p: dict, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
-  return F.layer_norm(x, x.shape[-1:], p[f"{name}/scale"], p[f"{name}/bias"], eps)
+def _ln(p: dict, name: str, x: torch.Tensor, eps: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+  if keep is None:
+    return F.layer_norm(x, x.shape[-1:], p[f"{name}/scale"], p[f"{name}/bias"], eps)
+  # WID's LayerNorm: statistics over the kept units only (what the cut student computes)
+  n = keep.sum()
+  mean = (x * keep).sum(-1, keepdim=True) / n
+  var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / n
+  return (x - mean) * torch.rsqrt(var + eps) * p[f"{name}/scale"] + p[f"{name}/bias"]
 
 
 def classifier_logits(p: dict, shape: BertShape, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> torch.Tensor:
-  """Logits `[batch, labels]` of `input_ids [batch, seq]`."""
+                      attention_mask: torch.Tensor, hidden_keep: torch.Tensor | None = None) -> torch.Tensor:
+  """Logits `[batch, labels]` of `input_ids [batch, seq]`; `hidden_keep [hidden]` (0/1) makes
+  every LayerNorm of the residual stream take its statistics over the kept units (WID)."""
   b, t = input_ids.shape
   e = "encoder/embeddings"
   x = (p[f"{e}/word/embedding"][input_ids] + p[f"{e}/position/embedding"][:t][None]
        + p[f"{e}/token_type/embedding"][0])
-  x = _ln(p, f"{e}/ln", x, shape.eps)
+  x = _ln(p, f"{e}/ln", x, shape.eps, hidden_keep)
   mask = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, key]
   h = shape.num_heads
   for i in range(shape.num_layers):
@@ -50,9 +57,9 @@ def classifier_logits(p: dict, shape: BertShape, input_ids: torch.Tensor,
     q, k, v = (heads(_linear(p, f"{pre}/attn/{n}", x)) for n in "qkv")
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ctx = ctx.transpose(1, 2).reshape(b, t, -1)
-    x = _ln(p, f"{pre}/attn_ln", x + _linear(p, f"{pre}/attn/o", ctx), shape.eps)
+    x = _ln(p, f"{pre}/attn_ln", x + _linear(p, f"{pre}/attn/o", ctx), shape.eps, hidden_keep)
     ffn = F.gelu(_linear(p, f"{pre}/mlp/up", x))
-    x = _ln(p, f"{pre}/mlp_ln", x + _linear(p, f"{pre}/mlp/down", ffn), shape.eps)
+    x = _ln(p, f"{pre}/mlp_ln", x + _linear(p, f"{pre}/mlp/down", ffn), shape.eps, hidden_keep)
   pooled = torch.tanh(_linear(p, "pooler", x[:, 0]))
   return _linear(p, "classifier", pooled).float()
 
