@@ -4,9 +4,9 @@
     python benchmarks/speed.py --preset cpu     # tiny shapes: checks the harness on a CPU
     python benchmarks/speed.py --methods kd ws  # a subset
 
-For each method (kd, ws, wd: the steps `benchmarks/torch_ref/` implements; their parity with
-wdjax is tested in tests/test_torch_parity.py) and each batch (32k and 4k tokens per step on
-gpu), one run times:
+For each method (kd, ws, gws, wd, wid, opdf: the steps `benchmarks/torch_ref/` implements, their
+parity with wdjax tested in tests/test_torch_parity.py; both frameworks start from the same
+random draw, converted) and each batch (32k and 4k tokens per step on gpu), one run times:
 
 - `wdjax`: the library's jitted step (`make_train_step`, donation, AdamW), teacher forward inside;
 - `jax-handwritten` (kd only): the same maths as a bare `jax.jit` function over the NNX model
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.kd_step import PEAK_FLOPS, step_flops  # noqa: E402
 from wdjax import generators  # noqa: E402
 from wdjax.config import KDConfig, OptimConfig  # noqa: E402
-from wdjax.generators import StudentSpec  # noqa: E402
+from wdjax.generators import StudentSpec, paths  # noqa: E402
 from wdjax.models import bert  # noqa: E402
 from wdjax.train import mesh as mesh_lib, step as step_lib  # noqa: E402
 
@@ -59,7 +59,7 @@ PRESETS = {
                 student=dict(num_layers=1, hidden_size=64, num_heads=4, intermediate_size=128),
                 seq=32, batches=(16, 4), dtype="float32", steps=5, warmup=2),
 }
-METHODS = ("kd", "ws", "wd")
+METHODS = ("kd", "ws", "gws", "wd", "wid", "opdf")
 KD = dict(temperature=2.0, alpha=0.9)
 
 
@@ -91,18 +91,35 @@ def _time(run, steps, warmup, sync):
   return statistics.median(times), compile_s
 
 
-def wdjax_step(method, preset, batch, handwritten=False):
+def setup(method, preset):
+  """Teacher, student init and generator (params, state) of `method`: one random draw that both
+  frameworks start from (the torch steps get the same values, converted)."""
   t_cfg, s_cfg = _configs(preset)
-  mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
-  t_params = jax.device_put(nnx.to_pure_dict(nnx.state(bert.build(t_cfg, seed=0))))
+  if method == "opdf":  # OPDF's setting: half the depth at the teacher's width
+    s_cfg = dataclasses.replace(s_cfg, hidden_size=t_cfg.hidden_size, num_heads=t_cfg.num_heads,
+                                intermediate_size=t_cfg.intermediate_size)
+  t_params = nnx.to_pure_dict(nnx.state(bert.build(t_cfg, seed=0)))
   init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=1)))
-  s_graph, t_graph = nnx.split(bert.build(s_cfg))[0], nnx.split(bert.build(t_cfg))[0]
+  gen = generators.make(method, init, t_params, **OPTIONS[method](t_cfg, s_cfg))
+  gp, gs = jax.jit(lambda t, p: gen.init(jax.random.key(0), t, StudentSpec(s_cfg, p)))(t_params, init)
+  return t_cfg, s_cfg, t_params, init, gen, gp, gs
+
+
+OPTIONS = {"kd": lambda t, s: {}, "ws": lambda t, s: {}, "gws": lambda t, s: {}, "wd": lambda t, s: {},
+           "wid": lambda t, s: dict(teacher_heads=t.num_heads, student_heads=s.num_heads, w_step=10**6),
+           "opdf": lambda t, s: dict(n_cores=5)}
+
+
+def wdjax_step(method, preset, batch, handwritten=False):
+  t_cfg, s_cfg, t_params, init, gen, gen_params, gen_state = setup(method, preset)
+  mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
+  t_params = jax.device_put(t_params)
+  net_cfg = gen.training_config(s_cfg)
+  s_graph, t_graph = nnx.split(bert.build(net_cfg))[0], nnx.split(bert.build(t_cfg))[0]
   batches = [mesh_lib.put_batch(_batch(preset, batch, i), mesh) for i in range(4)]
-  gen = generators.make(method, init, t_params)
   gen_flops = 0.0
   if method != "kd":
-    gp, gs = jax.eval_shape(lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init)))
-    cost = jax.jit(gen.generate).lower(gp, t_params, gs).compile().cost_analysis()
+    cost = jax.jit(gen.generate).lower(gen_params, t_params, gen_state).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     gen_flops = 3 * float(cost.get("flops", 0.0))
   if handwritten:  # the same maths as a bare jax.jit step: the library-overhead reference
@@ -124,13 +141,16 @@ def wdjax_step(method, preset, batch, handwritten=False):
 
     state = (init, tx.init(init))
   else:
-    shapes = jax.eval_shape(lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))[0])
-    tx = step_lib.make_optimizer(OptimConfig(lr=1e-4), 10_000, shapes)
+    shapes = jax.eval_shape(lambda: gen_params)
+    tx = step_lib.make_optimizer(OptimConfig(lr=1e-4), 10_000, shapes, gen.gradient_transform(gen_state),
+                                 gen.lr_multipliers(shapes), gen.moment_injection())
     step = step_lib.make_train_step(
         generator=gen, student_apply=step_lib.classifier_apply(s_graph),
         teacher_apply=step_lib.classifier_apply(t_graph), tx=tx,
         kd=KDConfig(**KD, cache_teacher_logits=False), seed=0)
-    state = jax.jit(lambda p, t: step_lib.init_state(gen, tx, 0, t, StudentSpec(s_cfg, p)))(init, t_params)
+    state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": gen_params,
+             "opt_state": tx.init(gen_params), "gen_state": gen_state,
+             "nonfinite_steps": jax.numpy.zeros((), jax.numpy.int32)}
   jitted = jax.jit(step, donate_argnums=0)
   holder = [state]
 
@@ -146,35 +166,34 @@ def wdjax_step(method, preset, batch, handwritten=False):
 def torch_step(method, preset, batch, compiled):
   import torch
   from benchmarks.torch_ref import generators as tgen
-  from benchmarks.torch_ref.model import BertShape, classifier_logits, init_params
+  from benchmarks.torch_ref.model import BertShape, classifier_logits
   dev = "cuda" if torch.cuda.is_available() else "cpu"
-  t_cfg, s_cfg = _configs(preset)
+  t_cfg, s_cfg, t_params, init, gen_jax, gen_params, gen_state = setup(method, preset)
+  net_cfg = gen_jax.training_config(s_cfg)
+  to_torch = lambda tree: {k: torch.tensor(np.asarray(v)).to(dev) for k, v in paths.flatten(tree).items()}
   shape = lambda c: BertShape(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size,
                               c.vocab_size, c.max_position_embeddings)
-  g = torch.Generator().manual_seed(0)
-  teacher = {k: v.to(dev) for k, v in init_params(shape(t_cfg), g).items()}
-  s_init = init_params(shape(s_cfg), g)
-  s_shapes = {k: tuple(v.shape) for k, v in s_init.items()}
+  teacher = to_torch(t_params)
+  gen = {k: v.requires_grad_(True) for k, v in to_torch(gen_params).items()}
+  s_shapes = {k: tuple(np.shape(v)) for k, v in paths.flatten(init).items()}
   n_t, n_s = t_cfg.num_layers, s_cfg.num_layers
-  if method == "kd":
-    gen = s_init
-  elif method == "ws":
-    gen = tgen.ws_init(teacher, s_shapes, n_t, n_s)
-  else:
-    gen = tgen.wd_init(teacher, s_shapes, n_t, n_s, g)
-  gen = {k: v.to(dev).requires_grad_(True) for k, v in gen.items()}
+  generate = (lambda gp, t: gp) if method == "kd" else (
+      lambda gp, t: getattr(tgen, f"{method}_generate")(gp, t, s_shapes, n_t, n_s))
+  keep = torch.tensor(np.asarray(gen_state["masks"]["hidden"])).to(dev) if method == "wid" else None
+  targets = to_torch(gen_state["targets"]) if method == "opdf" else {}
   opt = torch.optim.AdamW(list(gen.values()), lr=1e-4, weight_decay=0.01,
                           **({"fused": True} if dev == "cuda" else {"foreach": True}))
-  generate = {"kd": lambda gp, t: gp, "ws": lambda gp, t: tgen.ws_generate(gp, t, s_shapes, n_t, n_s),
-              "wd": lambda gp, t: tgen.wd_generate(gp, t, s_shapes, n_t, n_s)}[method]
   amp = preset["dtype"] == "bfloat16" and dev == "cuda"
 
   def loss_fn(gp, ids, mask, labels):
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
       with torch.no_grad():
         t_logits = classifier_logits(teacher, shape(t_cfg), ids, mask)
-      logits = classifier_logits(generate(gp, teacher), shape(s_cfg), ids, mask)
-      return tgen.hinton_loss(logits.float(), t_logits.float(), labels, **KD)
+      logits = classifier_logits(generate(gp, teacher), shape(net_cfg), ids, mask, keep)
+      loss = tgen.hinton_loss(logits.float(), t_logits.float(), labels, **KD)
+    if targets:
+      loss = loss + tgen.opdf_constraint(gp, targets, gen_jax.constraint_lambda, len(gen_jax.factors))
+    return loss
 
   fwd_bwd = torch.compile(loss_fn) if compiled else loss_fn
   batches = [{k: torch.tensor(v).to(dev) for k, v in _batch(preset, batch, i).items()} for i in range(4)]
@@ -202,10 +221,11 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
   args = ap.parse_args(argv)
   preset = PRESETS[args.preset]
-  t_cfg, s_cfg = _configs(preset)
   device = jax.devices()[0]
   rows = []
   for method in args.methods:
+    t_m, s_m, _, _, g_m, _, _ = setup(method, preset)
+    s_m = g_m.training_config(s_m)  # WID trains at the teacher's width
     for batch in preset["batches"]:
       impls = {"wdjax": lambda: wdjax_step(method, preset, batch)}
       if method == "kd":
@@ -213,7 +233,7 @@ def main(argv=None) -> int:
       impls["torch-eager"] = lambda: torch_step(method, preset, batch, compiled=False)
       impls["torch-compile"] = lambda: torch_step(method, preset, batch, compiled=True)
       tokens = batch * preset["seq"]
-      flops = step_flops(t_cfg, s_cfg, tokens, preset["seq"])["total"]
+      flops = step_flops(t_m, s_m, tokens, preset["seq"])["total"]
       gen_flops = 0.0
       for impl, fn in impls.items():
         median, compile_s, g_flops, peak = fn()
