@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,10 +258,16 @@ def translate(config: TransformerConfig, params: Params, split: PairSplit, *, be
   params = jax.device_put(params, jax.devices()[0])
   out = np.full((len(split), max_len), bible.PAD, np.int32)
   batches = list(pipeline.eval_batches(split, batch_size, pad_to_multiple=pad_to_multiple))
-  if progress and jax.process_index() == 0:
+  show = progress and jax.process_index() == 0
+  if show and sys.stderr.isatty():
     from tqdm import tqdm
-    batches = tqdm(batches, desc="translate", unit="batch", leave=False, disable=not sys.stderr.isatty())
-  for batch in batches:
+    batches = tqdm(batches, desc="translate", unit="batch", leave=False)
+  t0, n = time.perf_counter(), len(batches)
+  for i, batch in enumerate(batches):
+    if show and not sys.stderr.isatty() and n >= 20 and (i + 1) % (n // 10) == 0:  # logs: ~10 lines
+      rate = (i + 1) / (time.perf_counter() - t0)
+      print(f"[translate] {i + 1}/{n} batches, {rate:.2f} batches/s, ETA {(n - i - 1) / rate:.0f}s",
+            flush=True)
     if beam == 1:
       ids = search.greedy(graphdef, params, batch["src_ids"], batch["src_mask"], max_len)
     else:
