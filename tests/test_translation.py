@@ -234,6 +234,18 @@ def test_mt_training_moves_only_generator_leaves_and_sharded_equals_single(varia
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(method=dataclasses.replace(Config().method, name="wid")), "supports method.name"),
+    (dict(mt=TranslationConfig(seq_kd="both")), "mt.seq_kd"),
+])
+def test_bad_translation_settings_get_one_clear_error(tmp_path, change, message):
+  from wdjax.errors import WdjaxError
+  from wdjax.train import run as run_lib
+  cfg = dataclasses.replace(Config(workdir=str(tmp_path), data=DataConfig(dataset="bible")), **change)
+  with pytest.raises(WdjaxError, match=message):
+    run_lib.distill(cfg)
+
+
 def test_teacher_seq_kd_wd_bleu_end_to_end(tmp_path, bible_db):
   """teacher -> sequence-KD data -> WD phase 1 -> phase 2 -> BLEU, through the CLI's functions."""
   from wdjax.train import run as run_lib

@@ -43,6 +43,7 @@ from wdjax.train import run as run_lib
 from wdjax.train.objectives import TokenPredictor
 
 Params = Any
+METHODS = ("kd", "select", "ws", "gws", "wd")  # generators tested on the encoder-decoder tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,38 +172,45 @@ def load_teacher(cfg: Config) -> run_lib.Model:
 def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
   """A student of the teacher by `method` (kd: the student itself; wd: phase 1 + phase 2) on the
   data `mt.seq_kd` names; writes `<workdir>/<phase>/model` and BLEU into its results."""
+  method = cfg.method
+  if method.name not in METHODS:
+    raise WdjaxError(f"translation supports method.name in {METHODS}, got {method.name!r} "
+                     "(WID and OPDF are written for the encoder classifier)")
+  if method.map_init == "pca" and method.name in ("ws", "gws"):
+    raise WdjaxError("method.map_init=pca is computed from encoder activations; use identity or "
+                     "xavier for translation")
+  if cfg.mt.wd_encoder not in ("elementwise", "mapped"):
+    raise WdjaxError(f"mt.wd_encoder must be 'elementwise' or 'mapped', got {cfg.mt.wd_encoder!r}")
+  if cfg.mt.seq_kd not in ("add", "replace", "none"):
+    raise WdjaxError(f"mt.seq_kd must be 'add', 'replace' or 'none', got {cfg.mt.seq_kd!r}")
   phase = phase or run_lib.default_phase(cfg)
   teacher = load_teacher(cfg)
   task = load_task(cfg, teacher.tokenizer_dir / "tokenizer.json")
   task = dataclasses.replace(task, train=training_pairs(cfg, teacher, task, log))
   s_cfg = student_config(cfg, teacher.config)
-  method = cfg.method
   init = nnx.to_pure_dict(nnx.state(transformer.build(s_cfg, cfg.seed)))
   if method.name == "kd" and method.init == "selection":
     init = generators.select(teacher.params, init, method.layer_map or "every_k")
-  if method.name not in ("kd", "wd"):
-    raise WdjaxError(f"translation supports method kd and wd, got {method.name!r}")
-  if cfg.mt.wd_encoder not in ("elementwise", "mapped"):
-    raise WdjaxError(f"mt.wd_encoder must be 'elementwise' or 'mapped', got {cfg.mt.wd_encoder!r}")
+  elif method.init != "random":
+    raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
   steps, steps1 = run_lib._phase_steps(cfg, task)
   spec = StudentSpec(s_cfg, init)
-  train = cfg.distill
+  train = cfg.distill if method.name not in run_lib.TWO_PHASE else dataclasses.replace(cfg.distill, steps=steps1)
   if method.name == "kd":
     generator = Identity()
   else:
+    options = run_lib.generator_options(method, teacher, task, cfg, steps1)
+    if method.name == "wd":
+      options["elementwise"] = ("enc/",) if cfg.mt.wd_encoder == "elementwise" else ()
     try:
-      generator = generators.make(
-          "wd", init, teacher.params, mode=method.wd_mode, init=method.wd_init,
-          layer_map=method.layer_map or "contiguous",
-          elementwise=("enc/",) if cfg.mt.wd_encoder == "elementwise" else ())
+      generator = generators.make(method.name, init, teacher.params, **options)
     except ValueError as e:
-      raise WdjaxError(f"method wd: {e}") from None
-    train = dataclasses.replace(cfg.distill, steps=steps1)
+      raise WdjaxError(f"method {method.name}: {e}") from None
   out = run_lib.train_phase(cfg, phase=phase, train=train, task=task, spec=spec, generator=generator,
                             teacher=teacher, tokenizer_dir=teacher.tokenizer_dir, log=log,
                             export_only=export_only, objective=objective(cfg))
   final = phase
-  if method.name == "wd" and not export_only and steps1 < steps:
+  if method.name in run_lib.TWO_PHASE and not export_only and steps1 < steps:
     _, generated = transformer.load(run_lib.phase_dir(cfg, phase) / "model")
     out = run_lib._phase2(cfg, phase, out, StudentSpec(s_cfg, generated), teacher, task,
                           steps - steps1, log, objective=objective(cfg))
@@ -213,8 +221,6 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
 def training_pairs(cfg: Config, teacher: run_lib.Model, task: TranslationTask, log) -> PairSplit:
   """The students' training pairs: the bitext, plus or instead of the teacher's translations."""
   mode = cfg.mt.seq_kd
-  if mode not in ("add", "replace", "none"):
-    raise WdjaxError(f"mt.seq_kd must be 'add', 'replace' or 'none', got {mode!r}")
   if mode == "none":
     return task.train
   kd = sequence_kd(cfg, teacher, task.train, log)
