@@ -5,15 +5,18 @@ encoder and shrink its decoder (WD's setting). One file, every row of the MT tab
   wdjax distill  configs/mt.py:cpu                                  # seq-KD student (bitext + teacher beams)
   wdjax distill  configs/mt.py:cpu --set mt.seq_kd=none --phase distill_scratch
                                                                     # from scratch: bitext only
-  wdjax distill  configs/mt.py:cpu --set method.name=wd --set method.wd_init=identity
-                                                                    # WD, phase 1 + phase 2
+  wdjax distill  configs/mt.py:cpu --set method.name=wd --set method.wd_init=identity \
+                 --set distill.optim.lr=3e-4 --set method.phase2_lr=1.5e-3     # WD, phase 1 + 2
   wdjax eval     configs/mt.py:cpu --model runs/bible_en_de/distill/model      # BLEU
 
 or all of them with `python benchmarks/mt/run.py --hardware cpu` (BLEU, parameters, decoding
 speed). The from-scratch and seq-KD students share a workdir with the teacher; their phase
 directories differ by the method label and `--phase`.
 
-Runtime (cpu, 2 cores): see benchmarks/mt/results_cpu.md. gpu: not yet measured (no GPU lent).
+Runtime (cpu, 2 cores): teacher ~25 min, sequence-KD data ~5 min, each student ~10 min.
+Result (cpu, seed 0, test BLEU, beam 4): teacher 7.73, from scratch 3.15, seq-KD 4.42, WD 7.39;
+students decode 2.5x faster at batch 64 (benchmarks/mt/results_cpu.md).
+gpu: not yet measured (no GPU lent).
 """
 
 from wdjax import presets

@@ -238,7 +238,7 @@ def fetch(name: str, cache: str | os.PathLike | None = None, progress=print) -> 
   fetches of one asset (parallel test workers, several jobs) wait for each other."""
   asset = get(name)
   root = cache_dir(cache)
-  with file_lock(root / f".{asset.name}.lock"):
+  with file_lock(root / ".locks" / f"{asset.name}.lock"):
     return _fetch(asset, root, cache, progress)
 
 
