@@ -15,7 +15,7 @@ directories differ by the method label and `--phase`.
 
 Runtime (cpu, 2 cores): teacher ~25 min, sequence-KD data ~5 min, each student ~10 min.
 Result (cpu, seed 0, test BLEU, beam 4): teacher 7.73, from scratch 3.15, seq-KD 4.42, WD 7.39;
-students decode 2.5x faster at batch 64 (benchmarks/mt/results_cpu.md).
+students decode 3.2x faster at batch 64, 1.6x at batch 1 (benchmarks/mt/results_cpu.md).
 gpu: not yet measured (no GPU lent).
 """
 
