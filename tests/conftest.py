@@ -101,3 +101,12 @@ def run_generator_steps(gen, s_cfg, init, t_params, mesh, batches, *, student_ap
     before = jax.device_get(state["params"])
     state, _ = jitted(state, teacher, mesh_lib.put_batch(batch, mesh))
   return jax.device_get(state), teacher, before
+
+
+def assert_same_shapes(got, want) -> None:
+  """`got` has exactly `want`'s leaf paths, each with its shape and dtype."""
+  from wdjax.generators import paths
+  want, got = paths.flatten(want), paths.flatten(got)
+  assert want.keys() == got.keys()
+  for k in want:
+    assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import run_generator_steps, tree_allclose
+from conftest import assert_same_shapes, run_generator_steps, tree_allclose
 from wdjax import generators
 from wdjax.generators import StudentSpec, paths
 from wdjax.models import bert, hf
@@ -91,10 +91,7 @@ def test_generated_leaves_have_the_student_shapes_and_dtypes(setup, variant):
   _, t_params, _, init = setup
   gen, gen_params, gen_state = _make(setup, variant)
   out = jax.jit(gen.generate)(gen_params, t_params, gen_state)
-  want, got = paths.flatten(init), paths.flatten(out)
-  assert want.keys() == got.keys()
-  for k in want:
-    assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k
+  assert_same_shapes(out, init)
   assert tree_allclose(jax.jit(gen.materialize)(gen_params, t_params, gen_state), out, rtol=1e-6, atol=1e-7)
 
 

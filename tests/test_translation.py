@@ -12,7 +12,7 @@ import pytest
 import sacrebleu
 from flax import nnx
 
-from conftest import run_generator_steps, tree_allclose
+from conftest import assert_same_shapes, run_generator_steps, tree_allclose
 from wdjax import assets, generators
 from wdjax.config import (CheckpointConfig, Config, DataConfig, KDConfig, LogConfig, MeshConfig,
                           OptimConfig, StudentConfig, TrainConfig, TranslationConfig)
@@ -175,13 +175,10 @@ def test_mt_generators_produce_the_student_tree(variant):
   gen = _make(variant, t_params, init)
   gp, gs = gen.init(jax.random.key(0), t_params, StudentSpec(STUDENT, init))
   out = jax.jit(gen.generate)(gp, t_params, gs)
-  want, got = paths.flatten(init), paths.flatten(out)
-  assert want.keys() == got.keys()
-  for k in want:
-    assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k
+  assert_same_shapes(out, init)
   assert tree_allclose(jax.jit(gen.materialize)(gp, t_params, gs), out, rtol=1e-6, atol=1e-7)
   if variant.endswith("identity") or variant in ("ws", "gws-row"):
-    sel = paths.flatten(generators.select(t_params, init))
+    got, sel = paths.flatten(out), paths.flatten(generators.select(t_params, init))
     for k in sel:
       np.testing.assert_allclose(got[k], sel[k], rtol=1e-6, atol=1e-7, err_msg=k)
 

@@ -83,6 +83,12 @@ def _dense(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True) -> n
                     kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
 
 
+def _embed(vocab: int, d: int, rngs: nnx.Rngs) -> nnx.Embed:
+  # N(0, d^-1/2): with the sqrt(d) scale of the forward pass, embeddings start at unit scale
+  return nnx.Embed(vocab, d, param_dtype=jnp.float32,
+                   embedding_init=nnx.initializers.normal(d ** -0.5), rngs=rngs)
+
+
 def _ln(d: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(d, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
@@ -192,8 +198,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     d = cfg.encoder_hidden_size
-    self.embed = nnx.Embed(cfg.vocab_size, d, param_dtype=jnp.float32,
-                           embedding_init=nnx.initializers.normal(d ** -0.5), rngs=rngs)
+    self.embed = _embed(cfg.vocab_size, d, rngs)
     for i in range(cfg.encoder_layers):
       setattr(self, f"layer_{i}", EncoderLayer(cfg, rngs))
     if cfg.pre_ln:
@@ -218,8 +223,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     d = cfg.hidden_size
-    self.embed = nnx.Embed(cfg.vocab_size, d, param_dtype=jnp.float32,
-                           embedding_init=nnx.initializers.normal(d ** -0.5), rngs=rngs)
+    self.embed = _embed(cfg.vocab_size, d, rngs)
     for i in range(cfg.num_layers):
       setattr(self, f"layer_{i}", DecoderLayer(cfg, rngs))
     if cfg.pre_ln:

@@ -257,13 +257,18 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
     results[f"{split}_loss"] = scores["loss"]
   if jax.process_index() == 0:
     objective.export(out / "model", spec.config, student, tokenizer_dir, task)
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(results_path)
+    write_results(results_path, results)
   distributed.barrier(f"{phase} exported")  # phase 2 and resumes read what process 0 wrote
   log(f"[{phase}] validation accuracy {results['validation_accuracy']:.4f}, "
       f"test accuracy {results['test_accuracy']:.4f}; model in {out / 'model'}")
   return results
+
+
+def write_results(path: Path, results: dict) -> None:
+  """`results.json`, atomically (a temporary sibling renamed into place)."""
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(results, indent=2) + "\n")
+  tmp.replace(path)
 
 
 def teacher_train_logits(cfg: Config, teacher: Model, task: tasks.Task, compute, log) -> np.ndarray:

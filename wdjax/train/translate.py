@@ -290,32 +290,10 @@ def bleu(hypotheses: list[str], references: list[str] | tuple[str, ...]) -> floa
   return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
-def with_bleu(cfg: Config, phase_path: Path, results: dict, task: TranslationTask, log) -> dict:
-  """`results` plus validation/test BLEU of the phase's exported model (computed once, kept in
-  its results.json)."""
-  if "test_bleu" in results:
-    return results
-  m_cfg, params = transformer.load(phase_path / "model")
-  codec = BpeCodec(phase_path / "model" / "tokenizer.json")
-  for split in ("validation", "test"):
-    data = task.split(split)
-    ids = translate(m_cfg, params, data, beam=cfg.mt.beam, len_penalty=cfg.mt.len_penalty,
-                    max_len=cfg.data.max_length, pad_to_multiple=cfg.data.pad_to_multiple)
-    results[f"{split}_bleu"] = bleu(codec.decode(ids), data.references)
-  if jax.process_index() == 0:
-    path = phase_path / "results.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
-  log(f"[{phase_path.name}] BLEU (beam {cfg.mt.beam}): validation {results['validation_bleu']:.2f}, "
-      f"test {results['test_bleu']:.2f}")
-  return results
-
-
-def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
-  """BLEU of a saved translation model on the config's data."""
+def model_bleu(cfg: Config, model_dir: Path, task: TranslationTask,
+               splits=("validation", "test")) -> dict[str, float]:
+  """`{split: BLEU}` of the saved model in `model_dir` (beam `mt.beam`, its own tokenizer)."""
   m_cfg, params = transformer.load(model_dir)
-  task = load_task(cfg, Path(model_dir) / "tokenizer.json")
   codec = BpeCodec(Path(model_dir) / "tokenizer.json")
   out = {}
   for split in splits:
@@ -324,3 +302,22 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
                     max_len=cfg.data.max_length, pad_to_multiple=cfg.data.pad_to_multiple)
     out[split] = bleu(codec.decode(ids), data.references)
   return out
+
+
+def with_bleu(cfg: Config, phase_path: Path, results: dict, task: TranslationTask, log) -> dict:
+  """`results` plus validation/test BLEU of the phase's exported model (computed once, kept in
+  its results.json)."""
+  if "test_bleu" in results:
+    return results
+  results.update({f"{split}_bleu": v for split, v in model_bleu(cfg, phase_path / "model", task).items()})
+  if jax.process_index() == 0:
+    run_lib.write_results(phase_path / "results.json", results)
+  log(f"[{phase_path.name}] BLEU (beam {cfg.mt.beam}): validation {results['validation_bleu']:.2f}, "
+      f"test {results['test_bleu']:.2f}")
+  return results
+
+
+def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
+  """BLEU of a saved translation model on the config's data."""
+  task = load_task(cfg, Path(model_dir) / "tokenizer.json")
+  return model_bleu(cfg, Path(model_dir), task, splits)
