@@ -29,16 +29,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
+# JAX and torch share the GPU in one process: JAX must not take 75% of it up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 import numpy as np
-import optax
-from flax import nnx
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -65,7 +69,7 @@ KD = dict(temperature=2.0, alpha=0.9)
 
 def _configs(preset):
   t = bert.EncoderConfig(**preset["teacher"], dtype=preset["dtype"], hidden_dropout=0.0,
-                         attention_dropout=0.0)
+                         attention_dropout=0.0, attention=preset.get("attention", "xla"))
   return t, dataclasses.replace(t, **preset["student"])
 
 
@@ -91,7 +95,20 @@ def _time(run, steps, warmup, sync):
   return statistics.median(times), compile_s
 
 
+_SETUP = {}
+
+
 def setup(method, preset):
+  """Memoised `_setup` of the last (method, preset): building a generator at these shapes takes
+  seconds to minutes (WD's maps), and every implementation of a method starts from the same draw."""
+  key = (method, json.dumps(preset, sort_keys=True, default=str))
+  if key not in _SETUP:
+    _SETUP.clear()
+    _SETUP[key] = _setup(method, preset)
+  return _SETUP[key]
+
+
+def _setup(method, preset):
   """Teacher, student init and generator (params, state) of `method`: one random draw that both
   frameworks start from (the torch steps get the same values, converted)."""
   t_cfg, s_cfg = _configs(preset)
@@ -139,6 +156,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
       updates, opt = tx.update(grads, opt, params)
       return (optax.apply_updates(params, updates), opt), loss
 
+    init = jax.tree.map(jax.numpy.copy, init)  # the step donates
     state = (init, tx.init(init))
   else:
     shapes = jax.eval_shape(lambda: gen_params)
@@ -148,10 +166,16 @@ def wdjax_step(method, preset, batch, handwritten=False):
         generator=gen, student_apply=step_lib.classifier_apply(s_graph),
         teacher_apply=step_lib.classifier_apply(t_graph), tx=tx,
         kd=KDConfig(**KD, cache_teacher_logits=False), seed=0)
+    gen_params, gen_state = jax.tree.map(jax.numpy.copy, (gen_params, gen_state))  # the step donates
     state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": gen_params,
              "opt_state": tx.init(gen_params), "gen_state": gen_state,
              "nonfinite_steps": jax.numpy.zeros((), jax.numpy.int32)}
-  jitted = jax.jit(step, donate_argnums=0)
+  t0 = time.perf_counter()  # compiled ahead, so the memory analysis costs no second compile
+  jitted = jax.jit(step, donate_argnums=0).lower(state, t_params, batches[0]).compile()
+  lower_s = time.perf_counter() - t0
+  mem = jitted.memory_analysis()
+  peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   holder = [state]
 
   def run(i):
@@ -159,8 +183,11 @@ def wdjax_step(method, preset, batch, handwritten=False):
     return out
 
   median, compile_s = _time(run, preset["steps"], preset["warmup"], jax.block_until_ready)
-  stats = jax.devices()[0].memory_stats() or {}
-  return median, compile_s, gen_flops, stats.get("peak_bytes_in_use")
+  if preset.get("trace_dir"):  # a profile of a few more steps, for xprof / tensorboard
+    with jax.profiler.trace(preset["trace_dir"]):
+      for i in range(5):
+        jax.block_until_ready(run(i))
+  return median, lower_s + compile_s, gen_flops, peak
 
 
 def torch_step(method, preset, batch, compiled):
@@ -214,37 +241,67 @@ def torch_step(method, preset, batch, compiled):
   return median, compile_s, None, peak
 
 
+def kd_parts(preset, batch):
+  """Where a KD step's time goes: the teacher's forward alone, and the student's forward and
+  backward alone (fixed teacher logits, no optimizer), each its own jitted function."""
+  t_cfg, s_cfg, t_params, init, *_ = setup("kd", preset)
+  b = _batch(preset, batch, 0)
+  t_graph, s_graph = nnx.split(bert.build(t_cfg))[0], nnx.split(bert.build(s_cfg))[0]
+  t_fwd = jax.jit(lambda t, b: nnx.merge(t_graph, t)(b["input_ids"], b["attention_mask"]))
+  t_logits = t_fwd(t_params, b)
+
+  def s_loss(p, b, t_logits):
+    logits = nnx.merge(s_graph, p)(b["input_ids"], b["attention_mask"])
+    return jax.numpy.mean((logits - t_logits) ** 2)
+  s_grad = jax.jit(jax.grad(s_loss))
+  out = {}
+  for name, fn in (("teacher_forward", lambda i: t_fwd(t_params, b)),
+                   ("student_fwd_bwd", lambda i: s_grad(init, b, t_logits))):
+    out[name + "_ms"] = 1e3 * _time(fn, preset["steps"], preset["warmup"], jax.block_until_ready)[0]
+  return out
+
+
+def jobs(methods, batches):
+  """(method, batch, impl) in the order that matters: the big batch of every method before any
+  small one, KD first, so a run stopped by its time budget has the rows the targets need."""
+  out = []
+  for batch in batches:
+    for method in methods:
+      impls = ["wdjax"]
+      if method == "kd":
+        impls += ["wdjax-cudnn", "jax-handwritten"]
+      out += [(method, batch, impl) for impl in impls + ["torch-eager", "torch-compile"]]
+  return out
+
+
+def run_job(method, batch, impl, preset, trace: str | None = None):
+  if impl.startswith("wdjax"):
+    p = dict(preset, attention="cudnn") if impl == "wdjax-cudnn" else preset
+    if trace:
+      p = dict(p, trace_dir=f"{trace}/{method}_{impl}_{batch}")
+    return wdjax_step(method, p, batch)
+  if impl == "jax-handwritten":
+    return wdjax_step(method, preset, batch, handwritten=True)
+  return torch_step(method, preset, batch, compiled=impl == "torch-compile")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
   ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  ap.add_argument("--batches", nargs="+", type=int, help="sequences per step (default: the preset's)")
+  ap.add_argument("--impls", nargs="+", help="only these implementations (default: all)")
+  ap.add_argument("--budget-s", type=float, default=float("inf"),
+                  help="start no job after this many seconds (rows so far are written after each job)")
+  ap.add_argument("--parts", action="store_true", help="also time the KD step's teacher and student parts")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+  ap.add_argument("--tag", default="", help="suffix of the output files' names")
+  ap.add_argument("--trace", help="write a profile of every wdjax job under this folder")
+  ap.add_argument("--no-plot", action="store_true")
   args = ap.parse_args(argv)
+  t_start = time.perf_counter()
   preset = PRESETS[args.preset]
   device = jax.devices()[0]
-  rows = []
-  for method in args.methods:
-    t_m, s_m, _, _, g_m, _, _ = setup(method, preset)
-    s_m = g_m.training_config(s_m)  # WID trains at the teacher's width
-    for batch in preset["batches"]:
-      impls = {"wdjax": lambda: wdjax_step(method, preset, batch)}
-      if method == "kd":
-        impls["jax-handwritten"] = lambda: wdjax_step(method, preset, batch, handwritten=True)
-      impls["torch-eager"] = lambda: torch_step(method, preset, batch, compiled=False)
-      impls["torch-compile"] = lambda: torch_step(method, preset, batch, compiled=True)
-      tokens = batch * preset["seq"]
-      flops = step_flops(t_m, s_m, tokens, preset["seq"])["total"]
-      gen_flops = 0.0
-      for impl, fn in impls.items():
-        median, compile_s, g_flops, peak = fn()
-        gen_flops = g_flops if g_flops is not None else gen_flops
-        row = {"method": method, "impl": impl, "tokens_per_step": tokens, "step_ms": 1e3 * median,
-               "tokens_per_s": tokens / median, "compile_s": compile_s, "peak_bytes": peak,
-               "flops_per_step": flops + gen_flops}
-        if device.platform in PEAK_FLOPS:
-          row["mfu"] = (flops + gen_flops) / median / PEAK_FLOPS[device.platform]
-        rows.append(row)
-        print(f"{method:3s} {impl:16s} {tokens:6d} tok/step: {1e3 * median:8.2f} ms", flush=True)
   import torch
   info = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
           "flax": __import__("flax").__version__, "torch": torch.__version__,
@@ -253,11 +310,58 @@ def main(argv=None) -> int:
           "teacher": preset["teacher"], "student": preset["student"], "seq": preset["seq"]}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"speed_{args.preset}"
-  stem.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
-  stem.with_suffix(".md").write_text(table(rows, info) + "\n")
-  plot(rows, stem.with_suffix(".png"))
+  stem = out / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}"
+  rows, skipped, parts = [], [], {}
+
+  def write():
+    stem.with_suffix(".json").write_text(
+        json.dumps({"info": info, "rows": rows, "skipped": skipped, "kd_parts": parts}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table(rows, info) + "\n")
+
+  flops_of = {}
+  for method, batch, impl in jobs(args.methods, args.batches or preset["batches"]):
+    if args.impls and impl not in args.impls:
+      continue
+    if time.perf_counter() - t_start > args.budget_s:
+      skipped.append([method, batch, impl])
+      continue
+    tokens = batch * preset["seq"]
+    if method not in flops_of:
+      t_m, s_m, _, _, g_m, _, _ = setup(method, preset)
+      flops_of[method] = (t_m, g_m.training_config(s_m))  # WID trains at the teacher's width
+    flops = step_flops(*flops_of[method], tokens, preset["seq"])["total"]
+    try:
+      median, compile_s, g_flops, peak = run_job(method, batch, impl, preset, args.trace)
+    except Exception as e:  # one implementation failing must not lose the other rows
+      print(f"{method} {impl} {tokens}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      skipped.append([method, batch, impl, f"{type(e).__name__}: {str(e)[:300]}"])
+      continue
+    finally:
+      if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    gen_flops = g_flops if g_flops is not None else next(
+        (r["flops_per_step"] - flops for r in rows if r["method"] == method
+         and r["tokens_per_step"] == tokens and r["impl"] == "wdjax"), 0.0)
+    row = {"method": method, "impl": impl, "tokens_per_step": tokens, "step_ms": 1e3 * median,
+           "tokens_per_s": tokens / median, "compile_s": compile_s, "peak_bytes": peak,
+           "flops_per_step": flops + gen_flops}
+    if device.platform in PEAK_FLOPS:
+      row["mfu"] = (flops + gen_flops) / median / PEAK_FLOPS[device.platform]
+    rows.append(row)
+    write()
+    print(f"{method:4s} {impl:16s} {tokens:6d} tok/step: {1e3 * median:8.2f} ms  "
+          f"(compile {compile_s:.1f} s, {time.perf_counter() - t_start:.0f} s in)", flush=True)
+  if args.parts and time.perf_counter() - t_start < args.budget_s:
+    for b in args.batches or preset["batches"]:
+      parts[str(b * preset["seq"])] = kd_parts(preset, b)
+      parts[str(b * preset["seq"]) + "-cudnn"] = kd_parts(dict(preset, attention="cudnn"), b)
+    print("kd parts:", parts, flush=True)
+  write()
+  if rows and not args.no_plot:
+    plot(rows, stem.with_suffix(".png"))
   print(table(rows, info))
+  if skipped:
+    print("not run:", skipped)
   return 0
 
 

@@ -175,6 +175,8 @@ class Attention(nnx.Module):
     split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [batch, seq, heads, head_dim]
     q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
     if dropout_key is None or cfg.attention_dropout == 0.0:
+      if cfg.attention == "cudnn":  # cuDNN takes a mask only at the full [batch, 1, query, key] shape
+        mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))
       ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
                                          implementation=None if cfg.attention == "xla" else cfg.attention)
     else:
