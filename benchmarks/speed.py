@@ -69,7 +69,7 @@ KD = dict(temperature=2.0, alpha=0.9)
 
 def _configs(preset):
   t = bert.EncoderConfig(**preset["teacher"], dtype=preset["dtype"], hidden_dropout=0.0,
-                         attention_dropout=0.0, attention=preset.get("attention", "xla"))
+                         attention_dropout=0.0, attention=preset.get("attention", "auto"))
   return t, dataclasses.replace(t, **preset["student"])
 
 
@@ -269,14 +269,14 @@ def jobs(methods, batches):
     for method in methods:
       impls = ["wdjax"]
       if method == "kd":
-        impls += ["wdjax-cudnn", "jax-handwritten"]
+        impls += ["wdjax-xla", "jax-handwritten"]
       out += [(method, batch, impl) for impl in impls + ["torch-eager", "torch-compile"]]
   return out
 
 
 def run_job(method, batch, impl, preset, trace: str | None = None):
   if impl.startswith("wdjax"):
-    p = dict(preset, attention="cudnn") if impl == "wdjax-cudnn" else preset
+    p = dict(preset, attention="xla") if impl == "wdjax-xla" else preset
     if trace:
       p = dict(p, trace_dir=f"{trace}/{method}_{impl}_{batch}")
     return wdjax_step(method, p, batch)
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
   if args.parts and time.perf_counter() - t_start < args.budget_s:
     for b in args.batches or preset["batches"]:
       parts[str(b * preset["seq"])] = kd_parts(preset, b)
-      parts[str(b * preset["seq"]) + "-cudnn"] = kd_parts(dict(preset, attention="cudnn"), b)
+      parts[str(b * preset["seq"]) + "-xla"] = kd_parts(dict(preset, attention="xla"), b)
     print("kd parts:", parts, flush=True)
   write()
   if rows and not args.no_plot:

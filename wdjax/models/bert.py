@@ -51,7 +51,10 @@ class EncoderConfig:
   num_labels: int = 2  # classifier outputs
   initializer_range: float = 0.02  # std of the truncated-normal init of fresh weights
   dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision); parameters stay fp32
-  attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
+  # jax.nn.dot_product_attention implementation: "auto" (cuDNN's fused flash attention on a GPU in
+  # bf16/fp16 with head size <= 128, XLA otherwise), "xla" or "cudnn". cuDNN was 15% faster for a
+  # whole KD step on an H100 (benchmarks/results/speed_gpu.md).
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.arch not in ("bert", "mpnet"):
@@ -61,6 +64,8 @@ class EncoderConfig:
           f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.attention not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}")
 
   @property
   def head_dim(self) -> int:
@@ -158,6 +163,15 @@ class Embeddings(nnx.Module):
     return _dropout(x, cfg.hidden_dropout, dropout_key).astype(cfg.compute_dtype)
 
 
+def attention_implementation(cfg: EncoderConfig) -> str | None:
+  """`implementation=` for jax.nn.dot_product_attention (None: XLA's), resolving "auto" by the
+  default backend at trace time."""
+  if cfg.attention != "auto":
+    return None if cfg.attention == "xla" else cfg.attention
+  fused_ok = cfg.dtype in ("bfloat16", "float16") and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+  return "cudnn" if fused_ok and jax.default_backend() == "gpu" else None
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
@@ -175,10 +189,10 @@ class Attention(nnx.Module):
     split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [batch, seq, heads, head_dim]
     q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
     if dropout_key is None or cfg.attention_dropout == 0.0:
-      if cfg.attention == "cudnn":  # cuDNN takes a mask only at the full [batch, 1, query, key] shape
+      implementation = attention_implementation(cfg)
+      if implementation == "cudnn":  # cuDNN takes a mask only at the full [batch, 1, query, key] shape
         mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))
-      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
-                                         implementation=None if cfg.attention == "xla" else cfg.attention)
+      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
     else:
       # Attention-probability dropout needs the probabilities, so the fused kernel is bypassed.
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
