@@ -285,6 +285,25 @@ def run_job(method, batch, impl, preset, trace: str | None = None):
   return torch_step(method, preset, batch, compiled=impl == "torch-compile")
 
 
+def attention_of(impl: str, preset: dict) -> str:
+  """The attention kernel a row ran: torch's SDPA, or what "auto" resolved to for JAX."""
+  if impl.startswith("torch"):
+    return "sdpa"
+  t_cfg, _ = _configs(dict(preset, attention="xla") if impl == "wdjax-xla" else preset)
+  return bert.attention_implementation(t_cfg) or "xla"
+
+
+def merge(files: list[str], stem: Path) -> None:
+  """One table of several runs' JSON (each row keeps its `run`; ratios stay within a run)."""
+  runs = [json.loads(Path(f).read_text()) for f in files]
+  rows = [r for d in runs for r in d["rows"]]
+  rows.sort(key=lambda r: (METHODS.index(r["method"]), -r["tokens_per_step"], r["run"]))
+  info = dict(runs[-1]["info"], runs=sorted({r["run"] for r in rows}))
+  stem.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
+  stem.with_suffix(".md").write_text(table(rows, info) + "\n")
+  plot(rows, stem.with_suffix(".png"))
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
@@ -298,7 +317,11 @@ def main(argv=None) -> int:
   ap.add_argument("--tag", default="", help="suffix of the output files' names")
   ap.add_argument("--trace", help="write a profile of every wdjax job under this folder")
   ap.add_argument("--no-plot", action="store_true")
+  ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge earlier runs' JSON into one table")
   args = ap.parse_args(argv)
+  if args.merge:
+    merge(args.merge, Path(args.out) / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}")
+    return 0
   t_start = time.perf_counter()
   preset = PRESETS[args.preset]
   device = jax.devices()[0]
@@ -342,7 +365,9 @@ def main(argv=None) -> int:
     gen_flops = g_flops if g_flops is not None else next(
         (r["flops_per_step"] - flops for r in rows if r["method"] == method
          and r["tokens_per_step"] == tokens and r["impl"] == "wdjax"), 0.0)
-    row = {"method": method, "impl": impl, "tokens_per_step": tokens, "step_ms": 1e3 * median,
+    row = {"method": method, "impl": "wdjax" if impl == "wdjax-xla" else impl,
+           "attention": attention_of(impl, preset), "run": args.tag or "run", "tokens_per_step": tokens,
+           "step_ms": 1e3 * median,
            "tokens_per_s": tokens / median, "compile_s": compile_s, "peak_bytes": peak,
            "flops_per_step": flops + gen_flops}
     if device.platform in PEAK_FLOPS:
@@ -368,18 +393,19 @@ def main(argv=None) -> int:
 def table(rows, info) -> str:
   lines = [f"Training step, teacher {info['teacher']['num_layers']}x{info['teacher']['hidden_size']} -> "
            f"student {info['student']['num_layers']}x{info['student']['hidden_size']}, seq {info['seq']}, "
-           f"{info['dtype']}; {info['device']} (jax {info['jax']}), torch {info['torch']} on {info['torch_device']}",
-           "", "| method | tokens/step | impl | step (ms) | tokens/s | vs torch-compile | vs torch-eager | MFU | "
-           "peak mem | compile (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
-  ref = {(r["method"], r["tokens_per_step"], r["impl"]): r["step_ms"] for r in rows}
+           f"{info['dtype']}; {info['device']} (jax {info['jax']}), torch {info['torch']} on {info['torch_device']}. "
+           "Ratios compare rows of the same run.",
+           "", "| method | tokens/step | impl | attention | run | step (ms) | tokens/s | vs torch-compile | "
+           "vs torch-eager | MFU | peak mem | compile (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  ref = {(r.get("run"), r["method"], r["tokens_per_step"], r["impl"]): r["step_ms"] for r in rows}
   for r in rows:
-    key = (r["method"], r["tokens_per_step"])
+    key = (r.get("run"), r["method"], r["tokens_per_step"])
     vs = lambda impl: f"{ref[(*key, impl)] / r['step_ms']:.2f}x" if (*key, impl) in ref else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
     mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a"
-    lines.append(f"| {r['method']} | {r['tokens_per_step']} | {r['impl']} | {r['step_ms']:.2f} | "
-                 f"{r['tokens_per_s']:.0f} | {vs('torch-compile')} | {vs('torch-eager')} | {mfu} | {mem} | "
-                 f"{r['compile_s']:.1f} |")
+    lines.append(f"| {r['method']} | {r['tokens_per_step']} | {r['impl']} | {r.get('attention', '-')} | "
+                 f"{r.get('run', '-')} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {vs('torch-compile')} | "
+                 f"{vs('torch-eager')} | {mfu} | {mem} | {r['compile_s']:.1f} |")
   return "\n".join(lines)
 
 
@@ -387,13 +413,15 @@ def plot(rows, path: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  groups = sorted({(r["method"], r["tokens_per_step"]) for r in rows}, key=lambda k: (k[0], -k[1]))
-  impls = list(dict.fromkeys(r["impl"] for r in rows))
+  label = lambda r: r["impl"] if r["impl"].startswith("torch") else f"{r['impl']} ({r.get('attention', 'xla')})"
+  groups = sorted({(r["method"], r["tokens_per_step"]) for r in rows},
+                  key=lambda k: (METHODS.index(k[0]), -k[1]))
+  impls = list(dict.fromkeys(label(r) for r in rows))
   fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.5))
   width = 0.8 / len(impls)
-  for j, impl in enumerate(impls):
-    vals = [next((r["tokens_per_s"] for r in rows if (r["method"], r["tokens_per_step"]) == g
-                  and r["impl"] == impl), 0) for g in groups]
+  for j, impl in enumerate(impls):  # the latest run's row of each (group, implementation)
+    vals = [([r["tokens_per_s"] for r in rows if (r["method"], r["tokens_per_step"]) == g
+              and label(r) == impl] or [0])[-1] for g in groups]
     ax.bar(np.arange(len(groups)) + j * width, vals, width, label=impl)
   ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{m}\n{t} tok" for m, t in groups])
   ax.set_ylabel("tokens / s")
