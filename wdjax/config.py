@@ -42,7 +42,9 @@ class StudentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = "rotten-tomatoes"  # "rotten-tomatoes" | "files" (your own CSV / JSON lines) | "bible" (translation)
+  # "rotten-tomatoes" | "files" (your own CSV / JSON lines) | "bible" (translation) |
+  # "fashion-mnist" | "digits" (images, ViT: wdjax/train/vision.py)
+  dataset: str = "rotten-tomatoes"
   train_file: str = ""  # dataset="files": path of the training file
   validation_file: str = ""  # optional; carved from train by hash when empty
   test_file: str = ""  # optional; carved from train by hash when empty
@@ -76,6 +78,19 @@ class TranslationConfig:
   kd_beam: int = 6  # beam of the teacher's sequence-KD translations (the reference's)
   seq_kd: str = "add"  # students' data: "add" (bitext + teacher translations) | "replace" | "none"
   wd_encoder: str = "elementwise"  # wd: "elementwise" (A*tanh(W)+B, the reference) | "mapped"
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """data.dataset="fashion-mnist" | "digits": the ViT teacher trained from scratch (`wdjax
+  finetune`); students take their shape from `student` and the rest (patches, pooling) from it."""
+
+  patch_size: int = 4  # square patches (28x28 Fashion-MNIST: 49 patches of 4x4)
+  hidden_size: int = 192  # teacher width
+  num_layers: int = 6  # teacher blocks
+  num_heads: int = 3  # teacher attention heads
+  intermediate_size: int = 768  # teacher FFN width
+  pooling: str = "cls"  # "cls" (class token; HF ViT's) | "mean" (mean of the patch tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +193,7 @@ class Config:
   kd: KDConfig = KDConfig()
   method: MethodConfig = MethodConfig()
   mt: TranslationConfig = TranslationConfig()
+  vit: VisionConfig = VisionConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   log: LogConfig = LogConfig()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from wdjax.config import (Config, DataConfig, KDConfig, MethodConfig, OptimConfig, StudentConfig,
-                          TeacherConfig, TrainConfig, TranslationConfig)
+                          TeacherConfig, TrainConfig, TranslationConfig, VisionConfig)
 
 HARDWARE = ("cpu", "gpu")
 
@@ -94,6 +94,50 @@ def bible_translation(hardware: str = "cpu") -> Config:
         distill=TrainConfig(batch_size=128, steps=30000, eval_every=2000, eval_batch_size=256,
                             optim=OptimConfig(lr=7e-4, warmup_ratio=1000 / 30000, **adam)),
         kd=KDConfig(alpha=0.0),
+    )
+  raise ValueError(f"hardware must be one of {HARDWARE}, got {hardware!r}")
+
+
+def fashion_vit(hardware: str = "cpu") -> Config:
+  """Fashion-MNIST (data/images.py), a ViT teacher trained from scratch, students of half its
+  width at its depth (weight selection's ViT-S -> ViT-T setting):
+
+  - `cpu`: teacher 4 x 128 (4 heads, FFN 512, 4x4 patches + class token = 50 tokens), 1,000
+    steps of 128 images (2.3 epochs); students 4 x 64 (4 heads, as WID's head-keeping strategy
+    needs; FFN 256), 500 steps of 128;
+  - `gpu`: teacher 12 x 384 (6 heads, FFN 1536: ViT-S's width) for 30 epochs, students
+    12 x 192 (3 heads, FFN 768: ViT-T's), 10 epochs, bf16.
+  AdamW, cosine decay, no dropout (the data is small images; the reference ViT recipes use
+  augmentation instead, which wdjax does not implement for images).
+  """
+  data = DataConfig(dataset="fashion-mnist", pad_to_multiple=1, length_grouping=0)
+  no_dropout = dict(hidden_dropout=0.0, attention_dropout=0.0)
+  if hardware == "cpu":
+    return Config(
+        workdir="runs/fashion_vit", data=data,
+        vit=VisionConfig(patch_size=4, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+        teacher=TeacherConfig(**no_dropout),
+        finetune=TrainConfig(batch_size=128, steps=1000, eval_every=500, eval_batch_size=500,
+                             optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.05,
+                                               weight_decay=0.05)),
+        student=StudentConfig(num_layers=4, hidden_size=64, num_heads=4, intermediate_size=256, **no_dropout),
+        distill=TrainConfig(batch_size=128, steps=500, eval_every=250, eval_batch_size=500,
+                            optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.05,
+                                              weight_decay=0.05)),
+    )
+  if hardware == "gpu":
+    return Config(
+        workdir="runs/fashion_vit_gpu", data=data,
+        vit=VisionConfig(patch_size=4, hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536),
+        teacher=TeacherConfig(dtype="bfloat16", **no_dropout),
+        finetune=TrainConfig(batch_size=256, epochs=30.0, eval_every=1000, eval_batch_size=1000,
+                             optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.05,
+                                               weight_decay=0.05)),
+        student=StudentConfig(num_layers=12, hidden_size=192, num_heads=3, intermediate_size=768,
+                              dtype="bfloat16", **no_dropout),
+        distill=TrainConfig(batch_size=256, epochs=10.0, eval_every=1000, eval_batch_size=1000,
+                            optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.05,
+                                              weight_decay=0.05)),
     )
   raise ValueError(f"hardware must be one of {HARDWARE}, got {hardware!r}")
 

@@ -3,6 +3,8 @@
     python benchmarks/quality/run.py                       # cpu: MiniLM 6x384 -> 3x192, 3 seeds
     python benchmarks/quality/run.py --hardware gpu        # MPNet 12x768 -> 6x384
     python benchmarks/quality/run.py --methods kd ws --seeds 0
+    python benchmarks/quality/run.py --task vision         # Fashion-MNIST ViT 4x128 -> 4x64
+                                                           # (configs/vit.py; results_vision_*)
 
 It fine-tunes the teacher once (seed 0) and trains, for each seed, the student by: CE from
 scratch, logit KD from scratch, weight selection + KD, WS, GWS, WD (phase 1 + 2) and WID
@@ -58,20 +60,46 @@ METHODS = {  # label -> (config file, extra --set assignments)
 }
 
 
-def latency_ms(model_dir: Path, batch: int, seq: int = 64, repeats: int = 30) -> float:
-  cfg, params, _ = hf.load(model_dir)
-  graph = nnx.split(bert.build(cfg))[0]
-  fwd = jax.jit(lambda p, i, m: nnx.merge(graph, p)(i, m))
-  ids = np.random.default_rng(0).integers(1000, 5000, (batch, seq)).astype(np.int32)
-  mask = np.ones_like(ids)
-  params = jax.device_put(params)
-  fwd(params, ids, mask).block_until_ready()
+# Vision (`--task vision`): every row from configs/vit.py, the same student shape (4x64 on cpu,
+# half the teacher's width at its depth: weight selection's ViT-S -> ViT-T setting) and budget.
+VISION_METHODS = {
+    "ce": ("vit.py", ["kd.alpha=0.0"]),  # the student from scratch, no teacher
+    "kd": ("vit.py", []),
+    "select+kd": ("vit.py", ["method.init=selection"]),  # weight selection's own setting, plus KD
+    "ws": ("vit.py", ["method.name=ws"]),
+    "gws": ("vit.py", ["method.name=gws"]),
+    "wd": ("vit.py", ["method.name=wd", "method.wd_init=identity"]),
+    "wid": ("vit.py", ["method.name=wid"]),
+    "opdf": ("vit.py", ["method.name=opdf"]),  # at half width: the width-mismatch extension
+}
+TASKS = {"text": dict(methods=METHODS, base="kd.py", data="Rotten Tomatoes", inputs="64 tokens"),
+         "vision": dict(methods=VISION_METHODS, base="vit.py", data="Fashion-MNIST",
+                        inputs="28x28 images")}
+
+
+def _median_ms(fwd, *args, repeats: int = 30) -> float:
+  fwd(*args).block_until_ready()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    fwd(params, ids, mask).block_until_ready()
+    fwd(*args).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 1e3 * statistics.median(times)
+
+
+def latency_ms(model_dir: Path, batch: int, seq: int = 64) -> float:
+  """Median jitted forward time of a saved model: a text classifier on `seq` tokens, or a ViT."""
+  if json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == "vit":
+    from wdjax.models import vit
+    cfg, params = vit.load(model_dir)
+    graph = nnx.split(vit.build(cfg))[0]
+    x = np.random.default_rng(0).normal(size=(batch, cfg.image_size, cfg.image_size, 1)).astype(np.float32)
+    return _median_ms(jax.jit(lambda p, x: nnx.merge(graph, p)(x)), jax.device_put(params), x)
+  cfg, params, _ = hf.load(model_dir)
+  graph = nnx.split(bert.build(cfg))[0]
+  ids = np.random.default_rng(0).integers(1000, 5000, (batch, seq)).astype(np.int32)
+  return _median_ms(jax.jit(lambda p, i, m: nnx.merge(graph, p)(i, m)), jax.device_put(params), ids,
+                    np.ones_like(ids))
 
 
 def final_model(cfg, phase: str) -> Path:
@@ -83,7 +111,8 @@ def final_model(cfg, phase: str) -> Path:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--hardware", choices=["cpu", "gpu"], default="cpu")
-  ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+  ap.add_argument("--task", choices=sorted(TASKS), default="text")
+  ap.add_argument("--methods", nargs="*", help="rows to run (default: all of the task's)")
   ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
   ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
   ap.add_argument("--tag", default="", help="write results_<hardware>_<tag>.* (a side table)")
@@ -91,14 +120,19 @@ def main():
                   help="'measure', 'none', or a results JSON whose latencies to reuse (measured "
                        "on a quiet machine: latency under load means nothing)")
   args = ap.parse_args()
+  task = TASKS[args.task]
+  methods = task["methods"]
+  unknown = set(args.methods or ()) - set(methods)
+  if unknown:
+    ap.error(f"unknown methods for --task {args.task}: {sorted(unknown)}; choose from {list(methods)}")
   quiet = lambda *_: None
 
-  base = config_lib.load(f"{ROOT}/configs/kd.py:{args.hardware}", args.set)
+  base = config_lib.load(f"{ROOT}/configs/{task['base']}:{args.hardware}", args.set)
   teacher = run_lib.finetune(base)
   teacher_dir = Path(base.teacher_dir)
   rows = {}
-  for label in args.methods:
-    file, extra = METHODS[label]
+  for label in args.methods or list(methods):
+    file, extra = methods[label]
     runs = []
     for seed in args.seeds:
       sets = notebook.expand(extra, args.hardware)  # "SAME_WIDTH": the teacher's width
@@ -128,11 +162,11 @@ def main():
   else:  # a quiet machine's measurement of the same models, from an earlier results file
     latency = json.loads(Path(args.latency).read_text())["info"]["latency_ms"]
   first = rows[next(iter(rows))]["runs"][0]
-  info = {"hardware": args.hardware, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+  info = {"hardware": args.hardware, "data": task["data"], "inputs": task["inputs"], "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "seeds": args.seeds, "teacher_test": 100 * teacher["test_accuracy"],
           "teacher_params": teacher["model_params"], "latency_ms": latency,
           "budget_steps": first["total_steps"] + first.get("phase1", {}).get("total_steps", 0)}
-  stem = f"results_{args.hardware}" + (f"_{args.tag}" if args.tag else "")
+  stem = f"results_{'vision_' if args.task == 'vision' else ''}{args.hardware}" + (f"_{args.tag}" if args.tag else "")
   (HERE / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
   table = markdown(info, rows)
   (HERE / f"{stem}.md").write_text(table)
@@ -143,13 +177,13 @@ def main():
 def markdown(info: dict, rows: dict) -> str:
   lat = info["latency_ms"]
   lines = [
-      f"Rotten Tomatoes test accuracy, mean +- std over seeds {info['seeds']}; same step budget "
+      f"{info.get('data', 'Rotten Tomatoes')} test accuracy, mean +- std over seeds {info['seeds']}; same step budget "
       f"({info['budget_steps']} steps) for every method; teacher {info['teacher_test']:.2f}.",
       "",
       "| method | student | test accuracy | val accuracy | trainable params (training) "
       "| trainable + Adam (fp32) | student params |",
       "|---|---|---|---|---|---|---|",
-      f"| teacher (fine-tuned) | | {info['teacher_test']:.2f} | | | | {info['teacher_params'] / 1e6:.2f}M |",
+      f"| teacher ({'trained' if info.get('data') == 'Fashion-MNIST' else 'fine-tuned'}) | | {info['teacher_test']:.2f} | | | | {info['teacher_params'] / 1e6:.2f}M |",
   ]
   for label, r in rows.items():
     lines.append(f"| {label} | {r.get('student', '')} | {r['test_mean']:.2f} +- {r['test_std']:.2f} | "
@@ -158,7 +192,7 @@ def markdown(info: dict, rows: dict) -> str:
                  f"{r['student_params'] / 1e6:.2f}M |")
   if lat:
     t, s = ({str(k): v for k, v in lat[m].items()} for m in ("teacher", "student"))
-    lines += ["", f"CPU latency ({info['device']}, 64 tokens): teacher {t['1']:.1f} ms vs "
+    lines += ["", f"CPU latency ({info['device']}, {info.get('inputs', '64 tokens')}): teacher {t['1']:.1f} ms vs "
                   f"student {s['1']:.1f} ms at batch 1 ({t['1'] / s['1']:.1f}x), "
                   f"{t['32']:.0f} ms vs {s['32']:.0f} ms at batch 32 ({t['32'] / s['32']:.1f}x)."]
   return "\n".join(lines) + "\n"
@@ -182,7 +216,7 @@ def plot(rows: dict, info: dict, path: Path) -> None:
   ax.axhline(info["teacher_test"], color="C3", ls="--", lw=1, label="teacher")
   ax.set_xticks(range(len(labels)), labels)
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"Rotten Tomatoes, {info['hardware']} preset, seeds {info['seeds']}")
+  ax.set_title(f"{info.get('data', 'Rotten Tomatoes')}, {info['hardware']} preset, seeds {info['seeds']}")
   ax.legend(loc="lower right")
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -45,6 +45,13 @@ ROLE_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"cross_attn/o/kernel$", ("xattn", "hidden")),
     (r"^dec/embed/embedding$", (None, "hidden")),
     (r"^dec/output/kernel$", ("hidden", None)),
+    # ViTs (models/vit.py): the patch projection writes, the class token lives in, and the head
+    # reads the residual stream; the blocks match the encoder rules below.
+    (r"^embeddings/patch/kernel$", (None, "hidden")),
+    (r"^embeddings/patch/bias$", ("hidden",)),
+    (r"^embeddings/cls$", ("hidden",)),
+    (r"^head/kernel$", ("hidden", None)),
+    (r"^head/bias$", (None,)),
     (r"embeddings/(word|position|token_type)/embedding$", (None, "hidden")),
     (r"(ln|_ln)/(scale|bias)$", ("hidden",)),
     (r"attn/(q|k|v)/kernel$", ("hidden", "attn")),

@@ -28,6 +28,7 @@ class _Encoder:
 
   head = "classifier"
   label_smoothing = 0.0
+  logit_kd = True  # the teacher's logits of the same batch are the KD targets
 
   def build(self, config, seed: int = 0):
     from wdjax.models import bert
@@ -63,6 +64,7 @@ class MaskedLanguageModel(_Encoder):
 
   masking: MlmMasking
   head = "mlm"
+  logit_kd = False
 
   def apply(self, graphdef) -> step_lib.ApplyFn:
     from flax import nnx

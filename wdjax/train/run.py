@@ -33,6 +33,7 @@ from wdjax.train.objectives import Classification, MaskedLanguageModel
 
 Objective = Classification | MaskedLanguageModel
 CLASSIFICATION = Classification()
+IMAGE_DATASETS = ("fashion-mnist", "digits")  # wdjax/data/images.py
 from wdjax.train.metrics import MetricWriter
 
 Params = Any
@@ -86,6 +87,8 @@ def _fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool) -> dic
     out.update(student=d["student"], kd=d["kd"], method=d["method"])
   if cfg.data.dataset == "bible":
     out["mt"] = d["mt"]
+  if cfg.data.dataset in IMAGE_DATASETS:
+    out["vit"] = d["vit"]
   return out
 
 
@@ -139,14 +142,13 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
   if teacher is not None:
     teacher_sh = mesh_lib.param_shardings(teacher.params, mesh, cfg.mesh.fsdp)
     teacher_params = jax.device_put(teacher.params, teacher_sh)
-  head = objective.head
   student_graph = nnx.split(objective.build(generator.training_config(spec.config)))[0]
   export_apply = objective.apply(nnx.split(objective.build(spec.config))[0])
   student_apply = objective.apply(student_graph)
   teacher_apply = None
-  if teacher is not None and cfg.kd.alpha > 0 and head == "classifier":
+  if teacher is not None and cfg.kd.alpha > 0 and objective.logit_kd:
     teacher_cfg = dataclasses.replace(teacher.config, dtype=cfg.teacher.dtype)
-    teacher_apply = step_lib.classifier_apply(nnx.split(bert.build(teacher_cfg))[0])
+    teacher_apply = objective.apply(nnx.split(objective.build(teacher_cfg))[0])
 
   gen_shapes, gen_state_shapes = jax.eval_shape(
       lambda p, t: generator.init(jax.random.key(cfg.seed), t, StudentSpec(spec.config, p)),
@@ -298,6 +300,9 @@ def finetune(cfg: Config, log=distributed.log, export_only: bool = False) -> dic
   if cfg.data.dataset == "bible":
     from wdjax.train import translate
     return translate.train_teacher(cfg, log, export_only)
+  if cfg.data.dataset in IMAGE_DATASETS:
+    from wdjax.train import vision
+    return vision.train_teacher(cfg, log, export_only)
   model_dir = distributed.process0_first(
       "teacher asset", lambda: assets.path(cfg.teacher.model, cfg.cache_dir))
   probe = hf.config_from_hf(hf.read_config(model_dir))
@@ -319,6 +324,9 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   if cfg.data.dataset == "bible":
     from wdjax.train import translate
     return translate.distill(cfg, phase, log, export_only)
+  if cfg.data.dataset in IMAGE_DATASETS:
+    from wdjax.train import vision
+    return vision.distill(cfg, phase, log, export_only)
   phase = phase or default_phase(cfg)
   teacher_dir = Path(cfg.teacher_dir)
   if not (teacher_dir / "config.json").exists():
@@ -487,6 +495,9 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
   if cfg.data.dataset == "bible":
     from wdjax.train import translate
     return translate.evaluate(cfg, model_dir, splits)
+  if cfg.data.dataset in IMAGE_DATASETS:
+    from wdjax.train import vision
+    return vision.evaluate(cfg, model_dir, splits)
   model, _ = load_model(model_dir, require_head=True)
   task = tasks.load(cfg.data, model_dir, model.config.pad_token_id, cfg.cache_dir)
   mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)

@@ -52,6 +52,7 @@ class Translation:
 
   label_smoothing: float = 0.1
   head = "translation"
+  logit_kd = False  # translation distils through sequence-level KD data
 
   def build(self, config: TransformerConfig, seed: int = 0):
     return transformer.build(config, seed)
