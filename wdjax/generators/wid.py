@@ -145,7 +145,9 @@ class WeightInherited(Generator):
     del rng
     t_flat = paths.flatten(teacher_params)
     weights = {p: jnp.asarray(t_flat[q], jnp.float32) for p, q in self.sources.items()}
-    comp = {"embeddings": jnp.eye(self.sizes["hidden"][0], dtype=jnp.float32)}
+    comp = {}
+    if any(_is_embedding_table(p) for p in weights):  # BERT's summed tables share one compactor
+      comp["embeddings"] = jnp.eye(self.sizes["hidden"][0], dtype=jnp.float32)
     for p, (s_in, s_out) in self.compacted.items():
       d_in, d_out = self.train_shapes[p]
       if s_in:
@@ -173,7 +175,7 @@ class WeightInherited(Generator):
           x = x @ c[p + "/row"]
       elif p.endswith("/bias") and base + "/kernel/row" in c:
         x = x @ c[base + "/kernel/row"]
-      elif p.startswith("encoder/embeddings/") and p.endswith("/embedding"):
+      elif _is_embedding_table(p):
         x = x @ c["embeddings"]
       out[p] = x
     return paths.unflatten(out)
@@ -344,3 +346,10 @@ class WeightInherited(Generator):
       return keep, jax.tree_util.tree_map(lambda p: extra * p, params)
 
     return inject
+
+
+def _is_embedding_table(path: str) -> bool:
+  """A BERT embedding table (word, position, token type: summed before their LayerNorm). A ViT's
+  patch projection is a kernel with compactors of its own; its class token and positions are
+  plain weights whose masked units nothing kept reads."""
+  return path.startswith("encoder/embeddings/") and path.endswith("/embedding")
