@@ -170,7 +170,7 @@ def test_digits_teacher_and_students_end_to_end(tmp_path):
   assert teacher["test_accuracy"] > 0.9  # 0.97 measured
   select = run_lib.distill(dataclasses.replace(cfg, method=MethodConfig(init="selection")))
   wd = run_lib.distill(dataclasses.replace(cfg, method=MethodConfig(name="wd", wd_init="identity")))
-  assert select["test_accuracy"] > 0.6 and wd["test_accuracy"] > 0.6
+  assert select["test_accuracy"] > 0.85 and wd["test_accuracy"] > 0.85  # 0.97 and 0.97 measured
   assert wd["phase1"]["trainable_params"] > wd["model_params"]  # the maps train in phase 1
   model = tmp_path / "run" / "distill_wd_phase2" / "model"
   assert run_lib.evaluate(cfg, model)["test"] == pytest.approx(wd["test_accuracy"])
