@@ -154,8 +154,8 @@ def test_vit_sharded_step_equals_single_device():
 
 
 def test_digits_teacher_and_students_end_to_end(tmp_path):
-  """`wdjax finetune` trains the ViT teacher; `wdjax distill` students (selection + KD, WD's two
-  phases) export HF ViT directories whose `transformers` logits match wdjax's."""
+  """`wdjax finetune` trains the ViT teacher; `wdjax distill` with WD (phase 1, phase 2) exports
+  an HF ViT directory whose `transformers` logits match wdjax's."""
   from wdjax.train import run as run_lib
   optim = OptimConfig(lr=3e-3, schedule="cosine", warmup_ratio=0.05)
   cfg = Config(workdir=str(tmp_path / "run"),
@@ -168,9 +168,8 @@ def test_digits_teacher_and_students_end_to_end(tmp_path):
                distill=TrainConfig(batch_size=64, steps=100, eval_every=100, eval_batch_size=96, optim=optim))
   teacher = run_lib.finetune(cfg)
   assert teacher["test_accuracy"] > 0.9  # 0.97 measured
-  select = run_lib.distill(dataclasses.replace(cfg, method=MethodConfig(init="selection")))
   wd = run_lib.distill(dataclasses.replace(cfg, method=MethodConfig(name="wd", wd_init="identity")))
-  assert select["test_accuracy"] > 0.85 and wd["test_accuracy"] > 0.85  # 0.97 and 0.97 measured
+  assert wd["test_accuracy"] > 0.85  # 0.97 measured
   assert wd["phase1"]["trainable_params"] > wd["model_params"]  # the maps train in phase 1
   model = tmp_path / "run" / "distill_wd_phase2" / "model"
   assert run_lib.evaluate(cfg, model)["test"] == pytest.approx(wd["test_accuracy"])

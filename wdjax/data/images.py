@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 
 from wdjax import assets
 from wdjax.data import builders
+from wdjax.data.tasks import Task
 from wdjax.errors import WdjaxError
 
 FASHION_LABELS = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -117,22 +118,9 @@ class ImageSplit:
             "index": index.astype(np.int32)}
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageTask:
-  name: str
-  label_names: tuple[str, ...]
-  train: ImageSplit
-  validation: ImageSplit
-  test: ImageSplit
-
-  def split(self, name: str) -> ImageSplit:
-    if name not in builders.SPLITS:
-      raise WdjaxError(f"unknown split {name!r}; choose one of {', '.join(builders.SPLITS)}")
-    return getattr(self, name)
-
-  @property
-  def image_size(self) -> int:
-    return self.train.images.shape[1]
+def image_size(task: Task) -> int:
+  """Pixels per side of a task's (square) images."""
+  return task.train.images.shape[1]
 
 
 def _fashion_arrays(cache: str) -> tuple[dict, tuple[str, ...]]:
@@ -165,7 +153,7 @@ def _digits_arrays() -> tuple[dict, tuple[str, ...]]:
 
 
 def load(dataset: str, cache: str = "", max_train_examples: int = 0,
-         max_eval_examples: int = 0) -> ImageTask:
+         max_eval_examples: int = 0) -> Task:
   """The three splits of `dataset` in memory, standardised by the training split's statistics."""
   if dataset == "fashion-mnist":
     arrays, names = _fashion_arrays(cache)
@@ -181,4 +169,4 @@ def load(dataset: str, cache: str = "", max_train_examples: int = 0,
     if limit:
       x, y = x[:limit], y[:limit]
     splits[split] = ImageSplit(x, y.astype(np.int32), mean, std)
-  return ImageTask(dataset, names, **splits)
+  return Task(dataset, names, **splits)

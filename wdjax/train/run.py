@@ -343,11 +343,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   if method.name == "wid" and method.wid_objective == "mlm":
     return _distill_wid_mlm(cfg, phase, teacher, task, log, export_only)
   s_cfg = student_config(cfg, teacher.config)
-  init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=cfg.seed)))
-  if method.name == "kd" and method.init == "selection":
-    init = generators.select(teacher.params, init, method.layer_map or "every_k")
-  elif method.init != "random":
-    raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
+  init = initial_student(method, bert.build(s_cfg, seed=cfg.seed), teacher.params)
   # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
   # total budget); WID's mask schedule is laid out over phase 1's length.
   steps, steps1 = _phase_steps(cfg, task)
@@ -364,6 +360,17 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
     return first
   _, generated, _ = hf.load(phase_dir(cfg, phase) / "model")
   return _phase2(cfg, phase, first, StudentSpec(s_cfg, generated), teacher, task, steps - steps1, log)
+
+
+def initial_student(method, model: nnx.Module, teacher_params: Params) -> Params:
+  """The student's starting parameters: `model`'s random initialisation, or the teacher's weight
+  selection for KD with `method.init=selection`."""
+  init = nnx.to_pure_dict(nnx.state(model))
+  if method.name == "kd" and method.init == "selection":
+    return generators.select(teacher_params, init, method.layer_map or "every_k")
+  if method.init != "random":
+    raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
+  return init
 
 
 def _phase_steps(cfg: Config, task: tasks.Task) -> tuple[int, int]:

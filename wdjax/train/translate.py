@@ -189,11 +189,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   task = load_task(cfg, teacher.tokenizer_dir / "tokenizer.json")
   task = dataclasses.replace(task, train=training_pairs(cfg, teacher, task, log))
   s_cfg = student_config(cfg, teacher.config)
-  init = nnx.to_pure_dict(nnx.state(transformer.build(s_cfg, cfg.seed)))
-  if method.name == "kd" and method.init == "selection":
-    init = generators.select(teacher.params, init, method.layer_map or "every_k")
-  elif method.init != "random":
-    raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
+  init = run_lib.initial_student(method, transformer.build(s_cfg, cfg.seed), teacher.params)
   steps, steps1 = run_lib._phase_steps(cfg, task)
   spec = StudentSpec(s_cfg, init)
   train = cfg.distill if method.name not in run_lib.TWO_PHASE else dataclasses.replace(cfg.distill, steps=steps1)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from wdjax import assets, distributed, generators
+from wdjax import assets, distributed
 from wdjax.config import Config
 from wdjax.data import images
-from wdjax.data.images import ImageTask
+from wdjax.data.tasks import Task
 from wdjax.errors import WdjaxError
 from wdjax.generators import Identity, StudentSpec
 from wdjax.models import vit
@@ -59,15 +59,15 @@ class ImageClassification:
 OBJECTIVE = ImageClassification()
 
 
-def load_task(cfg: Config) -> ImageTask:
+def load_task(cfg: Config) -> Task:
   d = cfg.data
   return images.load(d.dataset, cfg.cache_dir, d.max_train_examples, d.max_eval_examples)
 
 
-def teacher_config(cfg: Config, task: ImageTask) -> ViTConfig:
+def teacher_config(cfg: Config, task: Task) -> ViTConfig:
   v, t = cfg.vit, cfg.teacher
   try:
-    return ViTConfig(image_size=task.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+    return ViTConfig(image_size=images.image_size(task), patch_size=v.patch_size, hidden_size=v.hidden_size,
                      num_layers=v.num_layers, num_heads=v.num_heads,
                      intermediate_size=v.intermediate_size, num_labels=len(task.label_names),
                      pooling=v.pooling, hidden_dropout=t.hidden_dropout,
@@ -120,16 +120,12 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   phase = phase or run_lib.default_phase(cfg)
   teacher = load_teacher(cfg)
   task = load_task(cfg)
-  if task.image_size != teacher.config.image_size or len(task.label_names) != teacher.config.num_labels:
+  if images.image_size(task) != teacher.config.image_size or len(task.label_names) != teacher.config.num_labels:
     raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} was trained on {teacher.config.image_size}px "
                      f"images with {teacher.config.num_labels} labels; data.dataset={cfg.data.dataset!r} has "
-                     f"{task.image_size}px and {len(task.label_names)}")
+                     f"{images.image_size(task)}px and {len(task.label_names)}")
   s_cfg = student_config(cfg, teacher.config)
-  init = nnx.to_pure_dict(nnx.state(vit.build(s_cfg, cfg.seed)))
-  if method.name == "kd" and method.init == "selection":
-    init = generators.select(teacher.params, init, method.layer_map or "every_k")
-  elif method.init != "random":
-    raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
+  init = run_lib.initial_student(method, vit.build(s_cfg, cfg.seed), teacher.params)
   steps, steps1 = run_lib._phase_steps(cfg, task)
   generator = run_lib._generator(method, init, teacher, task, cfg, steps1)
   spec = StudentSpec(s_cfg, init)
