@@ -62,6 +62,17 @@ def load_model(model_dir: str | Path, *, require_head: bool, **overrides) -> tup
   return Model(cfg, params, Path(model_dir), sha), fresh
 
 
+def load_trained_teacher(cfg: Config, what: str, load) -> Model:
+  """The teacher `wdjax finetune` trained from scratch (translation, vision) at `cfg.teacher_dir`,
+  read by `load(dir, dtype=...) -> (config, params)`; `what` names the kind in the error."""
+  d = Path(cfg.teacher_dir)
+  if not (d / "config.json").exists():
+    raise WdjaxError(f"no {what} teacher at {d}; run `wdjax finetune CONFIG` first "
+                     f"or set teacher.path to a trained {what} directory")
+  t_cfg, params = load(d, dtype=cfg.teacher.dtype)
+  return Model(t_cfg, params, d, assets.sha256_file(d / "model.safetensors"))
+
+
 def student_config(cfg: Config, teacher: bert.EncoderConfig) -> bert.EncoderConfig:
   """The teacher's vocabulary, positions and numerics with the student's shape."""
   s = cfg.student

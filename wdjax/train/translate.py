@@ -162,12 +162,7 @@ def train_teacher(cfg: Config, log=distributed.log, export_only: bool = False) -
 
 
 def load_teacher(cfg: Config) -> run_lib.Model:
-  d = Path(cfg.teacher_dir)
-  if not (d / "config.json").exists():
-    raise WdjaxError(f"no translation teacher at {d}; run `wdjax finetune CONFIG` first "
-                     "or set teacher.path to a trained wdjax-transformer directory")
-  t_cfg, params = transformer.load(d, dtype=cfg.teacher.dtype)
-  return run_lib.Model(t_cfg, params, d, assets.sha256_file(d / "model.safetensors"))
+  return run_lib.load_trained_teacher(cfg, "translation", transformer.load)
 
 
 def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:

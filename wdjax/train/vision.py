@@ -18,7 +18,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from wdjax import assets, distributed
+from wdjax import distributed
 from wdjax.config import Config
 from wdjax.data import images
 from wdjax.data.tasks import Task
@@ -100,12 +100,7 @@ def train_teacher(cfg: Config, log=distributed.log, export_only: bool = False) -
 
 
 def load_teacher(cfg: Config) -> run_lib.Model:
-  d = Path(cfg.teacher_dir)
-  if not (d / "config.json").exists():
-    raise WdjaxError(f"no ViT teacher at {d}; run `wdjax finetune CONFIG` first "
-                     "or set teacher.path to a trained ViT directory")
-  t_cfg, params = vit.load(d, dtype=cfg.teacher.dtype)
-  return run_lib.Model(t_cfg, params, d, assets.sha256_file(d / "model.safetensors"))
+  return run_lib.load_trained_teacher(cfg, "ViT", vit.load)
 
 
 def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
