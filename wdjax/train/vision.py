@@ -28,28 +28,21 @@ from wdjax.models import vit
 from wdjax.models.vit import ViTConfig
 from wdjax.train import run as run_lib
 from wdjax.train.evaluate import Predictor
+from wdjax.train.objectives import Classification
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageClassification:
-  """Cross-entropy on the image's label, Hinton KD from the teacher's logits."""
+class ImageClassification(Classification):
+  """Cross-entropy on the image's label, Hinton KD from the teacher's logits: the text
+  classifier's objective (batches as they come, accuracy over a split) on a ViT."""
 
   head = "image"
-  label_smoothing = 0.0
-  logit_kd = True
 
   def build(self, config: ViTConfig, seed: int = 0):
     return vit.build(config, seed)
 
   def apply(self, graphdef):
     return vit.apply_fn(graphdef)
-
-  def prepare(self, batch: dict, step: int) -> dict:
-    del step
-    return batch
-
-  def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
-    return Predictor(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
 
   def export(self, out: Path, config: ViTConfig, params, tokenizer_dir: Path, task) -> None:
     del tokenizer_dir  # images need none
