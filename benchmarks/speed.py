@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                  # gpu: BERT-base-size teacher -> 6x384, seq 128
     python benchmarks/speed.py --preset cpu     # tiny shapes: checks the harness on a CPU
+    python benchmarks/speed.py --preset overhead --impls wdjax   # gpu depths, tiny widths
     python benchmarks/speed.py --methods kd ws  # a subset
 
 For each method (kd, ws, gws, wd, wid, opdf: the steps `benchmarks/torch_ref/` implements, their
@@ -62,6 +63,12 @@ PRESETS = {
                              intermediate_size=256, max_position_embeddings=64),
                 student=dict(num_layers=1, hidden_size=64, num_heads=4, intermediate_size=128),
                 seq=32, batches=(16, 4), dtype="float32", steps=5, warmup=2),
+    # the gpu preset's depths (12 -> 6 layers: as many tensors, maps and kernels per step) at
+    # tiny widths, so a CPU measures per-operation overhead rather than FLOPs
+    "overhead": dict(teacher=dict(vocab_size=2000, hidden_size=64, num_layers=12, num_heads=4,
+                                  intermediate_size=256, max_position_embeddings=64),
+                     student=dict(num_layers=6, hidden_size=32, num_heads=4, intermediate_size=128),
+                     seq=32, batches=(8,), dtype="float32", steps=20, warmup=3),
 }
 METHODS = ("kd", "ws", "gws", "wd", "wid", "opdf")
 KD = dict(temperature=2.0, alpha=0.9)
@@ -201,13 +208,13 @@ def torch_step(method, preset, batch, compiled):
   shape = lambda c: BertShape(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size,
                               c.vocab_size, c.max_position_embeddings)
   teacher = to_torch(t_params)
-  gen = {k: v.requires_grad_(True) for k, v in to_torch(gen_params).items()}
+  gen = {k: v.requires_grad_(True) for k, v in to_torch(gen_jax.flat_params(gen_params)).items()}
   s_shapes = {k: tuple(np.shape(v)) for k, v in paths.flatten(init).items()}
   n_t, n_s = t_cfg.num_layers, s_cfg.num_layers
   generate = (lambda gp, t: gp) if method == "kd" else (
       lambda gp, t: getattr(tgen, f"{method}_generate")(gp, t, s_shapes, n_t, n_s))
   keep = torch.tensor(np.asarray(gen_state["masks"]["hidden"])).to(dev) if method == "wid" else None
-  targets = to_torch(gen_state["targets"]) if method == "opdf" else {}
+  targets = to_torch(paths.unstack_layers(paths.flatten(gen_state["targets"]))) if method == "opdf" else {}
   opt = torch.optim.AdamW(list(gen.values()), lr=1e-4, weight_decay=0.01,
                           **({"fused": True} if dev == "cuda" else {"foreach": True}))
   amp = preset["dtype"] == "bfloat16" and dev == "cuda"

@@ -120,15 +120,20 @@ def test_selected_student_reproduces_the_selection_network(setup):
 def test_wd_initialisation_follows_the_reference(setup):
   _, t_params, _, init = setup
   gen, gen_params, _ = _make(setup, "wd")
-  mix = gen_params["mix"]["encoder"]["layer_0"]["attn"]["q"]["kernel"]
-  np.testing.assert_array_equal(mix["w"], np.full(3, 1 / 3, np.float32))  # groups of 3, w = 1/ts
-  assert mix["lam"].shape == (3, 3)
-  aff = gen_params["affine"]["encoder"]["layer_1"]["mlp"]["up"]["kernel"]
-  assert (aff["a"] == 1).all() and (aff["b"] == 0).all()
+  flat = gen.flat_params(gen_params)  # per tensor, as the paper names them
+  np.testing.assert_array_equal(flat["mix/encoder/layer_0/attn/q/kernel/w"],
+                                np.full(3, 1 / 3, np.float32))  # groups of 3, w = 1/ts
+  assert flat["mix/encoder/layer_0/attn/q/kernel/lam"].shape == (3, 3)
+  assert (flat["affine/encoder/layer_1/mlp/up/kernel/a"] == 1).all()
+  assert (flat["affine/encoder/layer_1/mlp/up/kernel/b"] == 0).all()
   assert "classifier" not in gen_params["affine"]  # the output projection is linear only
-  maps = paths.flatten(gen_params["maps"])
-  q = maps["encoder/layer_0/attn/q/kernel/axis_0"]
+  q = flat["maps/encoder/layer_0/attn/q/kernel/axis_0"]
   assert q.shape == (384, 96) and abs(float(q.std()) - np.sqrt(2 / (384 + 96))) < 0.01
+  # stored stacked over the 2 student layers, each layer's map drawn independently
+  stacked = gen_params["maps"]["encoder"]["layers"]["attn"]["q"]["kernel"]["axis_0"]
+  assert stacked.shape == (2, 384, 96) and not np.allclose(stacked[0], stacked[1])
+  n_stacked = sum("/layers/" in k for k in paths.flatten(gen_params))
+  assert len(flat) == len(paths.flatten(gen_params)) + n_stacked  # a stacked leaf is 2 tensors
   lean = _make(setup, "wd-lean")[1]
   n_faithful, n_lean = generators.param_count(gen_params), generators.param_count(lean)
   assert n_lean < 0.8 * n_faithful

@@ -90,7 +90,7 @@ def test_constraint_loss_has_gradient_on_exactly_the_auxiliary_cores():
   assert float(gen.aux_loss(gp, t_params, gs)) < 1e-10
   key = iter(jax.random.split(jax.random.key(1), 100))
   gp = jax.tree_util.tree_map(lambda x: x + 0.01 * jax.random.normal(next(key), x.shape), gp)
-  grads = paths.flatten(jax.grad(lambda p: gen.aux_loss(p, t_params, gs))(gp))
+  grads = gen.flat_params(jax.grad(lambda p: gen.aux_loss(p, t_params, gs))(gp))  # per matrix
   for path, g in grads.items():
     nonzero = bool(np.any(np.asarray(g) != 0))
     core = path.rsplit("/core_", 1)

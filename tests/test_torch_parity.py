@@ -108,7 +108,7 @@ def test_loss_and_gradients_match_pytorch(setup, method):
   _, metrics = jax.jit(step)(state, t_params, batch)
 
   teacher = _torch(t_params)
-  tg = {k: v.clone().requires_grad_(True) for k, v in _torch(gen_params).items()}
+  tg = {k: v.clone().requires_grad_(True) for k, v in _torch(gen.flat_params(gen_params)).items()}
   student_shapes = {k: tuple(v.shape) for k, v in paths.flatten(init).items()}
   n_t, n_s = t_cfg.num_layers, s_cfg.num_layers
   if method == "kd":
@@ -123,13 +123,14 @@ def test_loss_and_gradients_match_pytorch(setup, method):
   t_loss = tgen.hinton_loss(classifier_logits(student, _shape(s_cfg), ids, mask, keep), t_logits,
                             torch.tensor(batch["labels"]).long(), TEMPERATURE, ALPHA)
   if method == "opdf":
-    targets = {k: torch.tensor(np.asarray(v)) for k, v in paths.flatten(gen_state["targets"]).items()}
+    targets = {k: torch.tensor(np.asarray(v))
+               for k, v in paths.unstack_layers(paths.flatten(gen_state["targets"])).items()}
     assert targets
     t_loss = t_loss + tgen.opdf_constraint(tg, targets, OPTIONS[method]["constraint_lambda"], len(gen.factors))
   t_loss.backward()
   assert t_loss.item() == pytest.approx(float(loss), rel=1e-5)
   assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
-  jax_grads = paths.flatten(grads)
+  jax_grads = gen.flat_params(grads)
   assert jax_grads.keys() == tg.keys()
   scale = max(float(np.abs(np.asarray(g)).max()) for g in jax_grads.values())
   for k, g in jax_grads.items():

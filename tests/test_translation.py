@@ -190,9 +190,9 @@ def test_mt_depth_and_roles_are_planned_per_stack():
   assert gen.plan.sizes["enc_hidden"] == (32, 32) and gen.plan.sizes["hidden"] == (32, 16)
   assert gen.plan.sizes["xattn"] == (32, 16)
   gp, _ = gen.init(jax.random.key(0), t_params, None)
-  maps = paths.flatten(gp["maps"])
-  assert not any(k.startswith("enc/") for k in maps)  # the encoder is elementwise: no maps
-  assert maps["dec/layer_0/cross_attn/k/kernel/axis_0"].shape == (32, 32)  # reads the encoder
+  flat = gen.flat_params(gp)
+  assert not any(k.startswith("maps/enc/") for k in flat)  # the encoder is elementwise: no maps
+  assert flat["maps/dec/layer_0/cross_attn/k/kernel/axis_0"].shape == (32, 32)  # reads the encoder
   assert "output" not in gp["affine"]["dec"]  # the output projection is linear only
   sel = paths.flatten(generators.select(t_params, init))
   t = paths.flatten(t_params)

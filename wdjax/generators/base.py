@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wdjax.generators import paths
 from wdjax.models.bert import EncoderConfig
 
 Params = Any  # nested dict of jax.Array
@@ -90,6 +91,12 @@ class Generator:
 
   def materialize(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> Params:
     return self.generate(gen_params, teacher_params, gen_state)
+
+  def flat_params(self, gen_params: Params) -> dict[str, jax.Array]:
+    """The generator's parameters (or gradients) as `{name: array}`, one entry per tensor, in
+    the per-layer layout of the method's paper and of `benchmarks/torch_ref`: leaves stored
+    stacked over layers (`.../layers/...`, `paths.stack_layers`) are split into their layers."""
+    return paths.unstack_layers(paths.flatten(gen_params))
 
 
 class Identity(Generator):

@@ -25,6 +25,9 @@ class MatrixProductOperator(Generator):
 
   gen_params: `{"cores": {<kernel path>/core_k: [d_{k-1}, i_k, j_k, d_k]}, "dense": {...}}`;
   gen_state: `{"targets": {<kernel path>/core_k: teacher core}}` for the constrained cores.
+  Per-layer leaves are stored stacked over the layers (`encoder/layers/attn/q/kernel/core_k
+  [L, ...]`, `paths.stack_layers`): the L layers' chains contract as one batched chain, and the
+  optimizer updates one leaf where there were L; `flat_params` gives the per-layer view.
   Cores decompose the math-layout matrix `W = kernel.T [out, in]`, as the reference.
 
   The student starts from `start`: "selection" (the teacher's layers by `layer_map`, sliced to
@@ -82,19 +85,19 @@ class MatrixProductOperator(Generator):
         t_cores = decompose(t_w, *self.teacher_factors[p])
         for k in self.constrained[p]:
           targets[f"{p}/core_{k}"] = t_cores[k]
-    return ({"cores": paths.unflatten(cores), "dense": paths.unflatten(dense)},
-            {"targets": paths.unflatten(targets)})
-
-  def _cores(self, gen_params) -> dict[str, list[jax.Array]]:
-    flat = paths.flatten(gen_params["cores"])
-    return {p: [flat[f"{p}/core_{k}"] for k in range(self.n_cores)] for p in self.factors}
+    stack = lambda flat: paths.unflatten(paths.stack_layers(flat))
+    return {"cores": stack(cores), "dense": stack(dense)}, {"targets": stack(targets)}
 
   def generate(self, gen_params, teacher_params, gen_state):
     del teacher_params, gen_state
-    out = dict(paths.flatten(gen_params["dense"]))
-    for p, cores in self._cores(gen_params).items():
-      out[p] = contract(cores).T
-    return paths.unflatten(out)
+    out = paths.flatten(gen_params["dense"])
+    cores = paths.flatten(gen_params["cores"])
+    for key, group in paths.layer_groups(self.factors).items():
+      chain = [cores[f"{key}/core_{k}"] for k in range(self.n_cores)]
+      # W [out, in] per matrix; Flax kernels are [in, out]
+      out[key] = (jnp.swapaxes(jax.vmap(contract)(chain), -1, -2) if paths.is_stacked(key)
+                  else contract(chain).T)
+    return paths.unflatten(paths.unstack_layers(out))
 
   def aux_loss(self, gen_params, teacher_params, gen_state):
     """lambda * (1/|M|) sum_m sum_{k aux} MSE(T_s^(m,k), sg(T_t^(m,k))) (§2.5, the paper's
@@ -104,5 +107,8 @@ class MatrixProductOperator(Generator):
       return jnp.zeros((), jnp.float32)
     flat = paths.flatten(gen_params["cores"])
     targets = paths.flatten(gen_state["targets"])
-    total = sum(jnp.mean(jnp.square(flat[k] - jax.lax.stop_gradient(t))) for k, t in targets.items())
+    # per matrix and core (a stacked leaf holds one per layer): the mean of its squared error
+    per_matrix = lambda d, k: (jnp.mean(d, axis=tuple(range(1, d.ndim))).sum() if paths.is_stacked(k)
+                               else jnp.mean(d))
+    total = sum(per_matrix(jnp.square(flat[k] - jax.lax.stop_gradient(t)), k) for k, t in targets.items())
     return self.constraint_lambda * total / len(self.factors)

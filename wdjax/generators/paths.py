@@ -72,6 +72,7 @@ ROLE_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)(?=/)")
+_LAYERS = re.compile(r"(?:^|/)layers(?=/|$)")  # a stack of layers (see `stacked`)
 
 
 def flatten(tree: Params) -> dict[str, Any]:
@@ -110,6 +111,46 @@ def stack_of(path: str) -> str:
   BERT, 'enc/' or 'dec/' in an encoder-decoder); depth maps are planned per stack."""
   m = _LAYER.search(path)
   return path[:m.start() + (m.group(0).startswith("/"))] if m else ""
+
+
+def stacked(path: str) -> str:
+  """The name of a layered leaf's stack across layers ('encoder/layer_3/attn/q/kernel' ->
+  'encoder/layers/attn/q/kernel'); a leaf outside the layers is its own name."""
+  return _LAYER.sub(lambda m: m.group(0).replace(f"layer_{m.group(1)}", "layers"), path, count=1)
+
+
+def is_stacked(name: str) -> bool:
+  return _LAYERS.search(name) is not None
+
+
+def layer_groups(leaf_paths) -> dict[str, list[str]]:
+  """`{stack name: its leaves in layer order}`: the L per-layer copies of a leaf share one name;
+  a leaf outside the layers is a group of one under its own name."""
+  groups: dict[str, list[str]] = {}
+  for p in leaf_paths:
+    groups.setdefault(stacked(p), []).append(p)
+  return {k: sorted(g, key=lambda p: layer_of(p) or 0) for k, g in groups.items()}
+
+
+def stack_layers(flat: dict[str, Any]) -> dict[str, Any]:
+  """Per-layer leaves stacked on a new leading axis under their stack names (the rest as is).
+
+  Generators store per-layer parameters this way: one `[L, ...]` leaf per stack is one kernel
+  per operation (a batched product, one optimizer update) where per-layer leaves are L."""
+  return {k: jnp.stack([flat[p] for p in g]) if is_stacked(k) else flat[g[0]]
+          for k, g in layer_groups(flat).items()}
+
+
+def unstack_layers(flat: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of `stack_layers`: every leaf under a `layers` name split into its layers."""
+  out = {}
+  for k, x in flat.items():
+    if is_stacked(k):
+      out.update({_LAYERS.sub(lambda m: m.group(0).replace("layers", f"layer_{i}"), k, count=1): x[i]
+                  for i in range(x.shape[0])})
+    else:
+      out[k] = x
+  return out
 
 
 def with_layer(path: str, layer: int) -> str:
@@ -184,6 +225,8 @@ def space_of(path: str, role: str | None) -> str | None:
   layer = layer_of(path)
   if role in PER_LAYER_ROLES and layer is not None:
     return f"{role}/layer_{layer}"  # roles differ per stack, so names do not collide
+  if role in PER_LAYER_ROLES and is_stacked(path):
+    return f"{role}/layers"  # all the layers' spaces of that role, stacked
   return role
 
 
@@ -192,6 +235,19 @@ def project(x: jax.Array, maps: tuple[jax.Array | None, ...]) -> jax.Array:
   for axis, m in enumerate(maps):
     if m is not None:
       x = jnp.moveaxis(jnp.tensordot(x, m, axes=[[axis], [0]]), -1, axis)
+  return x
+
+
+def project_stacked(x: jax.Array, maps: tuple[jax.Array | None, ...]) -> jax.Array:
+  """`project` of L same-shaped tensors at once: `x [L, *shape]`; `maps[i]` contracts axis i of
+  every slice, either one `[d_t, d_s]` map shared by all L or one per slice, `[L, d_t, d_s]`
+  (a batched matrix product: one kernel where L separate products would be L)."""
+  n = x.ndim
+  for axis, m in enumerate(maps):
+    if m is not None:
+      out = list(range(n))
+      out[axis + 1] = n  # the student-side index replaces the teacher-side one in place
+      x = jnp.einsum(x, list(range(n)), m, ([0] if m.ndim == 3 else []) + [axis + 1, n], out)
   return x
 
 

@@ -47,8 +47,9 @@ from wdjax.generators.select import SelectionPlan
 GAIN = re.compile(r"(^|/)(ln|\w+_ln)/scale$")
 
 
-def xavier_normal(key, d_in: int, d_out: int) -> jax.Array:
-  return jax.random.normal(key, (d_in, d_out), jnp.float32) * np.sqrt(2.0 / (d_in + d_out))
+def xavier_normal(key, d_in: int, d_out: int, lead: tuple[int, ...] = ()) -> jax.Array:
+  """`[*lead, d_in, d_out]`: independent Xavier-normal `[d_in, d_out]` matrices."""
+  return jax.random.normal(key, (*lead, d_in, d_out), jnp.float32) * np.sqrt(2.0 / (d_in + d_out))
 
 
 class WeightSqueezing(Generator):

@@ -26,6 +26,15 @@ Modes:
 - `lean`: maps shared per space, as Weight Squeezing's `sharing="role"` (one map for the
   residual stream, one per layer for its attention and FFN spaces); Lambda, w, A, B stay per
   tensor. Far fewer parameters; not in the paper.
+
+Layout: the L student layers' copies of a leaf (`encoder/layer_0/mlp/up/kernel`, ...,
+`layer_{L-1}`) have one shape and one group size, so their parameters are stored stacked under
+the stack's name (`encoder/layers/mlp/up/kernel`: maps `[L, d_t, d_s]`, Lambda `[L, ts, ts]`,
+w `[L, ts]`, A and B `[L, *shape]`) and generated together: one batched product per map instead
+of L products, and L times fewer leaves for the optimizer. It is the same set of parameters as
+the paper's per-tensor ones (`flat_params` gives them one tensor at a time, by their per-tensor
+names); only the number of kernels per step changes (WD's overhead over plain KD is mostly
+kernel count: its generator's FLOPs are <1% of the step's).
 """
 
 from __future__ import annotations
@@ -58,80 +67,85 @@ class WeightDistillation(Generator):
                                         tuple(t_flat[sources[0]].shape) != self.plan.student_shapes[path]):
         raise ValueError(f"{path} is generated elementwise (prefix in {self.elementwise}), so it must "
                          "have its teacher leaf's shape and one teacher layer")
+    self.groups = paths.layer_groups(self.plan.sources)  # stack name -> its leaves, layer order
+    # every map: (d_teacher, d_student, L for one map per layer or 0 for one shared map)
+    self.map_specs: dict[str, tuple[int, int, int]] = {}
+    for key, group in self.groups.items():
+      for axis, role in enumerate(self.plan.roles[group[0]]):
+        if (name := self.space(key, axis)) is not None:
+          spec = (*self.plan.sizes[role], len(group) if paths.is_stacked(name) else 0)
+          if self.map_specs.setdefault(name, spec) != spec:
+            raise ValueError(f"map {name}: {spec} for {key}, elsewhere {self.map_specs[name]}")
 
   def is_elementwise(self, path: str) -> bool:
     """The reference's encoder: `A * tanh(W_t) + B` of the same-shaped teacher leaf, no maps."""
     return any(path.startswith(p) for p in self.elementwise)
 
-  def space(self, path: str, axis: int) -> str | None:
-    role = self.plan.roles[path][axis]
-    if role is None or self.is_elementwise(path):
-      return None
-    return f"{path}/axis_{axis}" if self.mode == "faithful" else paths.space_of(path, role)
-
   def is_output(self, path: str) -> bool:
     return any(path.startswith(p) for p in OUTPUT_LEAVES)
 
+  def space(self, key: str, axis: int) -> str | None:
+    """The map contracting `axis` of the leaves stacked under `key` (None: the axis is kept):
+    faithful, `<key>/axis_<a>` (per layer when `key` is a stack); lean, the space's map
+    (`attn/layers`: one per layer, stacked; `hidden`: one for the whole network)."""
+    role = self.plan.roles[self.groups[key][0]][axis]
+    if role is None or self.is_elementwise(key):
+      return None
+    return f"{key}/axis_{axis}" if self.mode == "faithful" else paths.space_of(key, role)
+
   def init(self, rng, teacher_params, spec):
     del spec
-    maps, mix, affine = {}, {}, {}
-    names = sorted({n for p, axes in self.plan.roles.items() for a in range(len(axes))
-                    if (n := self.space(p, a)) is not None})
-    keys = iter(jax.random.split(rng, len(names) + len(self.plan.sources)))
     identity = self.init_kind == "identity"
-    for name in names:
-      path, axis = self._example(name)
-      d_t, d_s = self.plan.sizes[self.plan.roles[path][axis]]
-      key = next(keys)
-      maps[name] = paths.selection_matrix(d_t, d_s) if identity else xavier_normal(key, d_t, d_s)
+    keys = iter(jax.random.split(rng, len(self.map_specs) + len(self.groups)))
+    maps, mix, affine = {}, {}, {}
+    for name, (d_t, d_s, n) in sorted(self.map_specs.items()):
+      key, lead = next(keys), (n,) if n else ()
+      maps[name] = (jnp.broadcast_to(paths.selection_matrix(d_t, d_s), (*lead, d_t, d_s)) if identity
+                    else xavier_normal(key, d_t, d_s, lead))
     selected = self.plan.apply(teacher_params) if identity else {}
-    for path, sources in self.plan.sources.items():
-      key = next(keys)
-      ts = len(sources)
-      if paths.layer_of(path) is not None and not self.is_elementwise(path):
+    for key, group in self.groups.items():
+      rng_key, n, ts = next(keys), len(group), len(self.plan.sources[group[0]])
+      lead = (n,) if paths.is_stacked(key) else ()
+      if paths.is_stacked(key) and not self.is_elementwise(key):
         if identity:  # c = Lambda w = one-hot on the group's last layer (every_k's choice)
-          mix[path] = {"lam": jnp.eye(ts, dtype=jnp.float32),
-                       "w": jnp.zeros((ts,), jnp.float32).at[-1].set(1.0)}
+          mix[key] = {"lam": jnp.broadcast_to(jnp.eye(ts, dtype=jnp.float32), (n, ts, ts)),
+                      "w": jnp.zeros((n, ts), jnp.float32).at[:, -1].set(1.0)}
         else:
-          mix[path] = {"lam": xavier_normal(key, ts, ts), "w": jnp.full((ts,), 1.0 / ts, jnp.float32)}
-      if not self.is_output(path):
-        shape = self.plan.student_shapes[path]
+          mix[key] = {"lam": xavier_normal(rng_key, ts, ts, (n,)), "w": jnp.full((n, ts), 1.0 / ts, jnp.float32)}
+      if not self.is_output(key):
+        shape = (*lead, *self.plan.student_shapes[group[0]])
         if identity:  # A * tanh(W_sel) = W_sel exactly: A = W_sel / tanh(W_sel) (1 where W_sel = 0)
-          w = selected[path]
+          w = jnp.stack([selected[p] for p in group]).reshape(shape)
           t = jnp.tanh(w)
           a = jnp.where(jnp.abs(t) > 1e-12, w / jnp.where(jnp.abs(t) > 1e-12, t, 1.0), 1.0)
         else:
           a = jnp.ones(shape, jnp.float32)
-        affine[path] = {"a": a, "b": jnp.zeros(shape, jnp.float32)}
+        affine[key] = {"a": a, "b": jnp.zeros(shape, jnp.float32)}
     gen = {"maps": maps, "mix": mix, "affine": affine}
     return {k: paths.unflatten(v) for k, v in gen.items()}, {}
-
-  def _example(self, name: str) -> tuple[str, int]:
-    for p, axes in self.plan.roles.items():
-      for a in range(len(axes)):
-        if self.space(p, a) == name:
-          return p, a
-    raise KeyError(name)
 
   def generate(self, gen_params, teacher_params, gen_state):
     del gen_state
     maps = paths.flatten(gen_params["maps"])
-    mix, affine = gen_params["mix"], gen_params["affine"]
     t_flat = paths.flatten(teacher_params)
     out = {}
-    for path, sources in self.plan.sources.items():
-      if paths.layer_of(path) is not None and not self.is_elementwise(path):
-        m = _lookup(mix, path)
-        c = m["lam"] @ m["w"]  # [ts]
-        x = sum(c[j] * t_flat[s] for j, s in enumerate(sources))  # mix layers first: cheap
+    for key, group in self.groups.items():
+      sources = [self.plan.sources[p] for p in group]  # [L][ts] teacher paths
+      if paths.is_stacked(key) and not self.is_elementwise(key):
+        m = _lookup(gen_params["mix"], key)
+        c = jnp.einsum("lij,lj->li", m["lam"], m["w"])  # [L, ts]
+        x = sum(c[:, j].reshape(-1, *(1,) * len(self.plan.student_shapes[group[0]]))
+                * jnp.stack([t_flat[s[j]] for s in sources])
+                for j in range(len(sources[0])))  # mix layers first: cheap
       else:
-        x = t_flat[sources[0]]
-      x = paths.project(x, tuple(None if (n := self.space(path, a)) is None else maps[n]
-                                 for a in range(x.ndim)))
-      if not self.is_output(path):
-        ab = _lookup(affine, path)
-        x = ab["a"] * jnp.tanh(x) + ab["b"]
-      out[path] = x
+        x = jnp.stack([t_flat[s[0]] for s in sources])  # [L, ...], or [1, ...] outside the layers
+      x = paths.project_stacked(x, tuple(None if (n := self.space(key, a)) is None else maps[n]
+                                         for a in range(x.ndim - 1)))
+      if not self.is_output(key):
+        ab = _lookup(gen_params["affine"], key)
+        a, b = (ab["a"], ab["b"]) if paths.is_stacked(key) else (ab["a"][None], ab["b"][None])
+        x = a * jnp.tanh(x) + b
+      out.update({p: x[i] for i, p in enumerate(group)})
     return paths.unflatten(out)
 
 
