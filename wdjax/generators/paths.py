@@ -141,13 +141,18 @@ def stack_layers(flat: dict[str, Any]) -> dict[str, Any]:
           for k, g in layer_groups(flat).items()}
 
 
+def layer_names(name: str, n_layers: int) -> list[str]:
+  """The per-layer names a stack name stands for ('attn/layers' -> 'attn/layer_0', ...)."""
+  return [_LAYERS.sub(lambda m: m.group(0).replace("layers", f"layer_{i}"), name, count=1)
+          for i in range(n_layers)]
+
+
 def unstack_layers(flat: dict[str, Any]) -> dict[str, Any]:
   """The inverse of `stack_layers`: every leaf under a `layers` name split into its layers."""
   out = {}
   for k, x in flat.items():
     if is_stacked(k):
-      out.update({_LAYERS.sub(lambda m: m.group(0).replace("layers", f"layer_{i}"), k, count=1): x[i]
-                  for i in range(x.shape[0])})
+      out.update(zip(layer_names(k, x.shape[0]), x))
     else:
       out[k] = x
   return out
@@ -249,6 +254,17 @@ def project_stacked(x: jax.Array, maps: tuple[jax.Array | None, ...]) -> jax.Arr
       out[axis + 1] = n  # the student-side index replaces the teacher-side one in place
       x = jnp.einsum(x, list(range(n)), m, ([0] if m.ndim == 3 else []) + [axis + 1, n], out)
   return x
+
+
+def stack_sources(t_flat: dict[str, jax.Array], sources: list[list[str]],
+                  weights: jax.Array | None = None) -> jax.Array:
+  """`[L, ...]`: for each of L student leaves, its teacher leaves `sources[l]` mixed with
+  `weights [L, ts]` (a learned layer mix), or without weights its first one."""
+  if weights is None:
+    return jnp.stack([t_flat[s[0]] for s in sources])
+  per_layer = lambda w: w.reshape(-1, *(1,) * t_flat[sources[0][0]].ndim)
+  return sum(per_layer(weights[:, j]) * jnp.stack([t_flat[s[j]] for s in sources])
+             for j in range(len(sources[0])))
 
 
 def selection_matrix(n_teacher: int, n_student: int, dtype=jnp.float32) -> jax.Array:

@@ -25,6 +25,10 @@ Initialisation: `identity` (the truncated identity of weight selection's indices
 Depth: a fixed layer map (`every_k` default), or `layer_mix="learned"`: each student leaf is a
 softmax-weighted mix of its teacher group (`contiguous` groups), initialised uniform.
 
+Layout: per-layer leaves (maps of per-layer spaces, W_m, gates, mixes) are stored stacked over
+the layers (`encoder/layers/...`, `attn/layers`: `paths.stack_layers`), and a stack's L tensors
+are contracted as one batched product; `flat_params` gives the per-layer view.
+
 Gated WS: `W_s = g * W_m + (1 - g) * (L W_t R)`, `g = sigmoid(theta)` per matrix (a scalar),
 per row (per output unit: the last axis of a Flax kernel) or per element; `W_m` is a trainable
 student-shaped model initialised by weight selection, `theta` at `gate_init` (3.0: g = 0.95, so
@@ -75,27 +79,35 @@ class WeightSqueezing(Generator):
     self.layer_mix, self.sharing, self.init_kind = layer_mix, sharing, init
     self.gated, self.gate, self.gate_init, self.pca = gated, gate, gate_init, pca
     self.name = "gws" if gated else "ws"
+    self.groups = paths.layer_groups(self.plan.sources)  # stack name -> its leaves, layer order
 
   # --- which map contracts which axis -------------------------------------------------------
 
-  def role_space(self, path: str, axis: int) -> str | None:
-    return paths.space_of(path, self.plan.roles[path][axis])
-
-  def space(self, path: str, axis: int) -> str | None:
-    """Name of the map that contracts `axis` of student leaf `path`."""
-    if self.plan.roles[path][axis] is None:
+  def space(self, key: str, axis: int) -> str | None:
+    """Name of the map that contracts `axis` of the leaves stacked under `key` (a stack name,
+    `paths.layer_groups`): per tensor (`<key>/axis_<a>`, one per layer when `key` is a stack)
+    or per space (`hidden`: one for the network; `attn/layers`: each layer's own, stacked)."""
+    role = self.plan.roles[self.groups[key][0]][axis]
+    if role is None:
       return None
-    return f"{path}/axis_{axis}" if self.sharing == "tensor" else self.role_space(path, axis)
+    return f"{key}/axis_{axis}" if self.sharing == "tensor" else paths.space_of(key, role)
 
-  def _spaces(self) -> dict[str, tuple[int, int, str]]:
-    """{map name: (d_teacher, d_student, the space it maps)}."""
+  def _spaces(self) -> dict[str, tuple[int, int, int, str]]:
+    """{map name: (d_teacher, d_student, L for a stack of per-layer maps or 0, its space)}."""
     out = {}
-    for path, axes in self.plan.roles.items():
-      for axis, role in enumerate(axes):
-        name = self.space(path, axis)
-        if name is not None:
-          out[name] = (*self.plan.sizes[role], self.role_space(path, axis))
+    for key, group in self.groups.items():
+      for axis, role in enumerate(self.plan.roles[group[0]]):
+        if (name := self.space(key, axis)) is not None:
+          out[name] = (*self.plan.sizes[role], len(group) if paths.is_stacked(name) else 0,
+                       paths.space_of(key, role))
     return out
+
+  def _pca_map(self, space: str, n: int) -> jax.Array:
+    """The PCA basis of `space` (`pca_maps` names each layer's space), `[n, ...]` when n > 0."""
+    if paths.is_stacked(space):
+      return jnp.stack([jnp.asarray(self.pca[s], jnp.float32) for s in paths.layer_names(space, n)])
+    m = jnp.asarray(self.pca[space], jnp.float32)
+    return jnp.broadcast_to(m, (n, *m.shape)) if n else m
 
   # --- the contract ---------------------------------------------------------------------------
 
@@ -103,52 +115,51 @@ class WeightSqueezing(Generator):
     spaces = self._spaces()
     keys = dict(zip(sorted(spaces), jax.random.split(rng, max(len(spaces), 1))))
     maps = {}
-    for name, (d_t, d_s, space) in spaces.items():
+    for name, (d_t, d_s, n, space) in spaces.items():
+      lead = (n,) if n else ()
       if self.init_kind == "identity":
-        maps[name] = paths.selection_matrix(d_t, d_s)
+        maps[name] = jnp.broadcast_to(paths.selection_matrix(d_t, d_s), (*lead, d_t, d_s))
       elif self.init_kind == "xavier":
-        maps[name] = xavier_normal(keys[name], d_t, d_s)
+        maps[name] = xavier_normal(keys[name], d_t, d_s, lead)
       else:
-        maps[name] = jnp.asarray(self.pca[space], jnp.float32)
+        maps[name] = self._pca_map(space, n)
     gen = {"maps": maps}
     if self.layer_mix == "learned":
-      gen["mix"] = {p: jnp.zeros((len(s),), jnp.float32) for p, s in self.plan.sources.items()
-                    if len(s) > 1}
+      gen["mix"] = {k: jnp.zeros((len(g), len(self.plan.sources[g[0]])), jnp.float32)
+                    for k, g in self.groups.items() if len(self.plan.sources[g[0]]) > 1}
     if self.gated:
       selected = self.plan.apply(teacher_params)  # W_m starts as the weight-selection student
-      gen["student"] = selected
-      gen["gate"] = {p: jnp.full(self._gate_shape(x.shape), self.gate_init, jnp.float32)
-                     for p, x in selected.items()}
-    # Nested trees (no '/' inside keys), so checkpoints and sharding rules see ordinary paths.
+      gen["student"] = paths.stack_layers(selected)
+      gen["gate"] = paths.stack_layers({p: jnp.full(self._gate_shape(x.shape), self.gate_init, jnp.float32)
+                                        for p, x in selected.items()})
+    # Nested trees (no '/' inside keys), so checkpoints and sharding rules see ordinary paths;
+    # per-layer leaves stacked over the layers (`paths.stack_layers`: one batched product and
+    # one optimizer update per stack, not per layer; `flat_params` gives the per-layer view).
     return {k: paths.unflatten(v) for k, v in gen.items()}, {}
 
   def _gate_shape(self, shape):
     return () if self.gate == "matrix" else shape[-1:] if self.gate == "row" else shape
 
-  def mapped(self, gen_params, teacher_params) -> dict[str, jax.Array]:
-    """`L W_t R` for every student leaf (flat dict)."""
-    gen_params = {k: paths.flatten(v) for k, v in gen_params.items()}
+  def generate(self, gen_params, teacher_params, gen_state):
+    """Per stack: the teacher leaves of its layers stacked (or softmax-mixed over each group),
+    contracted with their maps at once, then gated with the own model; split into layers."""
+    del gen_state
+    flat = {k: paths.flatten(v) for k, v in gen_params.items()}
     t_flat = paths.flatten(teacher_params)
     out = {}
-    for path, sources in self.plan.sources.items():
-      if self.layer_mix == "learned" and len(sources) > 1:
-        w = jax.nn.softmax(gen_params["mix"][path])
-        x = sum(w[i] * t_flat[s] for i, s in enumerate(sources))
-      else:
-        x = t_flat[sources[0]]
-      maps = tuple(None if (n := self.space(path, a)) is None else gen_params["maps"][n]
-                   for a in range(x.ndim))
-      if GAIN.search(path):  # a LayerNorm gain is a diagonal operator: diag(M^T diag(g) M)
+    for key, group in self.groups.items():
+      sources = [self.plan.sources[p] for p in group]  # [L][ts]
+      mix = flat.get("mix", {}).get(key)
+      x = paths.stack_sources(t_flat, sources, None if mix is None else jax.nn.softmax(mix, axis=-1))
+      maps = tuple(None if (n := self.space(key, a)) is None else flat["maps"][n] for a in range(x.ndim - 1))
+      if GAIN.search(key):  # a LayerNorm gain is a diagonal operator: diag(M^T diag(g) M)
         maps = tuple(None if m is None else m * m for m in maps)
-      out[path] = paths.project(x, maps)
-    return out
-
-  def generate(self, gen_params, teacher_params, gen_state):
-    del gen_state
-    mapped = self.mapped(gen_params, teacher_params)
-    if self.gated:
-      gate, own = paths.flatten(gen_params["gate"]), paths.flatten(gen_params["student"])
-      for p, x in mapped.items():
-        g = jax.nn.sigmoid(gate[p])
-        mapped[p] = g * own[p] + (1.0 - g) * x
-    return paths.unflatten(mapped)
+      x = paths.project_stacked(x, maps)
+      if self.gated:
+        g, own = jax.nn.sigmoid(flat["gate"][key]), flat["student"][key]
+        if not paths.is_stacked(key):
+          g, own = g[None], own[None]
+        g = g.reshape(g.shape[0], *(1,) * (x.ndim - g.ndim), *g.shape[1:])  # [L, 1.., gate shape]
+        x = g * own + (1.0 - g) * x
+      out.update(zip(group, x))
+    return paths.unflatten(out)

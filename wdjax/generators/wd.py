@@ -131,21 +131,18 @@ class WeightDistillation(Generator):
     out = {}
     for key, group in self.groups.items():
       sources = [self.plan.sources[p] for p in group]  # [L][ts] teacher paths
+      c = None  # outside the layers (or elementwise): the one teacher leaf, as [1, ...]
       if paths.is_stacked(key) and not self.is_elementwise(key):
         m = _lookup(gen_params["mix"], key)
         c = jnp.einsum("lij,lj->li", m["lam"], m["w"])  # [L, ts]
-        x = sum(c[:, j].reshape(-1, *(1,) * len(self.plan.student_shapes[group[0]]))
-                * jnp.stack([t_flat[s[j]] for s in sources])
-                for j in range(len(sources[0])))  # mix layers first: cheap
-      else:
-        x = jnp.stack([t_flat[s[0]] for s in sources])  # [L, ...], or [1, ...] outside the layers
+      x = paths.stack_sources(t_flat, sources, c)  # mix layers first: cheap
       x = paths.project_stacked(x, tuple(None if (n := self.space(key, a)) is None else maps[n]
                                          for a in range(x.ndim - 1)))
       if not self.is_output(key):
         ab = _lookup(gen_params["affine"], key)
         a, b = (ab["a"], ab["b"]) if paths.is_stacked(key) else (ab["a"][None], ab["b"][None])
         x = a * jnp.tanh(x) + b
-      out.update({p: x[i] for i, p in enumerate(group)})
+      out.update(zip(group, x))
     return paths.unflatten(out)
 
 
