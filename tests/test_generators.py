@@ -70,6 +70,30 @@ def test_layer_maps():
     paths.layer_map("contiguous", 6, 4)
 
 
+def test_layer_stacks_round_trip_and_batched_projection_equals_per_layer():
+  """Generators store per-layer leaves stacked ([L, ...] under `.../layers/...`): the round trip
+  is exact, names are in layer order (layer_10 after layer_2), and one batched product with
+  per-layer and shared maps equals L separate products."""
+  rng = np.random.default_rng(0)
+  flat = {f"encoder/layer_{l}/mlp/up/kernel": rng.normal(size=(8, 12)).astype(np.float32) for l in (0, 2, 10, 1)}
+  flat["encoder/embeddings/word/embedding"] = rng.normal(size=(5, 8))
+  stacked = paths.stack_layers(flat)
+  assert set(stacked) == {"encoder/layers/mlp/up/kernel", "encoder/embeddings/word/embedding"}
+  assert stacked["encoder/layers/mlp/up/kernel"].shape == (4, 8, 12)
+  np.testing.assert_array_equal(stacked["encoder/layers/mlp/up/kernel"][3], flat["encoder/layer_10/mlp/up/kernel"])
+  back = paths.unstack_layers(stacked)  # the 4 layers come back as layer_0..layer_3
+  np.testing.assert_array_equal(back["encoder/layer_2/mlp/up/kernel"], flat["encoder/layer_2/mlp/up/kernel"])
+  assert paths.layer_names("ffn/layers", 2) == ["ffn/layer_0", "ffn/layer_1"]
+  assert paths.space_of("encoder/layers/mlp/up/kernel", "ffn") == "ffn/layers"
+  assert paths.space_of("encoder/layers/mlp/up/kernel", "hidden") == "hidden"
+  x = jnp.asarray(stacked["encoder/layers/mlp/up/kernel"], jnp.float32)
+  shared, per_layer = jnp.asarray(rng.normal(size=(8, 3))), jnp.asarray(rng.normal(size=(4, 12, 5)))
+  got = paths.project_stacked(x, (shared, per_layer))
+  assert got.shape == (4, 3, 5)
+  for l in range(4):
+    np.testing.assert_allclose(got[l], paths.project(x[l], (shared, per_layer[l])), rtol=1e-5, atol=1e-5)
+
+
 def test_selection_is_a_consistent_slice_of_the_teacher(setup):
   _, t_params, _, init = setup
   s = paths.flatten(generators.select(t_params, init))
