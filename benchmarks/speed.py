@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -68,7 +69,7 @@ PRESETS = {
     "overhead": dict(teacher=dict(vocab_size=2000, hidden_size=64, num_layers=12, num_heads=4,
                                   intermediate_size=256, max_position_embeddings=64),
                      student=dict(num_layers=6, hidden_size=32, num_heads=4, intermediate_size=128),
-                     seq=32, batches=(8,), dtype="float32", steps=20, warmup=3),
+                     seq=32, batches=(8,), dtype="float32", steps=60, warmup=5),
 }
 METHODS = ("kd", "ws", "gws", "wd", "wid", "opdf")
 KD = dict(temperature=2.0, alpha=0.9)
@@ -180,6 +181,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
   t0 = time.perf_counter()  # compiled ahead, so the memory analysis costs no second compile
   jitted = jax.jit(step, donate_argnums=0).lower(state, t_params, batches[0]).compile()
   lower_s = time.perf_counter() - t0
+  kernels = hlo_kernels(jitted.as_text())
   mem = jitted.memory_analysis()
   peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
@@ -194,7 +196,14 @@ def wdjax_step(method, preset, batch, handwritten=False):
     with jax.profiler.trace(preset["trace_dir"]):
       for i in range(5):
         jax.block_until_ready(run(i))
-  return median, lower_s + compile_s, gen_flops, peak
+  return median, lower_s + compile_s, gen_flops, peak, kernels
+
+
+def hlo_kernels(hlo_text: str) -> int:
+  """Kernels one step launches (at most: both branches of a cond are counted): the fusions,
+  library calls (matmuls, cuDNN) and unfused matmuls of the compiled module. On a GPU each costs
+  microseconds however small, which is what per-layer leaves multiply."""
+  return len(re.findall(r"^\s*\S+ = \S+ (?:fusion|custom-call|dot|convolution)\(", hlo_text, re.M))
 
 
 def torch_step(method, preset, batch, compiled):
@@ -245,7 +254,7 @@ def torch_step(method, preset, batch, compiled):
     torch.cuda.reset_peak_memory_stats()
   median, compile_s = _time(run, preset["steps"], preset["warmup"], sync)
   peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-  return median, compile_s, None, peak
+  return median, compile_s, None, peak, None
 
 
 def kd_parts(preset, batch):
@@ -361,7 +370,7 @@ def main(argv=None) -> int:
       flops_of[method] = (t_m, g_m.training_config(s_m))  # WID trains at the teacher's width
     flops = step_flops(*flops_of[method], tokens, preset["seq"])["total"]
     try:
-      median, compile_s, g_flops, peak = run_job(method, batch, impl, preset, args.trace)
+      median, compile_s, g_flops, peak, kernels = run_job(method, batch, impl, preset, args.trace)
     except Exception as e:  # one implementation failing must not lose the other rows
       print(f"{method} {impl} {tokens}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       skipped.append([method, batch, impl, f"{type(e).__name__}: {str(e)[:300]}"])
@@ -376,7 +385,7 @@ def main(argv=None) -> int:
            "attention": attention_of(impl, preset), "run": args.tag or "run", "tokens_per_step": tokens,
            "step_ms": 1e3 * median,
            "tokens_per_s": tokens / median, "compile_s": compile_s, "peak_bytes": peak,
-           "flops_per_step": flops + gen_flops}
+           "flops_per_step": flops + gen_flops, "hlo_kernels": kernels}
     if device.platform in PEAK_FLOPS:
       row["mfu"] = (flops + gen_flops) / median / PEAK_FLOPS[device.platform]
     rows.append(row)
@@ -402,17 +411,25 @@ def table(rows, info) -> str:
            f"student {info['student']['num_layers']}x{info['student']['hidden_size']}, seq {info['seq']}, "
            f"{info['dtype']}; {info['device']} (jax {info['jax']}), torch {info['torch']} on {info['torch_device']}. "
            "Ratios compare rows of the same run.",
+           "Step / KD: a wdjax row's time over the same run's wdjax KD row at that batch (the "
+           "generator's overhead); kernels: fusions and library calls in the compiled step.",
            "", "| method | tokens/step | impl | attention | run | step (ms) | tokens/s | vs torch-compile | "
-           "vs torch-eager | MFU | peak mem | compile (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  ref = {(r.get("run"), r["method"], r["tokens_per_step"], r["impl"]): r["step_ms"] for r in rows}
+           "vs torch-eager | step / KD | kernels | MFU | peak mem | compile (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  ref = {(r.get("run"), r["method"], r["tokens_per_step"], r["impl"], r.get("attention")): r["step_ms"]
+         for r in rows}
+  ref.update({k[:4]: v for k, v in ref.items()})  # any attention, when a run has one of the impl
   for r in rows:
     key = (r.get("run"), r["method"], r["tokens_per_step"])
     vs = lambda impl: f"{ref[(*key, impl)] / r['step_ms']:.2f}x" if (*key, impl) in ref else "-"
+    kd = (r.get("run"), "kd", r["tokens_per_step"], "wdjax", r.get("attention"))
+    over = f"{r['step_ms'] / ref[kd]:.2f}x" if r["impl"] == "wdjax" and kd in ref else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
     mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a"
     lines.append(f"| {r['method']} | {r['tokens_per_step']} | {r['impl']} | {r.get('attention', '-')} | "
                  f"{r.get('run', '-')} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {vs('torch-compile')} | "
-                 f"{vs('torch-eager')} | {mfu} | {mem} | {r['compile_s']:.1f} |")
+                 f"{vs('torch-eager')} | {over} | {r.get('hlo_kernels') or '-'} | {mfu} | {mem} | "
+                 f"{r['compile_s']:.1f} |")
   return "\n".join(lines)
 
 
