@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 import pytest
 from flax import nnx
 
@@ -86,6 +87,15 @@ def test_sharded_step_equals_single_device_step(kd_setup):
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
   # the step moved the student: equality is not trivially true
   assert not tree_allclose(one["params"], kd_setup[2])
+
+
+def test_tensor_parallel_rules_shard_each_layer_of_a_stacked_leaf():
+  mesh = mesh_lib.make_mesh(4, 2)
+  tree = {"student": {"encoder": {"layers": {"attn": {"q": {"kernel": np.zeros((3, 8, 8), np.float32)}}},
+                                  "layer_0": {"mlp": {"down": {"kernel": np.zeros((8, 4), np.float32)}}}}}}
+  sh = mesh_lib.param_shardings(tree, mesh)
+  assert sh["student"]["encoder"]["layers"]["attn"]["q"]["kernel"].spec == P(None, None, "model")
+  assert sh["student"]["encoder"]["layer_0"]["mlp"]["down"]["kernel"].spec == P("model", None)
 
 
 def test_teacher_is_neither_donated_nor_changed(kd_setup):

@@ -54,7 +54,11 @@ def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> P:
   spec = [None] * len(shape)
   if mesh.shape["model"] > 1:
     for pattern, rule in MODEL_RULES:
-      if re.search(pattern, path) and len(rule) == len(shape):
+      # generators store per-layer leaves stacked over the layers ('.../layers/...', [L, ...]):
+      # the rule applies to each layer's slice, the layer axis stays whole
+      lead = len(shape) - len(rule)
+      if re.search(pattern, path) and (lead == 0 or (lead == 1 and re.search(r"(^|/)layers/", path))):
+        rule = (None,) * lead + tuple(rule)
         spec = [a if a is None or shape[i] % mesh.shape["model"] == 0 else None
                 for i, a in enumerate(rule)]
         break
