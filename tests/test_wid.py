@@ -133,24 +133,24 @@ def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
   grads = jax.tree_util.tree_map(jnp.ones_like, gp)
   # Before the first boundary: plain L2 (g + C) on every compactor, weights untouched.
   out, _ = tx.update(grads, tx.init(gp), gp, gen_state=gs)
-  c = paths.flatten(out["compactors"])["encoder/layer_0/attn/q/kernel/col"]
+  c = gen.flat_params(out)["compactors/encoder/layer_0/attn/q/kernel/col"]
   np.testing.assert_array_equal(c, 1.0 + np.eye(48))
   gs = gen.update_state(gp, gs, jnp.asarray(16))
-  keep = paths.flatten(gen.keep_tree(gp, paths.flatten(gs["masks"]))["compactors"])
-  rows = [np.asarray(keep[f"encoder/layer_1/attn/{m}/kernel/row"]) for m in "qkv"]
+  keep = gen.flat_params(gen.keep_tree(gp, paths.flatten(gs["masks"])))  # per layer
+  rows = [np.asarray(keep[f"compactors/encoder/layer_1/attn/{m}/kernel/row"]) for m in "qkv"]
   assert all(np.array_equal(rows[0], r) for r in rows[1:])
   np.testing.assert_array_equal(rows[0][0], paths.flatten(gs["masks"])["attn/layer_1"])
   out, _ = tx.update(grads, tx.init(gp), gp, gen_state=gs)
-  q = np.asarray(paths.flatten(out["compactors"])["encoder/layer_1/attn/q/kernel/row"])
-  p = np.asarray(paths.flatten(gp["compactors"])["encoder/layer_1/attn/q/kernel/row"])
+  q = np.asarray(gen.flat_params(out)["compactors/encoder/layer_1/attn/q/kernel/row"])
+  p = np.asarray(gen.flat_params(gp)["compactors/encoder/layer_1/attn/q/kernel/row"])
   masked = rows[0][0] == 0
   np.testing.assert_array_equal(q[:, masked], 20.0 * p[:, masked])
   np.testing.assert_array_equal(q[:, ~masked], 1.0)
-  ln = np.asarray(paths.flatten(out["weights"])["encoder/layer_0/mlp_ln/scale"])
+  ln = np.asarray(gen.flat_params(out)["weights/encoder/layer_0/mlp_ln/scale"])
   hidden = np.asarray(paths.flatten(gs["masks"])["hidden"])
   np.testing.assert_array_equal(ln[hidden == 1], 1.0)
   np.testing.assert_array_equal(ln[hidden == 0], 20.0 * np.asarray(
-      paths.flatten(gp["weights"])["encoder/layer_0/mlp_ln/scale"])[hidden == 0])
+      gen.flat_params(gp)["weights/encoder/layer_0/mlp_ln/scale"])[hidden == 0])
 
 
 def _surgery_only(tx, params, gen_state, steps):
@@ -181,8 +181,8 @@ def test_momentum_surgery_drives_masked_entries_to_zero_much_faster_than_clean()
     trained = _surgery_only(tx, gp, gs, steps=100)
     name = "encoder/layer_1/attn/q/kernel/row"
     masked = np.asarray(paths.flatten(gs["masks"])["attn/layer_1"]) == 0
-    before = np.asarray(paths.flatten(gp["compactors"])[name])
-    after = np.asarray(paths.flatten(trained["compactors"])[name])
+    before = np.asarray(gen.flat_params(gp)["compactors/" + name])
+    after = np.asarray(gen.flat_params(trained)["compactors/" + name])
     np.testing.assert_array_equal(after[:, ~masked], before[:, ~masked])
     largest[surgery] = np.abs(after[:, masked]).max()
   assert largest["clean"] > 0.85  # identity diagonal 1 -> ~0.9 after 100 steps of 1e-3

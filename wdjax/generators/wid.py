@@ -155,30 +155,35 @@ class WeightInherited(Generator):
       if s_out:
         comp[p + "/row"] = jnp.eye(d_out, dtype=jnp.float32)
     masks = {s: jnp.ones((self.space_size(s)[0],), jnp.float32) for s in self.spaces}
-    return ({"weights": paths.unflatten(weights), "compactors": paths.unflatten(comp)},
+    # weights and compactors stacked over the layers (`encoder/layers/...`, [L, ...]): a stack's
+    # L products are one batched product and one optimizer update; the masks stay per layer
+    stack = lambda flat: paths.unflatten(paths.stack_layers(flat))
+    return ({"weights": stack(weights), "compactors": stack(comp)},
             {"masks": paths.unflatten(masks), "active": jnp.zeros((), jnp.float32)})
 
   def _flat(self, gen_params):
-    return paths.flatten(gen_params["weights"]), paths.flatten(gen_params["compactors"])
+    """Weights and compactors, flat and per layer (slices of the stacked storage)."""
+    return (paths.unstack_layers(paths.flatten(gen_params["weights"])),
+            paths.unstack_layers(paths.flatten(gen_params["compactors"])))
 
   def generate(self, gen_params, teacher_params, gen_state):
-    """The teacher-width training network `{C K R, b R, E R_emb, ...}`."""
+    """The teacher-width training network `{C K R, b R, E R_emb, ...}` (per stack: batched)."""
     del teacher_params, gen_state
-    w, c = self._flat(gen_params)
+    w, c = paths.flatten(gen_params["weights"]), paths.flatten(gen_params["compactors"])
     out = {}
     for p, x in w.items():
       base = p.rsplit("/", 1)[0]
-      if p in self.compacted:
+      if p.endswith("/kernel"):
         if p + "/col" in c:
-          x = c[p + "/col"] @ x
+          x = c[p + "/col"] @ x  # [..., in, in] @ [..., in, out]
         if p + "/row" in c:
           x = x @ c[p + "/row"]
       elif p.endswith("/bias") and base + "/kernel/row" in c:
-        x = x @ c[base + "/kernel/row"]
+        x = jnp.einsum("...i,...ij->...j", x, c[base + "/kernel/row"])
       elif _is_embedding_table(p):
         x = x @ c["embeddings"]
       out[p] = x
-    return paths.unflatten(out)
+    return paths.unflatten(paths.unstack_layers(out))
 
   def model_kwargs(self, gen_state) -> dict:
     return {"hidden_keep": gen_state["masks"]["hidden"]}
@@ -192,7 +197,7 @@ class WeightInherited(Generator):
 
   def unit_norms(self, gen_params) -> dict[str, jax.Array]:
     """Per-unit L2 norm of each space's ranking compactor (its rows: one per input unit)."""
-    c = paths.flatten(gen_params["compactors"])
+    c = self._flat(gen_params)[1]
     return {s: jnp.linalg.norm(c[f"{p}/{side}"], axis=1) for s, (p, side) in self.norm_source.items()}
 
   def dropped(self, space: str, k: jax.Array, step: jax.Array) -> jax.Array:
@@ -289,7 +294,19 @@ class WeightInherited(Generator):
         kc[p] = masks[self.compacted[kernel][0]][:, None]
       else:
         kc[p] = masks[self.compacted[kernel][1]][None, :]
-    return {"weights": paths.unflatten(kw), "compactors": paths.unflatten(kc)}
+
+    def like_storage(keep: dict, stored: Params) -> Params:
+      """Per-layer keeps stacked as the leaves are ([L, 1.., ...]: broadcastable to each)."""
+      flat = paths.flatten(stored)
+      out = {}
+      for k, v in paths.stack_layers(keep).items():
+        if paths.is_stacked(k):
+          v = v.reshape(v.shape[0], *(1,) * (np.ndim(flat[k]) - v.ndim), *v.shape[1:])
+        out[k] = v
+      return paths.unflatten(out)
+
+    return {"weights": like_storage(kw, gen_params_like["weights"]),
+            "compactors": like_storage(kc, gen_params_like["compactors"])}
 
   def gradient_transform(self, gen_state) -> optax.GradientTransformationExtraArgs:
     """Masked entries' task gradient replaced by a penalty once masks exist; `g + C` on every
