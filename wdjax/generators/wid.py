@@ -40,6 +40,10 @@ the target width. In `dim` mode the student's heads are narrower, so the attenti
 bias so the student computes what the training network did (the reference converter leaves it
 out, §3.5).
 
+Layout: the weights and compactors of the L layers are stored stacked (`encoder/layers/...`,
+`[L, ...]`), so a stack's L products are one batched product and one optimizer update; masks
+(state) stay per layer, and `flat_params` / `keep_tree` map between the two.
+
 Depth: WID keeps the teacher's depth; a shallower student takes its layers from the teacher by
 a layer map first (`every_k` by default; an extension, as in weight selection).
 """
