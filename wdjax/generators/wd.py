@@ -131,7 +131,7 @@ class WeightDistillation(Generator):
     out = {}
     for key, group in self.groups.items():
       sources = [self.plan.sources[p] for p in group]  # [L][ts] teacher paths
-      c = None  # outside the layers (or elementwise): the one teacher leaf, as [1, ...]
+      c = None  # no mix: each leaf's one teacher leaf (stacked as [1, ...] outside the layers)
       if paths.is_stacked(key) and not self.is_elementwise(key):
         m = _lookup(gen_params["mix"], key)
         c = jnp.einsum("lij,lj->li", m["lam"], m["w"])  # [L, ts]
