@@ -221,3 +221,15 @@ def test_pca_maps_are_orthonormal_and_deterministic(setup, tiny):
     np.testing.assert_array_equal(m, b[k])
     np.testing.assert_allclose(m.T @ m, np.eye(m.shape[1]), atol=1e-4)
   assert a["ffn/layer_0"].shape == (1536, 384)
+  # WS starts from them: each layer's space gets its own basis (stored stacked), per space or per tensor
+  _, _, s_cfg, init = setup
+  for sharing in ("role", "tensor"):
+    gen = generators.make("ws", init, t_params, init="pca", pca=a, sharing=sharing)
+    flat = gen.flat_params(gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))[0])
+    if sharing == "role":
+      assert {k[len("maps/"):] for k in flat} == set(a)
+      for k, m in a.items():
+        np.testing.assert_allclose(flat[f"maps/{k}"], m, rtol=1e-6, err_msg=k)
+    else:
+      np.testing.assert_allclose(flat["maps/encoder/layer_1/mlp/up/kernel/axis_1"], a["ffn/layer_1"], rtol=1e-6)
+      np.testing.assert_allclose(flat["maps/encoder/layer_0/mlp/up/kernel/axis_0"], a["hidden"], rtol=1e-6)
