@@ -92,11 +92,10 @@ class MatrixProductOperator(Generator):
     del teacher_params, gen_state
     out = paths.flatten(gen_params["dense"])
     cores = paths.flatten(gen_params["cores"])
-    for key, group in paths.layer_groups(self.factors).items():
+    for key in paths.layer_groups(self.factors):  # DECOMPOSED kernels are all per layer
       chain = [cores[f"{key}/core_{k}"] for k in range(self.n_cores)]
-      # W [out, in] per matrix; Flax kernels are [in, out]
-      out[key] = (jnp.swapaxes(jax.vmap(contract)(chain), -1, -2) if paths.is_stacked(key)
-                  else contract(chain).T)
+      # W [out, in] per layer's matrix; Flax kernels are [in, out]
+      out[key] = jnp.swapaxes(jax.vmap(contract)(chain), -1, -2)
     return paths.unflatten(paths.unstack_layers(out))
 
   def aux_loss(self, gen_params, teacher_params, gen_state):

@@ -288,7 +288,9 @@ class WeightInherited(Generator):
     kw = {}
     for p, x in w.items():
       r = paths.roles(p, np.ndim(x))
-      kw[p] = masks[paths.space_of(p, r[0])] if np.ndim(x) == 1 and r[0] else jnp.ones((), jnp.float32)
+      # ones of the leaf's rank: stacked over layers, still broadcastable to the stacked leaf
+      kw[p] = (masks[paths.space_of(p, r[0])] if np.ndim(x) == 1 and r[0]
+               else jnp.ones((1,) * np.ndim(x), jnp.float32))
     kc = {}
     for p in c:
       kernel, side = p.rsplit("/", 1) if p != "embeddings" else ("embeddings", "row")
@@ -298,19 +300,9 @@ class WeightInherited(Generator):
         kc[p] = masks[self.compacted[kernel][0]][:, None]
       else:
         kc[p] = masks[self.compacted[kernel][1]][None, :]
-
-    def like_storage(keep: dict, stored: Params) -> Params:
-      """Per-layer keeps stacked as the leaves are ([L, 1.., ...]: broadcastable to each)."""
-      flat = paths.flatten(stored)
-      out = {}
-      for k, v in paths.stack_layers(keep).items():
-        if paths.is_stacked(k):
-          v = v.reshape(v.shape[0], *(1,) * (np.ndim(flat[k]) - v.ndim), *v.shape[1:])
-        out[k] = v
-      return paths.unflatten(out)
-
-    return {"weights": like_storage(kw, gen_params_like["weights"]),
-            "compactors": like_storage(kc, gen_params_like["compactors"])}
+    # stacked as the leaves are: every keep has its per-layer leaf's rank, so [L, ...] broadcasts
+    stack = lambda keep: paths.unflatten(paths.stack_layers(keep))
+    return {"weights": stack(kw), "compactors": stack(kc)}
 
   def gradient_transform(self, gen_state) -> optax.GradientTransformationExtraArgs:
     """Masked entries' task gradient replaced by a penalty once masks exist; `g + C` on every
