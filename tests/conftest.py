@@ -17,9 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from wdjax import assets
+from wdjax import assets, xla_cache
 from wdjax.config import (CheckpointConfig, Config, DataConfig, KDConfig, LogConfig, MeshConfig,
                           OptimConfig, StudentConfig, TeacherConfig, TrainConfig)
+
+# As a user's runs do (`Config.compilation_cache`): the xdist workers and the CLI, notebook and
+# multi-process runs the tests start share compiled programs (a clean CI run: ~20% faster).
+xla_cache.enable()
 
 
 @pytest.fixture(scope="session")

@@ -184,6 +184,7 @@ class Config:
   workdir: str = "runs/default"  # everything a run writes goes here; rerunning resumes
   seed: int = 0  # seeds parameter init, data order and dropout
   cache_dir: str = ""  # asset cache ("" = $WDJAX_CACHE or ~/.cache/wdjax)
+  compilation_cache: bool = True  # keep compiled XLA programs in <cache_dir>/xla: reruns skip compiling
   distributed: bool = False  # call jax.distributed.initialize() (multi-host)
   teacher: TeacherConfig = TeacherConfig()
   student: StudentConfig = StudentConfig()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wdjax import assets, config as config_lib, distributed
+from wdjax import assets, config as config_lib, distributed, xla_cache
 from wdjax.config import Config, TrainConfig
 from wdjax.data import mlm, pipeline, tasks
 from wdjax.data.mlm import MlmMasking
@@ -307,7 +307,7 @@ def teacher_train_logits(cfg: Config, teacher: Model, task: tasks.Task, compute,
 def finetune(cfg: Config, log=distributed.log, export_only: bool = False) -> dict:
   """Fine-tune the pretrained `teacher.model` on the task (translation: train the teacher from
   scratch); writes `<workdir>/finetune/model`."""
-  _init_distributed(cfg)
+  _start(cfg)
   if cfg.data.dataset == "bible":
     from wdjax.train import translate
     return translate.train_teacher(cfg, log, export_only)
@@ -331,7 +331,7 @@ def finetune(cfg: Config, log=distributed.log, export_only: bool = False) -> dic
 
 def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
   """Distil the task teacher into the student with `method`; writes `<workdir>/<phase>/model`."""
-  _init_distributed(cfg)
+  _start(cfg)
   if cfg.data.dataset == "bible":
     from wdjax.train import translate
     return translate.distill(cfg, phase, log, export_only)
@@ -509,7 +509,7 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config,
 
 def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
   """Accuracy of an exported HF model directory on the config's data (translation: BLEU)."""
-  _init_distributed(cfg)
+  _start(cfg)
   if cfg.data.dataset == "bible":
     from wdjax.train import translate
     return translate.evaluate(cfg, model_dir, splits)
@@ -526,6 +526,9 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
   return {split: predictor.scores(params, task.split(split))["accuracy"] for split in splits}
 
 
-def _init_distributed(cfg: Config) -> None:
+def _start(cfg: Config) -> None:
+  """Before any JAX computation: join the other processes; turn on the compilation cache."""
   if cfg.distributed:
     distributed.initialize()
+  if cfg.compilation_cache:
+    xla_cache.enable(cfg.cache_dir)
