@@ -90,8 +90,10 @@ def _batch(preset, batch, seed):
 
 
 def _time(run, steps, warmup, sync):
+  """Median step time after warm-up, the first call's time (compilation) and its output."""
   t0 = time.perf_counter()
-  sync(run(0))
+  first = run(0)
+  sync(first)
   compile_s = time.perf_counter() - t0
   for i in range(warmup):
     sync(run(i + 1))
@@ -100,7 +102,7 @@ def _time(run, steps, warmup, sync):
     t0 = time.perf_counter()
     sync(run(i))
     times.append(time.perf_counter() - t0)
-  return statistics.median(times), compile_s
+  return statistics.median(times), compile_s, first
 
 
 _SETUP = {}
@@ -191,12 +193,13 @@ def wdjax_step(method, preset, batch, handwritten=False):
     holder[0], out = jitted(holder[0], t_params, batches[i % 4])
     return out
 
-  median, compile_s = _time(run, preset["steps"], preset["warmup"], jax.block_until_ready)
+  median, compile_s, first = _time(run, preset["steps"], preset["warmup"], jax.block_until_ready)
+  first_loss = float(first["loss"] if isinstance(first, dict) else first)
   if preset.get("trace_dir"):  # a profile of a few more steps, for xprof / tensorboard
     with jax.profiler.trace(preset["trace_dir"]):
       for i in range(5):
         jax.block_until_ready(run(i))
-  return median, lower_s + compile_s, gen_flops, peak, kernels
+  return median, lower_s + compile_s, gen_flops, peak, kernels, first_loss
 
 
 def hlo_kernels(hlo_text: str) -> int:
@@ -252,9 +255,9 @@ def torch_step(method, preset, batch, compiled):
   sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda x: x.item())
   if dev == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  median, compile_s = _time(run, preset["steps"], preset["warmup"], sync)
+  median, compile_s, first = _time(run, preset["steps"], preset["warmup"], sync)
   peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-  return median, compile_s, None, peak, None
+  return median, compile_s, None, peak, None, first.item()
 
 
 def kd_parts(preset, batch):
@@ -370,7 +373,7 @@ def main(argv=None) -> int:
       flops_of[method] = (t_m, g_m.training_config(s_m))  # WID trains at the teacher's width
     flops = step_flops(*flops_of[method], tokens, preset["seq"])["total"]
     try:
-      median, compile_s, g_flops, peak, kernels = run_job(method, batch, impl, preset, args.trace)
+      median, compile_s, g_flops, peak, kernels, first_loss = run_job(method, batch, impl, preset, args.trace)
     except Exception as e:  # one implementation failing must not lose the other rows
       print(f"{method} {impl} {tokens}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       skipped.append([method, batch, impl, f"{type(e).__name__}: {str(e)[:300]}"])
@@ -385,7 +388,7 @@ def main(argv=None) -> int:
            "attention": attention_of(impl, preset), "run": args.tag or "run", "tokens_per_step": tokens,
            "step_ms": 1e3 * median,
            "tokens_per_s": tokens / median, "compile_s": compile_s, "peak_bytes": peak,
-           "flops_per_step": flops + gen_flops, "hlo_kernels": kernels}
+           "flops_per_step": flops + gen_flops, "hlo_kernels": kernels, "first_loss": first_loss}
     if device.platform in PEAK_FLOPS:
       row["mfu"] = (flops + gen_flops) / median / PEAK_FLOPS[device.platform]
     rows.append(row)
@@ -412,10 +415,12 @@ def table(rows, info) -> str:
            f"{info['dtype']}; {info['device']} (jax {info['jax']}), torch {info['torch']} on {info['torch_device']}. "
            "Ratios compare rows of the same run.",
            "Step / KD: a wdjax row's time over the same run's wdjax KD row at that batch (the "
-           "generator's overhead); kernels: fusions and library calls in the compiled step.",
+           "generator's overhead); kernels: fusions and library calls in the compiled step; first "
+           "loss: the first step's loss, from the draw every implementation of a method starts from "
+           "(equal up to the dtype's rounding: they time the same computation).",
            "", "| method | tokens/step | impl | attention | run | step (ms) | tokens/s | vs torch-compile | "
-           "vs torch-eager | step / KD | kernels | MFU | peak mem | compile (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "vs torch-eager | step / KD | kernels | MFU | peak mem | compile (s) | first loss |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   ref = {(r.get("run"), r["method"], r["tokens_per_step"], r["impl"], r.get("attention")): r["step_ms"]
          for r in rows}
   ref.update({k[:4]: v for k, v in ref.items()})  # any attention, when a run has one of the impl
@@ -429,8 +434,12 @@ def table(rows, info) -> str:
     lines.append(f"| {r['method']} | {r['tokens_per_step']} | {r['impl']} | {r.get('attention', '-')} | "
                  f"{r.get('run', '-')} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {vs('torch-compile')} | "
                  f"{vs('torch-eager')} | {over} | {r.get('hlo_kernels') or '-'} | {mfu} | {mem} | "
-                 f"{r['compile_s']:.1f} |")
+                 f"{r['compile_s']:.1f} | {_loss(r.get('first_loss'))} |")
   return "\n".join(lines)
+
+
+def _loss(x) -> str:
+  return "-" if x is None else f"{x:.5f}"  # rows of runs before the column existed have none
 
 
 def plot(rows, path: Path) -> None:
