@@ -1,6 +1,7 @@
 """The training step, sharding, checkpoints, resume, and errors during training."""
 
 import dataclasses
+import gzip
 import json
 import os
 import signal
@@ -129,9 +130,15 @@ def test_checkpoint_written_on_4x2_restores_on_2x4_and_8x1(kd_setup, tmp_path):
 
 def test_distill_trains_resumes_and_exports(tiny):
   cfg = tiny()
+  cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, profile_steps=2))
   first = run_lib.distill(cfg, log=lambda *_: None)
   out = Path(cfg.workdir) / "distill"
   assert first["steps"] == 8 and (out / "model" / "model.safetensors").exists()
+  # the profile of steps 6-7: a trace of the jitted training step
+  (trace,) = (out / "profile").rglob("*.trace.json.gz")
+  events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+  names = [e.get("name", "") for e in events]  # "PjitFunction(step)" on a CPU host
+  assert sum("jit" in n.lower() and "(step)" in n for n in names) >= 2
   assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
   rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["phase"] == "distill"] == [2, 4, 6, 8]

@@ -41,6 +41,41 @@ class LoopSpec:
   progress: bool = True
   lr_at: Callable[[int], float] | None = None
   keep_best: bool = True  # export the best-validation model (else the last evaluated one)
+  profile_steps: int = 0  # steps to trace with jax.profiler (0 = none)
+  profile_dir: str = ""  # where the trace goes (TensorBoard's profile plugin / xprof read it)
+
+
+PROFILE_SKIP = 5  # steps run before a trace starts: the first compiles, the next settle
+
+
+class _Profiler:
+  """A jax.profiler trace of `spec.profile_steps` steps, from the 6th step this process runs
+  (compilation and warm-up left out); every process traces its own host."""
+
+  def __init__(self, spec: LoopSpec, start: int, progress: "_Progress"):
+    self.first = start + PROFILE_SKIP + 1
+    self.last = min(spec.total_steps, start + PROFILE_SKIP + spec.profile_steps)
+    self.dir, self.progress, self.on = spec.profile_dir, progress, False
+    if spec.profile_steps and self.last < self.first:
+      progress.write(f"[{spec.name}] no profile: {spec.total_steps - start} steps left, the trace "
+                     f"starts after {PROFILE_SKIP}")
+
+  def before(self, step: int) -> None:
+    if step == self.first and self.last >= self.first:
+      jax.profiler.start_trace(self.dir)
+      self.on = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self.on and step == self.last:
+      jax.block_until_ready(state)  # the trace holds the traced steps' device work
+      self.stop()
+      self.progress.write(f"profile of steps {self.first}-{self.last} in {self.dir} "
+                          "(tensorboard --logdir, or xprof)")
+
+  def stop(self) -> None:
+    if self.on:
+      jax.profiler.stop_trace()
+      self.on = False
 
 
 def _fmt_time(seconds: float) -> str:
@@ -113,10 +148,13 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
   start = int(jax.device_get(state["step"]))
   eval_every = spec.eval_every or spec.steps_per_epoch
   progress = _Progress(spec, start)
+  profiler = _Profiler(spec, start, progress)
   t_last, s_last = time.perf_counter(), start
   try:
     for step in range(start + 1, spec.total_steps + 1):
+      profiler.before(step)
       state, metrics = spec.train_step(state, teacher_params, spec.get_batch(step - 1))
+      profiler.after(step, state)
       due_log = step % spec.log_every == 0 or step == spec.total_steps
       due_ckpt = step == spec.total_steps or (spec.checkpointer.every > 0
                                                 and step % spec.checkpointer.every == 0)
@@ -143,6 +181,7 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
         spec.checkpointer.save(step, {"train": state, "best": best}, dict(spec.meta, step=step),
                                force=step == spec.total_steps)
   finally:
+    profiler.stop()
     progress.close()
     spec.writer.close()
     spec.checkpointer.wait()

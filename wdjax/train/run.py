@@ -253,7 +253,8 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
         evaluate=evaluate, checkpointer=checkpointer,
         writer=MetricWriter(out, tensorboard=cfg.log.tensorboard), meta=meta,
         log_every=train.log_every, eval_every=train.eval_every, progress=cfg.log.progress,
-        lr_at=lambda s: float(step_lib.schedule(train.optim, steps)(s)), keep_best=train.keep_best)
+        lr_at=lambda s: float(step_lib.schedule(train.optim, steps)(s)), keep_best=train.keep_best,
+        profile_steps=cfg.log.profile_steps, profile_dir=str(out / "profile"))
     if not export_only:
       state, best = loop.fit(state, best, teacher_params, spec_loop)
     student = jax.device_get(best["params"])
