@@ -38,11 +38,11 @@ def test_finetune_distill_export_eval(tiny, tmp_path):
 
   # twice: the second run loads every program it runs from the compilation cache
   logged = dict(os.environ, JAX_LOG_COMPILES="1")
-  for attempt in range(2):
+  results = json.loads((work / "distill" / "results.json").read_text())
+  for _ in range(2):
     proc = _wdjax("eval", path, "--split", "test", env=logged)
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(proc.stdout)
-    results = json.loads((work / "distill" / "results.json").read_text())
     assert scores["test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-6)
   assert "Persistent compilation cache hit" in proc.stderr
   assert "PERSISTENT COMPILATION CACHE MISS" not in proc.stderr

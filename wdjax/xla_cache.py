@@ -24,8 +24,9 @@ def enable(cache_dir: str = "") -> Path:
   before the first compilation (JAX reads the setting once).
 
   The size is not capped: JAX's cap (`jax_compilation_cache_max_size`) makes every write lock the
-  directory and read every entry's metadata (a test suite's 4,000 programs ran 40% slower).
-  Deleting the directory at any time is safe: it only costs the next run its compiles."""
+  directory and read every entry's metadata (this repository's test suite from a clean clone:
+  16 min 07 s with a 1 GiB cap, 12 min 33 s without). Deleting the directory at any time is
+  safe: it only costs the next run its compiles."""
   current = jax.config.jax_compilation_cache_dir
   if current:
     return Path(current)
