@@ -54,7 +54,8 @@ def runs(tmp_path_factory, task_teacher):
   tmp = tmp_path_factory.mktemp("multihost")
   cfg = tiny_config(tmp / "one", task_teacher, mesh=MeshConfig(data=-1))
   one = _write_config(tmp / "one.py", cfg)
-  two = _write_config(tmp / "two.py", dataclasses.replace(cfg, workdir=str(tmp / "two")))
+  two = _write_config(tmp / "two.py", dataclasses.replace(  # with a profile of step 6
+      cfg, workdir=str(tmp / "two"), log=dataclasses.replace(cfg.log, profile_steps=1)))
   four = _write_config(tmp / "four.py", dataclasses.replace(cfg, workdir=str(tmp / "four")))
   _launch(1, ["distill", str(one)])
   _launch(4, ["distill", str(four)])
@@ -75,6 +76,10 @@ def test_two_and_four_processes_train_what_one_process_trains(runs):
   gloo = lambda ln: "[Gloo]" in ln or "peer ranks" in ln
   ours = [[ln for ln in out.splitlines() if not gloo(ln)] for out in outs]
   assert any("test accuracy" in ln for ln in ours[0]) and ours[1] == []
+  # each process traced its own host, into its own folder
+  profile = tmp / "two" / "distill" / "profile"
+  assert sorted(p.name for p in profile.iterdir()) == ["process_0", "process_1"]
+  assert all(list((profile / p).rglob("*.xplane.pb")) for p in ("process_0", "process_1"))
 
 
 @pytest.mark.parametrize("n", [4, 1])

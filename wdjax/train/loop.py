@@ -50,12 +50,15 @@ PROFILE_SKIP = 5  # steps run before a trace starts: the first compiles, the nex
 
 class _Profiler:
   """A jax.profiler trace of `spec.profile_steps` steps, from the 6th step this process runs
-  (compilation and warm-up left out); every process traces its own host."""
+  (compilation and warm-up left out). Every process traces its own host, into `process_<i>/`
+  when there are several (the trace files are named by host, which processes may share)."""
 
   def __init__(self, spec: LoopSpec, start: int, progress: "_Progress"):
     self.first = start + PROFILE_SKIP + 1
     self.last = min(spec.total_steps, start + PROFILE_SKIP + spec.profile_steps)
     self.dir, self.progress, self.on = spec.profile_dir, progress, False
+    if jax.process_count() > 1:
+      self.dir = f"{self.dir}/process_{jax.process_index()}"
     if spec.profile_steps and self.last < self.first:
       progress.write(f"[{spec.name}] no profile: {spec.total_steps - start} steps left, the trace "
                      f"starts after {PROFILE_SKIP}")
