@@ -164,7 +164,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
         return KD["alpha"] * t * t * kl + (1 - KD["alpha"]) * ce
       loss, grads = jax.value_and_grad(loss_fn)(params)
       updates, opt = tx.update(grads, opt, params)
-      return (optax.apply_updates(params, updates), opt), loss
+      return (optax.apply_updates(params, updates), opt), {"loss": loss}  # as wdjax's metrics
 
     init = jax.tree.map(jax.numpy.copy, init)  # the step donates
     state = (init, tx.init(init))
@@ -194,7 +194,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
     return out
 
   median, compile_s, first = _time(run, preset["steps"], preset["warmup"], jax.block_until_ready)
-  first_loss = float(first["loss"] if isinstance(first, dict) else first)
+  first_loss = float(first["loss"])
   if preset.get("trace_dir"):  # a profile of a few more steps, for xprof / tensorboard
     with jax.profiler.trace(preset["trace_dir"]):
       for i in range(5):
