@@ -32,11 +32,11 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 # JAX and torch share the GPU in one process: JAX must not take 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -48,6 +48,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import profile_summary  # noqa: E402
 from benchmarks.kd_step import PEAK_FLOPS, step_flops  # noqa: E402
 from wdjax import generators  # noqa: E402
 from wdjax.config import KDConfig, OptimConfig  # noqa: E402
@@ -72,6 +73,19 @@ PRESETS = {
                      seq=32, batches=(8,), dtype="float32", steps=60, warmup=5),
 }
 METHODS = ("kd", "ws", "gws", "wd", "wid", "opdf")
+TRACE_STEPS = 5  # steps profiled after the timed ones, with --trace
+
+
+class JobResult(NamedTuple):
+  """One implementation's step at one batch."""
+
+  median_s: float  # median step time
+  compile_s: float  # the first step's time (tracing, compilation, autotuning)
+  gen_flops: float | None  # the generator's FLOPs per step (JAX's cost analysis; None: not known)
+  peak_bytes: int | None  # peak device memory
+  kernels: int | None  # kernels the compiled step launches (JAX)
+  first_loss: float  # the first step's loss
+  profile: dict | None  # profile_summary of TRACE_STEPS steps, with --trace
 KD = dict(temperature=2.0, alpha=0.9)
 
 
@@ -183,7 +197,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
   t0 = time.perf_counter()  # compiled ahead, so the memory analysis costs no second compile
   jitted = jax.jit(step, donate_argnums=0).lower(state, t_params, batches[0]).compile()
   lower_s = time.perf_counter() - t0
-  kernels = hlo_kernels(jitted.as_text())
+  kernels = profile_summary.kernel_count(jitted.as_text())
   mem = jitted.memory_analysis()
   peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
@@ -194,19 +208,13 @@ def wdjax_step(method, preset, batch, handwritten=False):
     return out
 
   median, compile_s, first = _time(run, preset["steps"], preset["warmup"], jax.block_until_ready)
-  first_loss = float(first["loss"])
+  profile = None
   if preset.get("trace_dir"):  # a profile of a few more steps, for xprof / tensorboard
     with jax.profiler.trace(preset["trace_dir"]):
-      for i in range(5):
+      for i in range(TRACE_STEPS):
         jax.block_until_ready(run(i))
-  return median, lower_s + compile_s, gen_flops, peak, kernels, first_loss
-
-
-def hlo_kernels(hlo_text: str) -> int:
-  """Kernels one step launches (at most: both branches of a cond are counted): the fusions,
-  library calls (matmuls, cuDNN) and unfused matmuls of the compiled module. On a GPU each costs
-  microseconds however small, which is what per-layer leaves multiply."""
-  return len(re.findall(r"^\s*\S+ = \S+ (?:fusion|custom-call|dot|convolution)\(", hlo_text, re.M))
+    profile = profile_summary.jax_summary(preset["trace_dir"], jitted.as_text(), TRACE_STEPS)
+  return JobResult(median, lower_s + compile_s, gen_flops, peak, kernels, float(first["loss"]), profile)
 
 
 def torch_step(method, preset, batch, compiled):
@@ -257,7 +265,15 @@ def torch_step(method, preset, batch, compiled):
     torch.cuda.reset_peak_memory_stats()
   median, compile_s, first = _time(run, preset["steps"], preset["warmup"], sync)
   peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-  return median, compile_s, None, peak, None, first.item()
+  profile = None
+  if preset.get("trace_dir"):  # the same steps' kernels, classified as JAX's are
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+      for i in range(TRACE_STEPS):
+        sync(run(i))
+    profile = profile_summary.torch_summary(prof, TRACE_STEPS)
+  return JobResult(median, compile_s, None, peak, None, first.item(), profile)
 
 
 def kd_parts(preset, batch):
@@ -293,12 +309,11 @@ def jobs(methods, batches):
   return out
 
 
-def run_job(method, batch, impl, preset, trace: str | None = None):
+def run_job(method, batch, impl, preset, trace: str | None = None) -> JobResult:
+  if trace:
+    preset = dict(preset, trace_dir=f"{trace}/{method}_{impl}_{batch}")
   if impl.startswith("wdjax"):
-    p = dict(preset, attention="xla") if impl == "wdjax-xla" else preset
-    if trace:
-      p = dict(p, trace_dir=f"{trace}/{method}_{impl}_{batch}")
-    return wdjax_step(method, p, batch)
+    return wdjax_step(method, dict(preset, attention="xla") if impl == "wdjax-xla" else preset, batch)
   if impl == "jax-handwritten":
     return wdjax_step(method, preset, batch, handwritten=True)
   return torch_step(method, preset, batch, compiled=impl == "torch-compile")
@@ -334,7 +349,8 @@ def main(argv=None) -> int:
   ap.add_argument("--parts", action="store_true", help="also time the KD step's teacher and student parts")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
   ap.add_argument("--tag", default="", help="suffix of the output files' names")
-  ap.add_argument("--trace", help="write a profile of every wdjax job under this folder")
+  ap.add_argument("--trace", help="profile every job under this folder: JAX traces (xprof, "
+                  "tensorboard) and summary.{md,json}, each step's device time by kind of operation")
   ap.add_argument("--no-plot", action="store_true")
   ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge earlier runs' JSON into one table")
   args = ap.parse_args(argv)
@@ -353,12 +369,15 @@ def main(argv=None) -> int:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}"
-  rows, skipped, parts = [], [], {}
+  rows, skipped, parts, profiles = [], [], {}, {}
 
   def write():
     stem.with_suffix(".json").write_text(
         json.dumps({"info": info, "rows": rows, "skipped": skipped, "kd_parts": parts}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(table(rows, info) + "\n")
+    if profiles:  # where each traced step's time goes, side by side
+      Path(args.trace, "summary.json").write_text(json.dumps(profiles, indent=2) + "\n")
+      Path(args.trace, "summary.md").write_text(profile_table(profiles, info) + "\n")
 
   flops_of = {}
   for method, batch, impl in jobs(args.methods, args.batches or preset["batches"]):
@@ -373,7 +392,7 @@ def main(argv=None) -> int:
       flops_of[method] = (t_m, g_m.training_config(s_m))  # WID trains at the teacher's width
     flops = step_flops(*flops_of[method], tokens, preset["seq"])["total"]
     try:
-      median, compile_s, g_flops, peak, kernels, first_loss = run_job(method, batch, impl, preset, args.trace)
+      res = run_job(method, batch, impl, preset, args.trace)
     except Exception as e:  # one implementation failing must not lose the other rows
       print(f"{method} {impl} {tokens}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       skipped.append([method, batch, impl, f"{type(e).__name__}: {str(e)[:300]}"])
@@ -381,20 +400,23 @@ def main(argv=None) -> int:
     finally:
       if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    gen_flops = g_flops if g_flops is not None else next(
+    gen_flops = res.gen_flops if res.gen_flops is not None else next(
         (r["flops_per_step"] - flops for r in rows if r["method"] == method
          and r["tokens_per_step"] == tokens and r["impl"] == "wdjax"), 0.0)
     row = {"method": method, "impl": "wdjax" if impl == "wdjax-xla" else impl,
            "attention": attention_of(impl, preset), "run": args.tag or "run", "tokens_per_step": tokens,
-           "step_ms": 1e3 * median,
-           "tokens_per_s": tokens / median, "compile_s": compile_s, "peak_bytes": peak,
-           "flops_per_step": flops + gen_flops, "hlo_kernels": kernels, "first_loss": first_loss}
+           "step_ms": 1e3 * res.median_s, "tokens_per_s": tokens / res.median_s,
+           "compile_s": res.compile_s, "peak_bytes": res.peak_bytes, "flops_per_step": flops + gen_flops,
+           "hlo_kernels": res.kernels, "first_loss": res.first_loss}
     if device.platform in PEAK_FLOPS:
-      row["mfu"] = (flops + gen_flops) / median / PEAK_FLOPS[device.platform]
+      row["mfu"] = (flops + gen_flops) / res.median_s / PEAK_FLOPS[device.platform]
+    if res.profile:
+      row["profile_ms"] = res.profile["categories"]
+      profiles[f"{method} {impl} {tokens}"] = res.profile
     rows.append(row)
     write()
-    print(f"{method:4s} {impl:16s} {tokens:6d} tok/step: {1e3 * median:8.2f} ms  "
-          f"(compile {compile_s:.1f} s, {time.perf_counter() - t_start:.0f} s in)", flush=True)
+    print(f"{method:4s} {impl:16s} {tokens:6d} tok/step: {1e3 * res.median_s:8.2f} ms  "
+          f"(compile {res.compile_s:.1f} s, {time.perf_counter() - t_start:.0f} s in)", flush=True)
   if args.parts and time.perf_counter() - t_start < args.budget_s:
     for b in args.batches or preset["batches"]:
       parts[str(b * preset["seq"])] = kd_parts(preset, b)
@@ -436,6 +458,14 @@ def table(rows, info) -> str:
                  f"{vs('torch-eager')} | {over} | {r.get('hlo_kernels') or '-'} | {mfu} | {mem} | "
                  f"{r['compile_s']:.1f} | {_loss(r.get('first_loss'))} |")
   return "\n".join(lines)
+
+
+def profile_table(profiles: dict, info: dict) -> str:
+  return "\n".join([
+      f"Device time per step by kind of operation ({profile_summary.__name__}; {TRACE_STEPS} steps "
+      f"profiled after the timed ones): {info['device']} (jax {info['jax']}), torch {info['torch']} on "
+      f"{info['torch_device']}. On a GPU, kernel time (streams can overlap); on a CPU, each op's "
+      "time on its thread.", "", profile_summary.table(profiles)])
 
 
 def _loss(x) -> str:
