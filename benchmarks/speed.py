@@ -22,7 +22,9 @@ architecture both implementations share (MPNet's relative bias is <0.1% of the F
 are random (speed does not depend on them). MFU counts matmul FLOPs: per token and layer
 `2 (4 D^2 + 2 D F) + 4 S D` forward; teacher 1x, student 3x (forward + backward), plus the
 generator's FLOPs from XLA's cost analysis of `generate`, 3x; peak 989 TFLOP/s (H100 dense
-bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`.
+bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
+profile of every job and `DIR/summary.{md,json}`, its device time by kind of operation
+(`benchmarks/profile_summary.py`).
 """
 
 from __future__ import annotations
