@@ -39,6 +39,7 @@ MOVE_OPS = {"parameter", "constant", "copy", "transpose", "bitcast", "reshape", 
 CONTROL_OPS = {"while", "conditional", "call", "custom-call", "async-start", "async-done",
                "async-update", "send", "recv", "send-done", "recv-done", "infeed", "outfeed",
                "rng-get-and-update-state", "after-all", "partition-id", "replica-id"}
+NESTING_OPS = {"while", "conditional", "call"}
 COLLECTIVE_PREFIXES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-")
 
 _ATTENTION = re.compile(r"fmha|flash|sdpa|scaled_dot_product|attention|attn", re.I)
@@ -164,8 +165,8 @@ def kernel_count(text: str) -> int:
 
 
 def load_trace_events(trace_dir: str | Path) -> list[dict]:
-  """The complete (`ph: X`) events of the newest profile under `trace_dir` (the folder given to
-  `jax.profiler.trace`, or one of its runs): every host's `*.trace.json.gz` of that run."""
+  """The trace events (Chrome trace format) of the newest profile under `trace_dir` (the folder
+  given to `jax.profiler.trace`, or one of its runs): every host's `*.trace.json.gz` of that run."""
   files = sorted(Path(trace_dir).rglob("*.trace.json.gz"))
   if not files:
     raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
@@ -220,6 +221,8 @@ def summarize(op_times: dict[str, tuple[float, int]], steps: int,
   rows = []
   for name, (us, calls) in op_times.items():
     op = hlo.get(name) or kernels.get(name)
+    if op is not None and op.opcode in NESTING_OPS:
+      continue  # a CPU's loop or call event spans its body's ops, which are counted themselves
     category = op.category if op else kernel_category(name)
     ms = us / 1e3 / steps
     by_category[category] += ms
