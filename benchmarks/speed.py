@@ -24,7 +24,7 @@ are random (speed does not depend on them). MFU counts matmul FLOPs: per token a
 generator's FLOPs from XLA's cost analysis of `generate`, 3x; peak 989 TFLOP/s (H100 dense
 bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
 profile of every job and `DIR/summary.{md,json}`, its device time by kind of operation
-(`benchmarks/profile_summary.py`).
+(`wdjax/profiling.py`).
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import profile_summary  # noqa: E402
 from benchmarks.kd_step import PEAK_FLOPS, step_flops  # noqa: E402
-from wdjax import generators  # noqa: E402
+from wdjax import generators, profiling  # noqa: E402
 from wdjax.config import KDConfig, OptimConfig  # noqa: E402
 from wdjax.generators import StudentSpec, paths  # noqa: E402
 from wdjax.models import bert  # noqa: E402
@@ -87,7 +86,7 @@ class JobResult(NamedTuple):
   peak_bytes: int | None  # peak device memory
   kernels: int | None  # kernels the compiled step launches (JAX)
   first_loss: float  # the first step's loss
-  profile: dict | None  # profile_summary of TRACE_STEPS steps, with --trace
+  profile: dict | None  # profiling.summarize of TRACE_STEPS steps, with --trace
 KD = dict(temperature=2.0, alpha=0.9)
 
 
@@ -199,7 +198,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
   t0 = time.perf_counter()  # compiled ahead, so the memory analysis costs no second compile
   jitted = jax.jit(step, donate_argnums=0).lower(state, t_params, batches[0]).compile()
   lower_s = time.perf_counter() - t0
-  kernels = profile_summary.kernel_count(jitted.as_text())
+  kernels = profiling.kernel_count(jitted.as_text())
   mem = jitted.memory_analysis()
   peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
@@ -215,7 +214,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
     with jax.profiler.trace(preset["trace_dir"]):
       for i in range(TRACE_STEPS):
         jax.block_until_ready(run(i))
-    profile = profile_summary.jax_summary(preset["trace_dir"], jitted.as_text(), TRACE_STEPS)
+    profile = profiling.jax_summary(preset["trace_dir"], jitted.as_text(), TRACE_STEPS)
   return JobResult(median, lower_s + compile_s, gen_flops, peak, kernels, float(first["loss"]), profile)
 
 
@@ -274,8 +273,22 @@ def torch_step(method, preset, batch, compiled):
     with torch.profiler.profile(activities=activities) as prof:
       for i in range(TRACE_STEPS):
         sync(run(i))
-    profile = profile_summary.torch_summary(prof, TRACE_STEPS)
+    profile = torch_summary(prof, TRACE_STEPS)
   return JobResult(median, compile_s, None, peak, None, first.item(), profile)
+
+
+def torch_summary(prof, steps: int) -> dict:
+  """`summarize` of a `torch.profiler.profile` of `steps` steps: CUDA kernels by their device
+  time when there are any, else (a CPU run) every op by its own (self) CPU time."""
+  averages = prof.key_averages()
+  device = [a for a in averages if getattr(a, "self_device_time_total", 0) > 0
+            and "CUDA" in str(getattr(a, "device_type", ""))]
+  if device:
+    times = {a.key: (float(a.self_device_time_total), a.count) for a in device}
+  else:
+    times = {a.key: (float(a.self_cpu_time_total), a.count) for a in averages
+             if a.self_cpu_time_total > 0 and not a.key.startswith("ProfilerStep")}
+  return profiling.summarize(times, steps)
 
 
 def kd_parts(preset, batch):
@@ -464,10 +477,10 @@ def table(rows, info) -> str:
 
 def profile_table(profiles: dict, info: dict) -> str:
   return "\n".join([
-      f"Device time per step by kind of operation ({profile_summary.__name__}; {TRACE_STEPS} steps "
+      f"Device time per step by kind of operation ({profiling.__name__}; {TRACE_STEPS} steps "
       f"profiled after the timed ones): {info['device']} (jax {info['jax']}), torch {info['torch']} on "
       f"{info['torch_device']}. On a GPU, kernel time (streams can overlap); on a CPU, each op's "
-      "time on its thread.", "", profile_summary.table(profiles)])
+      "time on its thread.", "", profiling.table(profiles)])
 
 
 def _loss(x) -> str:

@@ -132,7 +132,7 @@ def _gpu_trace(steps: int) -> list[dict]:
 
 
 def test_profile_summary_reads_a_gpu_step_by_kind_of_operation():
-  from benchmarks import profile_summary as ps
+  from wdjax import profiling as ps
   hlo = ps.parse_hlo(GPU_HLO)
   want = {"convert_fusion": "copy", "custom-call.1": "matmul", "loop_multiply_fusion": "elementwise",
           "gemm_fusion_dot.1": "matmul", "custom-call.2": "attention", "input_reduce_fusion": "reduction",
@@ -173,5 +173,5 @@ def test_profile_summary_reads_a_gpu_step_by_kind_of_operation():
     ("aten::copy_", "copy"), ("Optimizer.step#AdamW.step", "other"),
 ])
 def test_kernels_known_by_name_are_classified(name, category):
-  from benchmarks import profile_summary as ps
+  from wdjax import profiling as ps
   assert ps.kernel_category(name) == category

@@ -139,6 +139,13 @@ def test_distill_trains_resumes_and_exports(tiny):
   events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
   names = [e.get("name", "") for e in events]  # "PjitFunction(step)" on a CPU host
   assert sum("jit" in n.lower() and "(step)" in n for n in names) >= 2
+  # and its summary: device time per step by kind of operation, every costly op found in the
+  # compiled step (its shape known), the matrix products among them
+  summary = json.loads((out / "profile" / "summary.json").read_text())
+  assert summary["steps"] == 2 and summary["device_ms"] > 0
+  assert sum(summary["categories"].values()) == pytest.approx(summary["device_ms"])
+  assert summary["categories"]["matmul"] > 0 and all(r["shape"] for r in summary["top"])
+  assert "| distill |" in (out / "profile" / "summary.md").read_text()
   assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
   rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["phase"] == "distill"] == [2, 4, 6, 8]

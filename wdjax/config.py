@@ -177,7 +177,7 @@ class CheckpointConfig:
 class LogConfig:
   tensorboard: bool = False  # also write TensorBoard event files (needs tensorboardX)
   progress: bool = True  # progress bar with steps/s and ETA (on a terminal; lines otherwise)
-  profile_steps: int = 0  # trace this many steps (from the 6th of the run) into <phase>/profile
+  profile_steps: int = 0  # trace this many steps (from the 6th of the run) into <phase>/profile (+ summary.md)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,14 +10,17 @@ and the checkpoints already on disk stay as they were.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from wdjax import profiling
 from wdjax.errors import WdjaxError
 from wdjax.train.checkpoint import Checkpointer
 from wdjax.train.metrics import MetricWriter
@@ -56,7 +59,7 @@ class _Profiler:
   def __init__(self, spec: LoopSpec, start: int, progress: "_Progress"):
     self.first = start + PROFILE_SKIP + 1
     self.last = min(spec.total_steps, start + PROFILE_SKIP + spec.profile_steps)
-    self.dir, self.progress, self.on = spec.profile_dir, progress, False
+    self.dir, self.progress, self.on, self.name = spec.profile_dir, progress, False, spec.name
     if jax.process_count() > 1:
       self.dir = f"{self.dir}/process_{jax.process_index()}"
     if spec.profile_steps and self.last < self.first:
@@ -68,12 +71,32 @@ class _Profiler:
       jax.profiler.start_trace(self.dir)
       self.on = True
 
-  def after(self, step: int, state: Any) -> None:
+  def after(self, step: int, state: Any, step_hlo: Callable[[], str]) -> None:
+    """`step_hlo()`: the compiled training step's HLO text, which names what each traced op did."""
     if self.on and step == self.last:
       jax.block_until_ready(state)  # the trace holds the traced steps' device work
       self.stop()
       self.progress.write(f"profile of steps {self.first}-{self.last} in {self.dir} "
                           "(tensorboard --logdir, or xprof)")
+      self.summarize(step_hlo)
+
+  def summarize(self, step_hlo: Callable[[], str]) -> None:
+    """Device time per step by kind of operation, logged and written to `summary.{md,json}`
+    beside the trace. The trace is the profile; a summary that cannot be made is reported, not
+    raised."""
+    try:
+      summary = profiling.jax_summary(self.dir, step_hlo(), self.last - self.first + 1)
+    except Exception as e:  # noqa: BLE001 - the run must go on
+      self.progress.write(f"[{self.name}] no profile summary: {type(e).__name__}: {e}")
+      return
+    Path(self.dir, "summary.md").write_text(profiling.table({self.name: summary}) + "\n")
+    Path(self.dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    total = summary["device_ms"] or 1.0
+    shares = sorted(summary["categories"].items(), key=lambda kv: -kv[1])
+    self.progress.write(
+        f"[{self.name}] device time {summary['device_ms']:.2f} ms per step: " + ", ".join(
+            f"{c} {100 * ms / total:.0f}%" for c, ms in shares if ms > 0) +
+        f"; costliest ops in {self.dir}/summary.md")
 
   def stop(self) -> None:
     if self.on:
@@ -156,8 +179,10 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
   try:
     for step in range(start + 1, spec.total_steps + 1):
       profiler.before(step)
-      state, metrics = spec.train_step(state, teacher_params, spec.get_batch(step - 1))
-      profiler.after(step, state)
+      batch = spec.get_batch(step - 1)
+      state, metrics = spec.train_step(state, teacher_params, batch)
+      profiler.after(step, state, lambda: spec.train_step.lower(state, teacher_params, batch)
+                     .compile().as_text())
       due_log = step % spec.log_every == 0 or step == spec.total_steps
       due_ckpt = step == spec.total_steps or (spec.checkpointer.every > 0
                                                 and step % spec.checkpointer.every == 0)

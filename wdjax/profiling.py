@@ -1,7 +1,8 @@
-"""Where a training step's device time goes, by kind of operation, for JAX and PyTorch alike.
+"""Where a training step's device time goes, by kind of operation, from a profile.
 
-`benchmarks/speed.py --trace DIR` profiles a few steps of every job and calls this module, so one
-run answers "which kind of work makes implementation A slower than B" for every method at once:
+`log.profile_steps=N` (the training loop) and `benchmarks/speed.py --trace DIR` (every job of the
+speed harness, PyTorch's included) summarise their traces with this module, so a profile answers
+"which kind of work takes the time" without opening a trace viewer:
 
     matmul       matrix products: cuBLAS / oneDNN calls, XLA dot fusions (Triton gemms), aten::mm
     attention    fused attention kernels: cuDNN / flash / SDPA
@@ -243,25 +244,13 @@ def jax_summary(trace_dir: str | Path, hlo_text: str, steps: int) -> dict:
   return summarize(times, steps, parse_hlo(hlo_text))
 
 
-def torch_summary(prof, steps: int) -> dict:
-  """`summarize` of a `torch.profiler.profile` of `steps` steps: CUDA kernels by their device
-  time when there are any, else (a CPU run) every op by its own (self) CPU time."""
-  averages = prof.key_averages()
-  device = [a for a in averages if getattr(a, "self_device_time_total", 0) > 0
-            and "CUDA" in str(getattr(a, "device_type", ""))]
-  if device:
-    times = {a.key: (float(a.self_device_time_total), a.count) for a in device}
-  else:
-    times = {a.key: (float(a.self_cpu_time_total), a.count) for a in averages
-             if a.self_cpu_time_total > 0 and not a.key.startswith("ProfilerStep")}
-  return summarize(times, steps)
-
-
 def table(summaries: dict[str, dict], top: int = 8) -> str:
   """Markdown: one row per job (ms per step by category, share of the total), then each job's
   costliest ops."""
   head = "| job | device ms/step | " + " | ".join(CATEGORIES) + " |"
-  lines = [head, "|" + "---|" * (len(CATEGORIES) + 2)]
+  lines = ["Milliseconds of device time per step by kind of operation (share of the total); calls: "
+           "events per step (a CPU runs a large op as several tasks, one event each).", "",
+           head, "|" + "---|" * (len(CATEGORIES) + 2)]
   for job, s in summaries.items():
     total = s["device_ms"] or 1.0
     cells = [f"{s['categories'][c]:.2f} ({100 * s['categories'][c] / total:.0f}%)" for c in CATEGORIES]
