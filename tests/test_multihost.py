@@ -2,6 +2,7 @@
 processes train what one process trains, and checkpoints move between process counts."""
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -80,6 +81,8 @@ def test_two_and_four_processes_train_what_one_process_trains(runs):
   profile = tmp / "two" / "distill" / "profile"
   assert sorted(p.name for p in profile.iterdir()) == ["process_0", "process_1"]
   assert all(list((profile / p).rglob("*.xplane.pb")) for p in ("process_0", "process_1"))
+  assert all(json.loads((profile / p / "summary.json").read_text())["device_ms"] > 0
+             for p in ("process_0", "process_1"))  # and summarised it
 
 
 @pytest.mark.parametrize("n", [4, 1])
