@@ -13,7 +13,11 @@ random draw, converted) and each batch (32k and 4k tokens per step on gpu), one 
 - `jax-handwritten` (kd only): the same maths as a bare `jax.jit` function over the NNX model
   and `optax.adamw`, no wdjax machinery: the library-overhead reference;
 - `torch-eager` and `torch-compile`: benchmarks/torch_ref as a PyTorch user writes it (SDPA
-  attention, AdamW fused on CUDA, bf16 autocast on CUDA), eager and under `torch.compile`.
+  attention, AdamW fused on CUDA, bf16 autocast on CUDA), eager and under `torch.compile`;
+- `wdjax-cached` (kd only): wdjax's step as `wdjax distill` runs it by default, on teacher
+  logits computed once per run (`kd.cache_teacher_logits`; the teacher is frozen and the inputs
+  repeat every epoch). Not the step the others time (no teacher forward; its MFU counts the
+  student's FLOPs only), so no target counts it: it is what a user's KD step costs.
 
 Warm-up steps are excluded; the step time is the median of `steps` timed steps (each ends in a
 device sync); compile time (first step) is reported separately. Teacher and student have the
@@ -159,6 +163,9 @@ def wdjax_step(method, preset, batch, handwritten=False):
   net_cfg = gen.training_config(s_cfg)
   s_graph, t_graph = nnx.split(bert.build(net_cfg))[0], nnx.split(bert.build(t_cfg))[0]
   batches = [mesh_lib.put_batch(_batch(preset, batch, i), mesh) for i in range(4)]
+  if preset.get("cached_logits"):  # as `wdjax distill` runs by default (kd.cache_teacher_logits):
+    t_fwd = jax.jit(step_lib.classifier_apply(t_graph))  # the teacher's logits computed once
+    batches = [dict(b, teacher_logits=t_fwd(t_params, b, None)) for b in batches]
   gen_flops = 0.0
   if method != "kd":
     cost = jax.jit(gen.generate).lower(gen_params, t_params, gen_state).compile().cost_analysis()
@@ -317,16 +324,17 @@ def jobs(methods, batches):
   out = []
   for batch in batches:
     for method in methods:
-      impls = ["wdjax"]
-      if method == "kd":
-        impls += ["wdjax-xla", "jax-handwritten"]
-      out += [(method, batch, impl) for impl in impls + ["torch-eager", "torch-compile"]]
+      impls = ["wdjax"] + (["wdjax-xla", "jax-handwritten"] if method == "kd" else [])
+      impls += ["torch-eager", "torch-compile"] + (["wdjax-cached"] if method == "kd" else [])
+      out += [(method, batch, impl) for impl in impls]
   return out
 
 
 def run_job(method, batch, impl, preset, trace: str | None = None) -> JobResult:
   if trace:
     preset = dict(preset, trace_dir=f"{trace}/{method}_{impl}_{batch}")
+  if impl == "wdjax-cached":
+    return wdjax_step(method, dict(preset, cached_logits=True), batch)
   if impl.startswith("wdjax"):
     return wdjax_step(method, dict(preset, attention="xla") if impl == "wdjax-xla" else preset, batch)
   if impl == "jax-handwritten":
@@ -405,7 +413,8 @@ def main(argv=None) -> int:
     if method not in flops_of:
       t_m, s_m, _, _, g_m, _, _ = setup(method, preset)
       flops_of[method] = (t_m, g_m.training_config(s_m))  # WID trains at the teacher's width
-    flops = step_flops(*flops_of[method], tokens, preset["seq"])["total"]
+    flops = step_flops(*flops_of[method], tokens, preset["seq"])[
+        "student_train" if impl == "wdjax-cached" else "total"]
     try:
       res = run_job(method, batch, impl, preset, args.trace)
     except Exception as e:  # one implementation failing must not lose the other rows

@@ -15,14 +15,14 @@ from benchmarks import speed  # noqa: E402
 
 
 def test_speed_harness_rows_start_from_the_same_loss_in_every_implementation(tmp_path):
-  impls = ["wdjax", "jax-handwritten", "torch-eager"]
+  impls = ["wdjax", "jax-handwritten", "torch-eager", "wdjax-cached"]
   assert speed.main(["--preset", "cpu", "--methods", "kd", "wd", "--batches", "4", "--impls", *impls,
                      "--out", str(tmp_path), "--no-plot", "--trace", str(tmp_path / "trace")]) == 0
   result = json.loads((tmp_path / "speed_cpu.json").read_text())
   assert not result["skipped"]
   rows = {(r["method"], r["impl"]): r for r in result["rows"]}
   assert set(rows) == {("kd", "wdjax"), ("kd", "jax-handwritten"), ("kd", "torch-eager"),
-                       ("wd", "wdjax"), ("wd", "torch-eager")}
+                       ("kd", "wdjax-cached"), ("wd", "wdjax"), ("wd", "torch-eager")}
   for method in ("kd", "wd"):
     want = rows[(method, "wdjax")]["first_loss"]
     for (m, impl), r in rows.items():
@@ -32,6 +32,10 @@ def test_speed_harness_rows_start_from_the_same_loss_in_every_implementation(tmp
   # WD's student (random maps of the teacher) is not KD's (its own draw): two computations
   assert abs(rows[("wd", "wdjax")]["first_loss"] - rows[("kd", "wdjax")]["first_loss"]) > 1e-4
   assert rows[("wd", "wdjax")]["hlo_kernels"] > rows[("kd", "wdjax")]["hlo_kernels"] > 0
+  # KD on teacher logits computed once (wdjax's default): the same loss without the teacher's
+  # forward pass in the step, whose FLOPs its row no longer counts
+  cached, kd = rows[("kd", "wdjax-cached")], rows[("kd", "wdjax")]
+  assert cached["hlo_kernels"] < kd["hlo_kernels"] and cached["flops_per_step"] < kd["flops_per_step"] / 2
   table = (tmp_path / "speed_cpu.md").read_text()
   wd = next(line for line in table.splitlines() if line.startswith("| wd | 128 | wdjax |"))
   cells = [c.strip() for c in wd.strip("|").split("|")]
