@@ -27,8 +27,8 @@ are random (speed does not depend on them). MFU counts matmul FLOPs: per token a
 `2 (4 D^2 + 2 D F) + 4 S D` forward; teacher 1x, student 3x (forward + backward), plus the
 generator's FLOPs from XLA's cost analysis of `generate`, 3x; peak 989 TFLOP/s (H100 dense
 bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
-profile of every job and `DIR/summary.{md,json}`, its device time by kind of operation
-(`wdjax/profiling.py`).
+profile of every job under DIR and `speed_<preset>_profile.{md,json}` beside the results: each
+step's device time by kind of operation (`wdjax/profiling.py`).
 """
 
 from __future__ import annotations
@@ -372,8 +372,8 @@ def main(argv=None) -> int:
   ap.add_argument("--parts", action="store_true", help="also time the KD step's teacher and student parts")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
   ap.add_argument("--tag", default="", help="suffix of the output files' names")
-  ap.add_argument("--trace", help="profile every job under this folder: JAX traces (xprof, "
-                  "tensorboard) and summary.{md,json}, each step's device time by kind of operation")
+  ap.add_argument("--trace", help="profile every job: JAX traces (xprof, tensorboard) under this "
+                  "folder, each step's device time by kind of operation in <out>/speed_<preset>_profile.{md,json}")
   ap.add_argument("--no-plot", action="store_true")
   ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge earlier runs' JSON into one table")
   args = ap.parse_args(argv)
@@ -399,8 +399,8 @@ def main(argv=None) -> int:
         json.dumps({"info": info, "rows": rows, "skipped": skipped, "kd_parts": parts}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(table(rows, info) + "\n")
     if profiles:  # where each traced step's time goes, side by side
-      Path(args.trace, "summary.json").write_text(json.dumps(profiles, indent=2) + "\n")
-      Path(args.trace, "summary.md").write_text(profile_table(profiles, info) + "\n")
+      Path(f"{stem}_profile.json").write_text(json.dumps(profiles, indent=2) + "\n")
+      Path(f"{stem}_profile.md").write_text(profile_table(profiles, info) + "\n")
 
   flops_of = {}
   for method, batch, impl in jobs(args.methods, args.batches or preset["batches"]):
