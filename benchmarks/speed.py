@@ -78,6 +78,7 @@ PRESETS = {
                      seq=32, batches=(8,), dtype="float32", steps=60, warmup=5),
 }
 METHODS = ("kd", "ws", "gws", "wd", "wid", "opdf")
+KD = dict(temperature=2.0, alpha=0.9)
 TRACE_STEPS = 5  # steps profiled after the timed ones, with --trace
 
 
@@ -91,7 +92,6 @@ class JobResult(NamedTuple):
   kernels: int | None  # kernels the compiled step launches (JAX)
   first_loss: float  # the first step's loss
   profile: dict | None  # profiling.summarize of TRACE_STEPS steps, with --trace
-KD = dict(temperature=2.0, alpha=0.9)
 
 
 def _configs(preset):
