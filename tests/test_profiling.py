@@ -8,8 +8,9 @@ from wdjax import profiling as ps
 
 
 # A step compiled for a GPU, in the form XLA prints it: a cuBLAS call (tuple-typed: its output
-# and workspace), a Triton gemm fusion, the exact-GELU loop fusion, a weight cast, cuDNN attention,
-# a reduction, a collective and a copy.
+# and workspace), a Triton gemm fusion, the exact-GELU loop fusion (inside a command buffer, a
+# CUDA graph XLA launches as one call), a weight cast, cuDNN attention, a reduction, a
+# collective and a copy.
 GPU_HLO = """HloModule jit_step, is_scheduled=true, entry_computation_layout={(bf16[8,16]{1,0})->bf16[8,32]{0,1}}
 
 %region_0.1 (a: f32[], b: f32[]) -> f32[] {
@@ -29,6 +30,11 @@ GPU_HLO = """HloModule jit_step, is_scheduled=true, entry_computation_layout={(b
   %erf.1 = f32[8,32]{1,0} erf(f32[8,32]{1,0} %convert.1)
   %multiply.1 = f32[8,32]{1,0} multiply(f32[8,32]{1,0} %convert.1, f32[8,32]{1,0} %erf.1)
   ROOT %convert.2 = bf16[8,32]{1,0} convert(f32[8,32]{1,0} %multiply.1)
+}
+
+%command_buffer (p.1: bf16[8,32]) -> bf16[8,32] {
+  %p.1 = bf16[8,32]{1,0} parameter(0)
+  ROOT %loop_multiply_fusion = bf16[8,32]{1,0} fusion(bf16[8,32]{1,0} %p.1), kind=kLoop, calls=%fused_gelu
 }
 
 %triton_gemm (p0: bf16[8,32], p1: bf16[32,32]) -> bf16[8,32] {
@@ -51,8 +57,8 @@ ENTRY %main.9 (Arg_0.1: bf16[8,16], Arg_1.2: f32[16,32], Arg_2.3: bf16[32,32]) -
   %convert_fusion = bf16[16,32]{1,0} fusion(f32[16,32]{1,0} %Arg_1.2), kind=kLoop, calls=%fused_cast
   %custom-call.1 = (bf16[8,32]{1,0}, s8[4194304]{0}) custom-call(bf16[8,16]{1,0} %Arg_0.1, bf16[16,32]{1,0} %convert_fusion), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1}}
   %get-tuple-element.1 = bf16[8,32]{1,0} get-tuple-element((bf16[8,32]{1,0}, s8[4194304]{0}) %custom-call.1), index=0
-  %loop_multiply_fusion = bf16[8,32]{1,0} fusion(bf16[8,32]{1,0} %get-tuple-element.1), kind=kLoop, calls=%fused_gelu
-  %gemm_fusion_dot.1 = bf16[8,32]{1,0} fusion(bf16[8,32]{1,0} %loop_multiply_fusion, bf16[32,32]{1,0} %Arg_2.3), kind=kCustom, calls=%triton_gemm, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %call.7 = bf16[8,32]{1,0} call(bf16[8,32]{1,0} %get-tuple-element.1), to_apply=%command_buffer
+  %gemm_fusion_dot.1 = bf16[8,32]{1,0} fusion(bf16[8,32]{1,0} %call.7, bf16[32,32]{1,0} %Arg_2.3), kind=kCustom, calls=%triton_gemm, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
   %custom-call.2 = (bf16[1,8,2,16]{3,2,1,0}, u8[0]{0}) custom-call(bf16[8,32]{1,0} %gemm_fusion_dot.1), custom_call_target="__cudnn$fmhaSoftmax"
   %input_reduce_fusion = f32[8]{0} fusion(bf16[8,32]{1,0} %gemm_fusion_dot.1), kind=kInput, calls=%fused_reduce
   %all-reduce.1 = f32[8]{0} all-reduce(f32[8]{0} %input_reduce_fusion), replica_groups={}, to_apply=%region_0.1
@@ -63,13 +69,14 @@ ENTRY %main.9 (Arg_0.1: bf16[8,16], Arg_1.2: f32[16,32], Arg_2.3: bf16[32,32]) -
 
 def _gpu_trace(steps: int) -> list[dict]:
   """A GPU profile as jax.profiler writes it: kernels on the device's stream line, most named by
-  their `hlo_op` (two only by kernel name, as XLA names a fusion's kernel), the derived `XLA Ops`
-  line repeating them, host-side launch events, and another program's kernel."""
+  their `hlo_op` (two only by kernel name, as XLA names a fusion's kernel; one by the command
+  buffer's call it ran in), the derived `XLA Ops` line repeating them, host-side launch events,
+  and another program's kernel."""
   meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
           {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
           {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
           {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
-  kernels = [("nvjet_tst_128x64", "custom-call.1", 40), ("loop_multiply_fusion", None, 10),
+  kernels = [("nvjet_tst_128x64", "custom-call.1", 40), ("loop_multiply_fusion", "call.7", 10),
              ("gemm_fusion_dot_1", None, 30), ("cudnn_generated_fort_native_sdpa", "custom-call.2", 20),
              ("input_reduce_fusion", "input_reduce_fusion", 5), ("convert_fusion", "convert_fusion", 3),
              ("ncclDevKernel_AllReduce_Sum_f32", "all-reduce.1", 8), ("copy_1", "copy.1", 2),
@@ -100,7 +107,7 @@ def test_profile_summary_reads_a_gpu_step_by_kind_of_operation():
   assert ps.kernel_count(GPU_HLO) == 6
 
   steps = 3
-  summary = ps.summarize(ps.jax_op_times(_gpu_trace(steps), "jit_step"), steps, hlo)
+  summary = ps.summarize(ps.jax_op_times(_gpu_trace(steps), "jit_step", hlo), steps, hlo)
   got = {k: round(v * 1e3, 6) for k, v in summary["categories"].items()}  # µs per step
   assert got == {"matmul": 70, "attention": 20, "elementwise": 10, "reduction": 5, "copy": 5,
                  "collective": 8, "other": 1}

@@ -179,14 +179,16 @@ def load_trace_events(trace_dir: str | Path) -> list[dict]:
   return events
 
 
-def jax_op_times(events: list[dict], module: str | None = None) -> dict[str, tuple[float, int]]:
+def jax_op_times(events: list[dict], module: str | None = None,
+                 hlo: dict[str, HloOp] | None = None) -> dict[str, tuple[float, int]]:
   """`{op name: (total µs, calls)}` of the device's work in a `jax.profiler` trace.
 
   A GPU's work is its kernel events, on the device's `Stream #...` lines (the trace also derives
   `XLA Ops` / `XLA Modules` lines from them, which would count the same time twice); a TPU's is
-  its `XLA Ops` line; a CPU's, the XLA ops its threads ran. Each is named by its `hlo_op` (else
-  by the kernel's name: XLA names a fusion's kernel after the fusion). `module` (`jit_step`)
-  keeps the events of that program only, when they say which they belong to."""
+  its `XLA Ops` line; a CPU's, the XLA ops its threads ran. Each is named by its `hlo_op`, else by
+  the kernel's own name (XLA names a fusion's kernel after the fusion) — also when `hlo_op` names
+  a loop or call of `hlo` (a GPU's command buffer runs many kernels under its call's name).
+  `module` (`jit_step`) keeps the events of that program only, when they say which they belong to."""
   process = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
   thread = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
@@ -205,6 +207,8 @@ def jax_op_times(events: list[dict], module: str | None = None) -> dict[str, tup
     if module is not None and "hlo_module" in args and not str(args["hlo_module"]).startswith(module):
       continue
     name = args.get("hlo_op", e["name"])
+    if hlo and name in hlo and hlo[name].opcode in NESTING_OPS and name != e["name"]:
+      name = e["name"]
     t, n = times.get(name, (0.0, 0))
     times[name] = (t + float(e.get("dur", 0.0)), n + 1)
   return times
@@ -237,11 +241,12 @@ def summarize(op_times: dict[str, tuple[float, int]], steps: int,
 def jax_summary(trace_dir: str | Path, hlo_text: str, steps: int) -> dict:
   """`summarize` of a `jax.profiler` trace of `steps` runs of the compiled module `hlo_text`."""
   module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
-  times = jax_op_times(load_trace_events(trace_dir), module.group(1) if module else None)
+  hlo = parse_hlo(hlo_text)
+  times = jax_op_times(load_trace_events(trace_dir), module.group(1) if module else None, hlo)
   if not times:
     raise ValueError(f"the trace under {trace_dir} has no events of the module "
                      f"{module.group(1) if module else '?'}")
-  return summarize(times, steps, parse_hlo(hlo_text))
+  return summarize(times, steps, hlo)
 
 
 def table(summaries: dict[str, dict], top: int = 8) -> str:
