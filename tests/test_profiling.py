@@ -69,7 +69,7 @@ ENTRY %main.9 (Arg_0.1: bf16[8,16], Arg_1.2: f32[16,32], Arg_2.3: bf16[32,32]) -
 
 def _gpu_trace(steps: int) -> list[dict]:
   """A GPU profile as jax.profiler writes it: kernels on the device's stream line, most named by
-  their `hlo_op` (two only by kernel name, as XLA names a fusion's kernel; one by the command
+  their `hlo_op` (two only by kernel name, which XLA derives from the fusion's; one by the command
   buffer's call it ran in), the derived `XLA Ops` line repeating them, host-side launch events,
   and another program's kernel."""
   meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
@@ -77,7 +77,7 @@ def _gpu_trace(steps: int) -> list[dict]:
           {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
           {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
   kernels = [("nvjet_tst_128x64", "custom-call.1", 40), ("loop_multiply_fusion", "call.7", 10),
-             ("gemm_fusion_dot_1", None, 30), ("cudnn_generated_fort_native_sdpa", "custom-call.2", 20),
+             ("gemm_fusion_dot_1_impl", None, 30), ("cudnn_generated_fort_native_sdpa", "custom-call.2", 20),
              ("input_reduce_fusion", "input_reduce_fusion", 5), ("convert_fusion", "convert_fusion", 3),
              ("ncclDevKernel_AllReduce_Sum_f32", "all-reduce.1", 8), ("copy_1", "copy.1", 2),
              ("unknown_kernel", None, 1)]
@@ -112,7 +112,7 @@ def test_profile_summary_reads_a_gpu_step_by_kind_of_operation():
   assert got == {"matmul": 70, "attention": 20, "elementwise": 10, "reduction": 5, "copy": 5,
                  "collective": 8, "other": 1}
   assert summary["device_ms"] == pytest.approx(0.119)
-  assert [r["op"] for r in summary["top"][:2]] == ["custom-call.1", "gemm_fusion_dot_1"]
+  assert [r["op"] for r in summary["top"][:2]] == ["custom-call.1", "gemm_fusion_dot_1_impl"]
   assert summary["top"][0]["calls"] == 1 and summary["top"][1]["shape"] == "bf16[8,32]"
 
 

@@ -225,7 +225,7 @@ def summarize(op_times: dict[str, tuple[float, int]], steps: int,
   by_category = dict.fromkeys(CATEGORIES, 0.0)
   rows = []
   for name, (us, calls) in op_times.items():
-    op = hlo.get(name) or kernels.get(name)
+    op = hlo.get(name) or _op_of_kernel(name, kernels)
     if op is not None and op.opcode in NESTING_OPS:
       continue  # a CPU's loop or call event spans its body's ops, which are counted themselves
     category = op.category if op else kernel_category(name)
@@ -236,6 +236,17 @@ def summarize(op_times: dict[str, tuple[float, int]], steps: int,
   rows.sort(key=lambda r: -r["ms"])
   return {"device_ms": sum(by_category.values()), "categories": by_category, "top": rows[:top],
           "steps": steps}
+
+
+def _op_of_kernel(name: str, kernels: dict[str, HloOp]) -> HloOp | None:
+  """The op whose sanitized name (`loop_add_fusion.3` -> `loop_add_fusion_3`) is the kernel's
+  name, or its longest `_`-separated prefix of two parts or more (a kernel of a fusion may carry
+  a suffix of its own, `gemm_fusion_dot_3_impl`)."""
+  parts = name.split("_")
+  for i in range(len(parts), 1, -1):
+    if (op := kernels.get("_".join(parts[:i]))) is not None:
+      return op
+  return None
 
 
 def jax_summary(trace_dir: str | Path, hlo_text: str, steps: int) -> dict:
