@@ -221,7 +221,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
     with jax.profiler.trace(preset["trace_dir"]):
       for i in range(TRACE_STEPS):
         jax.block_until_ready(run(i))
-    profile = profiling.jax_summary(preset["trace_dir"], jitted.as_text(), TRACE_STEPS)
+    profile = _summary(lambda: profiling.jax_summary(preset["trace_dir"], jitted.as_text(), TRACE_STEPS))
   return JobResult(median, lower_s + compile_s, gen_flops, peak, kernels, float(first["loss"]), profile)
 
 
@@ -280,8 +280,17 @@ def torch_step(method, preset, batch, compiled):
     with torch.profiler.profile(activities=activities) as prof:
       for i in range(TRACE_STEPS):
         sync(run(i))
-    profile = torch_summary(prof, TRACE_STEPS)
+    profile = _summary(lambda: torch_summary(prof, TRACE_STEPS))
   return JobResult(median, compile_s, None, peak, None, first.item(), profile)
+
+
+def _summary(make) -> dict | None:
+  """`make()`, or None when the profile cannot be summarised: the row's timing stands without it."""
+  try:
+    return make()
+  except Exception as e:  # noqa: BLE001
+    print(f"  no profile summary: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return None
 
 
 def torch_summary(prof, steps: int) -> dict:
