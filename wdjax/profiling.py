@@ -17,7 +17,9 @@ A JAX op is classified from the compiled HLO it ran (the trace gives each device
 A PyTorch kernel, which carries only its name, is classified by name; the same rules classify a
 JAX event whose op is not in the HLO given. Times are summed per step: on a GPU that is kernel
 time (streams can overlap, so it can differ from the wall time); on a CPU it is the time of each
-op on its thread.
+op on its thread (XLA runs independent ops side by side, each slower than alone). Steps of
+another shape (batches padded to another length) run another program of the same name, whose
+ops are read against the HLO given: their time is counted, their classification assumed alike.
 """
 
 from __future__ import annotations
