@@ -494,11 +494,25 @@ def table(rows, info) -> str:
 
 
 def profile_table(profiles: dict, info: dict) -> str:
+  """The profiles side by side, then, for every method and batch with a wdjax and a torch
+  profile, wdjax's time minus torch's per kind of operation: where the gap between them is."""
+  gaps = ["", "Where wdjax's step differs from torch's: wdjax minus torch, ms per step "
+          "(positive: wdjax spends more).", "",
+          "| method | tokens | vs | total | " + " | ".join(profiling.CATEGORIES) + " |",
+          "|" + "---|" * (len(profiling.CATEGORIES) + 4)]
+  for job, p in profiles.items():
+    method, impl, tokens = job.split()
+    for other in ("torch-compile", "torch-eager"):
+      q = profiles.get(f"{method} {other} {tokens}")
+      if impl == "wdjax" and q:
+        cells = [f"{p['categories'][c] - q['categories'][c]:+.2f}" for c in profiling.CATEGORIES]
+        gaps.append(f"| {method} | {tokens} | {other} | {p['device_ms'] - q['device_ms']:+.2f} | "
+                    + " | ".join(cells) + " |")
   return "\n".join([
       f"Device time per step by kind of operation ({profiling.__name__}; {TRACE_STEPS} steps "
       f"profiled after the timed ones): {info['device']} (jax {info['jax']}), torch {info['torch']} on "
       f"{info['torch_device']}. On a GPU, kernel time (streams can overlap); on a CPU, each op's "
-      "time on its thread.", "", profiling.table(profiles)])
+      "time on its thread.", "", profiling.table(profiles)] + (gaps if len(gaps) > 5 else []))
 
 
 def _loss(x) -> str:

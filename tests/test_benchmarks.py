@@ -52,4 +52,9 @@ def test_speed_harness_rows_start_from_the_same_loss_in_every_implementation(tmp
       assert all(r["shape"] for r in p["top"]) and p["categories"]["attention"] == 0, job
   assert profiles["kd torch-eager 128"]["categories"]["attention"] > 0  # SDPA
   assert rows[("kd", "wdjax")]["profile_ms"] == profiles["kd wdjax 128"]["categories"]
-  assert "| kd wdjax 128 |" in (tmp_path / "speed_cpu_profile.md").read_text()
+  summary = (tmp_path / "speed_cpu_profile.md").read_text()
+  assert "| kd wdjax 128 |" in summary
+  gap = next(line for line in summary.splitlines() if line.startswith("| kd | 128 | torch-eager |"))
+  total = float(gap.split("|")[4])  # wdjax's device time minus torch's, per step
+  want = profiles["kd wdjax 128"]["device_ms"] - profiles["kd torch-eager 128"]["device_ms"]
+  assert total == pytest.approx(want, abs=0.01)
