@@ -205,7 +205,8 @@ def wdjax_step(method, preset, batch, handwritten=False):
   t0 = time.perf_counter()  # compiled ahead, so the memory analysis costs no second compile
   jitted = jax.jit(step, donate_argnums=0).lower(state, t_params, batches[0]).compile()
   lower_s = time.perf_counter() - t0
-  kernels = profiling.kernel_count(jitted.as_text())
+  hlo_text = jitted.as_text()
+  kernels = profiling.kernel_count(hlo_text)
   mem = jitted.memory_analysis()
   peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
@@ -221,7 +222,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
     with jax.profiler.trace(preset["trace_dir"]):
       for i in range(TRACE_STEPS):
         jax.block_until_ready(run(i))
-    profile = _summary(lambda: profiling.jax_summary(preset["trace_dir"], jitted.as_text(), TRACE_STEPS))
+    profile = _summary(lambda: profiling.jax_summary(preset["trace_dir"], hlo_text, TRACE_STEPS))
   return JobResult(median, lower_s + compile_s, gen_flops, peak, kernels, float(first["loss"]), profile)
 
 

@@ -60,6 +60,7 @@ class _Profiler:
     self.first = start + PROFILE_SKIP + 1
     self.last = min(spec.total_steps, start + PROFILE_SKIP + spec.profile_steps)
     self.dir, self.progress, self.on, self.name = spec.profile_dir, progress, False, spec.name
+    self.train_step = spec.train_step
     if jax.process_count() > 1:
       self.dir = f"{self.dir}/process_{jax.process_index()}"
     if spec.profile_steps and self.last < self.first:
@@ -71,21 +72,23 @@ class _Profiler:
       jax.profiler.start_trace(self.dir)
       self.on = True
 
-  def after(self, step: int, state: Any, step_hlo: Callable[[], str]) -> None:
-    """`step_hlo()`: the compiled training step's HLO text, which names what each traced op did."""
+  def after(self, step: int, state: Any, teacher_params: Any, batch: dict) -> None:
+    """After the step that made `state` from `batch`."""
     if self.on and step == self.last:
       jax.block_until_ready(state)  # the trace holds the traced steps' device work
       self.stop()
       self.progress.write(f"profile of steps {self.first}-{self.last} in {self.dir} "
                           "(tensorboard --logdir, or xprof)")
-      self.summarize(step_hlo)
+      self.summarize(state, teacher_params, batch)
 
-  def summarize(self, step_hlo: Callable[[], str]) -> None:
+  def summarize(self, state: Any, teacher_params: Any, batch: dict) -> None:
     """Device time per step by kind of operation, logged and written to `summary.{md,json}`
-    beside the trace. The trace is the profile; a summary that cannot be made is reported, not
-    raised."""
+    beside the trace, the ops read against the compiled step's HLO (compiled again for its text:
+    a hit in the compilation cache). The trace is the profile; a summary that cannot be made is
+    reported, not raised."""
     try:
-      summary = profiling.jax_summary(self.dir, step_hlo(), self.last - self.first + 1)
+      hlo_text = self.train_step.lower(state, teacher_params, batch).compile().as_text()
+      summary = profiling.jax_summary(self.dir, hlo_text, self.last - self.first + 1)
     except Exception as e:  # noqa: BLE001 - the run must go on
       self.progress.write(f"[{self.name}] no profile summary: {type(e).__name__}: {e}")
       return
@@ -181,8 +184,7 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
       profiler.before(step)
       batch = spec.get_batch(step - 1)
       state, metrics = spec.train_step(state, teacher_params, batch)
-      profiler.after(step, state, lambda: spec.train_step.lower(state, teacher_params, batch)
-                     .compile().as_text())
+      profiler.after(step, state, teacher_params, batch)
       due_log = step % spec.log_every == 0 or step == spec.total_steps
       due_ckpt = step == spec.total_steps or (spec.checkpointer.every > 0
                                                 and step % spec.checkpointer.every == 0)
