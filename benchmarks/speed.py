@@ -219,6 +219,8 @@ def wdjax_step(method, preset, batch, handwritten=False):
   median, compile_s, first = _time(run, preset["steps"], preset["warmup"], jax.block_until_ready)
   profile = None
   if preset.get("trace_dir"):  # a profile of a few more steps, for xprof / tensorboard
+    Path(preset["trace_dir"]).mkdir(parents=True, exist_ok=True)
+    Path(preset["trace_dir"], "step.hlo.txt").write_text(hlo_text)  # what the trace's ops are
     with jax.profiler.trace(preset["trace_dir"]):
       for i in range(TRACE_STEPS):
         jax.block_until_ready(run(i))
@@ -341,6 +343,8 @@ def jobs(methods, batches):
 
 
 def run_job(method, batch, impl, preset, trace: str | None = None) -> JobResult:
+  if trace and impl.startswith("torch"):
+    return _torch_job_apart(method, batch, impl, preset, trace)
   if trace:
     preset = dict(preset, trace_dir=f"{trace}/{method}_{impl}_{batch}")
   if impl == "wdjax-cached":
@@ -350,6 +354,29 @@ def run_job(method, batch, impl, preset, trace: str | None = None) -> JobResult:
   if impl == "jax-handwritten":
     return wdjax_step(method, preset, batch, handwritten=True)
   return torch_step(method, preset, batch, compiled=impl == "torch-compile")
+
+
+def _torch_job_apart(method, batch, impl, preset, trace: str) -> JobResult:
+  """A profiled torch job, run in a process of its own. torch.profiler leaves CUPTI subscribed
+  when it ends, which on a GPU stops every later `jax.profiler` trace in the process
+  (CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED) and slowed later torch steps 2x (H100)."""
+  import subprocess
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    job = Path(tmp, "job.json")
+    job.write_text(json.dumps({"method": method, "batch": batch, "impl": impl, "preset": preset,
+                               "trace": trace}))
+    subprocess.run([sys.executable, __file__, "--one-job", str(job)], check=True)
+    return JobResult(**json.loads(job.read_text())["result"])
+
+
+def _one_job(path: str) -> int:
+  """Runs the job `_torch_job_apart` wrote to `path` and writes its result there."""
+  job = json.loads(Path(path).read_text())
+  preset = dict(job["preset"], trace_dir=f"{job['trace']}/{job['method']}_{job['impl']}_{job['batch']}")
+  res = torch_step(job["method"], preset, job["batch"], compiled=job["impl"] == "torch-compile")
+  Path(path).write_text(json.dumps(dict(job, result=res._asdict())))
+  return 0
 
 
 def attention_of(impl: str, preset: dict) -> str:
@@ -386,7 +413,10 @@ def main(argv=None) -> int:
                   "folder, each step's device time by kind of operation in <out>/speed_<preset>_profile.{md,json}")
   ap.add_argument("--no-plot", action="store_true")
   ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge earlier runs' JSON into one table")
+  ap.add_argument("--one-job", help=argparse.SUPPRESS)  # a torch job apart (_torch_job_apart)
   args = ap.parse_args(argv)
+  if args.one_job:
+    return _one_job(args.one_job)
   if args.merge:
     merge(args.merge, Path(args.out) / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}")
     return 0

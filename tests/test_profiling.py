@@ -70,7 +70,7 @@ ENTRY %main.9 (Arg_0.1: bf16[8,16], Arg_1.2: f32[16,32], Arg_2.3: bf16[32,32]) -
 def _gpu_trace(steps: int) -> list[dict]:
   """A GPU profile as jax.profiler writes it: kernels on the device's stream line, most named by
   their `hlo_op` (two only by kernel name, which XLA derives from the fusion's; one by the command
-  buffer's call it ran in), the derived `XLA Ops` line repeating them, host-side launch events,
+  buffer's call it ran in, one by the command buffer's own name, as an H100 trace gave it), the derived `XLA Ops` line repeating them, host-side launch events,
   and another program's kernel."""
   meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
           {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
@@ -78,7 +78,7 @@ def _gpu_trace(steps: int) -> list[dict]:
           {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
   kernels = [("nvjet_tst_128x64", "custom-call.1", 40), ("loop_multiply_fusion", "call.7", 10),
              ("gemm_fusion_dot_1_impl", None, 30), ("cudnn_generated_fort_native_sdpa", "custom-call.2", 20),
-             ("input_reduce_fusion", "input_reduce_fusion", 5), ("convert_fusion", "convert_fusion", 3),
+             ("input_reduce_fusion", "input_reduce_fusion", 5), ("convert_fusion", "command_buffer_1", 3),
              ("ncclDevKernel_AllReduce_Sum_f32", "all-reduce.1", 8), ("copy_1", "copy.1", 2),
              ("unknown_kernel", None, 1)]
   events = list(meta)

@@ -189,7 +189,8 @@ def jax_op_times(events: list[dict], module: str | None = None,
   `XLA Ops` / `XLA Modules` lines from them, which would count the same time twice); a TPU's is
   its `XLA Ops` line; a CPU's, the XLA ops its threads ran. Each is named by its `hlo_op`, else by
   the kernel's own name (XLA names a fusion's kernel after the fusion) — also when `hlo_op` names
-  a loop or call of `hlo` (a GPU's command buffer runs many kernels under its call's name). A
+  a loop or call of `hlo`, or no instruction of it (a GPU's command buffer runs many kernels under
+  its own name, `command_buffer_1`). A
   CPU's event of a loop or call itself is left out: it spans its body's ops, counted themselves.
   `module` (`jit_step`) keeps the events of that program only, when they say which they belong to."""
   process = {e["pid"]: e["args"]["name"] for e in events
@@ -210,10 +211,10 @@ def jax_op_times(events: list[dict], module: str | None = None,
     if module is not None and "hlo_module" in args and not str(args["hlo_module"]).startswith(module):
       continue
     name = args.get("hlo_op", e["name"])
-    if hlo and name in hlo and hlo[name].opcode in NESTING_OPS:
-      if name == e["name"]:
-        continue
-      name = e["name"]
+    if hlo and name in hlo and hlo[name].opcode in NESTING_OPS and name == e["name"]:
+      continue
+    if hlo and (name not in hlo or hlo[name].opcode in NESTING_OPS):
+      name = e["name"]  # a kernel run by a command buffer carries the buffer's name (command_buffer_1)
     t, n = times.get(name, (0.0, 0))
     times[name] = (t + float(e.get("dur", 0.0)), n + 1)
   return times
