@@ -207,6 +207,17 @@ class Attention(nnx.Module):
     return self.o(ctx)
 
 
+def gelu(x: Array) -> Array:
+  """Exact GELU, 0.5·x·(1 + erf(x/√2)), as BERT's and PyTorch's `gelu` compute it: in float32,
+  rounded once to `x`'s dtype. Same shape as `x`.
+
+  Not `jax.nn.gelu(approximate=False)`: that evaluates erfc(-x/√2), whose XLA lowering computes
+  both of erfc's branches (an exponential and two divisions per element), and the teacher's GELU
+  over [32768, 3072] took 0.45 ms a layer on an H100 against 0.15 ms for PyTorch's."""
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
+
+
 class Mlp(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
@@ -214,7 +225,7 @@ class Mlp(nnx.Module):
     self.down = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
 
   def __call__(self, x: Array, capture: dict | None = None) -> Array:
-    h = jax.nn.gelu(self.up(x), approximate=False)
+    h = gelu(self.up(x))
     if capture is not None:
       capture["ffn"] = h  # [batch, seq, intermediate]: the FFN-inner space (input of down)
     return self.down(h)
@@ -339,7 +350,7 @@ class MaskedLM(nnx.Module):
                      hidden_keep=hidden_keep)
     if positions is not None:
       h = jnp.take_along_axis(h, positions[..., None], axis=1)
-    h = _norm(self.mlm_ln, jax.nn.gelu(self.mlm_dense(h), approximate=False), hidden_keep)
+    h = _norm(self.mlm_ln, gelu(self.mlm_dense(h)), hidden_keep)
     h = h.astype(self.cfg.compute_dtype)
     table = self.encoder.embeddings.word.embedding[...].astype(self.cfg.compute_dtype)
     return (h @ table.T).astype(jnp.float32) + self.mlm_bias[...]
