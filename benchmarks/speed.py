@@ -291,7 +291,7 @@ def torch_step(method, preset, batch, compiled):
     with torch.profiler.profile(activities=activities) as prof:
       for i in range(TRACE_STEPS):
         sync(run(i))
-    profile = _summary(lambda: torch_summary(prof, TRACE_STEPS))
+    profile = _summary(lambda: torch_summary(prof.key_averages(), TRACE_STEPS))
   return JobResult(median, compile_s, None, peak, None, first.item(), profile)
 
 
@@ -304,14 +304,16 @@ def _summary(make) -> dict | None:
     return None
 
 
-def torch_summary(prof, steps: int) -> dict:
-  """`summarize` of a `torch.profiler.profile` of `steps` steps: CUDA kernels by their device
-  time when there are any, else (a CPU run) every op by its own (self) CPU time."""
-  averages = prof.key_averages()
+def torch_summary(averages, steps: int) -> dict:
+  """`summarize` of `steps` steps' `torch.profiler.profile(...).key_averages()`: CUDA kernels by
+  their device time when there are any, else (a CPU run) every op by its own (self) CPU time.
+  On a GPU a record_function label (`Optimizer.step#AdamW.step`) is left out: it spans kernels
+  that are counted themselves."""
+  label = lambda a: "#" in a.key or a.key.startswith("ProfilerStep")
   device = [a for a in averages if getattr(a, "self_device_time_total", 0) > 0
             and "CUDA" in str(getattr(a, "device_type", ""))]
   if device:
-    times = {a.key: (float(a.self_device_time_total), a.count) for a in device}
+    times = {a.key: (float(a.self_device_time_total), a.count) for a in device if not label(a)}
   else:
     times = {a.key: (float(a.self_cpu_time_total), a.count) for a in averages
              if a.self_cpu_time_total > 0 and not a.key.startswith("ProfilerStep")}

@@ -58,3 +58,20 @@ def test_speed_harness_rows_start_from_the_same_loss_in_every_implementation(tmp
   total = float(gap.split("|")[4])  # wdjax's device time minus torch's, per step
   want = profiles["kd wdjax 128"]["device_ms"] - profiles["kd torch-eager 128"]["device_ms"]
   assert total == pytest.approx(want, abs=0.01)
+
+
+def test_torch_gpu_profile_counts_kernels_not_the_labels_spanning_them():
+  # key_averages() rows as torch.profiler gives them on a GPU: the optimizer's record_function
+  # label carries the device time of the fused AdamW kernel it launched, which has its own row
+  from types import SimpleNamespace as Row
+  cuda = "DeviceType.CUDA"
+  rows = [Row(key="nvjet_sm90_tst_256x128", self_device_time_total=500.0, count=2, device_type=cuda),
+          Row(key="multi_tensor_apply_kernel<FusedAdamMathFunctor>", self_device_time_total=100.0,
+              count=2, device_type=cuda),
+          Row(key="Optimizer.step#AdamW.step", self_device_time_total=100.0, count=2, device_type=cuda),
+          Row(key="ProfilerStep#1", self_device_time_total=600.0, count=1, device_type=cuda),
+          Row(key="aten::mm", self_device_time_total=0.0, count=2, device_type="DeviceType.CPU")]
+  summary = speed.torch_summary(rows, steps=2)
+  assert summary["device_ms"] == pytest.approx(0.3)  # (500 + 100) µs over 2 steps
+  assert summary["categories"]["matmul"] == pytest.approx(0.25) and summary["categories"]["other"] == 0
+  assert summary["calls"] == 2

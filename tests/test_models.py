@@ -171,3 +171,18 @@ def test_mlm_logits_at_positions_equal_the_full_logits_there():
   some = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=pos))
   np.testing.assert_allclose(some, np.take_along_axis(full, np.asarray(pos)[..., None], axis=1),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_is_the_exact_gelu_torch_computes():
+  x = np.random.default_rng(0).normal(0.0, 3.0, 20000).astype(np.float32)
+  want = torch.nn.functional.gelu(torch.tensor(x)).numpy()  # erf form, as BERT's "gelu"
+  np.testing.assert_allclose(np.asarray(bert.gelu(jnp.asarray(x))), want, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(bert.gelu(jnp.asarray(x))),
+                             np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False)), atol=2e-6)
+  # bf16 in, bf16 out, computed in f32 and rounded once, as torch's bf16 gelu is: at most one
+  # bf16 step (at most 2^-7 relative) apart where erf's two approximations round differently
+  xb = torch.tensor(x).bfloat16()
+  got = bert.gelu(jnp.asarray(xb.float().numpy()).astype(jnp.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)),
+                             torch.nn.functional.gelu(xb).float().numpy(), rtol=2 ** -7, atol=1e-6)

@@ -112,6 +112,7 @@ def test_profile_summary_reads_a_gpu_step_by_kind_of_operation():
   assert got == {"matmul": 70, "attention": 20, "elementwise": 10, "reduction": 5, "copy": 5,
                  "collective": 8, "other": 1}
   assert summary["device_ms"] == pytest.approx(0.119)
+  assert summary["calls"] == 9  # kernels launched per step, the other program's left out
   assert [r["op"] for r in summary["top"][:2]] == ["custom-call.1", "gemm_fusion_dot_1_impl"]
   assert summary["top"][0]["calls"] == 1 and summary["top"][1]["shape"] == "bf16[8,32]"
 

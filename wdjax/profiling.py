@@ -239,7 +239,7 @@ def summarize(op_times: dict[str, tuple[float, int]], steps: int,
                  "shape": op.shape if op else "", "detail": op.detail if op else ""})
   rows.sort(key=lambda r: -r["ms"])
   return {"device_ms": sum(by_category.values()), "categories": by_category, "top": rows[:top],
-          "steps": steps}
+          "steps": steps, "calls": sum(r["calls"] for r in rows)}
 
 
 def _op_of_kernel(name: str, kernels: dict[str, HloOp]) -> HloOp | None:
@@ -267,14 +267,15 @@ def jax_summary(trace_dir: str | Path, hlo_text: str, steps: int) -> dict:
 def table(summaries: dict[str, dict], top: int = 8) -> str:
   """Markdown: one row per job (ms per step by category, share of the total), then each job's
   costliest ops."""
-  head = "| job | device ms/step | " + " | ".join(CATEGORIES) + " |"
+  head = "| job | device ms/step | calls/step | " + " | ".join(CATEGORIES) + " |"
   lines = ["Milliseconds of device time per step by kind of operation (share of the total); calls: "
            "events per step (a CPU runs a large op as several tasks, one event each).", "",
-           head, "|" + "---|" * (len(CATEGORIES) + 2)]
+           head, "|" + "---|" * (len(CATEGORIES) + 3)]
   for job, s in summaries.items():
     total = s["device_ms"] or 1.0
     cells = [f"{s['categories'][c]:.2f} ({100 * s['categories'][c] / total:.0f}%)" for c in CATEGORIES]
-    lines.append(f"| {job} | {s['device_ms']:.2f} | " + " | ".join(cells) + " |")
+    calls = f"{s['calls']:g}" if "calls" in s else "-"
+    lines.append(f"| {job} | {s['device_ms']:.2f} | {calls} | " + " | ".join(cells) + " |")
   for job, s in summaries.items():
     lines += ["", f"{job}: costliest ops per step", "",
               "| op | category | ms | calls | shape | what |", "|---|---|---|---|---|---|"]
