@@ -186,3 +186,26 @@ def test_gelu_is_the_exact_gelu_torch_computes():
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)),
                              torch.nn.functional.gelu(xb).float().numpy(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_bert_embeddings_equal_table_lookups_and_their_gradients():
+  # positions are a slice of their table and token types a one-hot product (gradients without
+  # scatter-adds): the same values and gradients as looking every token's rows up
+  cfg = bert.EncoderConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4,
+                           intermediate_size=64, max_position_embeddings=16, type_vocab_size=2)
+  emb = bert.Embeddings(cfg, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  ids, types = jnp.asarray(rng.integers(0, 100, (3, 10))), jnp.asarray(rng.integers(0, 2, (3, 10)))
+  mask = jnp.ones_like(ids)
+
+  def looked_up(e):
+    x = e.word(ids) + e.position(jnp.broadcast_to(jnp.arange(10), ids.shape)) + e.token_type(types)
+    return bert._norm(e.ln, x, None)
+
+  np.testing.assert_array_equal(np.asarray(emb(ids, mask, types, None)), np.asarray(looked_up(emb)))
+  grads = [nnx.grad(lambda e: jnp.sum(jnp.sin(f(e))))(emb)
+           for f in (lambda e: e(ids, mask, types, None), looked_up)]
+  for got, want in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  with pytest.raises(WdjaxError, match="longer than the model's 16 positions"):
+    emb(jnp.zeros((1, 17), jnp.int32), jnp.ones((1, 17), jnp.int32), None, None)
