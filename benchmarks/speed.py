@@ -14,6 +14,9 @@ random draw, converted) and each batch (32k and 4k tokens per step on gpu), one 
   and `optax.adamw`, no wdjax machinery: the library-overhead reference;
 - `torch-eager` and `torch-compile`: benchmarks/torch_ref as a PyTorch user writes it (SDPA
   attention, AdamW fused on CUDA, bf16 autocast on CUDA), eager and under `torch.compile`;
+- `torch-graphs`: the same under `torch.compile(mode="reduce-overhead")`, forward and backward
+  replayed as CUDA graphs (on a CPU, plain `torch.compile`): the PyTorch step without its host
+  overhead, which the generators' many small tensors make the larger part of torch's step;
 - `wdjax-cached` (kd only): wdjax's step as `wdjax distill` runs it by default, on teacher
   logits computed once per run (`kd.cache_teacher_logits`; the teacher is frozen and the inputs
   repeat every epoch). Not the step the others time (no teacher forward; its MFU counts the
@@ -81,6 +84,7 @@ METHODS = ("kd", "ws", "gws", "wd", "wid", "opdf")
 KD = dict(temperature=2.0, alpha=0.9)
 TRACE_STEPS = 5  # steps profiled after the timed ones, with --trace
 WINDOW = 5  # steps timed back to back between synchronisations
+TORCH_MODES = {"torch-eager": None, "torch-compile": "default", "torch-graphs": "reduce-overhead"}
 
 
 class JobResult(NamedTuple):
@@ -236,7 +240,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
   return JobResult(median, lower_s + compile_s, gen_flops, peak, kernels, float(first["loss"]), profile)
 
 
-def torch_step(method, preset, batch, compiled):
+def torch_step(method, preset, batch, impl):
   import torch
   from benchmarks.torch_ref import generators as tgen
   from benchmarks.torch_ref.model import BertShape, classifier_logits
@@ -268,16 +272,20 @@ def torch_step(method, preset, batch, compiled):
       loss = loss + tgen.opdf_constraint(gp, targets, gen_jax.constraint_lambda, len(gen_jax.factors))
     return loss
 
-  fwd_bwd = torch.compile(loss_fn) if compiled else loss_fn
+  mode = TORCH_MODES[impl]
+  graphs = mode == "reduce-overhead"
+  fwd_bwd = loss_fn if mode is None else torch.compile(loss_fn, mode=mode)
   batches = [{k: torch.tensor(v).to(dev) for k, v in _batch(preset, batch, i).items()} for i in range(4)]
 
   def run(i):
     b = batches[i % 4]
+    if graphs:  # a new step: the graphs' outputs of the last one may be overwritten
+      torch.compiler.cudagraph_mark_step_begin()
     opt.zero_grad(set_to_none=True)
     loss = fwd_bwd(gen, b["input_ids"].long(), b["attention_mask"], b["labels"].long())
     loss.backward()
     opt.step()
-    return loss
+    return loss.detach().clone() if graphs else loss  # a graph's output is its replay's buffer
 
   sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda x: x.item())
   if dev == "cuda":
@@ -347,7 +355,7 @@ def jobs(methods, batches):
   for batch in batches:
     for method in methods:
       impls = ["wdjax"] + (["wdjax-xla", "jax-handwritten"] if method == "kd" else [])
-      impls += ["torch-eager", "torch-compile"] + (["wdjax-cached"] if method == "kd" else [])
+      impls += ["torch-eager", "torch-compile", "torch-graphs"] + (["wdjax-cached"] if method == "kd" else [])
       out += [(method, batch, impl) for impl in impls]
   return out
 
@@ -363,7 +371,7 @@ def run_job(method, batch, impl, preset, trace: str | None = None) -> JobResult:
     return wdjax_step(method, dict(preset, attention="xla") if impl == "wdjax-xla" else preset, batch)
   if impl == "jax-handwritten":
     return wdjax_step(method, preset, batch, handwritten=True)
-  return torch_step(method, preset, batch, compiled=impl == "torch-compile")
+  return torch_step(method, preset, batch, impl)
 
 
 def _torch_job_apart(method, batch, impl, preset, trace: str) -> JobResult:
@@ -384,7 +392,7 @@ def _one_job(path: str) -> int:
   """Runs the job `_torch_job_apart` wrote to `path` and writes its result there."""
   job = json.loads(Path(path).read_text())
   preset = dict(job["preset"], trace_dir=f"{job['trace']}/{job['method']}_{job['impl']}_{job['batch']}")
-  res = torch_step(job["method"], preset, job["batch"], compiled=job["impl"] == "torch-compile")
+  res = torch_step(job["method"], preset, job["batch"], job["impl"])
   Path(path).write_text(json.dumps(dict(job, result=res._asdict())))
   return 0
 
@@ -515,8 +523,8 @@ def table(rows, info) -> str:
            "loss: the first step's loss, from the draw every implementation of a method starts from "
            "(equal up to the dtype's rounding: they time the same computation).",
            "", "| method | tokens/step | impl | attention | run | step (ms) | tokens/s | vs torch-compile | "
-           "vs torch-eager | step / KD | kernels | MFU | peak mem | compile (s) | first loss |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "vs torch-graphs | vs torch-eager | step / KD | kernels | MFU | peak mem | compile (s) | first loss |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   ref = {(r.get("run"), r["method"], r["tokens_per_step"], r["impl"], r.get("attention")): r["step_ms"]
          for r in rows}
   ref.update({k[:4]: v for k, v in ref.items()})  # any attention, when a run has one of the impl
@@ -529,7 +537,7 @@ def table(rows, info) -> str:
     mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a"
     lines.append(f"| {r['method']} | {r['tokens_per_step']} | {r['impl']} | {r.get('attention', '-')} | "
                  f"{r.get('run', '-')} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {vs('torch-compile')} | "
-                 f"{vs('torch-eager')} | {over} | {r.get('hlo_kernels') or '-'} | {mfu} | {mem} | "
+                 f"{vs('torch-graphs')} | {vs('torch-eager')} | {over} | {r.get('hlo_kernels') or '-'} | {mfu} | {mem} | "
                  f"{r['compile_s']:.1f} | {_loss(r.get('first_loss'))} |")
   return "\n".join(lines)
 
@@ -543,7 +551,7 @@ def profile_table(profiles: dict, info: dict) -> str:
           "|" + "---|" * (len(profiling.CATEGORIES) + 4)]
   for job, p in profiles.items():
     method, impl, tokens = job.split()
-    for other in ("torch-compile", "torch-eager"):
+    for other in ("torch-compile", "torch-graphs", "torch-eager"):
       q = profiles.get(f"{method} {other} {tokens}")
       if impl == "wdjax" and q:
         cells = [f"{p['categories'][c] - q['categories'][c]:+.2f}" for c in profiling.CATEGORIES]
