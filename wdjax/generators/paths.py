@@ -248,12 +248,16 @@ def project_stacked(x: jax.Array, maps: tuple[jax.Array | None, ...]) -> jax.Arr
   every slice, either one `[d_t, d_s]` map shared by all L or one per slice, `[L, d_t, d_s]`
   (a batched matrix product: one kernel where L separate products would be L)."""
   n = x.ndim
+  operands, out = [x, list(range(n))], list(range(n))
   for axis, m in enumerate(maps):
-    if m is not None:
-      out = list(range(n))
-      out[axis + 1] = n  # the student-side index replaces the teacher-side one in place
-      x = jnp.einsum(x, list(range(n)), m, ([0] if m.ndim == 3 else []) + [axis + 1, n], out)
-  return x
+    if m is not None:  # the student-side index (n + axis) replaces the teacher-side one in place
+      operands += [m, ([0] if m.ndim == 3 else []) + [axis + 1, n + axis]]
+      out[axis + 1] = n + axis
+  if len(operands) == 2:
+    return x
+  # one contraction, so the cheapest order is chosen: a [3072, 768] -> [1536, 384] FFN kernel
+  # costs 2.7 GFLOP contracting its 768 side first, 4.1 contracting its 3072 side first
+  return jnp.einsum(*operands, out, optimize="optimal")
 
 
 def stack_sources(t_flat: dict[str, jax.Array], sources: list[list[str]],
