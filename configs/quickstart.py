@@ -11,7 +11,7 @@ Result (seed 0, test split of 1,320 snippets, best-validation checkpoint):
   | model                                   | test accuracy |
   |-----------------------------------------|---------------|
   | teacher, all-MiniLM-L6-v2 fine-tuned    | 82.42         |
-  | student 3x192, logit KD (T=2, a=0.9)    | 77.65         |
+  | student 3x192, logit KD (T=2, a=0.9)    | 77.35         |
   | student 3x192, CE only, same 652 steps  | 75.83         |
 """
 
