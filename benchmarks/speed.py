@@ -363,10 +363,10 @@ def jobs(methods, batches):
 
 
 def run_job(method, batch, impl, preset, trace: str | None = None) -> JobResult:
-  if trace and impl.startswith("torch"):
-    return _torch_job_apart(method, batch, impl, preset, trace)
   if trace:
     preset = dict(preset, trace_dir=f"{trace}/{method}_{impl}_{batch}")
+    if impl.startswith("torch"):
+      return _torch_job_apart(method, batch, impl, preset)
   if impl == "wdjax-cached":
     return wdjax_step(method, dict(preset, cached_logits=True), batch)
   if impl.startswith("wdjax"):
@@ -376,7 +376,7 @@ def run_job(method, batch, impl, preset, trace: str | None = None) -> JobResult:
   return torch_step(method, preset, batch, impl)
 
 
-def _torch_job_apart(method, batch, impl, preset, trace: str) -> JobResult:
+def _torch_job_apart(method, batch, impl, preset) -> JobResult:
   """A profiled torch job, run in a process of its own. torch.profiler leaves CUPTI subscribed
   when it ends, which on a GPU stops every later `jax.profiler` trace in the process
   (CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED) and slowed later torch steps 2x (H100)."""
@@ -384,8 +384,7 @@ def _torch_job_apart(method, batch, impl, preset, trace: str) -> JobResult:
   import tempfile
   with tempfile.TemporaryDirectory() as tmp:
     job = Path(tmp, "job.json")
-    job.write_text(json.dumps({"method": method, "batch": batch, "impl": impl, "preset": preset,
-                               "trace": trace}))
+    job.write_text(json.dumps({"method": method, "batch": batch, "impl": impl, "preset": preset}))
     subprocess.run([sys.executable, __file__, "--one-job", str(job)], check=True)
     return JobResult(**json.loads(job.read_text())["result"])
 
@@ -393,8 +392,7 @@ def _torch_job_apart(method, batch, impl, preset, trace: str) -> JobResult:
 def _one_job(path: str) -> int:
   """Runs the job `_torch_job_apart` wrote to `path` and writes its result there."""
   job = json.loads(Path(path).read_text())
-  preset = dict(job["preset"], trace_dir=f"{job['trace']}/{job['method']}_{job['impl']}_{job['batch']}")
-  res = torch_step(job["method"], preset, job["batch"], job["impl"])
+  res = torch_step(job["method"], job["preset"], job["batch"], job["impl"])
   Path(path).write_text(json.dumps(dict(job, result=res._asdict())))
   return 0
 

@@ -190,8 +190,8 @@ def jax_op_times(events: list[dict], module: str | None = None,
   its `XLA Ops` line; a CPU's, the XLA ops its threads ran. Each is named by its `hlo_op`, else by
   the kernel's own name (XLA names a fusion's kernel after the fusion) — also when `hlo_op` names
   a loop or call of `hlo`, or no instruction of it (a GPU's command buffer runs many kernels under
-  its own name, `command_buffer_1`). A
-  CPU's event of a loop or call itself is left out: it spans its body's ops, counted themselves.
+  its own name, `command_buffer_1`). A CPU's event of a loop or call itself is left out: it spans
+  its body's ops, counted themselves.
   `module` (`jit_step`) keeps the events of that program only, when they say which they belong to."""
   process = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -211,9 +211,9 @@ def jax_op_times(events: list[dict], module: str | None = None,
     if module is not None and "hlo_module" in args and not str(args["hlo_module"]).startswith(module):
       continue
     name = args.get("hlo_op", e["name"])
-    if hlo and name in hlo and hlo[name].opcode in NESTING_OPS and name == e["name"]:
-      continue
-    if hlo and (name not in hlo or hlo[name].opcode in NESTING_OPS):
+    if hlo and ((op := hlo.get(name)) is None or op.opcode in NESTING_OPS):
+      if op is not None and name == e["name"]:
+        continue  # a CPU's loop or call event itself
       name = e["name"]  # a kernel run by a command buffer carries the buffer's name (command_buffer_1)
     t, n = times.get(name, (0.0, 0))
     times[name] = (t + float(e.get("dur", 0.0)), n + 1)
