@@ -11,6 +11,8 @@ and speed does not depend on the values. Batches are random token ids at full le
 
 FLOPs per step (counted, not measured; matmuls only, 2 FLOPs per multiply-add):
   per token, per layer, forward:  2 * (4 D^2 + 2 D F) + 4 S D     (projections, FFN, QK^T and PV)
+  except the last layer, which computes the first token only (the classifier reads nothing else;
+  `bert.Encoder`'s `rows`): K and V at every token, 4 D^2, the rest at 1 token in S
   teacher:  forward only          -> 1x
   student:  forward + backward    -> 3x
   plus the student's classifier head (negligible) and no vocabulary projection (classification).
@@ -55,14 +57,25 @@ PRESETS = {
 }
 
 
-def layer_flops(cfg: bert.EncoderConfig, seq: int) -> float:
+def layer_flops(cfg: bert.EncoderConfig, seq: int, rows: int | None = None) -> float:
+  """A layer's forward matmul FLOPs per token. `rows`: the query rows per sequence it computes
+  (a classifier's last layer: 1, `bert.Encoder`'s `rows`); its K and V are at every token."""
   d, f = cfg.hidden_size, cfg.intermediate_size
-  return 2 * (4 * d * d + 2 * d * f) + 4 * seq * d
+  full = 2 * (4 * d * d + 2 * d * f) + 4 * seq * d
+  if rows is None:
+    return full
+  kv = 2 * 2 * d * d
+  return kv + rows / seq * (full - kv)
+
+
+def network_flops(cfg: bert.EncoderConfig, tokens: int, seq: int) -> float:
+  """A classifier's forward matmul FLOPs: its last layer at the first token only."""
+  return tokens * ((cfg.num_layers - 1) * layer_flops(cfg, seq) + layer_flops(cfg, seq, rows=1))
 
 
 def step_flops(teacher: bert.EncoderConfig, student: bert.EncoderConfig, tokens: int, seq: int) -> dict:
-  t = tokens * teacher.num_layers * layer_flops(teacher, seq)
-  s = 3 * tokens * student.num_layers * layer_flops(student, seq)
+  t = network_flops(teacher, tokens, seq)
+  s = 3 * network_flops(student, tokens, seq)
   return {"teacher_forward": t, "student_train": s, "total": t + s}
 
 

@@ -161,16 +161,50 @@ def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path, minilm_dir):
     hf.load(bad)
 
 
-def test_mlm_logits_at_positions_equal_the_full_logits_there():
-  cfg = bert.EncoderConfig(vocab_size=99, hidden_size=48, num_layers=2, num_heads=6,
-                           intermediate_size=80, max_position_embeddings=64)
+def _grads_close(f, g, model, rtol=2e-5):
+  """f(model) and g(model) (arrays) agree, and so do the gradients of sum(sin(.)) of them."""
+  np.testing.assert_allclose(np.asarray(f(model)), np.asarray(g(model)), rtol=rtol, atol=1e-6)
+  grads = [nnx.grad(lambda m: jnp.sum(jnp.sin(h(m))))(model) for h in (f, g)]
+  for got, want in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_mlm_logits_at_positions_equal_the_full_logits_there(arch):
+  # the last layer computes the masked rows only (`rows`): the same logits and gradients as the
+  # full network's logits taken at those rows
+  cfg = bert.EncoderConfig(arch=arch, vocab_size=99, hidden_size=48, num_layers=2, num_heads=6,
+                           intermediate_size=80, max_position_embeddings=64,
+                           type_vocab_size=2 if arch == "bert" else 0)
   model = bert.build(cfg, "mlm", seed=3)
-  ids, mask = _batch(99, 0, lengths=(12, 7, 3))
+  ids, mask = map(jnp.asarray, _batch(99, 0, lengths=(12, 7, 3)))
   pos = jnp.asarray([[0, 5, 11], [1, 2, 6], [0, 1, 2]], jnp.int32)
-  full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-  some = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=pos))
-  np.testing.assert_allclose(some, np.take_along_axis(full, np.asarray(pos)[..., None], axis=1),
-                             rtol=1e-6, atol=1e-6)
+  _grads_close(lambda m: m(ids, mask, positions=pos),
+               lambda m: jnp.take_along_axis(m(ids, mask), pos[..., None], axis=1), model)
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_classifier_computes_only_the_first_token_of_the_last_layer(arch):
+  # the head reads the first token, so the last layer computes that row only: the same logits
+  # and gradients as the full last layer, with padding, and with WID's masked LayerNorms
+  cfg = bert.EncoderConfig(arch=arch, vocab_size=99, hidden_size=48, num_layers=3, num_heads=6,
+                           intermediate_size=80, max_position_embeddings=64, num_labels=3,
+                           type_vocab_size=2 if arch == "bert" else 0, pad_token_id=1)
+  model = bert.build(cfg, "classifier", seed=4)
+  ids, mask = map(jnp.asarray, _batch(99, 1, lengths=(12, 7, 3)))
+
+  def full(m, **kw):
+    h = m.encoder(ids, mask, **kw)  # [batch, seq, hidden]: every row of the last layer
+    assert h.shape == (3, 12, 48)
+    return m.classifier(jnp.tanh(m.pooler(h[:, 0]))).astype(jnp.float32)
+
+  _grads_close(lambda m: m(ids, mask), full, model)
+  keep = jnp.ones(48).at[jnp.asarray([3, 17, 40])].set(0.0)
+  _grads_close(lambda m: m(ids, mask, hidden_keep=keep), lambda m: full(m, hidden_keep=keep), model)
+  # and the work is left out: of the 3 layers' FFN products over [batch, seq], 2 remain
+  ffn_up = [e for e in jax.make_jaxpr(lambda i, m: model(i, m))(ids, mask).jaxpr.eqns
+            if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == 80]
+  assert sorted(e.outvars[0].aval.shape for e in ffn_up) == [(3, 1, 80), (3, 12, 80), (3, 12, 80)]
 
 
 def test_gelu_is_the_exact_gelu_torch_computes():

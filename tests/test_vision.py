@@ -95,6 +95,25 @@ def test_vit_saves_as_transformers_vit_with_matching_logits(tmp_path):
     vit.load(tmp_path / "m")
 
 
+def test_vit_last_layer_computes_only_the_class_token():
+  # the head reads the class token, so the last block computes that row only (its keys and values
+  # still read every token): the same logits and gradients as the full last block
+  model = vit.build(TEACHER, 2)
+  x = jnp.asarray(_images())
+
+  def full(m):
+    h = m.encoder(m.embeddings(x, None), None)  # [batch, tokens, hidden]: every row
+    return m.head(h[:, 0]).astype(jnp.float32)
+
+  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(full(model)), rtol=2e-5, atol=1e-6)
+  grads = [nnx.grad(lambda m: jnp.sum(jnp.sin(f(m))))(model) for f in (lambda m: m(x), full)]
+  for got, want in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-6)
+  ffn = [e.outvars[0].aval.shape for e in jax.make_jaxpr(lambda i: model(i))(x).jaxpr.eqns
+         if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == 64]
+  assert sorted(ffn) == [(6, 1, 64), (6, 17, 64)]
+
+
 # ---------------------------------------------------------------- generators on ViT shapes
 
 VIT_METHODS = {"select": {}, "ws": {}, "gws": {}, "wd": {}, "wd-identity": dict(init="identity"),

@@ -178,6 +178,20 @@ def _small_table_lookup(table: Array, ids: Array) -> Array:
   return jnp.einsum("bsn,nh->bsh", one_hot, table, precision=jax.lax.Precision.HIGHEST)
 
 
+Rows = slice | Array | None  # sequence positions a layer computes its outputs at (`take_rows`)
+
+
+def take_rows(x: Array, rows: Rows) -> Array:
+  """`x [batch, seq, ...]` at the sequence positions `rows`: None, all of them; a slice, the same
+  ones in every sequence (`slice(0, 1)`: the first token, which a classification head reads); or
+  `[batch, k]` int positions, per sequence (the masked tokens an MLM head reads)."""
+  if rows is None:
+    return x
+  if isinstance(rows, slice):
+    return x[:, rows]
+  return jnp.take_along_axis(x, rows.reshape(*rows.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
 def attention_implementation(cfg: EncoderConfig) -> str | None:
   """`implementation=` for jax.nn.dot_product_attention (None: XLA's), resolving "auto" by the
   default backend at trace time."""
@@ -198,13 +212,22 @@ class Attention(nnx.Module):
     self.o = _dense(cfg, d, d, rngs)
 
   def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
-               capture: dict | None = None) -> Array:
+               capture: dict | None = None, rows: Rows = None) -> Array:
+    """`x [batch, seq, hidden]` -> `[batch, seq, hidden]`, or with `rows` (`take_rows`) the
+    outputs at those positions only, `[batch, k, hidden]`: queries from those rows, keys and
+    values from all of them. `mask [batch, 1, 1, seq]`, `bias [1, heads, seq, seq]` or None."""
     cfg = self.cfg
-    b, t, _ = x.shape
-    split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [batch, seq, heads, head_dim]
-    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    b = x.shape[0]
+    split = lambda y: y.reshape(b, y.shape[1], cfg.num_heads, cfg.head_dim)  # [b, seq, heads, hd]
+    q, k, v = split(self.q(take_rows(x, rows))), split(self.k(x)), split(self.v(x))
+    if bias is not None and rows is not None:  # the bias at those query rows: [1 or b, heads, k, seq]
+      bias = (bias[:, :, rows] if isinstance(rows, slice)
+              else jnp.moveaxis(jnp.take(bias[0], rows, axis=1), 1, 0))
+    t = q.shape[1]
     if dropout_key is None or cfg.attention_dropout == 0.0:
-      implementation = attention_implementation(cfg)
+      # the few rows a head reads make a small product: XLA's (cuDNN's fused kernel is for
+      # full-length queries, and its short-query cases are untested here)
+      implementation = attention_implementation(cfg) if rows is None else None
       if implementation == "cudnn":  # cuDNN takes a mask only at the full [batch, 1, query, key] shape
         mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))
       ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
@@ -257,11 +280,13 @@ class Block(nnx.Module):
     self.mlp_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
-               capture: dict | None = None, hidden_keep: Array | None = None) -> Array:
+               capture: dict | None = None, hidden_keep: Array | None = None,
+               rows: Rows = None) -> Array:
+    """`[batch, seq, hidden]` -> the same, or at `rows` only (`take_rows`): `[batch, k, hidden]`."""
     k_attn, k_res1, k_res2 = _keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
-    h = _norm(self.attn_ln, x + _dropout(self.attn(x, mask, bias, k_attn, capture), rate, k_res1),
-              hidden_keep)
+    attn = self.attn(x, mask, bias, k_attn, capture, rows)
+    h = _norm(self.attn_ln, take_rows(x, rows) + _dropout(attn, rate, k_res1), hidden_keep)
     h = h.astype(self.cfg.compute_dtype)
     out = _norm(self.mlp_ln, h + _dropout(self.mlp(h, capture), rate, k_res2), hidden_keep)
     return out.astype(self.cfg.compute_dtype)
@@ -294,19 +319,26 @@ class Encoder(nnx.Module):
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
                *, dropout_key: Array | None = None, capture: dict | None = None,
-               hidden_keep: Array | None = None) -> Array:
-    """Last hidden state. `capture`, if given, is filled with the activations of every space:
-    `hidden/embeddings`, `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (for activation PCA).
-    `hidden_keep` (`[hidden]` 0/1) restricts every LayerNorm's statistics to the kept units."""
+               hidden_keep: Array | None = None, rows: Rows = None) -> Array:
+    """Last hidden state `[batch, seq, hidden]`. `capture`, if given, is filled with the
+    activations of every space: `hidden/embeddings`, `hidden/layer_l`, `attn/layer_l`,
+    `ffn/layer_l` (for activation PCA). `hidden_keep` (`[hidden]` 0/1) restricts every
+    LayerNorm's statistics to the kept units.
+
+    `rows` (`take_rows`): the positions the caller reads, `[batch, k, hidden]` returned. The last
+    layer then computes its queries, residuals, LayerNorms and FFN at those rows only (its keys
+    and values need every row): the same numbers, and for a classifier's first token about 5/6
+    of the last layer's work left out (its K and V projections remain)."""
     keys = _keys(dropout_key, self.cfg.num_layers + 1)
     x = self.embeddings(input_ids, attention_mask, token_type_ids, keys[0], hidden_keep)
     if capture is not None:
       capture["hidden/embeddings"] = x
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, key]
     bias = self.position_bias(input_ids.shape[1])
+    last = self.cfg.num_layers - 1
     for i, (layer, key) in enumerate(zip(self.layers(), keys[1:])):
       inner = None if capture is None else {}
-      x = layer(x, mask, bias, key, inner, hidden_keep)
+      x = layer(x, mask, bias, key, inner, hidden_keep, rows if i == last else None)
       if capture is not None:
         capture.update({f"{k}/layer_{i}": v for k, v in inner.items()})
         capture[f"hidden/layer_{i}"] = x
@@ -331,8 +363,10 @@ class SequenceClassifier(nnx.Module):
                hidden_keep: Array | None = None) -> Array:
     k_enc, k_pre, k_post = _keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
+    # the head reads the first token only, so the last layer computes that row only (unless the
+    # caller captures every activation)
     h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc, capture=capture,
-                     hidden_keep=hidden_keep)
+                     hidden_keep=hidden_keep, rows=slice(0, 1) if capture is None else None)
     first = h[:, 0]  # [batch, hidden]
     if self.cfg.arch == "mpnet":
       first = _dropout(first, rate, k_pre)
@@ -361,10 +395,9 @@ class MaskedLM(nnx.Module):
     """Logits `[batch, seq, vocab]`, or `[batch, k, vocab]` at `positions [batch, k]` only (the
     head then costs k, not seq, vocabulary projections). `hidden_keep` as in `Encoder`; the
     head's LayerNorm lives in the hidden space too (the decoder is tied to the embeddings)."""
+    # the last layer computes the rows the head reads only (`Encoder`'s `rows`)
     h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key,
-                     hidden_keep=hidden_keep)
-    if positions is not None:
-      h = jnp.take_along_axis(h, positions[..., None], axis=1)
+                     hidden_keep=hidden_keep, rows=positions)
     h = _norm(self.mlm_ln, gelu(self.mlm_dense(h)), hidden_keep)
     h = h.astype(self.cfg.compute_dtype)
     table = self.encoder.embeddings.word.embedding[...].astype(self.cfg.compute_dtype)

@@ -29,7 +29,8 @@ from flax import nnx
 
 from wdjax.errors import WdjaxError
 from wdjax.models import bert
-from wdjax.models.bert import Attention, Mlp, _dense, _dropout, _keys, _layer_norm, _norm
+from wdjax.models.bert import (Attention, Mlp, Rows, _dense, _dropout, _keys, _layer_norm, _norm,
+                               take_rows)
 
 Array = jax.Array
 POOLINGS = ("cls", "mean")
@@ -123,11 +124,12 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, rngs)
 
   def __call__(self, x: Array, mask: Array, dropout_key: Array | None,
-               hidden_keep: Array | None = None) -> Array:
+               hidden_keep: Array | None = None, rows: Rows = None) -> Array:
+    """`[batch, tokens, hidden]` -> the same, or at `rows` only (`bert.take_rows`)."""
     k_attn, k_res1, k_res2 = _keys(dropout_key, 3)
     rate, dt = self.cfg.hidden_dropout, self.cfg.compute_dtype
     h = _norm(self.attn_ln, x, hidden_keep).astype(dt)
-    x = x + _dropout(self.attn(h, mask, None, k_attn), rate, k_res1)
+    x = take_rows(x, rows) + _dropout(self.attn(h, mask, None, k_attn, rows=rows), rate, k_res1)
     h = _norm(self.mlp_ln, x, hidden_keep).astype(dt)
     return (x + _dropout(self.mlp(h), rate, k_res2)).astype(dt)
 
@@ -140,10 +142,14 @@ class Encoder(nnx.Module):
       setattr(self, f"layer_{i}", Block(cfg, rngs))
     self.final_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
 
-  def __call__(self, x: Array, dropout_key: Array | None, hidden_keep: Array | None = None) -> Array:
+  def __call__(self, x: Array, dropout_key: Array | None, hidden_keep: Array | None = None,
+               rows: Rows = None) -> Array:
+    """`[batch, tokens, hidden]` -> the final LayerNorm's output, float32; with `rows` only at
+    those positions, which is all the last layer then computes (as `bert.Encoder`)."""
     mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token attends to every token
+    last = self.cfg.num_layers - 1
     for i, key in enumerate(_keys(dropout_key, self.cfg.num_layers)):
-      x = getattr(self, f"layer_{i}")(x, mask, key, hidden_keep)
+      x = getattr(self, f"layer_{i}")(x, mask, key, hidden_keep, rows if i == last else None)
     return _norm(self.final_ln, x, hidden_keep)  # float32
 
 
@@ -161,8 +167,9 @@ class ImageClassifier(nnx.Module):
     """`images [batch, h, w, channels]` -> logits. `hidden_keep` (`[hidden]` 0/1) restricts the
     LayerNorms' statistics to the kept units (WID)."""
     k_emb, k_enc = _keys(dropout_key, 2)
-    h = self.encoder(self.embeddings(images, k_emb), k_enc, hidden_keep)
-    pooled = h[:, 0] if self.cfg.pooling == "cls" else h.mean(axis=1)  # [batch, hidden]
+    cls = self.cfg.pooling == "cls"  # the head reads the class token only: so does the last layer
+    h = self.encoder(self.embeddings(images, k_emb), k_enc, hidden_keep, slice(0, 1) if cls else None)
+    pooled = h[:, 0] if cls else h.mean(axis=1)  # [batch, hidden]
     return self.head(pooled.astype(self.cfg.compute_dtype)).astype(jnp.float32)
 
 
