@@ -57,7 +57,7 @@ def build(label: str, t_cfg, t_params, s_cfg, batch: int, seq: int):
   step = step_lib.make_train_step(
       generator=gen, student_apply=step_lib.classifier_apply(nnx.split(bert.build(net))[0]),
       teacher_apply=step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0]), tx=tx,
-      kd=KDConfig(alpha=0.9, temperature=2.0), seed=0)
+      kd=KDConfig(alpha=0.9, temperature=2.0), seed=0, products=step_lib.generator_products(net.dtype))
   state = jax.jit(lambda t: step_lib.init_state(gen, tx, 0, t, spec))(t_params)
   rng = np.random.default_rng(0)
   data = {"input_ids": rng.integers(1000, 20000, (batch, seq)).astype(np.int32),

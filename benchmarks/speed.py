@@ -213,7 +213,8 @@ def wdjax_step(method, preset, batch, handwritten=False):
     step = step_lib.make_train_step(
         generator=gen, student_apply=step_lib.classifier_apply(s_graph),
         teacher_apply=step_lib.classifier_apply(t_graph), tx=tx,
-        kd=KDConfig(**KD, cache_teacher_logits=False), seed=0)
+        kd=KDConfig(**KD, cache_teacher_logits=False), seed=0,
+        products=step_lib.generator_products(net_cfg.dtype))  # as `wdjax distill` runs it
     gen_params, gen_state = jax.tree.map(jax.numpy.copy, (gen_params, gen_state))  # the step donates
     state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": gen_params,
              "opt_state": tx.init(gen_params), "gen_state": gen_state,

@@ -4,12 +4,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import assert_same_shapes, run_generator_steps, tree_allclose
 from wdjax import generators
+from wdjax.config import KDConfig, OptimConfig
 from wdjax.generators import StudentSpec, paths
 from wdjax.models import bert, hf
 from wdjax.train import mesh as mesh_lib, step as step_lib
@@ -233,3 +235,73 @@ def test_pca_maps_are_orthonormal_and_deterministic(setup, tiny):
     else:
       np.testing.assert_allclose(flat["maps/encoder/layer_1/mlp/up/kernel/axis_1"], a["ffn/layer_1"], rtol=1e-6)
       np.testing.assert_allclose(flat["maps/encoder/layer_0/mlp/up/kernel/axis_0"], a["hidden"], rtol=1e-6)
+
+
+def _dots(jaxpr) -> list:
+  """Every dot_general equation of a jaxpr, nested ones (jit, custom_vjp, ...) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          out += _dots(sub.jaxpr)
+        elif isinstance(sub, jex_core.Jaxpr):
+          out += _dots(sub)
+  return out
+
+
+@pytest.mark.parametrize("variant", ["ws", "gws-row", "wd", "wid", "opdf"])
+def test_mixed_precision_runs_the_generator_products_with_bf16_operands(setup, variant):
+  # a bf16 student: the generator's float32 products, forward and backward, run with bf16
+  # operands and float32 accumulation (as torch.autocast runs torch_ref's); the models' own
+  # products are untouched (bf16 already, or the exact HIGHEST token-type lookup), and a float32
+  # student's generator keeps JAX's default
+  t_cfg, t_params, s_cfg, init = setup
+  s_cfg, t_cfg = (dataclasses.replace(c, dtype="bfloat16") for c in (s_cfg, t_cfg))
+  gen = generators.make(_method(variant), init, t_params, **_options(variant))
+  gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
+  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3), 10, gen_params, gen.gradient_transform(gen_state),
+                               gen.lr_multipliers(gen_params), gen.moment_injection())
+  state = step_lib.init_state(gen, tx, 0, t_params, StudentSpec(s_cfg, init))
+  batch = {"input_ids": jnp.full((2, 8), 1000, jnp.int32), "attention_mask": jnp.ones((2, 8), jnp.int32),
+           "labels": jnp.zeros(2, jnp.int32), "weights": jnp.ones(2, jnp.float32)}
+  preset = step_lib.generator_products("bfloat16")
+  assert preset == "BF16_BF16_F32" and step_lib.generator_products("float32") is None
+
+  def precisions(products):
+    step = step_lib.make_train_step(
+        generator=gen, tx=tx, kd=KDConfig(alpha=0.5), seed=0, products=products,
+        student_apply=step_lib.classifier_apply(nnx.split(bert.build(gen.training_config(s_cfg)))[0]),
+        teacher_apply=step_lib.classifier_apply(nnx.split(bert.build(t_cfg))[0]))
+    dots = _dots(jax.make_jaxpr(step)(state, t_params, batch).jaxpr)
+    f32 = [str(e.params["precision"]) for e in dots
+           if all(v.aval.dtype == jnp.float32 for v in e.invars)]
+    bf16 = [str(e.params["precision"]) for e in dots
+            if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    return f32, bf16
+
+  with jax.default_matmul_precision(preset):
+    n_forward = len(_dots(jax.make_jaxpr(gen.generate)(gen_params, t_params, gen_state).jaxpr))
+  f32, bf16 = precisions(preset)
+  generator_dots = [p for p in f32 if "HIGHEST" not in p]
+  assert all(preset in p for p in generator_dots)
+  assert len(generator_dots) > n_forward > 0  # the backward's products too
+  f32_default, bf16_default = precisions(None)
+  assert len(f32_default) == len(f32) and not any(preset in p for p in f32_default)
+  assert bf16 and bf16 == bf16_default
+
+
+@pytest.mark.gpu
+def test_bf16_generator_products_on_a_gpu_round_like_bf16(setup):
+  # on a GPU the preset is honoured (a CPU computes float32 regardless): WD's student differs
+  # from the float32 one, by about bf16's rounding of the operands
+  _, t_params, s_cfg, init = setup
+  gen, gen_params, gen_state = _make(setup, "wd")
+  f32 = jax.jit(gen.generate)(gen_params, t_params, gen_state)
+  with jax.default_matmul_precision(step_lib.generator_products("bfloat16")):
+    bf16 = jax.jit(gen.generate)(gen_params, t_params, gen_state)
+  a, b = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)]) for t in (f32, bf16))
+  err = np.linalg.norm(a - b) / np.linalg.norm(a)
+  assert 1e-5 < err < 1e-2

@@ -180,7 +180,8 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: tasks.Tas
   train_step = jax.jit(
       step_lib.make_train_step(generator=generator, student_apply=student_apply,
                                teacher_apply=teacher_apply, tx=tx, kd=cfg.kd, seed=cfg.seed,
-                               frozen=train.optim.frozen, label_smoothing=objective.label_smoothing),
+                               frozen=train.optim.frozen, label_smoothing=objective.label_smoothing,
+                               products=step_lib.generator_products(spec.config.dtype)),
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)

@@ -16,6 +16,7 @@ pass over parameters and optimizer state every step, and a run that met a NaN st
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable
 
@@ -125,9 +126,23 @@ def init_state(generator: Generator, tx: optax.GradientTransformation, seed: int
           "nonfinite_steps": jnp.zeros((), jnp.int32)}
 
 
+# The dot algorithm of a generator's float32 matrix products when the student computes in a
+# 16-bit dtype: 16-bit operands, float32 accumulation and output.
+_MIXED_PRODUCTS = {"bfloat16": "BF16_BF16_F32", "float16": "F16_F16_F32"}
+
+
+def generator_products(compute_dtype: str) -> str | None:
+  """How the generator's matrix products run for a student computing in `compute_dtype`
+  (`EncoderConfig.dtype`): under mixed precision (bf16, fp16), with 16-bit operands and float32
+  accumulation, as `torch.autocast` runs a PyTorch generator's; in float32, at JAX's default
+  (None). Their parameters, the generated weights and `materialize` stay float32."""
+  return _MIXED_PRODUCTS.get(compute_dtype)
+
+
 def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
                     tx: optax.GradientTransformation, kd: KDConfig, seed: int,
-                    frozen: tuple[str, ...] = (), label_smoothing: float = 0.0):
+                    frozen: tuple[str, ...] = (), label_smoothing: float = 0.0,
+                    products: str | None = None):
   """`step(state, teacher_params, batch) -> (state, metrics)`, not yet jitted.
 
   The KD targets are `batch["teacher_logits"]` when the batch carries them, else the teacher's
@@ -135,6 +150,9 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
   Leaves matching `frozen` are held by `stop_gradient`, so their gradients are never computed
   (the optimizer's `set_to_zero` alone would still pay for them). `label_smoothing` applies to
   the CE when there are no teacher logits (translation's loss, ε = 0.1 in WD's recipe).
+  `products` (`generator_products`): the dot algorithm of `generate`'s matrix products, forward
+  and backward (the backward's products are the transposes of the forward's and keep their
+  algorithm); None leaves JAX's default. A CPU computes them in float32 either way.
   """
   use_teacher_logits = teacher_apply is not None and kd.alpha > 0
 
@@ -154,7 +172,8 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
       if frozen:
         gen_params = jax.tree_util.tree_map(
             lambda f, x: jax.lax.stop_gradient(x) if f else x, frozen_mask(gen_params, frozen), gen_params)
-      student = generator.generate(gen_params, teacher_params, state["gen_state"])
+      with contextlib.nullcontext() if products is None else jax.default_matmul_precision(products):
+        student = generator.generate(gen_params, teacher_params, state["gen_state"])
       logits = student_apply(student, batch, key, **generator.model_kwargs(state["gen_state"]))
       if teacher_logits is None:
         task = losses.cross_entropy(logits, labels, label_weights, smoothing=label_smoothing)
