@@ -1,6 +1,7 @@
 """The generator contract for weight selection, WS, GWS, WD, WID and OPDF on the real MiniLM teacher."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -267,8 +268,7 @@ def test_mixed_precision_runs_the_generator_products_with_bf16_operands(setup, v
   state = step_lib.init_state(gen, tx, 0, t_params, StudentSpec(s_cfg, init))
   batch = {"input_ids": jnp.full((2, 8), 1000, jnp.int32), "attention_mask": jnp.ones((2, 8), jnp.int32),
            "labels": jnp.zeros(2, jnp.int32), "weights": jnp.ones(2, jnp.float32)}
-  preset = step_lib.generator_products("bfloat16")
-  assert preset == "BF16_BF16_F32" and step_lib.generator_products("float32") is None
+  preset = "BF16_BF16_F32"  # what `generator_products` gives a bf16 student on a GPU or TPU
 
   def precisions(products):
     step = step_lib.make_train_step(
@@ -293,6 +293,21 @@ def test_mixed_precision_runs_the_generator_products_with_bf16_operands(setup, v
   assert bf16 and bf16 == bf16_default
 
 
+def test_generator_products_follow_the_student_dtype_and_the_chip():
+  chip = lambda platform, capability=None: types.SimpleNamespace(
+      platform=platform, **({} if capability is None else {"compute_capability": capability}))
+  products = step_lib.generator_products
+  assert products("bfloat16", chip("gpu", "9.0")) == "BF16_BF16_F32"
+  assert products("bfloat16", chip("gpu", "8.0")) == "BF16_BF16_F32"
+  assert products("bfloat16", chip("gpu", "7.5")) is None  # a T4: no bf16 products, XLA refuses
+  assert products("float16", chip("gpu", "7.5")) == "F16_F16_F32"
+  assert products("bfloat16", chip("tpu")) == "BF16_BF16_F32"
+  assert products("float16", chip("tpu")) is None
+  assert products("bfloat16", chip("gpu")) is None  # no compute capability (ROCm): JAX's default
+  assert products("float32", chip("gpu", "9.0")) is None
+  assert products("bfloat16", chip("cpu")) is None and products("float16") is None  # this CPU
+
+
 @pytest.mark.gpu
 def test_bf16_generator_products_on_a_gpu_round_like_bf16(setup):
   # on a GPU the preset is honoured (a CPU computes float32 regardless): WD's student differs
@@ -300,7 +315,9 @@ def test_bf16_generator_products_on_a_gpu_round_like_bf16(setup):
   _, t_params, s_cfg, init = setup
   gen, gen_params, gen_state = _make(setup, "wd")
   f32 = jax.jit(gen.generate)(gen_params, t_params, gen_state)
-  with jax.default_matmul_precision(step_lib.generator_products("bfloat16")):
+  products = step_lib.generator_products("bfloat16")
+  assert products == "BF16_BF16_F32"  # an Ampere or newer GPU
+  with jax.default_matmul_precision(products):
     bf16 = jax.jit(gen.generate)(gen_params, t_params, gen_state)
   a, b = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)]) for t in (f32, bf16))
   err = np.linalg.norm(a - b) / np.linalg.norm(a)

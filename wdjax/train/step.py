@@ -127,16 +127,29 @@ def init_state(generator: Generator, tx: optax.GradientTransformation, seed: int
 
 
 # The dot algorithm of a generator's float32 matrix products when the student computes in a
-# 16-bit dtype: 16-bit operands, float32 accumulation and output.
-_MIXED_PRODUCTS = {"bfloat16": "BF16_BF16_F32", "float16": "F16_F16_F32"}
+# 16-bit dtype (16-bit operands, float32 accumulation and output), and the oldest NVIDIA GPU
+# (compute capability) whose tensor cores take those operands.
+_MIXED_PRODUCTS = {"bfloat16": ("BF16_BF16_F32", 8.0), "float16": ("F16_F16_F32", 7.0)}
 
 
-def generator_products(compute_dtype: str) -> str | None:
+def generator_products(compute_dtype: str, device: jax.Device | None = None) -> str | None:
   """How the generator's matrix products run for a student computing in `compute_dtype`
-  (`EncoderConfig.dtype`): under mixed precision (bf16, fp16), with 16-bit operands and float32
-  accumulation, as `torch.autocast` runs a PyTorch generator's; in float32, at JAX's default
-  (None). Their parameters, the generated weights and `materialize` stay float32."""
-  return _MIXED_PRODUCTS.get(compute_dtype)
+  (`EncoderConfig.dtype`) on `device` (default: the first device): under mixed precision on a
+  GPU or TPU, with 16-bit operands and float32 accumulation, as `torch.autocast` runs a PyTorch
+  generator's; otherwise at JAX's default (None): for a float32 student, on a CPU (which computes
+  float32 products either way), and where the chip lacks the algorithm (bf16 before Ampere,
+  fp16 on a TPU), on which XLA would refuse to compile the step. The generator's parameters,
+  the generated weights and `materialize` stay float32."""
+  if compute_dtype not in _MIXED_PRODUCTS:
+    return None
+  algorithm, min_capability = _MIXED_PRODUCTS[compute_dtype]
+  device = device or jax.devices()[0]
+  if device.platform == "gpu":
+    capability = getattr(device, "compute_capability", None)  # "9.0" on NVIDIA; absent on ROCm
+    return algorithm if capability is not None and float(capability) >= min_capability else None
+  if device.platform == "tpu":
+    return algorithm if compute_dtype == "bfloat16" else None
+  return None
 
 
 def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
@@ -152,7 +165,7 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
   the CE when there are no teacher logits (translation's loss, ε = 0.1 in WD's recipe).
   `products` (`generator_products`): the dot algorithm of `generate`'s matrix products, forward
   and backward (the backward's products are the transposes of the forward's and keep their
-  algorithm); None leaves JAX's default. A CPU computes them in float32 either way.
+  algorithm); None leaves JAX's default.
   """
   use_teacher_logits = teacher_apply is not None and kd.alpha > 0
 
