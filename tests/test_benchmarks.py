@@ -75,3 +75,19 @@ def test_torch_gpu_profile_counts_kernels_not_the_labels_spanning_them():
   assert summary["device_ms"] == pytest.approx(0.3)  # (500 + 100) µs over 2 steps
   assert summary["categories"]["matmul"] == pytest.approx(0.25) and summary["categories"]["other"] == 0
   assert summary["calls"] == 2
+
+
+def test_xla_flags_sweep_times_each_variant_in_its_own_process(tmp_path):
+  from benchmarks import xla_flags
+  assert xla_flags.flags_of("xla_a=1 --xla_b=2") == "--xla_a=1 --xla_b=2"
+  assert xla_flags.main(["--preset", "cpu", "--batches", "4", "--out", str(tmp_path),
+                         "--variants", "", "xla_cpu_use_xnnpack=false", "xla_no_such_flag=1"]) == 0
+  results = json.loads((tmp_path / "xla_flags_cpu.json").read_text())["results"]
+  assert [r["variant"] for r in results] == ["", "--xla_cpu_use_xnnpack=false", "--xla_no_such_flag=1"]
+  base, other = (r["rows"][0] for r in results[:2])
+  assert base["method"] == "kd" and base["step_ms"] > 0 and other["step_ms"] > 0
+  assert other["first_loss"] == pytest.approx(base["first_loss"], rel=1e-5)  # the same maths
+  # the variant reached its process's XLA, which refused an unknown flag; the sweep went on
+  assert "xla_no_such_flag" in results[2]["error"]
+  table = (tmp_path / "xla_flags_cpu.md").read_text()
+  assert "| (baseline) | kd | 128 |" in table and "1.00x" in table and "failed: " in table
