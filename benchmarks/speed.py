@@ -29,11 +29,13 @@ architecture both implementations share (MPNet's relative bias is <0.1% of the F
 are random (speed does not depend on them). MFU counts matmul FLOPs: per token and layer
 `2 (4 D^2 + 2 D F) + 4 S D` forward, except each network's last layer, which wdjax computes at
 the first token only (`kd_step.layer_flops`; torch_ref computes every token there, as a PyTorch
-user's model does, so its MFU leaves that work out); teacher 1x, student 3x (forward + backward), plus the
-generator's FLOPs from XLA's cost analysis of `generate`, 3x; peak 989 TFLOP/s (H100 dense
-bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
+user's model does, so its MFU leaves that work out); teacher 1x, student 3x (forward +
+backward), plus the generator's FLOPs from XLA's cost analysis of `generate`, 3x; peak
+989 TFLOP/s (H100 dense bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
 profile of every job under DIR and `speed_<preset>_profile.{md,json}` beside the results: each
-step's device time by kind of operation (`wdjax/profiling.py`).
+step's device time by kind of operation (`wdjax/profiling.py`). Precision is the same on both
+sides: bf16 compute with fp32 parameters, and the generators' matrix products with bf16 operands
+and fp32 accumulation (torch's autocast; wdjax's `step.generator_products`).
 """
 
 from __future__ import annotations
