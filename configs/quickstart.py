@@ -4,15 +4,16 @@ Command (fetches the teacher and the data, ~95 MB, on first use):
 
   wdjax pipeline configs/quickstart.py
 
-Runtime: 7m50s on the 2-core development CPU (Xeon, jax 0.10.2) with the assets cached; the
-first run adds the ~95 MB download (seconds on a fast link).
-Result (seed 0, test split of 1,320 snippets, best-validation checkpoint):
+Runtime: 7m50s on a 2-core development CPU (Xeon, jax 0.10.2) with the assets cached, 4m52s on a
+2-core AMD EPYC; the first run adds the ~95 MB download (seconds on a fast link).
+Result (seed 0, test split of 1,320 snippets, best-validation checkpoint; AMD EPYC: another CPU's
+rounding moves the students by up to a point, README's Quickstart):
 
   | model                                   | test accuracy |
   |-----------------------------------------|---------------|
   | teacher, all-MiniLM-L6-v2 fine-tuned    | 82.42         |
-  | student 3x192, logit KD (T=2, a=0.9)    | 77.35         |
-  | student 3x192, CE only, same 652 steps  | 75.83         |
+  | student 3x192, logit KD (T=2, a=0.9)    | 76.97         |
+  | student 3x192, CE only, same 652 steps  | 77.73         |
 """
 
 from wdjax.config import (Config, DataConfig, KDConfig, OptimConfig, StudentConfig, TeacherConfig,
