@@ -432,9 +432,11 @@ def mlm_teacher(cfg: Config, task: tasks.Task, masking: MlmMasking, log) -> Mode
   head_cfg = dataclasses.replace(cfg, seed=0)  # one head per workdir, whatever the run's seed
   optim = dataclasses.replace(cfg.distill.optim, lr=1e-3, frozen=(r"^encoder/",))
   train = dataclasses.replace(cfg.distill, steps=cfg.method.mlm_head_steps, optim=optim)
+  # the head's masks drawn with the head's seed too: a run of another seed finds it, not a clash
+  head_masking = dataclasses.replace(masking, seed=head_cfg.seed)
   result = train_phase(head_cfg, phase="mlm_head", train=train, task=task,
                        spec=StudentSpec(t_cfg, params), generator=Identity(), teacher=None,
-                       tokenizer_dir=model_dir, log=log, objective=MaskedLanguageModel(masking))
+                       tokenizer_dir=model_dir, log=log, objective=MaskedLanguageModel(head_masking))
   log(f"[mlm_head] masked-token accuracy of the pretrained teacher: validation "
       f"{result['validation_accuracy']:.3f}")
   t_cfg, params, _ = hf.load(phase_dir(head_cfg, "mlm_head") / "model", head="mlm")
