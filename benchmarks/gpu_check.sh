@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue #7's GPU checks in one call of the device tool, ordered so that whatever the time allows
+# answers the targets first. Each part runs under what is left of one deadline (default 560 s, inside
+# the tool's 600 s limit); speed.py and xla_flags.py write their rows after every job, so a part cut
+# short still brings back what it measured.
+#
+#   bash benchmarks/gpu_check.sh [OUT] [SECONDS]      # OUT defaults to $OUT (the device tool's)
+#   PRESET=cpu PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/check 420   # a rehearsal on a CPU
+#
+# 1. the gpu-marked tests (the generators' bf16 products are honoured on this chip);
+# 2. KD and WID, wdjax against torch.compile, 32k tokens per step: the ">= 1.25x torch.compile"
+#    and "40% MFU" targets (speed_gpu_vs_compile.*);
+# 3. every generator's wdjax step beside KD's in one run: the "<= 1.15x KD" target (speed_gpu_methods.*);
+# 4. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.*).
+# At most 7 files under OUT (the tool brings back 8): check.log and two per part 2-4.
+set -uo pipefail
+out=${1:-${OUT:?give OUT or run under the device tool}}
+deadline=$((SECONDS + ${2:-560}))
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+log="$out/check.log"
+left() { echo $((deadline - SECONDS)); }
+preset=${PRESET:-gpu} py=${PYTHON:-python}
+if [[ $preset == gpu ]]; then sizes=(--batches 256); variants=(); else sizes=(); variants=(--variants "" xla_cpu_use_xnnpack=false); fi
+
+part() {  # part NAME MIN_SECONDS COMMAND...: run COMMAND under the time left, if MIN_SECONDS are
+  local name=$1 need=$2; shift 2
+  if (($(left) < need)); then echo "== $name: skipped, $(left) s left" | tee -a "$log"; return; fi
+  echo "== $name ($(left) s left)" | tee -a "$log"
+  timeout --kill-after=5 "$(left)" "$@" 2>&1 | tee -a "$log"
+  echo "== $name: exit ${PIPESTATUS[0]}, $(left) s left" | tee -a "$log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$log"
+[[ $preset == gpu ]] && part "gpu tests" 60 "$py" -m pytest -q -n 0 -p no:cacheprovider -m gpu tests/test_generators.py
+part "kd, wid vs torch.compile" 200 "$py" benchmarks/speed.py --preset "$preset" --methods kd wid "${sizes[@]}" \
+  --impls wdjax torch-compile --budget-s 180 --no-plot --tag vs_compile --out "$out"
+part "every method's step over kd" 100 "$py" benchmarks/speed.py --preset "$preset" \
+  --methods kd ws gws wd opdf "${sizes[@]}" --impls wdjax --budget-s 110 --no-plot --tag methods --out "$out"
+part "xla flags" 90 "$py" benchmarks/xla_flags.py --preset "$preset" "${variants[@]}" --budget-s $(($(left) - 80)) --out "$out"
