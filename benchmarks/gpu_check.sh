@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #7's GPU checks in one call of the device tool, ordered so that whatever the time allows
-# answers the targets first. Each part runs under what is left of one deadline (default 560 s, inside
+# answers the targets first. Each part runs under what is left of one deadline (default 570 s, inside
 # the tool's 600 s limit); speed.py and xla_flags.py write their rows after every job, so a part cut
 # short still brings back what it measured.
 #
@@ -9,13 +9,16 @@
 #
 # 1. the gpu-marked tests (the generators' bf16 products are honoured on this chip);
 # 2. KD and WID, wdjax against torch.compile, 32k tokens per step: the ">= 1.25x torch.compile"
-#    and "40% MFU" targets (speed_gpu_vs_compile.*);
-# 3. every generator's wdjax step beside KD's in one run: the "<= 1.15x KD" target (speed_gpu_methods.*);
-# 4. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.*).
-# At most 7 files under OUT (the tool brings back 8): check.log and two per part 2-4.
+#    and "40% MFU" targets (speed_gpu_vs_compile.json);
+# 3. every generator's wdjax step beside KD's in one run: the "<= 1.15x KD" target (speed_gpu_methods.json);
+# 4. KD as it trains, with dropout 0.1, wdjax against torch.compile (speed_gpu_dropout.json), and
+#    wdjax's with JAX's rbg PRNG for the dropout draws (speed_gpu_dropout_rbg.json);
+# 5. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.json).
+# The tables are in check.log (speed.py --merge rebuilds them from the JSON): 6 files come back,
+# where the tool brings back 8.
 set -uo pipefail
 out=${1:-${OUT:?give OUT or run under the device tool}}
-deadline=$((SECONDS + ${2:-560}))
+deadline=$((SECONDS + ${2:-570}))
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 log="$out/check.log"
@@ -29,6 +32,7 @@ part() {  # part NAME MIN_SECONDS COMMAND...: run COMMAND under the time left, i
   echo "== $name ($(left) s left)" | tee -a "$log"
   timeout --kill-after=5 "$(left)" "$@" 2>&1 | tee -a "$log"
   echo "== $name: exit ${PIPESTATUS[0]}, $(left) s left" | tee -a "$log"
+  rm -f "$out"/*.md  # already in the log
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$log"
@@ -37,4 +41,8 @@ part "kd, wid vs torch.compile" 200 "$py" benchmarks/speed.py --preset "$preset"
   --impls wdjax torch-compile --budget-s 180 --no-plot --tag vs_compile --out "$out"
 part "every method's step over kd" 100 "$py" benchmarks/speed.py --preset "$preset" \
   --methods kd ws gws wd opdf "${sizes[@]}" --impls wdjax --budget-s 110 --no-plot --tag methods --out "$out"
+part "kd with dropout vs torch.compile" 90 "$py" benchmarks/speed.py --preset "$preset" --methods kd \
+  "${sizes[@]}" --dropout 0.1 --impls wdjax torch-compile --no-plot --tag dropout --out "$out"
+part "kd with dropout, rbg draws" 45 env JAX_DEFAULT_PRNG_IMPL=unsafe_rbg "$py" benchmarks/speed.py \
+  --preset "$preset" --methods kd "${sizes[@]}" --dropout 0.1 --impls wdjax --no-plot --tag dropout_rbg --out "$out"
 part "xla flags" 90 "$py" benchmarks/xla_flags.py --preset "$preset" "${variants[@]}" --budget-s $(($(left) - 80)) --out "$out"

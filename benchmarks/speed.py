@@ -22,6 +22,12 @@ random draw, converted) and each batch (32k and 4k tokens per step on gpu), one 
   repeat every epoch). Not the step the others time (no teacher forward; its MFU counts the
   student's FLOPs only), so no target counts it: it is what a user's KD step costs.
 
+Dropout is off by default, so every implementation of a method computes the same step; with
+`--dropout P` the student trains with dropout P at every site (embeddings, attention
+probabilities, residual branches, pooled output), as a real run does: torch's SDPA draws the
+attention dropout inside its fused kernel, while wdjax's attention then runs in XLA (the fused
+cuDNN call takes no dropout), so the rows show what dropout costs each framework.
+
 Warm-up steps are excluded; the step time is the median over windows of 5 steps run back to back
 and synchronised at the window's end, as a training loop runs them (`_time`); compile time (first step) is reported separately. Teacher and student have the
 shapes of all-mpnet-base-v2 (12 x 768, FFN 3072, vocab 30527) and a 6 x 384 student, in the BERT
@@ -104,9 +110,12 @@ class JobResult(NamedTuple):
 
 
 def _configs(preset):
+  """Teacher and student configs. The teacher is frozen (eval mode: no dropout); the student
+  trains with the preset's `dropout` (0 unless `--dropout`) at every site."""
   t = bert.EncoderConfig(**preset["teacher"], dtype=preset["dtype"], hidden_dropout=0.0,
                          attention_dropout=0.0, attention=preset.get("attention", "auto"))
-  return t, dataclasses.replace(t, **preset["student"])
+  p = preset.get("dropout", 0.0)
+  return t, dataclasses.replace(t, **preset["student"], hidden_dropout=p, attention_dropout=p)
 
 
 def _batch(preset, batch, seed):
@@ -193,9 +202,10 @@ def wdjax_step(method, preset, batch, handwritten=False):
     tx = optax.adamw(1e-4, weight_decay=0.01)
 
     def step(state, teacher, b):
-      params, opt = state
+      params, opt, n = state
+      key = jax.random.fold_in(jax.random.key(0), n)  # dropout's, when the preset has any
       def loss_fn(p):
-        logits = nnx.merge(s_graph, p)(b["input_ids"], b["attention_mask"])
+        logits = nnx.merge(s_graph, p)(b["input_ids"], b["attention_mask"], dropout_key=key)
         t_logits = jax.lax.stop_gradient(nnx.merge(t_graph, teacher)(b["input_ids"], b["attention_mask"]))
         t = KD["temperature"]
         log_ps, log_pt = jax.nn.log_softmax(logits / t), jax.nn.log_softmax(t_logits / t)
@@ -204,10 +214,10 @@ def wdjax_step(method, preset, batch, handwritten=False):
         return KD["alpha"] * t * t * kl + (1 - KD["alpha"]) * ce
       loss, grads = jax.value_and_grad(loss_fn)(params)
       updates, opt = tx.update(grads, opt, params)
-      return (optax.apply_updates(params, updates), opt), {"loss": loss}  # as wdjax's metrics
+      return (optax.apply_updates(params, updates), opt, n + 1), {"loss": loss}  # as wdjax's metrics
 
     init = jax.tree.map(jax.numpy.copy, init)  # the step donates
-    state = (init, tx.init(init))
+    state = (init, tx.init(init), jax.numpy.zeros((), jax.numpy.int32))
   else:
     shapes = jax.eval_shape(lambda: gen_params)
     tx = step_lib.make_optimizer(OptimConfig(lr=1e-4), 10_000, shapes, gen.gradient_transform(gen_state),
@@ -273,7 +283,8 @@ def torch_step(method, preset, batch, impl):
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
       with torch.no_grad():
         t_logits = classifier_logits(teacher, shape(t_cfg), ids, mask)
-      logits = classifier_logits(generate(gp, teacher), shape(net_cfg), ids, mask, keep)
+      logits = classifier_logits(generate(gp, teacher), shape(net_cfg), ids, mask, keep,
+                                 dropout=preset.get("dropout", 0.0))
       loss = tgen.hinton_loss(logits.float(), t_logits.float(), labels, **KD)
     if targets:
       loss = loss + tgen.opdf_constraint(gp, targets, gen_jax.constraint_lambda, len(gen_jax.factors))
@@ -406,8 +417,11 @@ def attention_of(impl: str, preset: dict) -> str:
   """The attention kernel a row ran: torch's SDPA, or what "auto" resolved to for JAX."""
   if impl.startswith("torch"):
     return "sdpa"
-  t_cfg, _ = _configs(dict(preset, attention="xla") if impl == "wdjax-xla" else preset)
-  return bert.attention_implementation(t_cfg) or "xla"
+  t_cfg, s_cfg = _configs(dict(preset, attention="xla") if impl == "wdjax-xla" else preset)
+  teacher = bert.attention_implementation(t_cfg) or "xla"
+  if s_cfg.attention_dropout > 0 and teacher != "xla":  # the student's dropout bypasses the kernel
+    return f"{teacher}, student xla"
+  return teacher
 
 
 def merge(files: list[str], stem: Path) -> None:
@@ -429,6 +443,9 @@ def main(argv=None) -> int:
   ap.add_argument("--impls", nargs="+", help="only these implementations (default: all)")
   ap.add_argument("--budget-s", type=float, default=float("inf"),
                   help="start no job after this many seconds (rows so far are written after each job)")
+  ap.add_argument("--dropout", type=float, default=0.0,
+                  help="the student's dropout rate at every site, as it trains (default 0: deterministic "
+                  "steps, equal first losses across implementations)")
   ap.add_argument("--parts", action="store_true", help="also time the KD step's teacher and student parts")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
   ap.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -444,14 +461,15 @@ def main(argv=None) -> int:
     merge(args.merge, Path(args.out) / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}")
     return 0
   t_start = time.perf_counter()
-  preset = PRESETS[args.preset]
+  preset = dict(PRESETS[args.preset], **({"dropout": args.dropout} if args.dropout else {}))
   device = jax.devices()[0]
   import torch
   info = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
           "flax": __import__("flax").__version__, "torch": torch.__version__,
           "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
           "python": platform.python_version(), "preset": args.preset, "dtype": preset["dtype"],
-          "teacher": preset["teacher"], "student": preset["student"], "seq": preset["seq"]}
+          "teacher": preset["teacher"], "student": preset["student"], "seq": preset["seq"],
+          "dropout": args.dropout}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}"
@@ -522,7 +540,9 @@ def table(rows, info) -> str:
   lines = [f"Training step, teacher {info['teacher']['num_layers']}x{info['teacher']['hidden_size']} -> "
            f"student {info['student']['num_layers']}x{info['student']['hidden_size']}, seq {info['seq']}, "
            f"{info['dtype']}; {info['device']} (jax {info['jax']}), torch {info['torch']} on {info['torch_device']}. "
-           "Ratios compare rows of the same run.",
+           "Ratios compare rows of the same run." + (
+               f" The student trains with dropout {info['dropout']} at every site, so first losses "
+               "differ between frameworks by their dropout draws." if info.get("dropout") else ""),
            "Step / KD: a wdjax row's time over the same run's wdjax KD row at that batch (the "
            "generator's overhead); kernels: fusions and library calls in the compiled step; first "
            "loss: the first step's loss, from the draw every implementation of a method starts from "

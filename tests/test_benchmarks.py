@@ -60,6 +60,36 @@ def test_speed_harness_rows_start_from_the_same_loss_in_every_implementation(tmp
   assert total == pytest.approx(want, abs=0.01)
 
 
+def test_speed_harness_with_dropout_times_the_training_step_with_its_draws(tmp_path):
+  import torch
+  from benchmarks.torch_ref.model import BertShape, classifier_logits, init_params
+  # torch_ref's dropout: off by default, at every site with dropout=p (train mode, new draws)
+  shape = BertShape(2, 32, 4, 64, vocab_size=100, max_positions=16)
+  p = init_params(shape, torch.Generator().manual_seed(0))
+  ids, mask = torch.randint(3, 100, (4, 16)), torch.ones(4, 16, dtype=torch.int64)
+  plain = classifier_logits(p, shape, ids, mask)
+  torch.testing.assert_close(classifier_logits(p, shape, ids, mask, dropout=0.0), plain)
+  torch.manual_seed(0)
+  one, two = (classifier_logits(p, shape, ids, mask, dropout=0.1) for _ in range(2))
+  assert (one - plain).abs().max() > 1e-3 and (one - two).abs().max() > 1e-3
+
+  assert speed.main(["--preset", "cpu", "--methods", "kd", "--batches", "4", "--dropout", "0.1",
+                     "--impls", "wdjax", "jax-handwritten", "torch-eager", "--out", str(tmp_path),
+                     "--no-plot"]) == 0
+  result = json.loads((tmp_path / "speed_cpu.json").read_text())
+  assert result["info"]["dropout"] == 0.1 and not result["skipped"]
+  rows = {r["impl"]: r for r in result["rows"]}
+  # the library-overhead reference draws the same dropout masks (the same key per step)
+  assert rows["jax-handwritten"]["first_loss"] == pytest.approx(rows["wdjax"]["first_loss"], rel=1e-6)
+  assert "dropout 0.1" in (tmp_path / "speed_cpu.md").read_text()
+  # on a GPU the teacher keeps cuDNN's fused attention and the student's dropout runs in XLA
+  gpu = dict(speed.PRESETS["gpu"], dropout=0.1)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(speed.bert, "attention_implementation", lambda cfg: "cudnn")
+    assert speed.attention_of("wdjax", gpu) == "cudnn, student xla"
+    assert speed.attention_of("wdjax", speed.PRESETS["gpu"]) == "cudnn"
+
+
 def test_torch_gpu_profile_counts_kernels_not_the_labels_spanning_them():
   # key_averages() rows as torch.profiler gives them on a GPU: the optimizer's record_function
   # label carries the device time of the fused AdamW kernel it launched, which has its own row

@@ -3,7 +3,9 @@
 Parameters are keyed by '/'-joined paths (`encoder/layer_0/attn/q/kernel`) with kernels laid out
 `[in, out]`, so generated parameters (WS, WD, ...) plug in without a module tree; the forward
 pass is the HF BertForSequenceClassification maths: post-LN blocks, exact GELU, tanh pooler on
-the first token. Dropout is off (parity and speed runs compare deterministic steps).
+the first token. Dropout is off unless `dropout=p` is given (parity compares deterministic steps;
+`speed.py --dropout` times the step as it trains): then at wdjax's BERT sites, on the embeddings,
+the attention probabilities (inside SDPA's kernel), both residual branches and the pooled output.
 """
 
 from __future__ import annotations
@@ -41,27 +43,30 @@ def _ln(p: dict, name: str, x: torch.Tensor, eps: float, keep: torch.Tensor | No
 
 
 def classifier_logits(p: dict, shape: BertShape, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, hidden_keep: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor, hidden_keep: torch.Tensor | None = None,
+                      dropout: float = 0.0) -> torch.Tensor:
   """Logits `[batch, labels]` of `input_ids [batch, seq]`; `hidden_keep [hidden]` (0/1) makes
-  every LayerNorm of the residual stream take its statistics over the kept units (WID)."""
+  every LayerNorm of the residual stream take its statistics over the kept units (WID);
+  `dropout`: the training-mode rate of every dropout site (0: none)."""
+  drop = (lambda y: F.dropout(y, dropout, training=True)) if dropout > 0 else (lambda y: y)
   b, t = input_ids.shape
   e = "encoder/embeddings"
   x = (p[f"{e}/word/embedding"][input_ids] + p[f"{e}/position/embedding"][:t][None]
        + p[f"{e}/token_type/embedding"][0])
-  x = _ln(p, f"{e}/ln", x, shape.eps, hidden_keep)
+  x = drop(_ln(p, f"{e}/ln", x, shape.eps, hidden_keep))
   mask = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, key]
   h = shape.num_heads
   for i in range(shape.num_layers):
     pre = f"encoder/layer_{i}"
     heads = lambda y: y.view(b, t, h, -1).transpose(1, 2)  # [batch, heads, seq, head_dim]
     q, k, v = (heads(_linear(p, f"{pre}/attn/{n}", x)) for n in "qkv")
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     ctx = ctx.transpose(1, 2).reshape(b, t, -1)
-    x = _ln(p, f"{pre}/attn_ln", x + _linear(p, f"{pre}/attn/o", ctx), shape.eps, hidden_keep)
+    x = _ln(p, f"{pre}/attn_ln", x + drop(_linear(p, f"{pre}/attn/o", ctx)), shape.eps, hidden_keep)
     ffn = F.gelu(_linear(p, f"{pre}/mlp/up", x))
-    x = _ln(p, f"{pre}/mlp_ln", x + _linear(p, f"{pre}/mlp/down", ffn), shape.eps, hidden_keep)
+    x = _ln(p, f"{pre}/mlp_ln", x + drop(_linear(p, f"{pre}/mlp/down", ffn)), shape.eps, hidden_keep)
   pooled = torch.tanh(_linear(p, "pooler", x[:, 0]))
-  return _linear(p, "classifier", pooled).float()
+  return _linear(p, "classifier", drop(pooled)).float()
 
 
 def init_params(shape: BertShape, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
