@@ -11,10 +11,12 @@
 # 2. KD and WID, wdjax against torch.compile, 32k tokens per step: the ">= 1.25x torch.compile"
 #    and "40% MFU" targets (speed_gpu_vs_compile.json);
 # 3. every generator's wdjax step beside KD's in one run: the "<= 1.15x KD" target (speed_gpu_methods.json);
-# 4. KD as it trains, with dropout 0.1, wdjax against torch.compile (speed_gpu_dropout.json), and
+# 4. KD at 4k tokens per step, wdjax against the hand-written jax.jit step: the "library overhead
+#    within 10%" target (speed_gpu_small.json);
+# 5. KD as it trains, with dropout 0.1, wdjax against torch.compile (speed_gpu_dropout.json), and
 #    wdjax's with JAX's rbg PRNG for the dropout draws (speed_gpu_dropout_rbg.json);
-# 5. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.json).
-# The tables are in check.log (speed.py --merge rebuilds them from the JSON): 6 files come back,
+# 6. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.json).
+# The tables are in check.log (speed.py --merge rebuilds them from the JSON): 7 files come back,
 # where the tool brings back 8.
 set -uo pipefail
 out=${1:-${OUT:?give OUT or run under the device tool}}
@@ -24,7 +26,8 @@ cd "$(dirname "$0")/.."
 log="$out/check.log"
 left() { echo $((deadline - SECONDS)); }
 preset=${PRESET:-gpu} py=${PYTHON:-python}
-if [[ $preset == gpu ]]; then sizes=(--batches 256); variants=(); else sizes=(); variants=(--variants "" xla_cpu_use_xnnpack=false); fi
+if [[ $preset == gpu ]]; then sizes=(--batches 256); small=(--batches 32); variants=()
+else sizes=(); small=(--batches 4); variants=(--variants "" xla_cpu_use_xnnpack=false); fi
 
 part() {  # part NAME MIN_SECONDS COMMAND...: run COMMAND under the time left, if MIN_SECONDS are
   local name=$1 need=$2; shift 2
@@ -41,6 +44,8 @@ part "kd, wid vs torch.compile" 200 "$py" benchmarks/speed.py --preset "$preset"
   --impls wdjax torch-compile --budget-s 180 --no-plot --tag vs_compile --out "$out"
 part "every method's step over kd" 100 "$py" benchmarks/speed.py --preset "$preset" \
   --methods kd ws gws wd opdf "${sizes[@]}" --impls wdjax --budget-s 110 --no-plot --tag methods --out "$out"
+part "kd at 4k tokens vs hand-written jax.jit" 60 "$py" benchmarks/speed.py --preset "$preset" --methods kd \
+  "${small[@]}" --impls wdjax jax-handwritten --no-plot --tag small --out "$out"
 part "kd with dropout vs torch.compile" 90 "$py" benchmarks/speed.py --preset "$preset" --methods kd \
   "${sizes[@]}" --dropout 0.1 --impls wdjax torch-compile --no-plot --tag dropout --out "$out"
 part "kd with dropout, rbg draws" 45 env JAX_DEFAULT_PRNG_IMPL=unsafe_rbg "$py" benchmarks/speed.py \
