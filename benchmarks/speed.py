@@ -284,7 +284,7 @@ def torch_step(method, preset, batch, impl):
       with torch.no_grad():
         t_logits = classifier_logits(teacher, shape(t_cfg), ids, mask)
       logits = classifier_logits(generate(gp, teacher), shape(net_cfg), ids, mask, keep,
-                                 dropout=preset.get("dropout", 0.0))
+                                 dropout=net_cfg.hidden_dropout)  # the JAX student's own rate
       loss = tgen.hinton_loss(logits.float(), t_logits.float(), labels, **KD)
     if targets:
       loss = loss + tgen.opdf_constraint(gp, targets, gen_jax.constraint_lambda, len(gen_jax.factors))
@@ -461,7 +461,7 @@ def main(argv=None) -> int:
     merge(args.merge, Path(args.out) / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}")
     return 0
   t_start = time.perf_counter()
-  preset = dict(PRESETS[args.preset], **({"dropout": args.dropout} if args.dropout else {}))
+  preset = dict(PRESETS[args.preset], dropout=args.dropout)
   device = jax.devices()[0]
   import torch
   info = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
@@ -469,7 +469,7 @@ def main(argv=None) -> int:
           "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
           "python": platform.python_version(), "preset": args.preset, "dtype": preset["dtype"],
           "teacher": preset["teacher"], "student": preset["student"], "seq": preset["seq"],
-          "dropout": args.dropout}
+          "dropout": preset["dropout"]}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}"
