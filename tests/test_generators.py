@@ -238,6 +238,34 @@ def test_pca_maps_are_orthonormal_and_deterministic(setup, tiny):
       np.testing.assert_allclose(flat["maps/encoder/layer_0/mlp/up/kernel/axis_0"], a["hidden"], rtol=1e-6)
 
 
+
+def test_ws_pca_on_mpnet_selects_the_relative_bias_heads():
+  """MPNet's relative-bias table has a heads axis, a space with no activations: PCA-initialised
+  WS starts it at the heads' selection (it raised KeyError 'heads' before), every other space at
+  its principal directions."""
+  from wdjax.generators.pca import top_directions
+  t_cfg = bert.EncoderConfig(arch="mpnet", type_vocab_size=0, pad_token_id=1, vocab_size=100,
+                             hidden_size=48, num_layers=4, num_heads=4, intermediate_size=96,
+                             max_position_embeddings=40)
+  s_cfg = dataclasses.replace(t_cfg, hidden_size=24, num_layers=2, num_heads=2, intermediate_size=48)
+  t_params = nnx.to_pure_dict(nnx.state(bert.build(t_cfg, seed=0)))
+  init = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=1)))
+  rng = np.random.default_rng(0)
+  moment = lambda d: (x := rng.normal(size=(500, d))).T @ x
+  pca = {"hidden": top_directions(moment(48), 24), "pooled": top_directions(moment(48), 24)}
+  for l in range(2):
+    pca[f"attn/layer_{l}"], pca[f"ffn/layer_{l}"] = top_directions(moment(48), 24), top_directions(moment(96), 48)
+  gen = generators.make("ws", init, t_params, init="pca", pca=pca)
+  gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
+  flat = gen.flat_params(gen_params)
+  np.testing.assert_array_equal(flat["maps/heads"], paths.selection_matrix(4, 2))
+  np.testing.assert_allclose(flat["maps/hidden"], pca["hidden"], rtol=1e-6)
+  table = paths.flatten(gen.generate(gen_params, t_params, gen_state))
+  bias = [k for k in table if k.endswith("relative_bias/embedding")]
+  assert bias, sorted(table)
+  t_table = paths.flatten(t_params)[bias[0]]
+  np.testing.assert_allclose(table[bias[0]], t_table @ paths.selection_matrix(4, 2), rtol=1e-6)
+
 def _dots(jaxpr) -> list:
   """Every dot_general equation of a jaxpr, nested ones (jit, custom_vjp, ...) included."""
   out = []

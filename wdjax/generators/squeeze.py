@@ -20,7 +20,8 @@ the network). Maps are
 Initialisation: `identity` (the truncated identity of weight selection's indices, so step 0
 *is* the weight-selection student), `xavier` (normal, std sqrt(2/(d_t+d_s))), or `pca`
 (orthonormal top principal directions of the teacher's activations in each space, computed by
-`pca_maps` on training batches and passed in).
+`pca_maps` on training batches and passed in; the relative-bias `heads` axis, a space of
+attention heads rather than of activations, starts at its selection there).
 
 Depth: a fixed layer map (`every_k` default), or `layer_mix="learned"`: each student leaf is a
 softmax-weighted mix of its teacher group (`contiguous` groups), initialised uniform.
@@ -49,6 +50,7 @@ from wdjax.generators.select import SelectionPlan
 
 
 GAIN = re.compile(r"(^|/)(ln|\w+_ln)/scale$")
+NOT_ACTIVATIONS = ("heads",)  # spaces with no activations to take principal directions of
 
 
 def xavier_normal(key, d_in: int, d_out: int, lead: tuple[int, ...] = ()) -> jax.Array:
@@ -117,7 +119,7 @@ class WeightSqueezing(Generator):
     maps = {}
     for name, (d_t, d_s, n, space) in spaces.items():
       lead = (n,) if n else ()
-      if self.init_kind == "identity":
+      if self.init_kind == "identity" or (self.init_kind == "pca" and space in NOT_ACTIVATIONS):
         maps[name] = jnp.broadcast_to(paths.selection_matrix(d_t, d_s), (*lead, d_t, d_s))
       elif self.init_kind == "xavier":
         maps[name] = xavier_normal(keys[name], d_t, d_s, lead)
