@@ -73,6 +73,17 @@ def test_layer_maps():
     paths.layer_map("contiguous", 6, 4)
 
 
+
+@pytest.mark.parametrize("layer_map", ["uniform", "first_n"])
+def test_ws_learned_mix_refuses_one_layer_groups(setup, layer_map):
+  """A learned mix over one teacher layer per student layer would train no mix at all (it did,
+  silently): the generator says so instead."""
+  _, t_params, _, init = setup
+  with pytest.raises(ValueError, match="nothing to mix"):
+    generators.make("ws", init, t_params, layer_mix="learned", layer_map=layer_map)
+  gen = generators.make("ws", init, t_params, layer_mix="learned")  # every_k -> contiguous groups
+  assert all(len(s) == 3 for p, s in gen.plan.sources.items() if "/layer_" in p)
+
 def test_layer_stacks_round_trip_and_batched_projection_equals_per_layer():
   """Generators store per-layer leaves stacked ([L, ...] under `.../layers/...`): the round trip
   is exact, names are in layer order (layer_10 after layer_2), and one batched product with

@@ -78,6 +78,10 @@ class WeightSqueezing(Generator):
     if layer_mix == "learned" and layer_map == "every_k":
       layer_map = "contiguous"  # a learned mix needs a group to mix over
     self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+    if layer_mix == "learned" and all(len(s) == 1 for s in self.plan.sources.values()):
+      raise ValueError(f"layer_mix='learned' mixes each student layer's group of teacher layers, "
+                       f"but layer map {layer_map!r} gives every student layer one teacher layer: "
+                       "nothing to mix; use layer map 'contiguous' (or a fixed mix)")
     self.layer_mix, self.sharing, self.init_kind = layer_mix, sharing, init
     self.gated, self.gate, self.gate_init, self.pca = gated, gate, gate_init, pca
     self.name = "gws" if gated else "ws"
