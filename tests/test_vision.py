@@ -127,6 +127,8 @@ def test_every_generator_on_vit_shapes(variant):
   t_params, init = _params(TEACHER, 0), _params(STUDENT, 1)
   gen = generators.make(method, init, t_params, **VIT_METHODS[variant])
   gp, gs = gen.init(jax.random.key(0), t_params, StudentSpec(STUDENT, init))
+  if method == "wd":  # the classifier head is WD's output projection: linear, as BERT's classifier
+    assert "head" not in gp["affine"] and "head" in gp["maps"]
   key = iter(jax.random.split(jax.random.key(3), 1000))  # off the initial values
   gp = jax.tree_util.tree_map(lambda p: p + 0.02 * jax.random.normal(next(key), p.shape, p.dtype), gp)
   if method == "wid":  # every space at its target size, the masked entries converged to zero

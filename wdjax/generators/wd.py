@@ -7,7 +7,7 @@ contiguous teacher layers `ts*l ... ts*l+ts-1`):
     M   = project(sum_j c_j W_t^(j), maps)      a map per axis: P (output side), Q (input side)
     W_s = A * tanh(M) + B                       A, B: the student tensor's shape
 
-with tanh-affine everywhere except the output projection (here the classifier, linear only:
+with tanh-affine everywhere except the output projection (here the classifier head, linear only:
 `W_s = M`). Initialisation as in the reference (`init="xavier"`): maps and Lambda Xavier-normal,
 w = 1/ts, A = 1, B = 0, so the student at step 0 is a random projection of the teacher, *not* the
 teacher, and phase 1 has to learn the maps (the paper runs 30k updates).
@@ -47,7 +47,8 @@ from wdjax.generators.base import Generator, Params
 from wdjax.generators.select import SelectionPlan
 from wdjax.generators.squeeze import xavier_normal
 
-OUTPUT_LEAVES = ("classifier/", "dec/output/")  # linear only: WD's "output projection"
+# linear only: WD's "output projection" (BERT's classifier, ViT's head, the decoder's output)
+OUTPUT_LEAVES = ("classifier/", "head/", "dec/output/")
 
 
 class WeightDistillation(Generator):
