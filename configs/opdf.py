@@ -1,11 +1,13 @@
 """OPDF + logit KD (methods.md §2): the paper's depth-reduction setting. The student keeps the
 teacher's width (cpu: MiniLM 6x384 -> 3x384, 12 heads of 32, FFN 1536) and starts from the
-teacher's layers 1, 3, 5; every attention and FFN matrix trains as an exact 5-core MPO chain
-(2.8x the dense matrices' parameters), contracted once per step; the constraint loss pulls the
-auxiliary cores towards the aligned teacher layer's (lambda = 1e-4 / 3, the paper's 1e-4 / L_S).
+teacher's first layers 0, 1, 2 (the paper's start, methods.md §2.3); every attention and FFN
+matrix trains as an exact 5-core MPO chain (2.8x the dense matrices' parameters), contracted once
+per step; the constraint loss pulls the auxiliary cores of student layer i towards teacher layer
+2i+1's (§2.4: layers 1, 3, 5; lambda = 1e-4 / 3, the paper's 1e-4 / L_S).
 lr 2e-5: the chain of square cores amplifies every step on W (the paper uses 1e-6).
-Its baseline is the same student trained by KD alone (`kd-384` in the quality benchmark:
-configs/select_kd.py with this student), and the ablation `--set method.opdf_lambda=0`.
+Its baseline is the same student from the same layers trained by KD alone (`kd-384` in the
+quality benchmark: configs/select_kd.py with this student and `method.layer_map=first_n`), and
+the ablation `--set method.opdf_lambda=0`.
 
 Commands:
   wdjax finetune configs/opdf.py:cpu

@@ -121,3 +121,19 @@ def test_xla_flags_sweep_times_each_variant_in_its_own_process(tmp_path):
   assert "xla_no_such_flag" in results[2]["error"]
   table = (tmp_path / "xla_flags_cpu.md").read_text()
   assert "| (baseline) | kd | 128 |" in table and "1.00x" in table and "failed: " in table
+
+
+def test_quality_update_replaces_only_the_rows_run(tmp_path):
+  """`quality/run.py --update`: the re-run rows replace theirs, in the task's row order, the
+  others and the file's info stay; another teacher or other seeds are refused."""
+  from benchmarks.quality import run as quality
+  row = lambda acc: {"test_mean": acc, "runs": []}
+  path = tmp_path / "results_cpu.json"
+  info = {"teacher_test": 82.58, "seeds": [0, 1, 2], "latency_ms": {"teacher": {"1": 6.1}}}
+  path.write_text(json.dumps({"info": info, "rows": {"kd": row(77.3), "kd-384": row(81.6), "opdf": row(81.1)}}))
+  rows, kept = quality.updated(path, {"opdf": row(80.0), "kd-384": row(81.0)}, quality.METHODS, 82.58, [0, 1, 2])
+  assert list(rows) == ["kd", "kd-384", "opdf"] and kept == info
+  assert [r["test_mean"] for r in rows.values()] == [77.3, 81.0, 80.0]
+  for teacher, seeds in ((83.18, [0, 1, 2]), (82.58, [0])):
+    with pytest.raises(SystemExit, match="re-run every row"):
+      quality.updated(path, {"opdf": row(80.0)}, quality.METHODS, teacher, seeds)

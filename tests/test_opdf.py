@@ -83,11 +83,30 @@ def _opdf(t_params, s_cfg=HALF, **options):
   return gen, gp, gs, init
 
 
+def test_constraint_pulls_the_first_layers_towards_the_aligned_ones():
+  """The paper's setting (§2.3-2.4): the student starts as the teacher's first layers (here layer
+  0) and its auxiliary cores are pulled towards teacher layer 2i+1's (here 1): at step 0 the
+  loss is lambda x the mean over matrices of the cores' mean squared distance, computed here from
+  the two layers' own decompositions. Started at the aligned layer, it is zero."""
+  t_params = _params(SMALL, 0)
+  gen, gp, gs, _ = _opdf(t_params, n_cores=5, constraint_lambda=1.0)
+  flat, want = paths.flatten(t_params), []
+  for p in gen.factors:  # encoder/layer_0/...: one student layer
+    cores = [mpo.decompose(np.asarray(flat[p.replace("layer_0", l)]).T, *gen.factors[p])
+             for l in ("layer_0", "layer_1")]
+    want.append(sum(np.mean(np.square(np.asarray(cores[0][k], np.float64) - cores[1][k]))
+                    for k in gen.constrained[p]))
+    assert gen.constrained[p] == (0, 1, 3, 4)
+  got = float(gen.aux_loss(gp, t_params, gs))
+  assert got > 1e-4
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-4)
+  gen_at_target, gp_t, gs_t, _ = _opdf(t_params, n_cores=5, constraint_lambda=1.0, layer_map="every_k")
+  assert float(gen_at_target.aux_loss(gp_t, t_params, gs_t)) < 1e-10
+
+
 def test_constraint_loss_has_gradient_on_exactly_the_auxiliary_cores():
   t_params = _params(SMALL, 0)
   gen, gp, gs, _ = _opdf(t_params, n_cores=5, constraint_lambda=1.0)
-  # Started from the teacher's layer 1 (the aligned one), the student's cores are the targets.
-  assert float(gen.aux_loss(gp, t_params, gs)) < 1e-10
   rng = np.random.default_rng(1)  # numpy and a jitted grad: eager JAX compiles every op shape
   gp = jax.tree_util.tree_map(lambda x: x + 0.01 * rng.standard_normal(x.shape, np.float32), gp)
   grads = gen.flat_params(jax.jit(jax.grad(lambda p: gen.aux_loss(p, t_params, gs)))(gp))  # per matrix
@@ -100,12 +119,12 @@ def test_constraint_loss_has_gradient_on_exactly_the_auxiliary_cores():
 
 
 def test_student_starts_as_the_selected_teacher_layers_and_exports_what_it_trains(tmp_path):
-  """At init, the contracted student is the teacher's layer 1 (every_k) to 1e-5; `materialize`
-  is the training network, and the exported model computes it."""
+  """At init, the contracted student is the teacher's layer 0 (first_n, the paper's start) to
+  1e-5; `materialize` is the training network, and the exported model computes it."""
   t_params = _params(SMALL, 0)
   gen, gp, gs, init = _opdf(t_params, n_cores=7)
   student = gen.materialize(gp, t_params, gs)
-  selected = generators.select(t_params, init, "every_k")
+  selected = generators.select(t_params, init, "first_n")
   for (p, a), b in zip(paths.flatten(student).items(), paths.flatten(selected).values()):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=p)
   ids = jnp.asarray(np.random.default_rng(0).integers(5, 5000, (3, 10)), jnp.int32)
@@ -129,6 +148,16 @@ def test_width_mismatch_refuses_the_undefined_constraint():
   gen, gp, gs, _ = _opdf(t_params, narrow, constraint_lambda=0.0)
   assert float(gen.aux_loss(gp, t_params, gs)) == 0.0
 
+
+
+def test_alignment_needs_a_whole_depth_ratio_only_with_the_constraint():
+  """3 teacher layers -> 2: no layer 2i+1 alignment; refused with the constraint, fine without."""
+  t_params = _params(dataclasses.replace(SMALL, num_layers=3), 0)
+  two = dataclasses.replace(SMALL, num_layers=2)
+  with pytest.raises(ValueError, match="aligns student layer i"):
+    _opdf(t_params, two, n_cores=3)
+  gen, gp, gs, _ = _opdf(t_params, two, n_cores=3, constraint_lambda=0.0)
+  assert float(gen.aux_loss(gp, t_params, gs)) == 0.0 and not gs["targets"]
 
 def test_sharded_step_with_the_constraint_equals_single_device(monkeypatch):
   import test_generators as contract

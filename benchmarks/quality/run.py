@@ -3,6 +3,7 @@
     python benchmarks/quality/run.py                       # cpu: MiniLM 6x384 -> 3x192, 3 seeds
     python benchmarks/quality/run.py --hardware gpu        # MPNet 12x768 -> 6x384
     python benchmarks/quality/run.py --methods kd ws --seeds 0
+    python benchmarks/quality/run.py --methods opdf --update   # re-run rows, keep the others
     python benchmarks/quality/run.py --task vision         # Fashion-MNIST ViT 4x128 -> 4x64
                                                            # (configs/vit.py; results_vision_*)
 
@@ -54,7 +55,8 @@ METHODS = {  # label -> (config file, extra --set assignments)
     "wid-mlm": ("wid.py", ["method.wid_objective=mlm"]),
     # OPDF's own setting: a half-depth student at the teacher's width (3x384 on cpu), from the
     # teacher's layers; its baseline is KD alone on that student, and the ablation drops the loss
-    "kd-384": ("select_kd.py", ["SAME_WIDTH"]),
+    # (both start from the teacher's first layers, as the paper's student and its KD baseline)
+    "kd-384": ("select_kd.py", ["SAME_WIDTH", "method.layer_map=first_n"]),
     "opdf": ("opdf.py", []),
     "opdf-noloss": ("opdf.py", ["method.opdf_lambda=0"]),
 }
@@ -119,6 +121,9 @@ def main():
   ap.add_argument("--latency", default="measure",
                   help="'measure', 'none', or a results JSON whose latencies to reuse (measured "
                        "on a quiet machine: latency under load means nothing)")
+  ap.add_argument("--update", action="store_true",
+                  help="replace only the rows run in the existing results file, keeping the other "
+                       "rows and its latency (same teacher and seeds, or it is refused)")
   args = ap.parse_args()
   task = TASKS[args.task]
   methods = task["methods"]
@@ -153,6 +158,11 @@ def main():
                    "student": f"{cfg.student.num_layers}x{cfg.student.hidden_size}",
                    "student_params": runs[0]["model_params"]}
 
+  stem = f"results_{'vision_' if args.task == 'vision' else ''}{args.hardware}" + (f"_{args.tag}" if args.tag else "")
+  if args.update:
+    rows, info = updated(HERE / f"{stem}.json", rows, methods, 100 * teacher["test_accuracy"], args.seeds)
+    write(stem, info, rows)
+    return
   student_dir = Path(rows[next(iter(rows))]["runs"][0]["model"])
   if args.latency == "measure":
     latency = {name: {str(b): latency_ms(d, b) for b in (1, 32)}
@@ -166,7 +176,25 @@ def main():
           "seeds": args.seeds, "teacher_test": 100 * teacher["test_accuracy"],
           "teacher_params": teacher["model_params"], "latency_ms": latency,
           "budget_steps": first["total_steps"] + first.get("phase1", {}).get("total_steps", 0)}
-  stem = f"results_{'vision_' if args.task == 'vision' else ''}{args.hardware}" + (f"_{args.tag}" if args.tag else "")
+  write(stem, info, rows)
+
+
+def updated(path: Path, new_rows: dict, methods: dict, teacher_test: float, seeds: list[int]
+            ) -> tuple[dict, dict]:
+  """The rows and info of the results file `path` with `new_rows` in place of theirs, in the
+  task's row order; refused when the teacher or the seeds differ (the rows would not compare)."""
+  if not path.exists():
+    raise SystemExit(f"--update: no {path} to update; run without --update first")
+  old = json.loads(path.read_text())
+  info = old["info"]
+  if abs(info["teacher_test"] - teacher_test) > 1e-6 or info["seeds"] != seeds:
+    raise SystemExit(f"--update: {path} has teacher {info['teacher_test']:.2f} and seeds "
+                     f"{info['seeds']}, this run {teacher_test:.2f} and {seeds}: re-run every row")
+  rows = {**old["rows"], **new_rows}
+  return {k: rows[k] for k in [*methods, *rows] if k in rows}, info
+
+
+def write(stem: str, info: dict, rows: dict) -> None:
   (HERE / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
   table = markdown(info, rows)
   (HERE / f"{stem}.md").write_text(table)

@@ -19,9 +19,9 @@ DECOMPOSED = r"encoder/layer_\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel$"
 class MatrixProductOperator(Generator):
   """OPDF (Zhan et al., NeurIPS 2024; methods.md §2): every attention and FFN matrix of the
   student trains as an exact MPO chain, contracted once per step; `aux_loss` pulls the student's
-  auxiliary cores (all but the central one) towards the teacher's, decomposed the same way
-  (teacher layer by `layer_map`: every_k aligns student layer i with teacher layer 2i+1 for a
-  half-depth student, as §2.4).
+  auxiliary cores (all but the central one) towards the teacher's, decomposed the same way,
+  of the aligned teacher layer: student layer i with teacher layer k(i+1)-1 for a teacher k
+  times deeper (2i+1 for a half-depth student, §2.4), whichever layers the student starts from.
 
   gen_params: `{"cores": {<kernel path>/core_k: [d_{k-1}, i_k, j_k, d_k]}, "dense": {...}}`;
   gen_state: `{"targets": {<kernel path>/core_k: teacher core}}` for the constrained cores.
@@ -31,7 +31,9 @@ class MatrixProductOperator(Generator):
   Cores decompose the math-layout matrix `W = kernel.T [out, in]`, as the reference.
 
   The student starts from `start`: "selection" (the teacher's layers by `layer_map`, sliced to
-  the student's width: at the same width, the teacher's own layers) or "random" (its fresh init).
+  the student's width: at the same width, the teacher's own layers; `first_n` by default, the
+  paper's start, §2.3: LGTM loads the teacher's first L_S layers) or "random" (its fresh init).
+  So the constraint pulls the student's layer i, started as teacher layer i, towards layer 2i+1.
   Width mismatch (an extension, §2.8 b): only the auxiliary cores whose shapes coincide are
   constrained; with none, a non-zero `constraint_lambda` is refused.
   """
@@ -40,11 +42,21 @@ class MatrixProductOperator(Generator):
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, n_cores: int = 5,
                constraint_lambda: float | None = None, start: str = "selection",
-               layer_map: str = "every_k"):
+               layer_map: str = "first_n"):
     if start not in ("selection", "random"):
       raise ValueError(f"OPDF start must be 'selection' or 'random', got {start!r}")
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)  # where the student starts
     self.start = start
+    self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
+                              else constraint_lambda)
+    self.aligned = None  # the constraint's teacher layers (§2.4), planned when there is a constraint
+    if self.constraint_lambda:
+      try:
+        self.aligned = SelectionPlan(teacher_shapes, student_shapes, "every_k")
+      except ValueError as e:
+        raise ValueError(f"OPDF's constraint aligns student layer i with teacher layer k(i+1)-1 "
+                         f"(methods.md §2.4): {e}; set the constraint's lambda to 0 to train "
+                         "without it") from None
     s_flat, t_flat = paths.flatten(student_shapes), paths.flatten(teacher_shapes)
     self.n_cores = n_cores
     self.factors, self.teacher_factors, self.constrained = {}, {}, {}
@@ -53,15 +65,16 @@ class MatrixProductOperator(Generator):
         continue
       d_in, d_out = np.shape(x)
       self.factors[p] = factorize(d_out, d_in, n_cores)
-      t_in, t_out = np.shape(t_flat[self.plan.sources[p][-1]])
+      self.constrained[p] = ()
+      if self.aligned is None:
+        continue
+      t_in, t_out = np.shape(t_flat[self.aligned.sources[p][-1]])
       t_factors = self.teacher_factors[p] = factorize(t_out, t_in, n_cores)
       centre = (n_cores - 1) // 2
       self.constrained[p] = tuple(
           k for k, (a, b) in enumerate(zip(core_shapes(*self.factors[p]), core_shapes(*t_factors)))
           if k != centre and a == b)
     n_pairs = sum(len(v) for v in self.constrained.values())
-    self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
-                              else constraint_lambda)
     if self.constraint_lambda and n_pairs == 0:
       raise ValueError("no auxiliary core of the student has the shape of the teacher's (their "
                        "widths differ): OPDF's constraint is undefined (methods.md §2.8); set "
@@ -81,7 +94,7 @@ class MatrixProductOperator(Generator):
       for k, c in enumerate(decompose(w, *self.factors[p])):
         cores[f"{p}/core_{k}"] = c
       if self.constrained[p]:
-        t_w = jnp.asarray(t_flat[self.plan.sources[p][-1]], jnp.float32).T
+        t_w = jnp.asarray(t_flat[self.aligned.sources[p][-1]], jnp.float32).T
         t_cores = decompose(t_w, *self.teacher_factors[p])
         for k in self.constrained[p]:
           targets[f"{p}/core_{k}"] = t_cores[k]

@@ -507,7 +507,7 @@ def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config,
   if method.name == "opdf":
     return {"n_cores": method.opdf_cores, "start": method.opdf_start,
             "constraint_lambda": None if method.opdf_lambda < 0 else method.opdf_lambda,
-            "layer_map": method.layer_map or "every_k"}
+            "layer_map": method.layer_map or "first_n"}  # the paper's start (methods.md §2.3)
   return {}
 
 
