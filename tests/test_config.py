@@ -33,9 +33,33 @@ def test_unknown_key_names_close_matches():
     config_lib.load(QUICKSTART, ["distill.optim.lrr=1e-3"])
 
 
-def test_wrong_type_is_rejected():
-  with pytest.raises(WdjaxError, match="expected a int"):
+def test_wrong_type_is_rejected_naming_the_whole_key():
+  with pytest.raises(WdjaxError, match=r"--set student\.num_layers=three: expected a value of type int"):
     config_lib.load(QUICKSTART, ["student.num_layers=three"])
+
+
+@pytest.mark.parametrize("assignments, message", [
+    (["distill.batch_size=0"], r"distill\.batch_size=0 \(must be at least 1\)"),
+    (["distill.steps=-5"], r"distill\.steps=-5 \(must be >= 0"),
+    (["checkpoint.keep=0"], r"checkpoint\.keep=0 \(must be at least 1"),
+    (["distill.optim.frozen=["], r"distill\.optim\.frozen='\[' \(must be regular expressions"),
+    (["finetune.optim.frozen=[1]"], r"finetune\.optim\.frozen=1 "),
+    (["student.dtype=float8"], r"student\.dtype='float8' \(one of float32, bfloat16, float16\)"),
+    (["distill.optim.schedule=step"], r"distill\.optim\.schedule='step'"),
+    # every bad key in one message
+    (["distill.log_every=0", "kd.alpha=2"], r"distill\.log_every=0 .*; kd\.alpha=2\.0 \(must be in \[0, 1\]\)"),
+])
+def test_values_no_run_can_use_are_refused_at_load(assignments, message):
+  """Before anything runs: a zero batch used to divide by zero after the teacher's logits were
+  computed, and `checkpoint.keep=0` deleted every checkpoint, so a rerun started over."""
+  with pytest.raises(WdjaxError, match=message):
+    config_lib.load(QUICKSTART, assignments)
+
+
+def test_every_shipped_config_passes_the_checks():
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    for arg in ([""] if path.name == "quickstart.py" else ["cpu", "gpu"]):
+      config_lib.load(f"{path}:{arg}" if arg else path)
 
 
 def test_cli_prints_one_line_and_exits_2_on_unknown_key():

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,14 @@ def test_distill_trains_resumes_and_exports(tiny):
   assert all(np.isfinite(r["loss"]) and r["kd"] > 0 for r in rows if r["phase"] == "distill")
   again = run_lib.distill(cfg, log=lambda *_: None)  # a finished phase is not trained again
   assert again == first
+  # as if killed after step 8 was logged but before its checkpoint: the rerun trains 5-8 again
+  # from checkpoint 4, to the same result, and the log holds each step once
+  shutil.rmtree(out / "checkpoints" / "8")
+  resumed = run_lib.distill(cfg, log=lambda *_: None)
+  assert resumed == first
+  steps = [(r["phase"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+  assert steps == [(p, s) for p, s in steps if p == "distill/eval" or s in (2, 4, 6, 8)]
+  assert len(steps) == len(set(steps)) and [s for p, s in steps if p == "distill"] == [2, 4, 6, 8]
 
 
 def test_changed_settings_do_not_resume_silently(tiny):
@@ -212,6 +221,13 @@ def test_kill_and_rerun_resumes_to_the_same_parameters(tiny, tmp_path, method):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # the log reads as one run's: the steps trained twice (after the last checkpoint) appear once,
+  # with the uninterrupted run's numbers
+  logs = [[{k: v for k, v in json.loads(l).items() if k not in ("time", "steps_per_s")}
+           for l in (tmp_path / d / run_lib.default_phase(cfg) / "metrics.jsonl").read_text().splitlines()]
+          for d in ("a", "b")]
+  assert [(r["phase"], r["step"]) for r in logs[1]] == [(r["phase"], r["step"]) for r in logs[0]]
+  assert logs[1] == logs[0]
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tiny, tmp_path):

@@ -18,14 +18,18 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="wdjax", description="Knowledge distillation through weights, in JAX.")
   p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
   sub = p.add_subparsers(dest="command", required=True)
+  # --debug is also taken after the subcommand (`main` reads it from argv, wherever it is)
+  debug = argparse.ArgumentParser(add_help=False)
+  debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks instead of one-line errors")
 
-  a = sub.add_parser("assets", help="list or fetch the real teachers and datasets")
+  a = sub.add_parser("assets", help="list or fetch the real teachers and datasets", parents=[debug])
   a.add_argument("action", choices=["list", "fetch"])
   a.add_argument("names", nargs="*", help="asset names for fetch ('all' for every asset)")
   a.add_argument("--cache-dir", default="", help="asset cache (default $WDJAX_CACHE or ~/.cache/wdjax)")
 
   def with_config(name: str, help: str) -> argparse.ArgumentParser:
-    c = sub.add_parser(name, help=help)
+    c = sub.add_parser(name, help=help, parents=[debug])
     c.add_argument("config", help="Python config file with get_config(), e.g. configs/quickstart.py")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set distill.optim.lr=3e-4 (repeatable)")

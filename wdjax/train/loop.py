@@ -157,7 +157,7 @@ def _check_finite(step: int, metrics: dict, spec: LoopSpec) -> None:
     last = spec.checkpointer.latest_step()
     kept = f"checkpoint step {last} in {spec.checkpointer.directory} is kept" if last is not None \
         else "no checkpoint was written"
-    lr = f" at learning rate {spec.lr_at(step):.3g}" if spec.lr_at else ""
+    lr = f" at learning rate {spec.lr_at(step - 1):.3g}" if spec.lr_at else ""  # step's own, as logged
     raise WdjaxError(f"{spec.name}: {bad[0]} became {metrics[bad[0]]} by step {step}{lr}; {kept}; "
                      "lower the learning rate or check the data")
 
@@ -175,6 +175,7 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
   and step. Both are checkpointed together, so a resumed run selects exactly as an uninterrupted one.
   """
   start = int(jax.device_get(state["step"]))
+  spec.writer.resume(start)
   eval_every = spec.eval_every or spec.steps_per_epoch
   progress = _Progress(spec, start)
   profiler = _Profiler(spec, start, progress)

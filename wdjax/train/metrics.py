@@ -36,6 +36,18 @@ class MetricWriter:
           raise WdjaxError("log.tensorboard=True needs tensorboardX: pip install 'wdjax[tensorboard]'") from None
         self.tb = SummaryWriter(str(Path(directory) / "tensorboard"))
 
+  def resume(self, step: int) -> None:
+    """Forget the rows of steps after `step`, the step a run resumes from: a run killed after
+    its last checkpoint logged steps it will train again, and they would appear twice."""
+    if not self.enabled or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [l for l in lines if json.loads(l)["step"] <= step]
+    if len(kept) < len(lines):
+      tmp = self.path.with_suffix(".tmp")
+      tmp.write_text("".join(kept))
+      tmp.replace(self.path)
+
   def write(self, step: int, phase: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return

@@ -531,7 +531,9 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
 
 
 def _start(cfg: Config) -> None:
-  """Before any JAX computation: join the other processes; turn on the compilation cache."""
+  """Before any JAX computation: check the config (one built in Python skips `config.load`);
+  join the other processes; turn on the compilation cache."""
+  config_lib.check(cfg)
   if cfg.distributed:
     distributed.initialize()
   if cfg.compilation_cache:
