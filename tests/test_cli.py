@@ -104,3 +104,27 @@ def test_corrupt_checkpoint_is_exit_2_and_names_the_directory(tiny, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.count("\n") == 1 and "cannot be restored" in proc.stderr
   assert str(ckpt.parent) in proc.stderr
+
+
+def test_two_phase_eval_and_export_reach_phase_2(tiny, tmp_path, capsys):
+  """WD trains its generator in `distill_wd` and the student in `distill_wd_phase2`: `eval`
+  scores the final student (it scored phase 1's), and `export` writes phase 2's model too, by
+  default or by its name (which used to fail on a healthy checkpoint, calling it corrupt)."""
+  import shutil
+  from wdjax import cli
+  from wdjax.train import run as run_lib
+  cfg = tiny(method=dataclasses.replace(tiny().method, name="wd", wd_mode="lean", wd_init="identity"))
+  path = _write_config(tmp_path / "cfg.py", cfg)
+  result = run_lib.distill(cfg, log=lambda *_: None)
+  work = Path(cfg.workdir)
+  final = work / "distill_wd_phase2" / "model"
+  assert cli.run(["eval", str(path), "--split", "test"]) == 0
+  scores = json.loads(capsys.readouterr().out)
+  assert scores["model"] == str(final)
+  assert scores["test_accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-6)
+  want = {p: (work / p / "model" / "model.safetensors").read_bytes() for p in ("distill_wd", "distill_wd_phase2")}
+  for phase in ([], ["--phase", "distill_wd_phase2"]):
+    shutil.rmtree(final)
+    assert cli.run(["export", str(path), *phase]) == 0
+    for p, data in want.items():
+      assert (work / p / "model" / "model.safetensors").read_bytes() == data, (phase, p)

@@ -223,3 +223,30 @@ def test_mlm_masking_follows_bert_recipe_and_is_a_function_of_the_step():
   # Dynamic but reproducible: same step, same masks; next step, others.
   np.testing.assert_array_equal(masking(batch, 5)["input_ids"], out["input_ids"])
   assert (masking(batch, 6)["mlm_positions"] != out["mlm_positions"]).any()
+
+
+def test_teacher_logits_cache_is_keyed_by_the_data_itself(tmp_path):
+  """A training file edited in place (same config, same size) is other data: its teacher logits
+  are computed again, not read from the cache of the old file (KD trained on the wrong targets)."""
+  import types
+  from wdjax.config import Config
+  from wdjax.train import run as run_lib
+  cfg = Config(workdir=str(tmp_path))
+  teacher = types.SimpleNamespace(sha256="t" * 64)
+  ids = np.arange(12, dtype=np.int32).reshape(3, 4)
+  lengths, labels = np.full(3, 4, np.int32), np.zeros(3, np.int32)
+  old = types.SimpleNamespace(train=TokenizedSplit(ids, lengths, labels, 0))
+  new = types.SimpleNamespace(train=TokenizedSplit(ids[::-1].copy(), lengths, labels, 0))
+  calls = []
+
+  def compute(value):
+    return lambda: (calls.append(value), np.full((3, 2), value, np.float32))[1]
+
+  quiet = lambda *_: None
+  assert run_lib.teacher_train_logits(cfg, teacher, old, compute(1.0), quiet)[0, 0] == 1.0
+  assert run_lib.teacher_train_logits(cfg, teacher, old, compute(9.0), quiet)[0, 0] == 1.0  # cached
+  assert run_lib.teacher_train_logits(cfg, teacher, new, compute(2.0), quiet)[0, 0] == 2.0
+  assert calls == [1.0, 2.0]
+  # the same content in a new array is the same data
+  same = types.SimpleNamespace(train=TokenizedSplit(ids.copy(), lengths, labels, 0))
+  assert run_lib.teacher_train_logits(cfg, teacher, same, compute(3.0), quiet)[0, 0] == 1.0

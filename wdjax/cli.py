@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--model", default="", help="HF model directory (default: the config's student)")
   e.add_argument("--split", action="append", choices=["train", "validation", "test"])
   x = with_config("export", "write the dense model of a phase's latest checkpoint")
-  x.add_argument("--phase", default="", help="finetune, or a distill phase (default: the config's)")
+  x.add_argument("--phase", default="", help="finetune, or a distill phase (default: the config's; "
+                 "a two-phase method's phase 2 is exported with its phase 1, once it has a checkpoint)")
   with_config("pipeline", "finetune, distill with KD and with CE alone, print the comparison")
   with_config("config", "print the resolved config as JSON")
   return p
@@ -114,7 +115,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
       run_lib.distill(cfg, phase=args.phase, export_only=True)
   elif args.command == "eval":
-    model = args.model or str(Path(cfg.workdir) / run_lib.default_phase(cfg) / "model")
+    model = args.model or str(run_lib.final_model_dir(cfg))  # a two-phase method's phase 2
     scores = run_lib.evaluate(cfg, model, tuple(args.split or ("validation", "test")))
     metric = "bleu" if cfg.data.dataset == "bible" else "accuracy"
     _main_print(json.dumps({"model": model, **{f"{k}_{metric}": v for k, v in scores.items()}},

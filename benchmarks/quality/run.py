@@ -104,12 +104,6 @@ def latency_ms(model_dir: Path, batch: int, seq: int = 64) -> float:
                     np.ones_like(ids))
 
 
-def final_model(cfg, phase: str) -> Path:
-  out = Path(cfg.workdir) / phase
-  two_phase = cfg.method.name in run_lib.TWO_PHASE
-  return out.with_name(phase + "_phase2") / "model" if two_phase else out / "model"
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--hardware", choices=["cpu", "gpu"], default="cpu")
@@ -149,7 +143,7 @@ def main():
       result = run_lib.distill(cfg, phase=phase, log=quiet)
       print(f"{label:10s} seed {seed}: test {100 * result['test_accuracy']:.2f} "
             f"(val {100 * result['validation_accuracy']:.2f}) in {time.time() - t0:.0f}s", flush=True)
-      runs.append(dict(result, seed=seed, model=str(final_model(cfg, phase))))
+      runs.append(dict(result, seed=seed, model=str(run_lib.final_model_dir(cfg, phase))))
     acc = [100 * r["test_accuracy"] for r in runs]
     rows[label] = {"runs": runs, "test_mean": float(np.mean(acc)),
                    "test_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,

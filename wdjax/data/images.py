@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from wdjax import assets
 from wdjax.data import builders
 from wdjax.data.tasks import Task
+from wdjax.data.tokenize import digest
 from wdjax.errors import WdjaxError
 
 FASHION_LABELS = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -105,6 +106,10 @@ class ImageSplit:
   @property
   def lengths(self) -> np.ndarray:  # what the text pipeline sorts eval batches by: all equal
     return np.ones(len(self), np.int32)
+
+  def digest(self) -> str:
+    """Content hash of the inputs (what a teacher's outputs on this split depend on)."""
+    return digest(self.images, np.float64([self.mean, self.std]))
 
   def batch(self, index: np.ndarray, pad_to_multiple: int = 0) -> dict[str, np.ndarray]:
     """Arrays for the examples `index` (-1 marks a padding row with weight 0)."""

@@ -9,12 +9,24 @@ here, to the batch's own length.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from wdjax.errors import WdjaxError
+
+
+def digest(*arrays: np.ndarray) -> str:
+  """A short content hash of arrays (shapes, dtypes and values): the key of what is computed
+  from data once and cached, so other data with the same config and size never reuses it."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +44,10 @@ class TokenizedSplit:
   def take(self, n: int) -> "TokenizedSplit":
     """The first n examples (for quick runs and tests)."""
     return TokenizedSplit(self.ids[:n], self.lengths[:n], self.labels[:n], self.pad_id)
+
+  def digest(self) -> str:
+    """Content hash of the inputs (what a teacher's outputs on this split depend on)."""
+    return digest(self.ids, self.lengths)
 
 
 class TextEncoder:

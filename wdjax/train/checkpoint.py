@@ -26,6 +26,13 @@ from wdjax.errors import WdjaxError
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def has_checkpoint(directory: str | Path) -> bool:
+  """Whether `directory` holds a finished checkpoint (Orbax's step directories are named by
+  their step; one being written has a temporary suffix)."""
+  d = Path(directory)
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
 class Checkpointer:
   """Save every `every` steps (and when forced), keep the last `keep`, restore the latest."""
 
@@ -61,6 +68,10 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for missing, truncated or mismatched files
       msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      if "structure" in msg:  # intact files of another tree: nothing to move away
+        raise WdjaxError(
+            f"checkpoint {self.directory / str(step)} holds another model than this config builds "
+            f"({msg[:200]}); use the config (and phase) that wrote it, or a new workdir") from None
       raise WdjaxError(
           f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "
           f"{msg[:200]}); move it away to resume from an earlier one, or use a new workdir") from None

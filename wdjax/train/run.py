@@ -288,9 +288,10 @@ def write_results(path: Path, results: dict) -> None:
 
 def teacher_train_logits(cfg: Config, teacher: Model, task: tasks.Task, compute, log) -> np.ndarray:
   """The teacher's `[n_train, classes]` logits, computed once per teacher and data and kept in
-  `<workdir>/cache/` (every phase and seed of a workdir distils from the same numbers)."""
+  `<workdir>/cache/` (every phase and seed of a workdir distils from the same numbers). The key
+  holds the data's content, not only its config: a CSV edited in place is other data."""
   key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.teacher.dtype,
-                                   len(task.train)]).encode()).hexdigest()[:16]
+                                   len(task.train), task.train.digest()]).encode()).hexdigest()[:16]
   path = Path(cfg.workdir) / "cache" / f"teacher_logits_{key}.npy"
   if path.exists():
     logits = np.load(path)
@@ -340,7 +341,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   if cfg.data.dataset in IMAGE_DATASETS:
     from wdjax.train import vision
     return vision.distill(cfg, phase, log, export_only)
-  phase = phase or default_phase(cfg)
+  phase = first_phase(cfg, phase)
   teacher_dir = Path(cfg.teacher_dir)
   if not (teacher_dir / "config.json").exists():
     raise WdjaxError(f"no task teacher at {teacher_dir}; run `wdjax finetune CONFIG` first "
@@ -369,10 +370,11 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   first = train_phase(cfg, phase=phase, train=dataclasses.replace(cfg.distill, steps=steps1),
                       task=task, spec=spec, generator=generator, teacher=teacher,
                       tokenizer_dir=teacher_dir, log=log, export_only=export_only)
-  if export_only or steps1 >= steps:
+  if not continues_to_phase2(cfg, phase, steps1, steps, export_only):
     return first
   _, generated, _ = hf.load(phase_dir(cfg, phase) / "model")
-  return _phase2(cfg, phase, first, StudentSpec(s_cfg, generated), teacher, task, steps - steps1, log)
+  return _phase2(cfg, phase, first, StudentSpec(s_cfg, generated), teacher, task, steps - steps1, log,
+                 export_only=export_only)
 
 
 def initial_student(method, model: nnx.Module, teacher_params: Params) -> Params:
@@ -404,13 +406,15 @@ def _generator(method, init: Params, teacher: Model, task: tasks.Task, cfg: Conf
 
 
 def _phase2(cfg: Config, phase: str, first: dict, spec: StudentSpec, teacher: Model,
-            task: tasks.Task, steps: int, log, objective: Objective = CLASSIFICATION) -> dict:
+            task: tasks.Task, steps: int, log, objective: Objective = CLASSIFICATION,
+            export_only: bool = False) -> dict:
   """Fine-tune phase 1's student on the task (KD from the task teacher if kd.alpha > 0)."""
   optim2 = dataclasses.replace(cfg.distill.optim, lr=cfg.method.phase2_lr or cfg.distill.optim.lr)
-  second = train_phase(cfg, phase=phase + "_phase2",
+  second = train_phase(cfg, phase=phase + PHASE2,
                        train=dataclasses.replace(cfg.distill, steps=steps, optim=optim2),
                        task=task, spec=spec, generator=Identity(), teacher=teacher,
-                       tokenizer_dir=teacher.tokenizer_dir, log=log, objective=objective)
+                       tokenizer_dir=teacher.tokenizer_dir, log=log, objective=objective,
+                       export_only=export_only)
   return dict(second, phase1=first, trainable_params=max(first["trainable_params"],
                                                           second["trainable_params"]))
 
@@ -461,14 +465,15 @@ def _distill_wid_mlm(cfg: Config, phase: str, task_teacher: Model, task: tasks.T
                       task=task, spec=StudentSpec(s_cfg, init), generator=generator,
                       teacher=teacher, tokenizer_dir=teacher.tokenizer_dir, log=log,
                       export_only=export_only, objective=MaskedLanguageModel(masking))
-  if export_only or steps1 >= steps:
+  if not continues_to_phase2(cfg, phase, steps1, steps, export_only):
     return first
   s_cls = dataclasses.replace(s_cfg, num_labels=task_teacher.config.num_labels)
   _, encoder, fresh = hf.load(phase_dir(cfg, phase) / "model", seed=cfg.seed,
                               num_labels=task_teacher.config.num_labels)
-  log(f"[{phase}_phase2] new task head: {', '.join(fresh)}")
+  if fresh and not export_only:
+    log(f"[{phase}{PHASE2}] new task head: {', '.join(fresh)}")
   return _phase2(cfg, phase, first, StudentSpec(s_cls, encoder), task_teacher, task,
-                 steps - steps1, log)
+                 steps - steps1, log, export_only=export_only)
 
 
 TWO_PHASE = ("wd", "wid")  # methods whose phase 1 trains a generator and phase 2 the student
@@ -477,6 +482,33 @@ TWO_PHASE = ("wd", "wid")  # methods whose phase 1 trains a generator and phase 
 def default_phase(cfg: Config) -> str:
   """`distill` for plain KD, `distill_<method>` for the others (one teacher, many students)."""
   return "distill" if cfg.method.label == "kd" else f"distill_{cfg.method.label}"
+
+
+PHASE2 = "_phase2"  # a two-phase method's second phase runs in `<phase>_phase2`
+
+
+def first_phase(cfg: Config, phase: str) -> str:
+  """The phase a distill run starts from: `phase` or the config's default; a two-phase method's
+  `<phase>_phase2` names the same run (it is reached through its phase 1)."""
+  phase = phase or default_phase(cfg)
+  if cfg.method.name in TWO_PHASE and phase.endswith(PHASE2):
+    return phase[:-len(PHASE2)]
+  return phase
+
+
+def final_model_dir(cfg: Config, phase: str = "") -> Path:
+  """The model a distill run ends with: phase 2's for a two-phase method once it has one."""
+  phase = first_phase(cfg, phase)
+  second = phase_dir(cfg, phase + PHASE2) / "model"
+  return second if cfg.method.name in TWO_PHASE and second.is_dir() else phase_dir(cfg, phase) / "model"
+
+
+def continues_to_phase2(cfg: Config, phase: str, steps1: int, steps: int, export_only: bool) -> bool:
+  """After phase 1 of a two-phase method: train phase 2 (when it has steps), or, exporting,
+  export it too when it has a checkpoint."""
+  if cfg.method.name not in TWO_PHASE or steps1 >= steps:
+    return False
+  return not export_only or ckpt_lib.has_checkpoint(phase_dir(cfg, phase + PHASE2) / "checkpoints")
 
 
 def generator_options(method, teacher: Model, task: tasks.Task, cfg: Config,

@@ -179,7 +179,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
     raise WdjaxError(f"mt.wd_encoder must be 'elementwise' or 'mapped', got {cfg.mt.wd_encoder!r}")
   if cfg.mt.seq_kd not in ("add", "replace", "none"):
     raise WdjaxError(f"mt.seq_kd must be 'add', 'replace' or 'none', got {cfg.mt.seq_kd!r}")
-  phase = phase or run_lib.default_phase(cfg)
+  phase = run_lib.first_phase(cfg, phase)
   teacher = load_teacher(cfg)
   task = load_task(cfg, teacher.tokenizer_dir / "tokenizer.json")
   task = dataclasses.replace(task, train=training_pairs(cfg, teacher, task, log))
@@ -202,11 +202,11 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
                             teacher=teacher, tokenizer_dir=teacher.tokenizer_dir, log=log,
                             export_only=export_only, objective=objective(cfg))
   final = phase
-  if method.name in run_lib.TWO_PHASE and not export_only and steps1 < steps:
+  if run_lib.continues_to_phase2(cfg, phase, steps1, steps, export_only):
     _, generated = transformer.load(run_lib.phase_dir(cfg, phase) / "model")
     out = run_lib._phase2(cfg, phase, out, StudentSpec(s_cfg, generated), teacher, task,
-                          steps - steps1, log, objective=objective(cfg))
-    final = phase + "_phase2"
+                          steps - steps1, log, objective=objective(cfg), export_only=export_only)
+    final = phase + run_lib.PHASE2
   return with_bleu(cfg, run_lib.phase_dir(cfg, final), out, task, log)
 
 
@@ -223,7 +223,7 @@ def sequence_kd(cfg: Config, teacher: run_lib.Model, train: PairSplit, log) -> P
   """The training sources paired with the teacher's beam-`mt.kd_beam` translations, computed once
   per teacher and data and kept in `<workdir>/cache/` (every student of a workdir shares them)."""
   key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.mt.kd_beam,
-                                   cfg.mt.len_penalty, len(train)]).encode()).hexdigest()[:16]
+                                   cfg.mt.len_penalty, len(train), train.digest()]).encode()).hexdigest()[:16]
   path = Path(cfg.workdir) / "cache" / f"seq_kd_{key}.npz"
 
   def compute():

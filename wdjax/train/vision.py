@@ -105,7 +105,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
                      "or xavier for ViTs")
   if method.name == "wid" and method.wid_objective != "task":
     raise WdjaxError("ViT students support method.wid_objective='task' only (there is no MLM)")
-  phase = phase or run_lib.default_phase(cfg)
+  phase = run_lib.first_phase(cfg, phase)
   teacher = load_teacher(cfg)
   task = load_task(cfg)
   if images.image_size(task) != teacher.config.image_size or len(task.label_names) != teacher.config.num_labels:
@@ -122,11 +122,11 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   first = run_lib.train_phase(cfg, phase=phase, train=train, task=task, spec=spec, generator=generator,
                               teacher=teacher, tokenizer_dir=teacher.tokenizer_dir, log=log,
                               export_only=export_only, objective=OBJECTIVE)
-  if not two_phase or export_only or steps1 >= steps:
+  if not run_lib.continues_to_phase2(cfg, phase, steps1, steps, export_only):
     return first
   _, generated = vit.load(run_lib.phase_dir(cfg, phase) / "model")
   return run_lib._phase2(cfg, phase, first, StudentSpec(s_cfg, generated), teacher, task,
-                         steps - steps1, log, objective=OBJECTIVE)
+                         steps - steps1, log, objective=OBJECTIVE, export_only=export_only)
 
 
 def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
