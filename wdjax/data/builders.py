@@ -104,22 +104,34 @@ class RottenTomatoes(_TextClassification):
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:
-  """Rows of a CSV (`.csv`, `.tsv`) or JSON-lines (`.jsonl`, `.json`) file."""
+  """Rows of a CSV (`.csv`), TSV (`.tsv`: tab-separated, no quoting, as GLUE's) or JSON-lines
+  (`.jsonl`, `.json`: one object per line) file, UTF-8 (a byte-order mark, as Excel writes, is
+  skipped)."""
   p = Path(path)
   if not p.is_file():
     raise WdjaxError(f"data file {p} does not exist")
-  if p.suffix in (".jsonl", ".json"):
-    rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise WdjaxError(f"{p}:{n} is not a JSON object ({e.msg})") from None
-    return rows
-  delimiter = "\t" if p.suffix == ".tsv" else ","
-  with open(p, newline="", encoding="utf-8") as f:
-    return list(csv.DictReader(f, delimiter=delimiter))
+  try:
+    if p.suffix in (".jsonl", ".json"):
+      rows = []
+      for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if line.strip():
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise WdjaxError(f"{p}:{n} is not a JSON object ({e.msg})") from None
+          if not isinstance(row, dict):
+            raise WdjaxError(f"{p}:{n} is a JSON {type(row).__name__}, not an object of columns")
+          rows.append(row)
+      return rows
+    # A TSV field is never quoted: a text starting with '"' would otherwise swallow the lines
+    # after it into one field, silently.
+    dialect = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if p.suffix == ".tsv" else {}
+    with open(p, newline="", encoding="utf-8-sig") as f:
+      return list(csv.DictReader(f, **dialect))
+  except UnicodeDecodeError as e:
+    raise WdjaxError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
+  except csv.Error as e:
+    raise WdjaxError(f"{p} is not a readable CSV/TSV file ({e})") from None
 
 
 class TextFiles(_TextClassification):
@@ -130,19 +142,33 @@ class TextFiles(_TextClassification):
     if "train" not in files:
       raise WdjaxError("data.train_file is required for dataset='files'")
     self._tables = {s: read_table(f) for s, f in files.items() if f}
+    for split, table in self._tables.items():
+      if not table:
+        raise WdjaxError(f"the {split} file {files[split]} has no data rows")
     self._text, self._label, self._group = text_column, label_column, group_column
     self._labels = self._collect_labels()
     super().__init__(config=self._config_name(files), **kwargs)
 
   def _collect_labels(self) -> tuple[str, ...]:
-    labels = set()
+    """The classes: the training file's labels (a class only validation or test has could never
+    be learned, so it is refused, as are rows without a value)."""
+    seen: dict[str, set[str]] = {}
     for split, table in self._tables.items():
       for n, row in enumerate(table, 1):
         for col in (self._text, self._label) + ((self._group,) if self._group else ()):
           if col not in row:
-            raise WdjaxError(f"{split} row {n} has no column {col!r} (columns: {sorted(row)}); "
+            raise WdjaxError(f"{split} row {n} has no column {col!r} (columns: {sorted(map(str, row))}); "
                              "set data.text_column / data.label_column")
-        labels.add(str(row[self._label]))
+          if row[col] is None or (col == self._label and not str(row[col]).strip()):
+            raise WdjaxError(f"{split} row {n} has no value in column {col!r} (a short line, an "
+                             "empty field or null); fix or drop that row")
+        seen.setdefault(split, set()).add(str(row[self._label]))
+    labels = seen["train"]
+    for split, values in seen.items():
+      if values - labels:
+        raise WdjaxError(f"{split} has label(s) {sorted(values - labels)[:5]} that the training "
+                         f"file never has (its labels: {sorted(labels)[:10]}); a class must be "
+                         "in the training data")
     if len(labels) < 2:
       raise WdjaxError(f"the label column {self._label!r} has {len(labels)} distinct value(s); "
                        "classification needs at least 2")

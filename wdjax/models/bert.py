@@ -150,15 +150,17 @@ class Embeddings(nnx.Module):
                dropout_key: Array | None, hidden_keep: Array | None = None) -> Array:
     cfg = self.cfg
     seq = input_ids.shape[1]
+    # MPNet's positions start after its pad id (514 rows: 512 tokens); out of range, an
+    # embedding lookup would give NaN, not an error.
+    room = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.arch == "mpnet" else 0)
+    if seq > room:
+      raise WdjaxError(f"sequences of {seq} tokens are longer than the model's {room} positions")
     if cfg.arch == "mpnet":
       # RoBERTa positions: real tokens count from pad_id + 1; padding sits on pad_id.
       not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
       positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
       x = self.word(input_ids) + self.position(positions)
     else:
-      if seq > cfg.max_position_embeddings:
-        raise WdjaxError(f"sequences of {seq} tokens are longer than the model's "
-                         f"{cfg.max_position_embeddings} positions")
       # Positions 0..seq-1 in every row: a slice of the table, whose gradient is a sum over the
       # batch, not a scatter-add of batch x seq rows.
       x = self.word(input_ids) + self.position.embedding[...][:seq]

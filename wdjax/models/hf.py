@@ -213,9 +213,14 @@ def load_params(model_dir: str | os.PathLike, cfg: bert.EncoderConfig, head: str
     value = tensors[found].T if transpose else tensors[found]
     want = _get(params, path).shape
     if value.shape != tuple(want):
+      stored, need = list(tensors[found].shape), list(want)[::-1] if transpose else list(want)
+      if path[0] == "classifier":  # a task head of another task (its label count)
+        raise WdjaxError(
+            f"{model_dir}: its task head {found} has shape {stored}, this task needs {need} (another "
+            "number of labels); start from a model without a task head, or one of this task")
       raise WdjaxError(
-          f"{model_dir}: tensor {found} has shape {list(value.shape)} but the config needs "
-          f"{list(want)}; config.json and model.safetensors do not belong together")
+          f"{model_dir}: tensor {found} has shape {stored} but the config needs "
+          f"{need}; config.json and model.safetensors do not belong together")
     _set(params, path, np.asarray(value, dtype=np.float32))
   encoder_missing = [p for p in fresh if p.startswith("encoder/")]
   if encoder_missing:
