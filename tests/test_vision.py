@@ -90,6 +90,16 @@ def test_vit_saves_as_transformers_vit_with_matching_logits(tmp_path):
   assert cfg.pooling == "mean" and "cls" not in back["embeddings"]
   np.testing.assert_allclose(_logits(cfg, back, x), _logits(mean, p_mean, x), rtol=1e-6)
 
+  # with the training split's statistics: transformers' image processor turns raw pixels into
+  # exactly the inputs wdjax trains on (they used to be known only to wdjax's data loader)
+  digits = images.load("digits")
+  vit.save(tmp_path / "p", TEACHER, params, tuple("abcdefghij"),
+           normalization=(digits.train.mean, digits.train.std))
+  processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "p")
+  pixels = processor(images=list(digits.test.images[:6, :, :, None]), return_tensors="pt")["pixel_values"]
+  np.testing.assert_allclose(pixels.permute(0, 2, 3, 1).numpy(),
+                             digits.test.batch(np.arange(6))["image"], rtol=1e-6, atol=1e-6)
+
   (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
   with pytest.raises(WdjaxError, match="unreadable or incomplete ViT"):
     vit.load(tmp_path / "m")

@@ -282,13 +282,28 @@ def from_hf(cfg: ViTConfig, tensors: dict[str, np.ndarray]):
   return paths.unflatten(flat)
 
 
-def save(out: str | Path, cfg: ViTConfig, params, label_names: tuple[str, ...] = ()) -> None:
-  """An HF ViTForImageClassification directory, written atomically."""
+def preprocessor_config(cfg: ViTConfig, mean: float, std: float) -> dict:
+  """`preprocessor_config.json` for transformers' `ViTImageProcessor`: the inputs this ViT was
+  trained on, `(pixels / 255 - mean) / std` with the training split's statistics, no resizing."""
+  return {"image_processor_type": "ViTImageProcessor", "do_resize": False, "do_rescale": True,
+          "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": [float(mean)] * cfg.num_channels, "image_std": [float(std)] * cfg.num_channels,
+          "size": {"height": cfg.image_size, "width": cfg.image_size}}
+
+
+def save(out: str | Path, cfg: ViTConfig, params, label_names: tuple[str, ...] = (),
+         normalization: tuple[float, float] | None = None) -> None:
+  """An HF ViTForImageClassification directory, written atomically; with `normalization`
+  (mean, std of the training pixels in [0, 1]) also its image processor's config, so a
+  transformers user feeds it what it was trained on."""
   from safetensors.numpy import save_file
   from wdjax.models.hf import atomic_directory
   with atomic_directory(Path(out)) as tmp:
     save_file(to_hf(cfg, params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, label_names), indent=2) + "\n")
+    if normalization is not None:
+      (tmp / "preprocessor_config.json").write_text(
+          json.dumps(preprocessor_config(cfg, *normalization), indent=2) + "\n")
 
 
 def load(model_dir: str | Path, **overrides) -> tuple[ViTConfig, dict]:

@@ -46,7 +46,7 @@ class ImageClassification(Classification):
 
   def export(self, out: Path, config: ViTConfig, params, tokenizer_dir: Path, task) -> None:
     del tokenizer_dir  # images need none
-    vit.save(out, config, params, task.label_names)
+    vit.save(out, config, params, task.label_names, normalization=(task.train.mean, task.train.std))
 
 
 OBJECTIVE = ImageClassification()
