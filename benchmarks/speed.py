@@ -36,7 +36,8 @@ are random (speed does not depend on them). MFU counts matmul FLOPs: per token a
 `2 (4 D^2 + 2 D F) + 4 S D` forward, except each network's last layer, which wdjax computes at
 the first token only (`kd_step.layer_flops`; torch_ref computes every token there, as a PyTorch
 user's model does, so its MFU leaves that work out); teacher 1x, student 3x (forward +
-backward), plus the generator's FLOPs from XLA's cost analysis of `generate`, 3x; peak
+backward), plus the generator's forward and backward FLOPs from XLA's cost analysis of
+`generate`'s VJP with respect to the generator's parameters (`generator_flops`); peak
 989 TFLOP/s (H100 dense bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
 profile of every job under DIR and `speed_<preset>_profile.{md,json}` beside the results: each
 step's device time by kind of operation (`wdjax/profiling.py`). Precision is the same on both
@@ -181,6 +182,20 @@ OPTIONS = {"kd": lambda t, s: {}, "ws": lambda t, s: {}, "gws": lambda t, s: {},
            "opdf": lambda t, s: dict(n_cores=5)}
 
 
+def generator_flops(gen, gen_params, t_params, gen_state) -> float:
+  """FLOPs of the generator's forward and backward pass in a step: XLA's cost analysis of the
+  VJP of `generate` with respect to the generator's parameters only (the frozen teacher gets no
+  gradient, so the backward is less than twice the forward: 3x forward overcounted WS by 21%).
+  The lowered (not compiled) function's cost: a GPU's compiled HLO hands the matrix products to
+  cuBLAS as custom calls, which XLA's cost analysis counts as no FLOPs."""
+  def forward_backward(gp):
+    out, pull = jax.vjp(lambda g: gen.generate(g, t_params, gen_state), gp)
+    return pull(out)  # a cotangent of the generated weights' shapes: the backward's products
+  cost = jax.jit(forward_backward).lower(gen_params).cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0))
+
+
 def wdjax_step(method, preset, batch, handwritten=False):
   t_cfg, s_cfg, t_params, init, gen, gen_params, gen_state = setup(method, preset)
   mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
@@ -193,11 +208,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
     batches = [dict(b, teacher_logits=t_fwd(t_params, b, None)) for b in batches]
   gen_flops = 0.0
   if method != "kd":
-    # the lowered (not compiled) function's cost: a GPU's compiled HLO hands the matrix products to
-    # cuBLAS as custom calls, which XLA's cost analysis counts as no FLOPs
-    cost = jax.jit(gen.generate).lower(gen_params, t_params, gen_state).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    gen_flops = 3 * float(cost.get("flops", 0.0))
+    gen_flops = generator_flops(gen, gen_params, t_params, gen_state)
   if handwritten:  # the same maths as a bare jax.jit step: the library-overhead reference
     tx = optax.adamw(1e-4, weight_decay=0.01)
 
@@ -292,7 +303,12 @@ def torch_step(method, preset, batch, impl):
 
   mode = TORCH_MODES[impl]
   graphs = mode == "reduce-overhead"
-  fwd_bwd = loss_fn if mode is None else torch.compile(loss_fn, mode=mode)
+  if mode is not None:
+    # A fresh compile per job, with static shapes, as a user's run gets: dynamo caches graphs per
+    # code object, so jobs in one process would pile up recompiles of `loss_fn` until its limit
+    # (8) and then run it eagerly, and a later batch size would be compiled with dynamic shapes.
+    torch._dynamo.reset()
+  fwd_bwd = loss_fn if mode is None else torch.compile(loss_fn, mode=mode, dynamic=False)
   batches = [{k: torch.tensor(v).to(dev) for k, v in _batch(preset, batch, i).items()} for i in range(4)]
 
   def run(i):

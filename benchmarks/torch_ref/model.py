@@ -29,7 +29,9 @@ class BertShape:
 
 
 def _linear(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-  return x @ p[f"{name}/kernel"] + p[f"{name}/bias"]
+  # F.linear, as nn.Linear: under autocast its output, bias included, is bf16; `x @ W + b`
+  # would promote the bf16 product to fp32 on the fp32 bias, and every activation with it
+  return F.linear(x, p[f"{name}/kernel"].t(), p[f"{name}/bias"])
 
 
 def _ln(p: dict, name: str, x: torch.Tensor, eps: float, keep: torch.Tensor | None = None) -> torch.Tensor:
