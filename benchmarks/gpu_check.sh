@@ -13,11 +13,13 @@
 # 3. every generator's wdjax step beside KD's in one run: the "<= 1.15x KD" target (speed_gpu_methods.json);
 # 4. KD at 4k tokens per step, wdjax against the hand-written jax.jit step: the "library overhead
 #    within 10%" target (speed_gpu_small.json);
-# 5. KD as it trains, with dropout 0.1, wdjax against torch.compile (speed_gpu_dropout.json), and
+# 5. KD against torch.compile with torch_ref computing its last layer at the pooled token only, as
+#    wdjax does: the same FLOPs on both sides (speed_gpu_same_flops.json);
+# 6. KD as it trains, with dropout 0.1, wdjax against torch.compile (speed_gpu_dropout.json), and
 #    wdjax's with JAX's rbg PRNG for the dropout draws (speed_gpu_dropout_rbg.json);
-# 6. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.json).
-# The tables are in check.log (speed.py --merge rebuilds them from the JSON): 7 files come back,
-# where the tool brings back 8.
+# 7. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.json).
+# The tables are in check.log (speed.py --merge rebuilds them from the JSON): 8 files come back,
+# the most the tool brings back.
 set -uo pipefail
 out=${1:-${OUT:?give OUT or run under the device tool}}
 deadline=$((SECONDS + ${2:-570}))
@@ -46,6 +48,8 @@ part "every method's step over kd" 100 "$py" benchmarks/speed.py --preset "$pres
   --methods kd ws gws wd opdf "${sizes[@]}" --impls wdjax --budget-s 110 --no-plot --tag methods --out "$out"
 part "kd at 4k tokens vs hand-written jax.jit" 60 "$py" benchmarks/speed.py --preset "$preset" --methods kd \
   "${small[@]}" --impls wdjax jax-handwritten --no-plot --tag small --out "$out"
+part "kd vs torch.compile, torch doing wdjax's FLOPs" 120 "$py" benchmarks/speed.py --preset "$preset" --methods kd \
+  "${sizes[@]}" --impls wdjax torch-compile --torch-first-token --no-plot --tag same_flops --out "$out"
 part "kd with dropout vs torch.compile" 90 "$py" benchmarks/speed.py --preset "$preset" --methods kd \
   "${sizes[@]}" --dropout 0.1 --impls wdjax torch-compile --no-plot --tag dropout --out "$out"
 part "kd with dropout, rbg draws" 45 env JAX_DEFAULT_PRNG_IMPL=unsafe_rbg "$py" benchmarks/speed.py \

@@ -292,10 +292,12 @@ def torch_step(method, preset, batch, impl):
 
   def loss_fn(gp, ids, mask, labels):
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+      first = preset.get("torch_first_token", False)
       with torch.no_grad():
-        t_logits = classifier_logits(teacher, shape(t_cfg), ids, mask)
+        t_logits = classifier_logits(teacher, shape(t_cfg), ids, mask, first_token_last_layer=first)
       logits = classifier_logits(generate(gp, teacher), shape(net_cfg), ids, mask, keep,
-                                 dropout=net_cfg.hidden_dropout)  # the JAX student's own rate
+                                 dropout=net_cfg.hidden_dropout,  # the JAX student's own rate
+                                 first_token_last_layer=first)
       loss = tgen.hinton_loss(logits.float(), t_logits.float(), labels, **KD)
     if targets:
       loss = loss + tgen.opdf_constraint(gp, targets, gen_jax.constraint_lambda, len(gen_jax.factors))
@@ -462,6 +464,9 @@ def main(argv=None) -> int:
   ap.add_argument("--dropout", type=float, default=0.0,
                   help="the student's dropout rate at every site, as it trains (default 0: deterministic "
                   "steps, equal first losses across implementations)")
+  ap.add_argument("--torch-first-token", action="store_true",
+                  help="torch_ref computes its last layer at the pooled token only, as wdjax does (the "
+                  "same FLOPs on both sides; default: every token, as a PyTorch user's HF model)")
   ap.add_argument("--parts", action="store_true", help="also time the KD step's teacher and student parts")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
   ap.add_argument("--tag", default="", help="suffix of the output files' names")
@@ -477,7 +482,7 @@ def main(argv=None) -> int:
     merge(args.merge, Path(args.out) / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}")
     return 0
   t_start = time.perf_counter()
-  preset = dict(PRESETS[args.preset], dropout=args.dropout)
+  preset = dict(PRESETS[args.preset], dropout=args.dropout, torch_first_token=args.torch_first_token)
   device = jax.devices()[0]
   import torch
   info = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
@@ -485,7 +490,7 @@ def main(argv=None) -> int:
           "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
           "python": platform.python_version(), "preset": args.preset, "dtype": preset["dtype"],
           "teacher": preset["teacher"], "student": preset["student"], "seq": preset["seq"],
-          "dropout": preset["dropout"]}
+          "dropout": preset["dropout"], "torch_first_token": preset["torch_first_token"]}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"speed_{args.preset}{'_' + args.tag if args.tag else ''}"
@@ -558,7 +563,11 @@ def table(rows, info) -> str:
            f"{info['dtype']}; {info['device']} (jax {info['jax']}), torch {info['torch']} on {info['torch_device']}. "
            "Ratios compare rows of the same run." + (
                f" The student trains with dropout {info['dropout']} at every site, so first losses "
-               "differ between frameworks by their dropout draws." if info.get("dropout") else ""),
+               "differ between frameworks by their dropout draws." if info.get("dropout") else "") + (
+               " torch_ref computes each network's last layer at the pooled token only, as wdjax: "
+               "both sides do the same FLOPs." if info.get("torch_first_token") else
+               " torch_ref computes each network's last layer at every token (a PyTorch user's "
+               "model), ~10% more FLOPs than wdjax at these shapes; MFU counts wdjax's."),
            "Step / KD: a wdjax row's time over the same run's wdjax KD row at that batch (the "
            "generator's overhead); kernels: fusions and library calls in the compiled step; first "
            "loss: the first step's loss, from the draw every implementation of a method starts from "

@@ -137,3 +137,24 @@ def test_quality_update_replaces_only_the_rows_run(tmp_path):
   for teacher, seeds in ((83.18, [0, 1, 2]), (82.58, [0])):
     with pytest.raises(SystemExit, match="re-run every row"):
       quality.updated(path, {"opdf": row(80.0)}, quality.METHODS, teacher, seeds)
+
+
+def test_torch_can_compute_the_last_layer_at_the_pooled_token_as_wdjax(tmp_path):
+  """`--torch-first-token`: torch_ref does wdjax's FLOPs (the last layer at the pooled token
+  only) and still starts from wdjax's loss; the table says which work torch did."""
+  import torch
+  from benchmarks.torch_ref import model as tmodel
+  shape = tmodel.BertShape(2, 32, 4, 64, 300, 16)
+  p = tmodel.init_params(shape, torch.Generator().manual_seed(0))
+  ids, mask = torch.randint(3, 300, (3, 16)), torch.ones(3, 16, dtype=torch.int32)
+  mask[1, 9:] = 0
+  full = tmodel.classifier_logits(p, shape, ids, mask)
+  first = tmodel.classifier_logits(p, shape, ids, mask, first_token_last_layer=True)
+  torch.testing.assert_close(first, full, rtol=1e-5, atol=1e-6)
+  assert speed.main(["--preset", "cpu", "--methods", "kd", "--batches", "4", "--impls", "wdjax",
+                     "torch-eager", "--torch-first-token", "--out", str(tmp_path), "--no-plot"]) == 0
+  result = json.loads((tmp_path / "speed_cpu.json").read_text())
+  losses = {r["impl"]: r["first_loss"] for r in result["rows"]}
+  assert losses["torch-eager"] == pytest.approx(losses["wdjax"], rel=1e-4)
+  assert result["info"]["torch_first_token"] is True
+  assert "both sides do the same FLOPs" in (tmp_path / "speed_cpu.md").read_text()

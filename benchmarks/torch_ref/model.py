@@ -46,10 +46,13 @@ def _ln(p: dict, name: str, x: torch.Tensor, eps: float, keep: torch.Tensor | No
 
 def classifier_logits(p: dict, shape: BertShape, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, hidden_keep: torch.Tensor | None = None,
-                      dropout: float = 0.0) -> torch.Tensor:
+                      dropout: float = 0.0, first_token_last_layer: bool = False) -> torch.Tensor:
   """Logits `[batch, labels]` of `input_ids [batch, seq]`; `hidden_keep [hidden]` (0/1) makes
   every LayerNorm of the residual stream take its statistics over the kept units (WID);
-  `dropout`: the training-mode rate of every dropout site (0: none)."""
+  `dropout`: the training-mode rate of every dropout site (0: none); `first_token_last_layer`:
+  the last layer's queries, attention output, residuals and FFN at the pooled token only, as
+  wdjax computes them (keys and values at every token): the same logits, ~10% fewer FLOPs.
+  Off by default: a PyTorch user's model (HF's) computes every token."""
   drop = (lambda y: F.dropout(y, dropout, training=True)) if dropout > 0 else (lambda y: y)
   b, t = input_ids.shape
   e = "encoder/embeddings"
@@ -60,10 +63,13 @@ def classifier_logits(p: dict, shape: BertShape, input_ids: torch.Tensor,
   h = shape.num_heads
   for i in range(shape.num_layers):
     pre = f"encoder/layer_{i}"
-    heads = lambda y: y.view(b, t, h, -1).transpose(1, 2)  # [batch, heads, seq, head_dim]
-    q, k, v = (heads(_linear(p, f"{pre}/attn/{n}", x)) for n in "qkv")
+    heads = lambda y: y.view(b, y.shape[1], h, -1).transpose(1, 2)  # [batch, heads, seq, head_dim]
+    k, v = (heads(_linear(p, f"{pre}/attn/{n}", x)) for n in "kv")
+    if first_token_last_layer and i == shape.num_layers - 1:
+      x = x[:, :1]  # from here on only the row the pooler reads
+    q = heads(_linear(p, f"{pre}/attn/q", x))
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    ctx = ctx.transpose(1, 2).reshape(b, t, -1)
+    ctx = ctx.transpose(1, 2).reshape(b, x.shape[1], -1)
     x = _ln(p, f"{pre}/attn_ln", x + drop(_linear(p, f"{pre}/attn/o", ctx)), shape.eps, hidden_keep)
     ffn = F.gelu(_linear(p, f"{pre}/mlp/up", x))
     x = _ln(p, f"{pre}/mlp_ln", x + drop(_linear(p, f"{pre}/mlp/down", ffn)), shape.eps, hidden_keep)
