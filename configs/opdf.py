@@ -12,7 +12,7 @@ the ablation `--set method.opdf_lambda=0`.
 Commands:
   wdjax finetune configs/opdf.py:cpu
   wdjax distill configs/opdf.py:cpu
-  wdjax distill configs/opdf.py:cpu --set method.opdf_cores=7   # LGTM's 7 cores (4.4x)
+  wdjax distill configs/opdf.py:cpu --set method.opdf_cores=7   # LGTM's 7 cores (3.7x the dense matrices here)
 Result (cpu, 3 seeds): see the quality table in README.md. gpu (MPNet 12x768 -> 6x768): not yet
 measured.
 """

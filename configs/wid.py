@@ -15,8 +15,8 @@ gpu: MPNet 12x768 -> 6x384 (presets); for -> 192 wide add
 Commands:
   wdjax finetune configs/wid.py:cpu
   wdjax distill configs/wid.py:cpu          # phase 1 then phase 2
-Result (cpu): task-specific 74.65 +- 5.15 over 3 seeds (77.4 and 77.9, one seed collapses in
-phase 1), task-agnostic 75.08 (seed 0): see README's quality tables. gpu: not yet measured.
+Result (cpu, 3 seeds): task-specific 69.34 +- 3.07 (66.7, 72.7, 68.6: below KD on every seed),
+task-agnostic 74.27 +- 0.39: see README's quality tables. gpu: not yet measured.
 """
 
 import dataclasses
