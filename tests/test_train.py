@@ -260,3 +260,27 @@ def test_a_second_process_on_the_same_phase_directory_is_refused(tmp_path):
   PhaseLock(tmp_path / "other").acquire().release()  # other phases are free
   first.release()
   PhaseLock(tmp_path / "distill").acquire().release()  # released: free again
+
+
+def test_weight_decay_reaches_matrices_only_stacked_or_not():
+  """AdamW decays kernels and embeddings, never biases or LayerNorm vectors, also when a
+  generator stores them stacked over the layers ([L, d], rank 2: they were decayed)."""
+  from wdjax.errors import WdjaxError
+  ones = lambda *s: jnp.ones(s, jnp.float32)
+  params = {"encoder": {"layers": {"attn": {"q": {"kernel": ones(2, 4, 4), "bias": ones(2, 4)}},
+                                   "attn_ln": {"scale": ones(2, 4), "bias": ones(2, 4)}},
+                        "embeddings": {"word": {"embedding": ones(10, 4)}, "ln": {"scale": ones(4)}}},
+            "pooler": {"kernel": ones(4, 4), "bias": ones(4)}}
+  optim = OptimConfig(lr=0.1, schedule="constant", warmup_ratio=0.0, weight_decay=0.5, clip_norm=0.0)
+  tx = step_lib.make_optimizer(optim, 10, params)
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+  decayed = {k: bool(np.any(np.asarray(u) != 0)) for k, u in
+             ((mesh_lib.path_str(p), u) for p, u in jax.tree_util.tree_leaves_with_path(updates))}
+  assert decayed == {"encoder/layers/attn/q/kernel": True, "encoder/layers/attn/q/bias": False,
+                     "encoder/layers/attn_ln/scale": False, "encoder/layers/attn_ln/bias": False,
+                     "encoder/embeddings/word/embedding": True, "encoder/embeddings/ln/scale": False,
+                     "pooler/kernel": True, "pooler/bias": False}
+  # frozen paths with a generator's own gradient surgery or lr groups: refused, not a crash
+  frozen = dataclasses.replace(optim, frozen=("embeddings/word",))
+  with pytest.raises(WdjaxError, match="cannot be combined with this generator's own"):
+    step_lib.make_optimizer(frozen, 10, params, lr_factors=jax.tree_util.tree_map(lambda x: 1.0, params))

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from wdjax import losses
+from wdjax.errors import WdjaxError
+from wdjax.generators import paths
 from wdjax.config import KDConfig, OptimConfig
 from wdjax.generators.base import Generator, MomentInjection, StudentSpec
 from wdjax.train.mesh import path_str
@@ -96,7 +98,14 @@ def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
   """AdamW with warm-up and decay, decay on matrices only, optional frozen paths, extra surgery
   (first, on the raw gradients), an optional nudge of Adam's first moment (`inject`) and
   per-leaf learning-rate factors (last)."""
-  decay_mask = jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+  if optim.frozen and (extra is not None or lr_factors is not None or inject is not None):
+    # the generator's transforms see every leaf; multi_transform would hand them a masked tree
+    raise WdjaxError(f"optim.frozen={optim.frozen} cannot be combined with this generator's own "
+                     "gradient surgery or learning-rate groups (WID's); leave optim.frozen empty")
+  # A matrix per layer: a leaf stacked over the layers ([L, ...] under `layers/`) has one more
+  # axis than each layer's tensor, so its biases and LayerNorm vectors are rank 2 but not matrices.
+  decay_mask = jax.tree_util.tree_map_with_path(
+      lambda p, x: x.ndim - bool(paths.is_stacked(path_str(p))) >= 2, params)
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
   if extra is not None:
     parts.append(extra)
