@@ -12,7 +12,7 @@ or every row of the vision table with `python benchmarks/quality/run.py --task v
 
 Runtime (cpu, 2 cores of an AMD EPYC): teacher ~5 min, each student 1-2 min (3 seeds x 8 rows:
 ~40 min). Result (cpu, 3 seeds, test accuracy): teacher 84.60; from scratch CE 77.85, KD 78.57;
-weight selection + KD 84.30, WS 83.93, GWS 84.30, WD 83.76, WID 84.15, OPDF + KD 84.20
+weight selection + KD 84.30, WS 83.93, GWS 84.24, WD 83.83, WID 84.21, OPDF + KD 84.13
 (benchmarks/quality/results_vision_cpu.md). gpu: not yet measured.
 """
 
