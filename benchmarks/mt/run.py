@@ -1,7 +1,7 @@
 """The MT table: teacher, from-scratch student, sequence-KD student and WD student on Bible
 En-De, with BLEU, parameters and decoding speed measured side by side.
 
-    python benchmarks/mt/run.py --hardware cpu          # configs/mt.py:cpu, ~1.5 h on 2 cores
+    python benchmarks/mt/run.py --hardware cpu          # configs/mt.py:cpu, about 75 min on 2 cores
     python benchmarks/mt/run.py --hardware gpu          # the paper's shapes (not yet run)
     python benchmarks/mt/run.py --rows teacher seq-kd   # a subset; finished phases are reused
 
