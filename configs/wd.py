@@ -4,7 +4,7 @@ budget each. --set method.wd_mode=lean shares the maps per space (far fewer para
 
 Maps start as truncated identities (the generator starts at the weight-selection student), an
 extension of the paper (methods.md §1.9), phase-1 lr 1e-4: measured 78.18 +- 0.20 against
-62.68 +- 6.74 with the paper's xavier-normal maps, which a 326-step phase 1 cannot turn from a
+65.58 +- 6.05 with the paper's xavier-normal maps, which a 326-step phase 1 cannot turn from a
 random projection into a good student (the paper runs 30k). The paper's set-up:
 --set method.wd_init=xavier --set distill.optim.lr=3e-4.
 

@@ -15,7 +15,7 @@ gpu: MPNet 12x768 -> 6x384 (presets); for -> 192 wide add
 Commands:
   wdjax finetune configs/wid.py:cpu
   wdjax distill configs/wid.py:cpu          # phase 1 then phase 2
-Result (cpu, 3 seeds): task-specific 69.34 +- 3.07 (66.7, 72.7, 68.6: below KD on every seed),
+Result (cpu, 3 seeds): task-specific 69.22 +- 6.56 (74.9, 70.7, 62.1: below KD on every seed),
 task-agnostic 74.27 +- 0.39: see README's quality tables. gpu: not yet measured.
 """
 
