@@ -16,7 +16,8 @@ FLOPs per step (counted, not measured; matmuls only, 2 FLOPs per multiply-add):
   teacher:  forward only          -> 1x
   student:  forward + backward    -> 3x
   plus the student's classifier head (negligible) and no vocabulary projection (classification).
-MFU = FLOPs per step / step time / peak, peak = 989 TFLOP/s (H100 SXM dense bf16).
+MFU = FLOPs per step / step time / peak, peak = 989 TFLOP/s (H100 and H200 SXM dense bf16; the
+H200 differs in memory: 141 GB at 4.8 TB/s).
 
 Writes `benchmarks/results/kd_step_<device>.json` and `.md`.
 """
@@ -40,7 +41,7 @@ from wdjax.generators import Identity, StudentSpec
 from wdjax.models import bert
 from wdjax.train import mesh as mesh_lib, step as step_lib
 
-PEAK_FLOPS = {"gpu": 989e12}  # H100 SXM dense bf16; no MFU is reported for other devices
+PEAK_FLOPS = {"gpu": 989e12}  # H100 and H200 SXM dense bf16; no MFU is reported for other devices
 
 PRESETS = {
     "gpu": dict(teacher=bert.EncoderConfig(arch="mpnet", vocab_size=30527, hidden_size=768, num_layers=12,

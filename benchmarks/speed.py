@@ -38,7 +38,7 @@ the first token only (`kd_step.layer_flops`; torch_ref computes every token ther
 user's model does, so its MFU leaves that work out); teacher 1x, student 3x (forward +
 backward), plus the generator's forward and backward FLOPs from XLA's cost analysis of
 `generate`'s VJP with respect to the generator's parameters (`generator_flops`); peak
-989 TFLOP/s (H100 dense bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
+989 TFLOP/s (H100 and H200 SXM dense bf16). Writes `benchmarks/results/speed_<preset>.{json,md,png}`; with `--trace DIR`, also a
 profile of every job under DIR and `speed_<preset>_profile.{md,json}` beside the results: each
 step's device time by kind of operation (`wdjax/profiling.py`). Precision is the same on both
 sides: bf16 compute with fp32 parameters, and the generators' matrix products with bf16 operands
