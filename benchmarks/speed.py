@@ -289,10 +289,10 @@ def torch_step(method, preset, batch, impl):
   opt = torch.optim.AdamW(list(gen.values()), lr=1e-4, weight_decay=0.01,
                           **({"fused": True} if dev == "cuda" else {"foreach": True}))
   amp = preset["dtype"] == "bfloat16" and dev == "cuda"
+  first = preset.get("torch_first_token", False)
 
   def loss_fn(gp, ids, mask, labels):
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
-      first = preset.get("torch_first_token", False)
       with torch.no_grad():
         t_logits = classifier_logits(teacher, shape(t_cfg), ids, mask, first_token_last_layer=first)
       logits = classifier_logits(generate(gp, teacher), shape(net_cfg), ids, mask, keep,

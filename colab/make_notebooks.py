@@ -94,7 +94,7 @@ from flax import nnx
 from wdjax.models import bert, hf
 
 label = list(results)[-1]
-model_dir = notebook.final_model(Path(WORKDIR), f"nb_{label}")
+model_dir = run.final_model_dir(cfg, f"nb_{label}")  # cfg: that last run's, from the cell above
 tok = transformers.AutoTokenizer.from_pretrained(model_dir)
 theirs = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 batch = tok(["A small movie with a big impact.", "Dull, long and pointless."], return_tensors="np",

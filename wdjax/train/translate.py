@@ -223,7 +223,7 @@ def sequence_kd(cfg: Config, teacher: run_lib.Model, train: PairSplit, log) -> P
   """The training sources paired with the teacher's beam-`mt.kd_beam` translations, computed once
   per teacher and data and kept in `<workdir>/cache/` (every student of a workdir shares them)."""
   key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.mt.kd_beam,
-                                   cfg.mt.len_penalty, len(train), train.digest()]).encode()).hexdigest()[:16]
+                                   cfg.mt.len_penalty, train.digest()]).encode()).hexdigest()[:16]
   path = Path(cfg.workdir) / "cache" / f"seq_kd_{key}.npz"
 
   def compute():
