@@ -143,6 +143,8 @@ def build(name: str, intro: str, methods: dict) -> nbformat.NotebookNode:
   cells = [new_markdown_cell(intro), params, new_code_cell(INSTALL), new_code_cell(SETUP),
            new_code_cell(FETCH), new_code_cell(TEACHER), new_code_cell(distil),
            new_code_cell(CURVES), new_code_cell(TABLE), new_code_cell(RELOAD)]
+  for i, cell in enumerate(cells):  # fixed ids (nbformat draws random ones): regenerating changes nothing
+    cell.id = f"{name}-{i}"
   nb = new_notebook(cells=cells)
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
   nb.metadata["accelerator"] = "GPU"
