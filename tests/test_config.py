@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wdjax import config as config_lib
+from wdjax import config as config_lib, validate
 from wdjax.errors import WdjaxError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,20 +46,27 @@ def test_wrong_type_is_rejected_naming_the_whole_key():
     (["finetune.optim.frozen=[1]"], r"finetune\.optim\.frozen=1 "),
     (["student.dtype=float8"], r"student\.dtype='float8' \(one of float32, bfloat16, float16\)"),
     (["distill.optim.schedule=step"], r"distill\.optim\.schedule='step'"),
+    (["method.name=foo"], r"method\.name='foo' \(one of kd, select, ws, gws, wd, wid, opdf\)"),
+    (["data.dataset=glue/sst2"], r"data\.dataset='glue/sst2' \(one of "),
+    (["method.name=ws", "method.map_init=svd"], r"method\.map_init='svd' \(one of identity, xavier, pca\)"),
+    (["method.layer_map=every_2"], r"method\.layer_map='every_2' \(one of '', contiguous, every_k"),
+    (["data.dataset=bible", "method.name=wid"], r"method\.name='wid' \(translation supports kd, select"),
+    (["data.dataset=digits", "method.name=wid", "method.wid_objective=mlm"],
+     r"method\.wid_objective='mlm' \(ViT students support 'task' only"),
     # every bad key in one message
     (["distill.log_every=0", "kd.alpha=2"], r"distill\.log_every=0 .*; kd\.alpha=2\.0 \(must be in \[0, 1\]\)"),
 ])
 def test_values_no_run_can_use_are_refused_at_load(assignments, message):
-  """Before anything runs: a zero batch used to divide by zero after the teacher's logits were
-  computed, and `checkpoint.keep=0` deleted every checkpoint, so a rerun started over."""
+  """Before anything runs: a zero batch would divide by zero after the teacher's logits were
+  computed, and `checkpoint.keep=0` would delete every checkpoint, so a rerun would start over."""
   with pytest.raises(WdjaxError, match=message):
-    config_lib.load(QUICKSTART, assignments)
+    validate.load(QUICKSTART, assignments)
 
 
 def test_every_shipped_config_passes_the_checks():
   for path in sorted((ROOT / "configs").glob("*.py")):
     for arg in ([""] if path.name == "quickstart.py" else ["cpu", "gpu"]):
-      config_lib.load(f"{path}:{arg}" if arg else path)
+      validate.load(f"{path}:{arg}" if arg else path)
 
 
 def test_cli_prints_one_line_and_exits_2_on_unknown_key():
@@ -68,3 +75,15 @@ def test_cli_prints_one_line_and_exits_2_on_unknown_key():
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0
   assert "unknown config key 'distill.optim.lrr'; did you mean distill.optim.lr?" in proc.stderr
+
+
+@pytest.mark.parametrize("assignments", [["method.name=foo"], ["data.dataset=glue/sst2"],
+                                         ["method.name=wd", "method.wd_init=zeros"]])
+def test_wdjax_config_refuses_unknown_values_in_one_line(assignments):
+  """`wdjax config` checks what a run would: an unknown method, dataset or choice is one line,
+  exit 2, not a config printed as if it could run."""
+  args = [a for kv in assignments for a in ("--set", kv)]
+  proc = subprocess.run([sys.executable, "-m", "wdjax", "config", str(ROOT / "configs" / "kd.py") + ":cpu",
+                         *args], capture_output=True, text=True)
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.startswith("wdjax: error: invalid config: ") and proc.stderr.count("\n") == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wdjax.config import DataConfig
-from wdjax.data import builders, pipeline, tasks
+from wdjax.data import builders, pipeline, text
 from wdjax.data.tokenize import TextEncoder, TokenizedSplit
 from wdjax.errors import WdjaxError
 
@@ -138,7 +138,7 @@ def test_user_files_go_through_the_same_builder(tmp_path, minilm_dir, rt_builder
   _write(test, rows[800:], fmt)
   cfg = DataConfig(dataset="files", train_file=str(train), test_file=str(test),
                    text_column="review", label_column="sentiment")
-  task = tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+  task = text.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
   assert task.label_names == ("neg", "pos")
   assert len(task.test) == len(rows) - 800
   assert len(task.train) + len(task.validation) == len(set(t for t in texts[:800]))
@@ -150,7 +150,7 @@ def test_user_file_with_a_missing_column_is_one_clear_error(tmp_path, minilm_dir
   _write(train, [{"text": "good", "label": 1}, {"text": "bad", "label": 0}], "csv")
   cfg = DataConfig(dataset="files", train_file=str(train), label_column="stars")
   with pytest.raises(WdjaxError, match="has no column 'stars'"):
-    tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+    text.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
 
 
 
@@ -181,7 +181,7 @@ def test_broken_user_files_are_one_clear_error(tmp_path, minilm_dir, name, conte
   train.write_bytes(content)
   cfg = DataConfig(dataset="files", train_file=str(train))
   with pytest.raises(WdjaxError, match=message):
-    tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+    text.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
 
 
 def test_a_class_the_training_file_lacks_is_refused(tmp_path, minilm_dir):
@@ -191,7 +191,7 @@ def test_a_class_the_training_file_lacks_is_refused(tmp_path, minilm_dir):
   _write(val, [{"text": "v", "label": "neutral"}, {"text": "w", "label": "pos"}], "csv")
   cfg = DataConfig(dataset="files", train_file=str(train), validation_file=str(val))
   with pytest.raises(WdjaxError, match=r"validation has label\(s\) \['neutral'\] that the training file never has"):
-    tasks.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
+    text.load(cfg, minilm_dir, pad_id=0, cache=str(tmp_path / "cache"))
 
 def test_augmented_copies_keep_special_tokens_and_carry_no_label():
   from wdjax.data.augment import augment
@@ -270,7 +270,7 @@ def test_teacher_logits_cache_is_keyed_by_the_data_itself(tmp_path):
   are computed again, not read from the cache of the old file (KD trained on the wrong targets)."""
   import types
   from wdjax.config import Config
-  from wdjax.train import run as run_lib
+  from wdjax.train import phase as phase_lib
   cfg = Config(workdir=str(tmp_path))
   teacher = types.SimpleNamespace(sha256="t" * 64)
   ids = np.arange(12, dtype=np.int32).reshape(3, 4)
@@ -283,10 +283,10 @@ def test_teacher_logits_cache_is_keyed_by_the_data_itself(tmp_path):
     return lambda: (calls.append(value), np.full((3, 2), value, np.float32))[1]
 
   quiet = lambda *_: None
-  assert run_lib.teacher_train_logits(cfg, teacher, old, compute(1.0), quiet)[0, 0] == 1.0
-  assert run_lib.teacher_train_logits(cfg, teacher, old, compute(9.0), quiet)[0, 0] == 1.0  # cached
-  assert run_lib.teacher_train_logits(cfg, teacher, new, compute(2.0), quiet)[0, 0] == 2.0
+  assert phase_lib.teacher_train_logits(cfg, teacher, old, compute(1.0), quiet)[0, 0] == 1.0
+  assert phase_lib.teacher_train_logits(cfg, teacher, old, compute(9.0), quiet)[0, 0] == 1.0  # cached
+  assert phase_lib.teacher_train_logits(cfg, teacher, new, compute(2.0), quiet)[0, 0] == 2.0
   assert calls == [1.0, 2.0]
   # the same content in a new array is the same data
   same = types.SimpleNamespace(train=TokenizedSplit(ids.copy(), lengths, labels, 0))
-  assert run_lib.teacher_train_logits(cfg, teacher, same, compute(3.0), quiet)[0, 0] == 1.0
+  assert phase_lib.teacher_train_logits(cfg, teacher, same, compute(3.0), quiet)[0, 0] == 1.0

@@ -220,13 +220,13 @@ def test_sharded_generator_step_equals_single_device(setup, variant):
 
 
 def test_pca_maps_are_orthonormal_and_deterministic(setup, tiny):
-  from wdjax.data import tasks
+  from wdjax.data import text
   from wdjax.generators.pca import pca_maps
   t_cfg, t_params, _, _ = setup
   cfg = tiny()
   cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, **{
       k: v for k, v in STUDENT.items()}))
-  task = tasks.load(cfg.data, cfg.teacher_dir, 0)
+  task = text.load(cfg.data, cfg.teacher_dir, 0)
   method = dataclasses.replace(cfg.method, name="ws", map_init="pca", pca_batches=2)
   a = pca_maps(t_cfg, t_params, task.train, cfg, method)
   b = pca_maps(t_cfg, t_params, task.train, cfg, method)

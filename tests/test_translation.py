@@ -20,7 +20,8 @@ from wdjax.data import bible
 from wdjax.generators import StudentSpec, paths
 from wdjax.models import search, transformer
 from wdjax.models.transformer import TransformerConfig
-from wdjax.train import mesh as mesh_lib, translate
+from wdjax.tasks import translation as translate
+from wdjax.train import mesh as mesh_lib
 
 TEACHER = TransformerConfig(vocab_size=120, hidden_size=32, num_heads=4, intermediate_size=64,
                             num_layers=4, encoder_hidden_size=32, encoder_heads=4,
@@ -236,7 +237,7 @@ def test_mt_training_moves_only_generator_leaves_and_sharded_equals_single(varia
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(method=dataclasses.replace(Config().method, name="wid")), "supports method.name"),
+    (dict(method=dataclasses.replace(Config().method, name="wid")), "translation supports kd, select"),
     (dict(mt=TranslationConfig(seq_kd="both")), "mt.seq_kd"),
 ])
 def test_bad_translation_settings_get_one_clear_error(tmp_path, change, message):
@@ -272,7 +273,7 @@ def test_teacher_seq_kd_wd_bleu_end_to_end(tmp_path, bible_db):
   assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.4
   assert 0 <= teacher["test_bleu"] <= 100
   # its BLEU is sacrebleu's on its detokenised beam output against the database's own text
-  task = translate.load_task(cfg, tmp_path / "run/finetune/model/tokenizer.json")
+  task = translate.load_pairs(cfg, tmp_path / "run/finetune/model/tokenizer.json")
   t_cfg, t_params = transformer.load(tmp_path / "run/finetune/model")
   ids = translate.translate(t_cfg, t_params, task.test, beam=2, max_len=32, pad_to_multiple=32)
   codec = bible.BpeCodec(tmp_path / "run/finetune/model/tokenizer.json")
@@ -289,7 +290,7 @@ def test_teacher_seq_kd_wd_bleu_end_to_end(tmp_path, bible_db):
   cached = list((tmp_path / "run/cache").glob("seq_kd_*.npz"))
   assert len(cached) == 1
   kd_ids = np.load(cached[0])["ids"]
-  train = translate.load_task(cfg, tmp_path / "run/finetune/model/tokenizer.json").train
+  train = translate.load_pairs(cfg, tmp_path / "run/finetune/model/tokenizer.json").train
   np.testing.assert_array_equal(kd_ids[:8], translate.translate(t_cfg, t_params, train.take(8), beam=2,
                                                                 max_len=32, pad_to_multiple=32))
   saved = json.loads((tmp_path / "run/distill_wd_phase2/results.json").read_text())

@@ -208,7 +208,8 @@ def test_task_agnostic_wid_fits_an_mlm_head_then_cuts_and_fine_tunes(tiny, minil
 
   from wdjax import assets
   from wdjax.config import MethodConfig, StudentConfig
-  from wdjax.data import mlm, tasks
+  from wdjax.data import mlm, text
+  from wdjax.tasks import text_classification
   from wdjax.train import run
   cfg = tiny(method=MethodConfig(name="wid", wid_objective="mlm", mlm_head_steps=12),
              student=StudentConfig(num_layers=2, hidden_size=96, num_heads=12, intermediate_size=256))
@@ -233,9 +234,9 @@ def test_task_agnostic_wid_fits_an_mlm_head_then_cuts_and_fine_tunes(tiny, minil
   assert fresh == [] and c_cfg.hidden_size == 96 and c_cfg.num_labels == 2
   # one head per workdir: a run of another seed (the quality benchmark's seeds 1, 2) finds it
   # instead of clashing with its settings (its masks were drawn with the run's seed)
-  teacher, _ = run.load_model(cfg.teacher_dir, require_head=True)
-  task = tasks.load(cfg.data, cfg.teacher_dir, teacher.config.pad_token_id, cfg.cache_dir)
+  teacher, _ = text_classification.load_model(cfg.teacher_dir, require_head=True)
+  task = text.load(cfg.data, cfg.teacher_dir, teacher.config.pad_token_id, cfg.cache_dir)
   seed1 = dataclasses.replace(cfg, seed=1)
   masking = mlm.masking_for(teacher.tokenizer_dir, teacher.config.vocab_size, seed=1)
-  again = run.mlm_teacher(seed1, task, masking, log=lambda *_: None)
+  again = text_classification.mlm_teacher(seed1, task, masking, log=lambda *_: None)
   assert again.sha256 == assets.sha256_file(work / "mlm_head" / "model" / "model.safetensors")

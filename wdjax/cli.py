@@ -95,12 +95,12 @@ def run(argv: list[str] | None = None) -> int:
   if args.command == "assets":
     _assets(args)
     return 0
-  from wdjax import config as config_lib
+  from wdjax import config as config_lib, validate
   if args.command != "config" and (args.distributed or args.coordinator or args.num_processes
                                    or args.process_id >= 0):
     from wdjax import distributed
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  cfg = config_lib.load(args.config, args.set)
+  cfg = validate.load(args.config, args.set)
   if args.command == "config":
     print(config_lib.dumps(cfg))
     return 0
@@ -117,7 +117,8 @@ def run(argv: list[str] | None = None) -> int:
   elif args.command == "eval":
     model = args.model or str(run_lib.final_model_dir(cfg))  # a two-phase method's phase 2
     scores = run_lib.evaluate(cfg, model, tuple(args.split or ("validation", "test")))
-    metric = "bleu" if cfg.data.dataset == "bible" else "accuracy"
+    from wdjax import tasks
+    metric = tasks.for_dataset(cfg.data.dataset).metric
     _main_print(json.dumps({"model": model, **{f"{k}_{metric}": v for k, v in scores.items()}},
                            indent=2))
   elif args.command == "pipeline":

@@ -13,9 +13,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
-import math
 import os
-import re
 import typing
 from pathlib import Path
 
@@ -282,7 +280,8 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
 
 
 def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
-  """`get_config()` of the Python config file at `path`, with `--set` assignments applied.
+  """`get_config()` of the Python config file at `path`, with `--set` assignments applied
+  (parsed and typed; `wdjax.validate.load` also checks every value).
 
   `path` may end in `:ARG` (`configs/ws.py:gpu`), which calls `get_config("gpu")`.
   """
@@ -306,61 +305,7 @@ def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
     raise WdjaxError(f"{p}: {e}") from None
   if not isinstance(cfg, Config):
     raise WdjaxError(f"{p}: get_config() returned {type(cfg).__name__}, not wdjax.config.Config")
-  return check(apply_overrides(cfg, list(assignments)))
-
-
-DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes of teacher and student
-SCHEDULES = ("linear", "cosine", "constant")
-
-
-def check(cfg: Config) -> Config:
-  """`cfg` if every value is one a run can use; else one error naming each bad key, before
-  anything runs (a zero batch would divide by zero minutes later, `checkpoint.keep=0` would
-  delete every checkpoint, a bad regex would fail inside the step's set-up)."""
-  bad: list[str] = []
-
-  def need(ok: bool, key: str, value, rule: str) -> None:
-    if not ok:
-      bad.append(f"{key}={value!r} ({rule})")
-
-  for phase in ("finetune", "distill"):
-    t = getattr(cfg, phase)
-    for name in ("batch_size", "eval_batch_size", "log_every"):
-      need(getattr(t, name) >= 1, f"{phase}.{name}", getattr(t, name), "must be at least 1")
-    need(t.steps >= 0, f"{phase}.steps", t.steps, "must be >= 0; 0 trains for `epochs`")
-    need(t.steps > 0 or t.epochs > 0, f"{phase}.epochs", t.epochs, "must be > 0 when steps is 0")
-    need(t.eval_every >= 0, f"{phase}.eval_every", t.eval_every, "must be >= 0; 0 = once per epoch")
-    o = t.optim
-    need(math.isfinite(o.lr) and o.lr >= 0, f"{phase}.optim.lr", o.lr, "must be a finite number >= 0")
-    need(o.schedule in SCHEDULES, f"{phase}.optim.schedule", o.schedule, f"one of {', '.join(SCHEDULES)}")
-    need(0 <= o.warmup_ratio <= 1, f"{phase}.optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1]")
-    need(o.clip_norm >= 0, f"{phase}.optim.clip_norm", o.clip_norm, "must be >= 0; 0 = off")
-    for pattern in o.frozen:
-      try:
-        ok = isinstance(pattern, str) and re.compile(pattern) is not None
-      except re.error:
-        ok = False
-      need(ok, f"{phase}.optim.frozen", pattern, "must be regular expressions of parameter paths")
-  for who in ("teacher", "student"):
-    m = getattr(cfg, who)
-    need(m.dtype in DTYPES, f"{who}.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
-    for name in ("hidden_dropout", "attention_dropout"):
-      need(0 <= getattr(m, name) < 1, f"{who}.{name}", getattr(m, name), "must be in [0, 1)")
-  for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size"):
-    need(getattr(cfg.student, name) >= 1, f"student.{name}", getattr(cfg.student, name), "must be at least 1")
-  need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "must be > 0")
-  need(0 <= cfg.kd.alpha <= 1, "kd.alpha", cfg.kd.alpha, "must be in [0, 1]")
-  need(0 < cfg.method.phase1_fraction <= 1, "method.phase1_fraction", cfg.method.phase1_fraction,
-       "must be in (0, 1]")
-  need(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep,
-       "must be at least 1: the last checkpoint is what a run resumes and exports from")
-  need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0; 0 = only at the end")
-  need(cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length,
-       "must be at least 2: the special tokens around every text")
-  need(cfg.data.pad_to_multiple >= 1, "data.pad_to_multiple", cfg.data.pad_to_multiple, "must be at least 1")
-  if bad:
-    raise WdjaxError("invalid config: " + "; ".join(bad))
-  return cfg
+  return apply_overrides(cfg, list(assignments))
 
 
 def to_dict(cfg) -> dict:

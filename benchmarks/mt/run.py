@@ -27,7 +27,8 @@ import jax
 from wdjax import config as config_lib
 from wdjax.generators import param_count
 from wdjax.models import transformer
-from wdjax.train import run as run_lib, translate
+from wdjax.tasks import translation as translate
+from wdjax.train import run as run_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -45,7 +46,7 @@ ROWS = {  # label -> (phase, --set assignments); the teacher is `finetune`
 
 def decoding_speed(models: dict[str, Path], cfg, repeats: int = 3) -> dict[str, dict]:
   """Sentences/s at batch 64 and median latency (ms) at batch 1, for every model, interleaved."""
-  task = translate.load_task(cfg, next(iter(models.values())) / "tokenizer.json")
+  task = translate.load_pairs(cfg, next(iter(models.values())) / "tokenizer.json")
   big, single = task.test.take(256), task.test.take(16)
   loaded = {k: transformer.load(d) for k, d in models.items()}
 

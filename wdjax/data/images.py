@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 
 from wdjax import assets
 from wdjax.data import builders
-from wdjax.data.tasks import Task
+from wdjax.data.splits import TaskData
 from wdjax.data.tokenize import digest
 from wdjax.errors import WdjaxError
 
@@ -123,7 +123,7 @@ class ImageSplit:
             "index": index.astype(np.int32)}
 
 
-def image_size(task: Task) -> int:
+def image_size(task: TaskData) -> int:
   """Pixels per side of a task's (square) images."""
   return task.train.images.shape[1]
 
@@ -158,7 +158,7 @@ def _digits_arrays() -> tuple[dict, tuple[str, ...]]:
 
 
 def load(dataset: str, cache: str = "", max_train_examples: int = 0,
-         max_eval_examples: int = 0) -> Task:
+         max_eval_examples: int = 0) -> TaskData:
   """The three splits of `dataset` in memory, standardised by the training split's statistics."""
   if dataset == "fashion-mnist":
     arrays, names = _fashion_arrays(cache)
@@ -174,4 +174,4 @@ def load(dataset: str, cache: str = "", max_train_examples: int = 0,
     if limit:
       x, y = x[:limit], y[:limit]
     splits[split] = ImageSplit(x, y.astype(np.int32), mean, std)
-  return Task(dataset, names, **splits)
+  return TaskData(dataset, names, **splits)

@@ -1,7 +1,7 @@
 """Translation: teacher training, sequence-level KD data, students (KD, WD), BLEU.
 
-The same phases, generators, step, loop and checkpoints as the encoder tasks (`run.py`), with
-the `Translation` objective (teacher-forced label-smoothed CE over target tokens):
+The pipeline's phases, generators, step, loop and checkpoints, with the `Translation`
+objective (teacher-forced label-smoothed CE over target tokens):
 
   wdjax finetune configs/mt.py          the teacher, from scratch on the bitext  -> finetune/
   wdjax distill  configs/mt.py          a student on bitext + the teacher's beam
@@ -35,15 +35,16 @@ from wdjax.config import Config
 from wdjax.data import bible, builders, pipeline
 from wdjax.data.bible import BpeCodec, PairSplit
 from wdjax.errors import WdjaxError
-from wdjax import generators
-from wdjax.generators import Identity, StudentSpec
+from wdjax.generators import StudentSpec
 from wdjax.models import search, transformer
 from wdjax.models.transformer import TransformerConfig
-from wdjax.train import run as run_lib
+from wdjax.tasks import register
+from wdjax.tasks.base import FinetuneStart, Task
+from wdjax.train import phase as phase_lib
 from wdjax.train.objectives import TokenPredictor
+from wdjax.train.phase import Model
 
 Params = Any
-METHODS = ("kd", "select", "ws", "gws", "wd")  # generators tested on the encoder-decoder tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Translation:
 
 
 @dataclasses.dataclass(frozen=True)
-class TranslationTask:
+class TranslationData:
   name: str
   train: PairSplit
   validation: PairSplit
@@ -91,19 +92,19 @@ class TranslationTask:
     return getattr(self, name)
 
 
-def _builder(cfg: Config) -> bible.Bible:
+def prepare_bible(cfg: Config) -> bible.Bible:
   data_dir = assets.cache_dir(cfg.cache_dir) / "tfds"
   source = assets.path("bible", cfg.cache_dir) / "bible.db"
   return builders.prepare(bible.Bible(source=source, pair=cfg.data.pair, data_dir=str(data_dir),
                                       file_format="array_record"))
 
 
-def load_task(cfg: Config, tokenizer: Path | None = None) -> TranslationTask:
+def load_pairs(cfg: Config, tokenizer: Path | None = None) -> TranslationData:
   """The Bible pair of `cfg.data`, tokenised with `tokenizer` (a model's tokenizer.json), or with
   the joint BPE trained once per (pair, vocabulary size) on the training split."""
   if cfg.data.dataset != "bible":
     raise WdjaxError(f"translation needs data.dataset='bible', got {cfg.data.dataset!r}")
-  builder = distributed.process0_first("dataset", lambda: _builder(cfg))
+  builder = distributed.process0_first("dataset", lambda: prepare_bible(cfg))
   texts = {s: bible.read_split(builder, s) for s in builders.SPLITS}
   if tokenizer is None:
     src, tgt = bible.parse_pair(cfg.data.pair)
@@ -119,7 +120,7 @@ def load_task(cfg: Config, tokenizer: Path | None = None) -> TranslationTask:
     if limit:
       sources, targets = sources[:limit], targets[:limit]
     splits[name] = codec.split(sources, targets, cfg.data.max_length, drop_long=name == "train")
-  return TranslationTask(builder.info.full_name, tokenizer=tokenizer, **splits)
+  return TranslationData(builder.info.full_name, tokenizer=tokenizer, **splits)
 
 
 def teacher_config(cfg: Config, vocab_size: int) -> TransformerConfig:
@@ -149,68 +150,7 @@ def objective(cfg: Config) -> Translation:
   return Translation(cfg.mt.label_smoothing)
 
 
-def train_teacher(cfg: Config, log=distributed.log, export_only: bool = False) -> dict:
-  """Train the teacher from scratch on the bitext; writes `<workdir>/finetune/model`."""
-  task = load_task(cfg)
-  t_cfg = teacher_config(cfg, BpeCodec(task.tokenizer).vocab_size)
-  init = nnx.to_pure_dict(nnx.state(transformer.build(t_cfg, cfg.seed)))
-  results = run_lib.train_phase(cfg, phase="finetune", train=cfg.finetune, task=task,
-                                spec=StudentSpec(t_cfg, init), generator=Identity(), teacher=None,
-                                tokenizer_dir=task.tokenizer.parent, log=log,
-                                export_only=export_only, objective=objective(cfg))
-  return with_bleu(cfg, run_lib.phase_dir(cfg, "finetune"), results, task, log)
-
-
-def load_teacher(cfg: Config) -> run_lib.Model:
-  return run_lib.load_trained_teacher(cfg, "translation", transformer.load)
-
-
-def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
-  """A student of the teacher by `method` (kd: the student itself; wd: phase 1 + phase 2) on the
-  data `mt.seq_kd` names; writes `<workdir>/<phase>/model` and BLEU into its results."""
-  method = cfg.method
-  if method.name not in METHODS:
-    raise WdjaxError(f"translation supports method.name in {METHODS}, got {method.name!r} "
-                     "(WID and OPDF are written for the encoder classifier)")
-  if method.map_init == "pca" and method.name in ("ws", "gws"):
-    raise WdjaxError("method.map_init=pca is computed from encoder activations; use identity or "
-                     "xavier for translation")
-  if cfg.mt.wd_encoder not in ("elementwise", "mapped"):
-    raise WdjaxError(f"mt.wd_encoder must be 'elementwise' or 'mapped', got {cfg.mt.wd_encoder!r}")
-  if cfg.mt.seq_kd not in ("add", "replace", "none"):
-    raise WdjaxError(f"mt.seq_kd must be 'add', 'replace' or 'none', got {cfg.mt.seq_kd!r}")
-  phase = run_lib.first_phase(cfg, phase)
-  teacher = load_teacher(cfg)
-  task = load_task(cfg, teacher.tokenizer_dir / "tokenizer.json")
-  task = dataclasses.replace(task, train=training_pairs(cfg, teacher, task, log))
-  s_cfg = student_config(cfg, teacher.config)
-  init = run_lib.initial_student(method, transformer.build(s_cfg, cfg.seed), teacher.params)
-  steps, steps1 = run_lib._phase_steps(cfg, task)
-  spec = StudentSpec(s_cfg, init)
-  train = cfg.distill if method.name not in run_lib.TWO_PHASE else dataclasses.replace(cfg.distill, steps=steps1)
-  if method.name == "kd":
-    generator = Identity()
-  else:
-    options = run_lib.generator_options(method, teacher, task, cfg, steps1)
-    if method.name == "wd":
-      options["elementwise"] = ("enc/",) if cfg.mt.wd_encoder == "elementwise" else ()
-    try:
-      generator = generators.make(method.name, init, teacher.params, **options)
-    except ValueError as e:
-      raise WdjaxError(f"method {method.name}: {e}") from None
-  out = run_lib.train_phase(cfg, phase=phase, train=train, task=task, spec=spec, generator=generator,
-                            teacher=teacher, tokenizer_dir=teacher.tokenizer_dir, log=log,
-                            export_only=export_only, objective=objective(cfg))
-  final = phase
-  if run_lib.continues_to_phase2(cfg, phase, steps1, steps, export_only):
-    _, generated = transformer.load(run_lib.phase_dir(cfg, phase) / "model")
-    out = run_lib._phase2(cfg, phase, out, StudentSpec(s_cfg, generated), teacher, task,
-                          steps - steps1, log, objective=objective(cfg), export_only=export_only)
-    final = phase + run_lib.PHASE2
-  return with_bleu(cfg, run_lib.phase_dir(cfg, final), out, task, log)
-
-
-def training_pairs(cfg: Config, teacher: run_lib.Model, task: TranslationTask, log) -> PairSplit:
+def training_pairs(cfg: Config, teacher: Model, task: TranslationData, log) -> PairSplit:
   """The students' training pairs: the bitext, plus or instead of the teacher's translations."""
   mode = cfg.mt.seq_kd
   if mode == "none":
@@ -219,7 +159,7 @@ def training_pairs(cfg: Config, teacher: run_lib.Model, task: TranslationTask, l
   return task.train.concat(kd) if mode == "add" else kd
 
 
-def sequence_kd(cfg: Config, teacher: run_lib.Model, train: PairSplit, log) -> PairSplit:
+def sequence_kd(cfg: Config, teacher: Model, train: PairSplit, log) -> PairSplit:
   """The training sources paired with the teacher's beam-`mt.kd_beam` translations, computed once
   per teacher and data and kept in `<workdir>/cache/` (every student of a workdir shares them)."""
   key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.mt.kd_beam,
@@ -282,7 +222,7 @@ def bleu(hypotheses: list[str], references: list[str] | tuple[str, ...]) -> floa
   return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
-def model_bleu(cfg: Config, model_dir: Path, task: TranslationTask,
+def model_bleu(cfg: Config, model_dir: Path, task: TranslationData,
                splits=("validation", "test")) -> dict[str, float]:
   """`{split: BLEU}` of the saved model in `model_dir` (beam `mt.beam`, its own tokenizer)."""
   m_cfg, params = transformer.load(model_dir)
@@ -296,20 +236,75 @@ def model_bleu(cfg: Config, model_dir: Path, task: TranslationTask,
   return out
 
 
-def with_bleu(cfg: Config, phase_path: Path, results: dict, task: TranslationTask, log) -> dict:
+def with_bleu(cfg: Config, phase_path: Path, results: dict, task: TranslationData, log) -> dict:
   """`results` plus validation/test BLEU of the phase's exported model (computed once, kept in
   its results.json)."""
   if "test_bleu" in results:
     return results
   results.update({f"{split}_bleu": v for split, v in model_bleu(cfg, phase_path / "model", task).items()})
   if jax.process_index() == 0:
-    run_lib.write_results(phase_path / "results.json", results)
+    phase_lib.write_results(phase_path / "results.json", results)
   log(f"[{phase_path.name}] BLEU (beam {cfg.mt.beam}): validation {results['validation_bleu']:.2f}, "
       f"test {results['test_bleu']:.2f}")
   return results
 
 
-def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
-  """BLEU of a saved translation model on the config's data."""
-  task = load_task(cfg, Path(model_dir) / "tokenizer.json")
-  return model_bleu(cfg, Path(model_dir), task, splits)
+SEQ_KD = ("add", "replace", "none")
+WD_ENCODER = ("elementwise", "mapped")
+
+
+class TranslationTask(Task):
+  name = "translation"
+  datasets = ("bible",)
+  metric = "bleu"
+  methods = ("kd", "select", "ws", "gws", "wd")  # generators written for the encoder-decoder tree
+  config_sections = ("mt",)
+
+  def check(self, cfg: Config) -> list[str]:
+    bad = []
+    if cfg.method.name in ("ws", "gws") and cfg.method.map_init == "pca":
+      bad.append("method.map_init='pca' (computed from encoder activations; use identity or "
+                 "xavier for translation)")
+    if cfg.mt.wd_encoder not in WD_ENCODER:
+      bad.append(f"mt.wd_encoder={cfg.mt.wd_encoder!r} (one of {', '.join(WD_ENCODER)})")
+    if cfg.mt.seq_kd not in SEQ_KD:
+      bad.append(f"mt.seq_kd={cfg.mt.seq_kd!r} (one of {', '.join(SEQ_KD)})")
+    return bad
+
+  def objective(self, cfg: Config) -> Translation:
+    return objective(cfg)
+
+  def finetune_start(self, cfg: Config, log) -> FinetuneStart:
+    data = load_pairs(cfg)
+    t_cfg = teacher_config(cfg, BpeCodec(data.tokenizer).vocab_size)
+    init = nnx.to_pure_dict(nnx.state(transformer.build(t_cfg, cfg.seed)))
+    return FinetuneStart(data, StudentSpec(t_cfg, init), data.tokenizer.parent)
+
+  def load_teacher(self, cfg: Config) -> Model:
+    return phase_lib.load_trained_teacher(cfg, "translation", transformer.load)
+
+  def load_data(self, cfg: Config, teacher: Model, log) -> TranslationData:
+    data = load_pairs(cfg, teacher.tokenizer_dir / "tokenizer.json")
+    return dataclasses.replace(data, train=training_pairs(cfg, teacher, data, log))
+
+  def student_config(self, cfg: Config, teacher_config: TransformerConfig) -> TransformerConfig:
+    return student_config(cfg, teacher_config)
+
+  def load_model(self, model_dir: Path):
+    return transformer.load(model_dir)
+
+  def generator_options(self, cfg: Config, teacher: Model, data: TranslationData) -> dict:
+    if cfg.method.name == "wd":
+      return {"elementwise": ("enc/",) if cfg.mt.wd_encoder == "elementwise" else ()}
+    return {}
+
+  def finish(self, cfg: Config, phase_path: Path, results: dict, data: TranslationData, log) -> dict:
+    return with_bleu(cfg, phase_path, results, data, log)
+
+  def evaluate(self, cfg: Config, model_dir: Path, splits: tuple[str, ...]) -> dict[str, float]:
+    """BLEU of a saved translation model on the config's data."""
+    data = load_pairs(cfg, Path(model_dir) / "tokenizer.json")
+    return model_bleu(cfg, Path(model_dir), data, splits)
+
+
+TASK = register(TranslationTask())

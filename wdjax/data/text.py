@@ -1,29 +1,15 @@
-"""A text-classification task ready to train on: the three splits tokenised, plus label names."""
+"""Text-classification data: Rotten Tomatoes or the user's own files, tokenised into `TaskData`."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from wdjax import assets
 from wdjax.config import DataConfig
 from wdjax.data import builders
+from wdjax.data.splits import TaskData
 from wdjax.data.tokenize import TextEncoder, TokenizedSplit
 from wdjax.errors import WdjaxError
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  name: str
-  label_names: tuple[str, ...]
-  train: TokenizedSplit
-  validation: TokenizedSplit
-  test: TokenizedSplit
-
-  def split(self, name: str) -> TokenizedSplit:
-    if name not in builders.SPLITS:
-      raise WdjaxError(f"unknown split {name!r}; choose one of {', '.join(builders.SPLITS)}")
-    return getattr(self, name)
 
 
 def make_builder(data: DataConfig, cache: str = ""):
@@ -39,7 +25,7 @@ def make_builder(data: DataConfig, cache: str = ""):
   raise WdjaxError(f"data.dataset must be 'rotten-tomatoes' or 'files', got {data.dataset!r}")
 
 
-def load(data: DataConfig, tokenizer_dir: str | Path, pad_id: int, cache: str = "") -> Task:
+def load(data: DataConfig, tokenizer_dir: str | Path, pad_id: int, cache: str = "") -> TaskData:
   """Prepare (once) and read the dataset, tokenised with `tokenizer_dir`'s tokenizer.json."""
   from wdjax import distributed
   builder = distributed.process0_first("dataset", lambda: builders.prepare(make_builder(data, cache)))
@@ -58,4 +44,4 @@ def load(data: DataConfig, tokenizer_dir: str | Path, pad_id: int, cache: str = 
     if mask_id is None:
       raise WdjaxError(f"data.augment needs a mask token; {tokenizer_dir}'s tokenizer has none")
     splits["train"] = augment(splits["train"], data.augment, mask_id=mask_id)
-  return Task(builder.name, tuple(builder.info.features["label"].names), **splits)
+  return TaskData(builder.name, tuple(builder.info.features["label"].names), **splits)

@@ -1,0 +1,115 @@
+"""The task contract: what the pipeline (`wdjax/train/run.py`) asks of a task.
+
+A task owns its data, the objective a phase trains with (head, loss inputs, predictor, export:
+`wdjax/train/objectives.py`), how its teacher comes to be (a pretrained model fine-tuned, or a
+network trained from scratch), the student's config given the teacher's, and its metrics. The
+pipeline is written once on top of it:
+
+  finetune:  start = finetune_start(cfg)              -> phase `finetune` -> finish(...)
+  distill:   teacher = load_teacher(cfg); data = load_data(cfg, teacher)
+             student_config(cfg, teacher.config)      -> phase 1 (+ phase 2) -> finish(...)
+  evaluate:  evaluate(cfg, model_dir, splits)         -> {split: metric}
+
+A task module subclasses `Task`, names the `data.dataset` values it serves and registers an
+instance with `wdjax.tasks.register`; nothing else needs to change to add one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from wdjax.config import Config
+from wdjax.generators import StudentSpec
+from wdjax.train import mesh as mesh_lib
+from wdjax.train.phase import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneStart:
+  """What the teacher's phase starts from: the data, the network's config and initial params
+  (pretrained weights with a fresh head, or a random initialisation), and the directory whose
+  tokenizer the exported teacher carries."""
+
+  data: Any
+  spec: StudentSpec
+  tokenizer_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class AgnosticStart:
+  """A task-agnostic phase 1 (WID on masked-LM): the teacher it trains the generator on, the
+  objective, and `phase2_spec(phase1_model_dir, student_config) -> StudentSpec`, the student
+  phase 2 fine-tunes on the task (phase 1's network with the task's head)."""
+
+  teacher: Model
+  objective: Any
+  phase2_spec: Any
+
+
+class Task:
+  """Defaults of the contract; a task overrides what it needs."""
+
+  name = "task"
+  datasets: tuple[str, ...] = ()  # the `data.dataset` values this task serves
+  metric = "accuracy"  # what `evaluate` reports per split
+  methods: tuple[str, ...] | None = None  # the methods written for its families (None: all)
+  config_sections: tuple[str, ...] = ()  # its own `Config` sections (part of a run's settings)
+
+  def check(self, cfg: Config) -> list[str]:
+    """Problems of `cfg` for this task, each as `key=value (rule)`; [] when it can run."""
+    del cfg
+    return []
+
+  def objective(self, cfg: Config):
+    raise NotImplementedError
+
+  def finetune_start(self, cfg: Config, log) -> FinetuneStart:
+    raise NotImplementedError
+
+  def load_teacher(self, cfg: Config) -> Model:
+    raise NotImplementedError
+
+  def load_data(self, cfg: Config, teacher: Model, log) -> Any:
+    """The distillation data, tokenised as the teacher's inputs (and checked against it)."""
+    raise NotImplementedError
+
+  def student_config(self, cfg: Config, teacher_config):
+    raise NotImplementedError
+
+  def load_model(self, model_dir: Path) -> tuple[Any, Any]:
+    """(config, params) of a model this task exported."""
+    raise NotImplementedError
+
+  def generator_options(self, cfg: Config, teacher: Model, data: Any) -> dict:
+    """Options of `generators.make` that depend on the task (e.g. PCA maps from its data)."""
+    del cfg, teacher, data
+    return {}
+
+  def agnostic_start(self, cfg: Config, teacher: Model, data: Any, log) -> AgnosticStart:
+    raise NotImplementedError(f"{self.name} has no task-agnostic objective")
+
+  def finish(self, cfg: Config, phase_path: Path, results: dict, data: Any, log) -> dict:
+    """A finished phase's results, completed with metrics computed on its exported model."""
+    del cfg, phase_path, data, log
+    return results
+
+  def evaluate(self, cfg: Config, model_dir: Path, splits: tuple[str, ...]) -> dict[str, float]:
+    """`{split: accuracy}` of an exported model on the config's data."""
+    config, params = self.load_model(model_dir)
+    data = self.eval_data(cfg, model_dir, config)
+    objective = self.objective(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
+    sh = mesh_lib.param_shardings(params, mesh)
+    apply = objective.apply(nnx.split(objective.build(config))[0])
+    predictor = objective.predictor(apply, mesh, sh, cfg.distill.eval_batch_size, cfg.data.pad_to_multiple)
+    params = jax.device_put(params, sh)
+    return {split: predictor.scores(params, data.split(split))[self.metric] for split in splits}
+
+  def eval_data(self, cfg: Config, model_dir: Path, config) -> Any:
+    """The data `evaluate` scores `model_dir`'s model on."""
+    raise NotImplementedError

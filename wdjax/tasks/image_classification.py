@@ -1,0 +1,125 @@
+"""Image classification with ViTs: the teacher trained from scratch, students by every method.
+
+  wdjax finetune configs/vit.py         the ViT teacher (shape from `vit`), from scratch -> finetune/
+  wdjax distill  configs/vit.py         a student (shape from `student`) by `method`    -> distill*/
+  --set method.name=select|ws|gws|wd|wid|opdf, --set method.init=selection (weight selection + KD)
+  wdjax eval     configs/vit.py --model DIR
+
+Data: Fashion-MNIST or scikit-learn's digits (`wdjax/data/images.py`); models are saved as
+`transformers` ViTForImageClassification directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from flax import nnx
+
+from wdjax.config import Config
+from wdjax.data import images
+from wdjax.data.splits import TaskData
+from wdjax.errors import WdjaxError
+from wdjax.generators import StudentSpec
+from wdjax.models import vit
+from wdjax.models.vit import ViTConfig
+from wdjax.tasks import register
+from wdjax.tasks.base import FinetuneStart, Task
+from wdjax.train import phase as phase_lib
+from wdjax.train.objectives import Classification
+from wdjax.train.phase import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClassification(Classification):
+  """Cross-entropy on the image's label, Hinton KD from the teacher's logits: the text
+  classifier's objective (batches as they come, accuracy over a split) on a ViT."""
+
+  head = "image"
+
+  def build(self, config: ViTConfig, seed: int = 0):
+    return vit.build(config, seed)
+
+  def apply(self, graphdef):
+    return vit.apply_fn(graphdef)
+
+  def export(self, out: Path, config: ViTConfig, params, tokenizer_dir: Path, task) -> None:
+    del tokenizer_dir  # images need none
+    vit.save(out, config, params, task.label_names, normalization=(task.train.mean, task.train.std))
+
+
+def load_data(cfg: Config) -> TaskData:
+  d = cfg.data
+  return images.load(d.dataset, cfg.cache_dir, d.max_train_examples, d.max_eval_examples)
+
+
+def teacher_config(cfg: Config, data: TaskData) -> ViTConfig:
+  v, t = cfg.vit, cfg.teacher
+  try:
+    return ViTConfig(image_size=images.image_size(data), patch_size=v.patch_size, hidden_size=v.hidden_size,
+                     num_layers=v.num_layers, num_heads=v.num_heads,
+                     intermediate_size=v.intermediate_size, num_labels=len(data.label_names),
+                     pooling=v.pooling, hidden_dropout=t.hidden_dropout,
+                     attention_dropout=t.attention_dropout, dtype=t.dtype)
+  except ValueError as e:
+    raise WdjaxError(f"vit: {e}") from None
+
+
+class ImageClassificationTask(Task):
+  name = "image classification"
+  datasets = ("fashion-mnist", "digits")
+  config_sections = ("vit",)
+
+  def check(self, cfg: Config) -> list[str]:
+    method, bad = cfg.method, []
+    if method.name in ("ws", "gws") and method.map_init == "pca":
+      bad.append("method.map_init='pca' (computed from text-encoder activations; use identity or "
+                 "xavier for ViTs)")
+    if method.name == "wid" and method.wid_objective != "task":
+      bad.append(f"method.wid_objective={method.wid_objective!r} (ViT students support 'task' only: "
+                 "there is no MLM)")
+    if cfg.vit.pooling not in ("cls", "mean"):
+      bad.append(f"vit.pooling={cfg.vit.pooling!r} (one of cls, mean)")
+    return bad
+
+  def objective(self, cfg: Config) -> ImageClassification:
+    del cfg
+    return ImageClassification()
+
+  def finetune_start(self, cfg: Config, log) -> FinetuneStart:
+    data = load_data(cfg)
+    t_cfg = teacher_config(cfg, data)
+    init = nnx.to_pure_dict(nnx.state(vit.build(t_cfg, cfg.seed)))
+    return FinetuneStart(data, StudentSpec(t_cfg, init), Path(cfg.workdir))
+
+  def load_teacher(self, cfg: Config) -> Model:
+    return phase_lib.load_trained_teacher(cfg, "ViT", vit.load)
+
+  def load_data(self, cfg: Config, teacher: Model, log) -> TaskData:
+    data = load_data(cfg)
+    t = teacher.config
+    if images.image_size(data) != t.image_size or len(data.label_names) != t.num_labels:
+      raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} was trained on {t.image_size}px "
+                       f"images with {t.num_labels} labels; data.dataset={cfg.data.dataset!r} has "
+                       f"{images.image_size(data)}px and {len(data.label_names)}")
+    return data
+
+  def student_config(self, cfg: Config, teacher_config: ViTConfig) -> ViTConfig:
+    """The teacher's patches, pooling and labels with the student's shape."""
+    s = cfg.student
+    try:
+      return dataclasses.replace(
+          teacher_config, num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+          intermediate_size=s.intermediate_size, hidden_dropout=s.hidden_dropout,
+          attention_dropout=s.attention_dropout, dtype=s.dtype)
+    except ValueError as e:
+      raise WdjaxError(f"student: {e}") from None
+
+  def load_model(self, model_dir: Path):
+    return vit.load(model_dir)
+
+  def eval_data(self, cfg: Config, model_dir: Path, config: ViTConfig) -> TaskData:
+    return load_data(cfg)
+
+
+TASK = register(ImageClassificationTask())

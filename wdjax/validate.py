@@ -1,0 +1,86 @@
+"""Every check of a config, in one place, before anything runs: `load` (what the CLI calls) and
+`check` (what the pipeline calls on a config built in Python).
+
+An invalid config ends in one error naming each bad key, value and rule (the CLI prints it as one
+line and exits 2): a zero batch would divide by zero minutes later, `checkpoint.keep=0` would
+delete every checkpoint, an unknown dataset or method would fail after the teacher loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from wdjax import config as config_lib, generators, tasks
+from wdjax.config import Config
+from wdjax.errors import WdjaxError
+
+
+def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
+  """`config.load(path, assignments)`, checked."""
+  return check(config_lib.load(path, assignments))
+
+
+def check(cfg: Config) -> Config:
+  """`cfg` if every value is one a run can use; else a `WdjaxError` naming each bad one."""
+  bad: list[str] = []
+
+  def need(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+      bad.append(f"{key}={value!r} ({rule})")
+
+  check_fields(cfg, need)
+  known = tasks.datasets()
+  need(cfg.data.dataset in known, "data.dataset", cfg.data.dataset, f"one of {', '.join(known)}")
+  bad += generators.check(cfg.method)
+  if cfg.data.dataset in known:
+    task = tasks.for_dataset(cfg.data.dataset)
+    if task.methods is not None:
+      need(cfg.method.name in task.methods, "method.name", cfg.method.name,
+           f"{task.name} supports {', '.join(task.methods)}")
+    bad += task.check(cfg)
+  if bad:
+    raise WdjaxError("invalid config: " + "; ".join(dict.fromkeys(bad)))
+  return cfg
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes of teacher and student
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def check_fields(cfg: Config, need) -> None:
+  """The sections every run shares: training lengths, optimizers, dtypes, dropout, KD."""
+  for phase in ("finetune", "distill"):
+    t = getattr(cfg, phase)
+    for name in ("batch_size", "eval_batch_size", "log_every"):
+      need(getattr(t, name) >= 1, f"{phase}.{name}", getattr(t, name), "must be at least 1")
+    need(t.steps >= 0, f"{phase}.steps", t.steps, "must be >= 0; 0 trains for `epochs`")
+    need(t.steps > 0 or t.epochs > 0, f"{phase}.epochs", t.epochs, "must be > 0 when steps is 0")
+    need(t.eval_every >= 0, f"{phase}.eval_every", t.eval_every, "must be >= 0; 0 = once per epoch")
+    o = t.optim
+    need(math.isfinite(o.lr) and o.lr >= 0, f"{phase}.optim.lr", o.lr, "must be a finite number >= 0")
+    need(o.schedule in SCHEDULES, f"{phase}.optim.schedule", o.schedule, f"one of {', '.join(SCHEDULES)}")
+    need(0 <= o.warmup_ratio <= 1, f"{phase}.optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1]")
+    need(o.clip_norm >= 0, f"{phase}.optim.clip_norm", o.clip_norm, "must be >= 0; 0 = off")
+    for pattern in o.frozen:
+      try:
+        ok = isinstance(pattern, str) and re.compile(pattern) is not None
+      except re.error:
+        ok = False
+      need(ok, f"{phase}.optim.frozen", pattern, "must be regular expressions of parameter paths")
+  for who in ("teacher", "student"):
+    m = getattr(cfg, who)
+    need(m.dtype in DTYPES, f"{who}.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
+    for name in ("hidden_dropout", "attention_dropout"):
+      need(0 <= getattr(m, name) < 1, f"{who}.{name}", getattr(m, name), "must be in [0, 1)")
+  for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size"):
+    need(getattr(cfg.student, name) >= 1, f"student.{name}", getattr(cfg.student, name), "must be at least 1")
+  need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "must be > 0")
+  need(0 <= cfg.kd.alpha <= 1, "kd.alpha", cfg.kd.alpha, "must be in [0, 1]")
+  need(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep,
+       "must be at least 1: the last checkpoint is what a run resumes and exports from")
+  need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0; 0 = only at the end")
+  need(cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length,
+       "must be at least 2: the special tokens around every text")
+  need(cfg.data.pad_to_multiple >= 1, "data.pad_to_multiple", cfg.data.pad_to_multiple, "must be at least 1")
