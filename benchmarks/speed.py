@@ -71,8 +71,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.kd_step import PEAK_FLOPS, step_flops  # noqa: E402
 from wdjax import generators, profiling  # noqa: E402
 from wdjax.config import KDConfig, OptimConfig  # noqa: E402
-from wdjax.generators import StudentSpec, paths  # noqa: E402
-from wdjax.models import bert  # noqa: E402
+from wdjax import trees  # noqa: E402
+from wdjax.generators import StudentSpec  # noqa: E402
+from wdjax.models import bert, layers  # noqa: E402
 from wdjax.train import mesh as mesh_lib, step as step_lib  # noqa: E402
 
 PRESETS = {
@@ -275,17 +276,17 @@ def torch_step(method, preset, batch, impl):
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   t_cfg, s_cfg, t_params, init, gen_jax, gen_params, gen_state = setup(method, preset)
   net_cfg = gen_jax.training_config(s_cfg)
-  to_torch = lambda tree: {k: torch.tensor(np.asarray(v)).to(dev) for k, v in paths.flatten(tree).items()}
+  to_torch = lambda tree: {k: torch.tensor(np.asarray(v)).to(dev) for k, v in trees.flatten(tree).items()}
   shape = lambda c: BertShape(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size,
                               c.vocab_size, c.max_position_embeddings)
   teacher = to_torch(t_params)
   gen = {k: v.requires_grad_(True) for k, v in to_torch(gen_jax.flat_params(gen_params)).items()}
-  s_shapes = {k: tuple(np.shape(v)) for k, v in paths.flatten(init).items()}
+  s_shapes = {k: tuple(np.shape(v)) for k, v in trees.flatten(init).items()}
   n_t, n_s = t_cfg.num_layers, s_cfg.num_layers
   generate = (lambda gp, t: gp) if method == "kd" else (
       lambda gp, t: getattr(tgen, f"{method}_generate")(gp, t, s_shapes, n_t, n_s))
   keep = torch.tensor(np.asarray(gen_state["masks"]["hidden"])).to(dev) if method == "wid" else None
-  targets = to_torch(paths.unstack_layers(paths.flatten(gen_state["targets"]))) if method == "opdf" else {}
+  targets = to_torch(trees.unstack_layers(trees.flatten(gen_state["targets"]))) if method == "opdf" else {}
   opt = torch.optim.AdamW(list(gen.values()), lr=1e-4, weight_decay=0.01,
                           **({"fused": True} if dev == "cuda" else {"foreach": True}))
   amp = preset["dtype"] == "bfloat16" and dev == "cuda"
@@ -436,7 +437,7 @@ def attention_of(impl: str, preset: dict) -> str:
   if impl.startswith("torch"):
     return "sdpa"
   t_cfg, s_cfg = _configs(dict(preset, attention="xla") if impl == "wdjax-xla" else preset)
-  teacher = bert.attention_implementation(t_cfg) or "xla"
+  teacher = layers.attention_implementation(t_cfg) or "xla"
   if s_cfg.attention_dropout > 0 and teacher != "xla":  # the student's dropout bypasses the kernel
     return f"{teacher}, student xla"
   return teacher

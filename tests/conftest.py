@@ -110,8 +110,8 @@ def run_generator_steps(gen, s_cfg, init, t_params, mesh, batches, *, student_ap
 
 def assert_same_shapes(got, want) -> None:
   """`got` has exactly `want`'s leaf paths, each with its shape and dtype."""
-  from wdjax.generators import paths
-  want, got = paths.flatten(want), paths.flatten(got)
+  from wdjax import trees
+  want, got = trees.flatten(want), trees.flatten(got)
   assert want.keys() == got.keys()
   for k in want:
     assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k

@@ -13,6 +13,7 @@ from flax import nnx
 from conftest import assert_same_shapes, run_generator_steps, tree_allclose
 from wdjax import generators
 from wdjax.config import KDConfig, OptimConfig
+from wdjax import trees
 from wdjax.generators import StudentSpec, paths
 from wdjax.models import bert, hf
 from wdjax.train import mesh as mesh_lib, step as step_lib
@@ -91,13 +92,13 @@ def test_layer_stacks_round_trip_and_batched_projection_equals_per_layer():
   rng = np.random.default_rng(0)
   flat = {f"encoder/layer_{l}/mlp/up/kernel": rng.normal(size=(8, 12)).astype(np.float32) for l in (0, 2, 10, 1)}
   flat["encoder/embeddings/word/embedding"] = rng.normal(size=(5, 8))
-  stacked = paths.stack_layers(flat)
+  stacked = trees.stack_layers(flat)
   assert set(stacked) == {"encoder/layers/mlp/up/kernel", "encoder/embeddings/word/embedding"}
   assert stacked["encoder/layers/mlp/up/kernel"].shape == (4, 8, 12)
   np.testing.assert_array_equal(stacked["encoder/layers/mlp/up/kernel"][3], flat["encoder/layer_10/mlp/up/kernel"])
-  back = paths.unstack_layers(stacked)  # the 4 layers come back as layer_0..layer_3
+  back = trees.unstack_layers(stacked)  # the 4 layers come back as layer_0..layer_3
   np.testing.assert_array_equal(back["encoder/layer_2/mlp/up/kernel"], flat["encoder/layer_2/mlp/up/kernel"])
-  assert paths.layer_names("ffn/layers", 2) == ["ffn/layer_0", "ffn/layer_1"]
+  assert trees.layer_names("ffn/layers", 2) == ["ffn/layer_0", "ffn/layer_1"]
   assert paths.space_of("encoder/layers/mlp/up/kernel", "ffn") == "ffn/layers"
   assert paths.space_of("encoder/layers/mlp/up/kernel", "hidden") == "hidden"
   x = jnp.asarray(stacked["encoder/layers/mlp/up/kernel"], jnp.float32)
@@ -110,8 +111,8 @@ def test_layer_stacks_round_trip_and_batched_projection_equals_per_layer():
 
 def test_selection_is_a_consistent_slice_of_the_teacher(setup):
   _, t_params, _, init = setup
-  s = paths.flatten(generators.select(t_params, init))
-  t = paths.flatten(t_params)
+  s = trees.flatten(generators.select(t_params, init))
+  t = trees.flatten(t_params)
   # student layer 1 <- teacher layer 5 (every_k); hidden 384 -> 96 keeps every 4th unit
   np.testing.assert_array_equal(s["encoder/layer_1/attn/q/kernel"],
                                 t["encoder/layer_5/attn/q/kernel"][::4, ::4])
@@ -137,8 +138,8 @@ def test_generated_leaves_have_the_student_shapes_and_dtypes(setup, variant):
 def test_identity_maps_generate_exactly_the_selection_student(setup, variant):
   _, t_params, _, init = setup
   gen, gen_params, gen_state = _make(setup, variant)
-  got = paths.flatten(jax.jit(gen.generate)(gen_params, t_params, gen_state))
-  want = paths.flatten(generators.select(t_params, init))
+  got = trees.flatten(jax.jit(gen.generate)(gen_params, t_params, gen_state))
+  want = trees.flatten(generators.select(t_params, init))
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
@@ -170,8 +171,8 @@ def test_wd_initialisation_follows_the_reference(setup):
   # stored stacked over the 2 student layers, each layer's map drawn independently
   stacked = gen_params["maps"]["encoder"]["layers"]["attn"]["q"]["kernel"]["axis_0"]
   assert stacked.shape == (2, 384, 96) and not np.allclose(stacked[0], stacked[1])
-  n_stacked = sum("/layers/" in k for k in paths.flatten(gen_params))
-  assert len(flat) == len(paths.flatten(gen_params)) + n_stacked  # a stacked leaf is 2 tensors
+  n_stacked = sum("/layers/" in k for k in trees.flatten(gen_params))
+  assert len(flat) == len(trees.flatten(gen_params)) + n_stacked  # a stacked leaf is 2 tensors
   lean = _make(setup, "wd-lean")[1]
   n_faithful, n_lean = generators.param_count(gen_params), generators.param_count(lean)
   assert n_lean < 0.8 * n_faithful
@@ -271,10 +272,10 @@ def test_ws_pca_on_mpnet_selects_the_relative_bias_heads():
   flat = gen.flat_params(gen_params)
   np.testing.assert_array_equal(flat["maps/heads"], paths.selection_matrix(4, 2))
   np.testing.assert_allclose(flat["maps/hidden"], pca["hidden"], rtol=1e-6)
-  table = paths.flatten(gen.generate(gen_params, t_params, gen_state))
+  table = trees.flatten(gen.generate(gen_params, t_params, gen_state))
   bias = [k for k in table if k.endswith("relative_bias/embedding")]
   assert bias, sorted(table)
-  t_table = paths.flatten(t_params)[bias[0]]
+  t_table = trees.flatten(t_params)[bias[0]]
   np.testing.assert_allclose(table[bias[0]], t_table @ paths.selection_matrix(4, 2), rtol=1e-6)
 
 def _dots(jaxpr) -> list:

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from wdjax.errors import WdjaxError
-from wdjax.models import bert, hf
+from wdjax.models import bert, hf, layers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -222,13 +222,13 @@ def test_classifier_computes_only_the_first_token_of_the_last_layer(arch):
 def test_gelu_is_the_exact_gelu_torch_computes():
   x = np.random.default_rng(0).normal(0.0, 3.0, 20000).astype(np.float32)
   want = torch.nn.functional.gelu(torch.tensor(x)).numpy()  # erf form, as BERT's "gelu"
-  np.testing.assert_allclose(np.asarray(bert.gelu(jnp.asarray(x))), want, rtol=1e-5, atol=2e-6)
-  np.testing.assert_allclose(np.asarray(bert.gelu(jnp.asarray(x))),
+  np.testing.assert_allclose(np.asarray(layers.gelu(jnp.asarray(x))), want, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(layers.gelu(jnp.asarray(x))),
                              np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False)), atol=2e-6)
   # bf16 in, bf16 out, computed in f32 and rounded once, as torch's bf16 gelu is: at most one
   # bf16 step (at most 2^-7 relative) apart where erf's two approximations round differently
   xb = torch.tensor(x).bfloat16()
-  got = bert.gelu(jnp.asarray(xb.float().numpy()).astype(jnp.bfloat16))
+  got = layers.gelu(jnp.asarray(xb.float().numpy()).astype(jnp.bfloat16))
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)),
                              torch.nn.functional.gelu(xb).float().numpy(), rtol=2 ** -7, atol=1e-6)
@@ -246,7 +246,7 @@ def test_bert_embeddings_equal_table_lookups_and_their_gradients():
 
   def looked_up(e):
     x = e.word(ids) + e.position(jnp.broadcast_to(jnp.arange(10), ids.shape)) + e.token_type(types)
-    return bert._norm(e.ln, x, None)
+    return layers.masked_norm(e.ln, x, None)
 
   np.testing.assert_array_equal(np.asarray(emb(ids, mask, types, None)), np.asarray(looked_up(emb)))
   grads = [nnx.grad(lambda e: jnp.sum(jnp.sin(f(e))))(emb)

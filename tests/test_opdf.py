@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from wdjax import generators
-from wdjax.generators import StudentSpec, mpo, paths
+from wdjax import trees
+from wdjax.generators import StudentSpec, mpo
 from wdjax.models import bert, hf
 
 # A random teacher (2 layers, 4 heads of 12) and a half-depth student of the same width.
@@ -30,7 +31,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("n_cores", [2, 5, 7])
 def test_contraction_reproduces_random_and_real_matrices(minilm_dir, n_cores):
   _, t_params, _ = hf.load(minilm_dir)
-  flat = paths.flatten(t_params)
+  flat = trees.flatten(t_params)
   rng = np.random.default_rng(n_cores)
   matrices = [rng.standard_normal((96, 160)).astype(np.float32),
               np.asarray(flat["encoder/layer_2/attn/q/kernel"]).T,  # [384, 384]
@@ -90,7 +91,7 @@ def test_constraint_pulls_the_first_layers_towards_the_aligned_ones():
   the two layers' own decompositions. Started at the aligned layer, it is zero."""
   t_params = _params(SMALL, 0)
   gen, gp, gs, _ = _opdf(t_params, n_cores=5, constraint_lambda=1.0)
-  flat, want = paths.flatten(t_params), []
+  flat, want = trees.flatten(t_params), []
   for p in gen.factors:  # encoder/layer_0/...: one student layer
     cores = [mpo.decompose(np.asarray(flat[p.replace("layer_0", l)]).T, *gen.factors[p])
              for l in ("layer_0", "layer_1")]
@@ -125,7 +126,7 @@ def test_student_starts_as_the_selected_teacher_layers_and_exports_what_it_train
   gen, gp, gs, init = _opdf(t_params, n_cores=7)
   student = gen.materialize(gp, t_params, gs)
   selected = generators.select(t_params, init, "first_n")
-  for (p, a), b in zip(paths.flatten(student).items(), paths.flatten(selected).values()):
+  for (p, a), b in zip(trees.flatten(student).items(), trees.flatten(selected).values()):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=p)
   ids = jnp.asarray(np.random.default_rng(0).integers(5, 5000, (3, 10)), jnp.int32)
   model = nnx.merge(nnx.split(bert.build(HALF))[0], gen.generate(gp, t_params, gs))
@@ -136,7 +137,7 @@ def test_student_starts_as_the_selected_teacher_layers_and_exports_what_it_train
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # Trainable size: 2.3-4.4x the dense matrices (here 48x48 and 96x48 at 7 cores).
   n_cores = sum(x.size for x in jax.tree_util.tree_leaves(gp["cores"]))
-  n_dense = sum(np.size(paths.flatten(init)[p]) for p in gen.factors)
+  n_dense = sum(np.size(trees.flatten(init)[p]) for p in gen.factors)
   assert 2.0 < n_cores / n_dense < 4.5
 
 

@@ -18,7 +18,8 @@ from benchmarks.torch_ref import generators as tgen  # noqa: E402
 from benchmarks.torch_ref.model import BertShape, classifier_logits  # noqa: E402
 from wdjax import generators, losses  # noqa: E402
 from wdjax.config import KDConfig, OptimConfig  # noqa: E402
-from wdjax.generators import StudentSpec, paths  # noqa: E402
+from wdjax import trees  # noqa: E402
+from wdjax.generators import StudentSpec  # noqa: E402
 from wdjax.models import bert, hf  # noqa: E402
 from wdjax.train import step as step_lib  # noqa: E402
 
@@ -42,7 +43,7 @@ def setup(task_teacher):
 
 
 def _torch(tree) -> dict:
-  return {k: torch.tensor(np.asarray(v)) for k, v in paths.flatten(tree).items()}
+  return {k: torch.tensor(np.asarray(v)) for k, v in trees.flatten(tree).items()}
 
 
 def _shape(cfg) -> BertShape:
@@ -109,7 +110,7 @@ def test_loss_and_gradients_match_pytorch(setup, method):
 
   teacher = _torch(t_params)
   tg = {k: v.clone().requires_grad_(True) for k, v in _torch(gen.flat_params(gen_params)).items()}
-  student_shapes = {k: tuple(v.shape) for k, v in paths.flatten(init).items()}
+  student_shapes = {k: tuple(v.shape) for k, v in trees.flatten(init).items()}
   n_t, n_s = t_cfg.num_layers, s_cfg.num_layers
   if method == "kd":
     student = tg  # the student's own weights
@@ -124,7 +125,7 @@ def test_loss_and_gradients_match_pytorch(setup, method):
                             torch.tensor(batch["labels"]).long(), TEMPERATURE, ALPHA)
   if method == "opdf":
     targets = {k: torch.tensor(np.asarray(v))
-               for k, v in paths.unstack_layers(paths.flatten(gen_state["targets"])).items()}
+               for k, v in trees.unstack_layers(trees.flatten(gen_state["targets"])).items()}
     assert targets
     t_loss = t_loss + tgen.opdf_constraint(tg, targets, OPTIONS[method]["constraint_lambda"], len(gen.factors))
   t_loss.backward()

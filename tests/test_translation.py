@@ -17,7 +17,8 @@ from wdjax import assets, generators
 from wdjax.config import (CheckpointConfig, Config, DataConfig, KDConfig, LogConfig, MeshConfig,
                           OptimConfig, StudentConfig, TrainConfig, TranslationConfig)
 from wdjax.data import bible
-from wdjax.generators import StudentSpec, paths
+from wdjax import trees
+from wdjax.generators import StudentSpec
 from wdjax.models import search, transformer
 from wdjax.models.transformer import TransformerConfig
 from wdjax.tasks import translation as translate
@@ -179,7 +180,7 @@ def test_mt_generators_produce_the_student_tree(variant):
   assert_same_shapes(out, init)
   assert tree_allclose(jax.jit(gen.materialize)(gp, t_params, gs), out, rtol=1e-6, atol=1e-7)
   if variant.endswith("identity") or variant in ("ws", "gws-row"):
-    got, sel = paths.flatten(out), paths.flatten(generators.select(t_params, init))
+    got, sel = trees.flatten(out), trees.flatten(generators.select(t_params, init))
     for k in sel:
       np.testing.assert_allclose(got[k], sel[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
@@ -195,8 +196,8 @@ def test_mt_depth_and_roles_are_planned_per_stack():
   assert not any(k.startswith("maps/enc/") for k in flat)  # the encoder is elementwise: no maps
   assert flat["maps/dec/layer_0/cross_attn/k/kernel/axis_0"].shape == (32, 32)  # reads the encoder
   assert "output" not in gp["affine"]["dec"]  # the output projection is linear only
-  sel = paths.flatten(generators.select(t_params, init))
-  t = paths.flatten(t_params)
+  sel = trees.flatten(generators.select(t_params, init))
+  t = trees.flatten(t_params)
   np.testing.assert_array_equal(sel["dec/layer_1/self_attn/q/kernel"], t["dec/layer_3/self_attn/q/kernel"][::2, ::2])
   np.testing.assert_array_equal(sel["enc/layer_1/mlp/up/kernel"], t["enc/layer_1/mlp/up/kernel"])
 
@@ -226,7 +227,7 @@ def test_mt_training_moves_only_generator_leaves_and_sharded_equals_single(varia
   # Key biases get an exactly-zero gradient in exact arithmetic (q.b_k is the same for every key,
   # and softmax ignores it); Adam scales the ~1e-10 rounding noise of another reduction order up
   # to a full lr-sized step of either sign, so those leaves are left out of the comparison.
-  a, b = paths.flatten(one["params"]), paths.flatten(many["params"])
+  a, b = trees.flatten(one["params"]), trees.flatten(many["params"])
   compared = [k for k in a if "attn/k/bias" not in k]
   assert len(compared) > 0.9 * len(a)
   for k in compared:

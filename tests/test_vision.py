@@ -17,7 +17,8 @@ from wdjax import generators
 from wdjax.config import Config, DataConfig, MethodConfig, OptimConfig, StudentConfig, TeacherConfig, TrainConfig, VisionConfig
 from wdjax.data import images
 from wdjax.errors import WdjaxError
-from wdjax.generators import StudentSpec, paths
+from wdjax import trees
+from wdjax.generators import StudentSpec
 from wdjax.models import vit
 from wdjax.train import mesh as mesh_lib
 
@@ -143,7 +144,7 @@ def test_every_generator_on_vit_shapes(variant):
   gp = jax.tree_util.tree_map(lambda p: p + 0.02 * jax.random.normal(next(key), p.shape, p.dtype), gp)
   if method == "wid":  # every space at its target size, the masked entries converged to zero
     gs = gen.update_state(gp, gs, jnp.asarray(16))
-    gp = jax.tree_util.tree_map(lambda p, k: p * k, gp, gen.keep_tree(gp, paths.flatten(gs["masks"])))
+    gp = jax.tree_util.tree_map(lambda p, k: p * k, gp, gen.keep_tree(gp, trees.flatten(gs["masks"])))
   student = jax.jit(gen.materialize)(gp, t_params, gs)
   assert_same_shapes(student, init)
   x = _images()
@@ -157,7 +158,7 @@ def test_every_generator_on_vit_shapes(variant):
 
 def test_selection_on_vit_slices_patches_tokens_and_head_consistently():
   t_params, init = _params(TEACHER, 0), _params(STUDENT, 1)
-  t, s = paths.flatten(t_params), paths.flatten(generators.select(t_params, init))
+  t, s = trees.flatten(t_params), trees.flatten(generators.select(t_params, init))
   np.testing.assert_array_equal(s["embeddings/patch/kernel"], t["embeddings/patch/kernel"][:, ::2])
   np.testing.assert_array_equal(s["embeddings/cls"], t["embeddings/cls"][::2])
   np.testing.assert_array_equal(s["embeddings/position/embedding"], t["embeddings/position/embedding"][:, ::2])
@@ -175,7 +176,7 @@ def test_vit_sharded_step_equals_single_device():
   run = lambda mesh: run_generator_steps(gen, STUDENT, init, t_params, mesh, batches,
                                          student_apply=apply, teacher_apply=teacher_apply)[0]
   one, many = run(mesh_lib.make_mesh(1, 1, jax.devices()[:1])), run(mesh_lib.make_mesh(4, 2))
-  a, b = paths.flatten(one["params"]), paths.flatten(many["params"])
+  a, b = trees.flatten(one["params"]), trees.flatten(many["params"])
   compared = [k for k in a if "attn/k/bias" not in k]  # exactly-zero gradients: see test_translation
   for k in compared:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -13,7 +13,8 @@ from flax import nnx
 
 from wdjax import generators
 from wdjax.config import OptimConfig
-from wdjax.generators import StudentSpec, paths
+from wdjax import trees
+from wdjax.generators import StudentSpec
 from wdjax.models import bert, hf
 from wdjax.train import step as step_lib
 
@@ -73,9 +74,9 @@ def test_mask_sizes_follow_the_schedule(strategy):
   update = jax.jit(gen.update_state)
   for step in range(1, 200):
     new = update(gp, gs, jnp.asarray(step))
-    masks = paths.flatten(new["masks"])
+    masks = trees.flatten(new["masks"])
     if step % 10 or step < 10:
-      assert all(np.array_equal(masks[s], paths.flatten(gs["masks"])[s]) for s in masks)
+      assert all(np.array_equal(masks[s], trees.flatten(gs["masks"])[s]) for s in masks)
       gs = new
       continue
     gs, k = new, step // 10
@@ -98,7 +99,7 @@ def test_mask_sizes_follow_the_schedule(strategy):
 
 def _zero_masked(gen, gp, gs):
   """What long training with the penalty converges to: masked entries exactly zero."""
-  keep = gen.keep_tree(gp, paths.flatten(gs["masks"]))
+  keep = gen.keep_tree(gp, trees.flatten(gs["masks"]))
   return jax.tree_util.tree_map(lambda p, k: p * k, gp, keep)
 
 
@@ -113,7 +114,7 @@ def test_cut_student_equals_the_masked_training_network(strategy, layers, head):
   key = iter(jax.random.split(jax.random.key(5), 200))
   gp = jax.tree_util.tree_map(lambda c: c + 0.05 * jax.random.normal(next(key), c.shape), gp)
   gs = gen.update_state(gp, gs, jnp.asarray(16))  # k = 16: every space at its target size
-  for space, m in paths.flatten(gs["masks"]).items():
+  for space, m in trees.flatten(gs["masks"]).items():
     assert int(np.sum(np.asarray(m))) == gen.space_size(space)[1], space
   gp = _zero_masked(gen, gp, gs)
   ids = _ids()
@@ -136,10 +137,10 @@ def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
   c = gen.flat_params(out)["compactors/encoder/layer_0/attn/q/kernel/col"]
   np.testing.assert_array_equal(c, 1.0 + np.eye(48))
   gs = gen.update_state(gp, gs, jnp.asarray(16))
-  keep = gen.flat_params(gen.keep_tree(gp, paths.flatten(gs["masks"])))  # per layer
+  keep = gen.flat_params(gen.keep_tree(gp, trees.flatten(gs["masks"])))  # per layer
   rows = [np.asarray(keep[f"compactors/encoder/layer_1/attn/{m}/kernel/row"]) for m in "qkv"]
   assert all(np.array_equal(rows[0], r) for r in rows[1:])
-  np.testing.assert_array_equal(rows[0][0], paths.flatten(gs["masks"])["attn/layer_1"])
+  np.testing.assert_array_equal(rows[0][0], trees.flatten(gs["masks"])["attn/layer_1"])
   out, _ = tx.update(grads, tx.init(gp), gp, gen_state=gs)
   q = np.asarray(gen.flat_params(out)["compactors/encoder/layer_1/attn/q/kernel/row"])
   p = np.asarray(gen.flat_params(gp)["compactors/encoder/layer_1/attn/q/kernel/row"])
@@ -147,7 +148,7 @@ def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
   np.testing.assert_array_equal(q[:, masked], 20.0 * p[:, masked])
   np.testing.assert_array_equal(q[:, ~masked], 1.0)
   ln = np.asarray(gen.flat_params(out)["weights/encoder/layer_0/mlp_ln/scale"])
-  hidden = np.asarray(paths.flatten(gs["masks"])["hidden"])
+  hidden = np.asarray(trees.flatten(gs["masks"])["hidden"])
   np.testing.assert_array_equal(ln[hidden == 1], 1.0)
   np.testing.assert_array_equal(ln[hidden == 0], 20.0 * np.asarray(
       gen.flat_params(gp)["weights/encoder/layer_0/mlp_ln/scale"])[hidden == 0])
@@ -180,7 +181,7 @@ def test_momentum_surgery_drives_masked_entries_to_zero_much_faster_than_clean()
                                  gen.moment_injection())
     trained = _surgery_only(tx, gp, gs, steps=100)
     name = "encoder/layer_1/attn/q/kernel/row"
-    masked = np.asarray(paths.flatten(gs["masks"])["attn/layer_1"]) == 0
+    masked = np.asarray(trees.flatten(gs["masks"])["attn/layer_1"]) == 0
     before = np.asarray(gen.flat_params(gp)["compactors/" + name])
     after = np.asarray(gen.flat_params(trained)["compactors/" + name])
     np.testing.assert_array_equal(after[:, ~masked], before[:, ~masked])

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wdjax.generators import paths
+from wdjax import trees
 from wdjax.models.bert import EncoderConfig
 
 Params = Any  # nested dict of jax.Array
@@ -95,8 +95,8 @@ class Generator:
   def flat_params(self, gen_params: Params) -> dict[str, jax.Array]:
     """The generator's parameters (or gradients) as `{name: array}`, one entry per tensor, in
     the per-layer layout of the method's paper and of `benchmarks/torch_ref`: leaves stored
-    stacked over layers (`.../layers/...`, `paths.stack_layers`) are split into their layers."""
-    return paths.unstack_layers(paths.flatten(gen_params))
+    stacked over layers (`.../layers/...`, `trees.stack_layers`) are split into their layers."""
+    return trees.unstack_layers(trees.flatten(gen_params))
 
 
 class Identity(Generator):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wdjax.generators import paths
+from wdjax import trees
 from wdjax.generators.base import Generator, Params, StudentSpec
 from wdjax.generators.mpo import contract, core_shapes, decompose, factorize
 from wdjax.generators.select import SelectionPlan
@@ -26,7 +26,7 @@ class MatrixProductOperator(Generator):
   gen_params: `{"cores": {<kernel path>/core_k: [d_{k-1}, i_k, j_k, d_k]}, "dense": {...}}`;
   gen_state: `{"targets": {<kernel path>/core_k: teacher core}}` for the constrained cores.
   Per-layer leaves are stored stacked over the layers (`encoder/layers/attn/q/kernel/core_k
-  [L, ...]`, `paths.stack_layers`): the L layers' chains contract as one batched chain, and the
+  [L, ...]`, `trees.stack_layers`): the L layers' chains contract as one batched chain, and the
   optimizer updates one leaf where there were L; `flat_params` gives the per-layer view.
   Cores decompose the math-layout matrix `W = kernel.T [out, in]`, as the reference.
 
@@ -57,7 +57,7 @@ class MatrixProductOperator(Generator):
         raise ValueError(f"OPDF's constraint aligns student layer i with teacher layer k(i+1)-1 "
                          f"(methods.md §2.4): {e}; set the constraint's lambda to 0 to train "
                          "without it") from None
-    s_flat, t_flat = paths.flatten(student_shapes), paths.flatten(teacher_shapes)
+    s_flat, t_flat = trees.flatten(student_shapes), trees.flatten(teacher_shapes)
     self.n_cores = n_cores
     self.factors, self.teacher_factors, self.constrained = {}, {}, {}
     for p, x in s_flat.items():
@@ -84,9 +84,9 @@ class MatrixProductOperator(Generator):
     """The cores of the starting weights, the other leaves as they are, and the aligned teacher
     layers' auxiliary cores as constant targets (decomposed here, once, inside the jit)."""
     del rng
-    start = (paths.flatten(spec.init_params) if self.start == "random"
+    start = (trees.flatten(spec.init_params) if self.start == "random"
              else self.plan.apply(teacher_params))
-    t_flat = paths.flatten(teacher_params)
+    t_flat = trees.flatten(teacher_params)
     cores, targets = {}, {}
     dense = {p: jnp.asarray(x) for p, x in start.items() if p not in self.factors}
     for p in self.factors:
@@ -98,18 +98,18 @@ class MatrixProductOperator(Generator):
         t_cores = decompose(t_w, *self.teacher_factors[p])
         for k in self.constrained[p]:
           targets[f"{p}/core_{k}"] = t_cores[k]
-    stack = lambda flat: paths.unflatten(paths.stack_layers(flat))
+    stack = lambda flat: trees.unflatten(trees.stack_layers(flat))
     return {"cores": stack(cores), "dense": stack(dense)}, {"targets": stack(targets)}
 
   def generate(self, gen_params, teacher_params, gen_state):
     del teacher_params, gen_state
-    out = paths.flatten(gen_params["dense"])
-    cores = paths.flatten(gen_params["cores"])
-    for key in paths.layer_groups(self.factors):  # DECOMPOSED kernels are all per layer
+    out = trees.flatten(gen_params["dense"])
+    cores = trees.flatten(gen_params["cores"])
+    for key in trees.layer_groups(self.factors):  # DECOMPOSED kernels are all per layer
       chain = [cores[f"{key}/core_{k}"] for k in range(self.n_cores)]
       # W [out, in] per layer's matrix; Flax kernels are [in, out]
       out[key] = jnp.swapaxes(jax.vmap(contract)(chain), -1, -2)
-    return paths.unflatten(paths.unstack_layers(out))
+    return trees.unflatten(trees.unstack_layers(out))
 
   def aux_loss(self, gen_params, teacher_params, gen_state):
     """lambda * (1/|M|) sum_m sum_{k aux} MSE(T_s^(m,k), sg(T_t^(m,k))) (§2.5, the paper's
@@ -117,10 +117,10 @@ class MatrixProductOperator(Generator):
     del teacher_params
     if not self.constraint_lambda:
       return jnp.zeros((), jnp.float32)
-    flat = paths.flatten(gen_params["cores"])
-    targets = paths.flatten(gen_state["targets"])
+    flat = trees.flatten(gen_params["cores"])
+    targets = trees.flatten(gen_state["targets"])
     # per matrix and core (a stacked leaf holds one per layer): the mean of its squared error
-    per_matrix = lambda d, k: (jnp.mean(d, axis=tuple(range(1, d.ndim))).sum() if paths.is_stacked(k)
+    per_matrix = lambda d, k: (jnp.mean(d, axis=tuple(range(1, d.ndim))).sum() if trees.is_stacked(k)
                                else jnp.mean(d))
     total = sum(per_matrix(jnp.square(flat[k] - jax.lax.stop_gradient(t)), k) for k, t in targets.items())
     return self.constraint_lambda * total / len(self.factors)

@@ -1,6 +1,7 @@
 """What every generator needs to know about parameter trees, written once.
 
-- **Paths**: a tree is flattened to `{"encoder/layer_0/attn/q/kernel": array, ...}` and back.
+- **Paths**: trees are flattened to `{"encoder/layer_0/attn/q/kernel": array, ...}` and back
+  (`wdjax/trees.py`).
 - **Layer maps**: which teacher layers feed student layer l (contiguous groups, every k-th,
   first N, uniform, or all of them for a learned mix).
 - **Dimension roles**: what each axis of a leaf *is* (the residual stream "hidden", the attention
@@ -22,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from wdjax import trees
 
 Params = Any
 
@@ -71,95 +74,12 @@ ROLE_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"mlm_bias$", (None,)),
 )
 
-_LAYER = re.compile(r"(?:^|/)layer_(\d+)(?=/)")
-_LAYERS = re.compile(r"(?:^|/)layers(?=/|$)")  # a stack of layers (see `stacked`)
-
-
-def flatten(tree: Params) -> dict[str, Any]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> Params:
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[last] = leaf
-  return tree
-
-
 def roles(path: str, ndim: int) -> tuple[str | None, ...]:
   """The role of each axis of the leaf at `path` (all None when no rule matches)."""
   for pattern, axes in ROLE_RULES:
     if re.search(pattern, path) and len(axes) == ndim:
       return axes
   return (None,) * ndim
-
-
-def layer_of(path: str) -> int | None:
-  m = _LAYER.search(path)
-  return int(m.group(1)) if m else None
-
-
-def stack_of(path: str) -> str:
-  """The layer stack a layered leaf belongs to: the path before `layer_N` ('encoder/' in a
-  BERT, 'enc/' or 'dec/' in an encoder-decoder); depth maps are planned per stack."""
-  m = _LAYER.search(path)
-  return path[:m.start() + (m.group(0).startswith("/"))] if m else ""
-
-
-def stacked(path: str) -> str:
-  """The name of a layered leaf's stack across layers ('encoder/layer_3/attn/q/kernel' ->
-  'encoder/layers/attn/q/kernel'); a leaf outside the layers is its own name."""
-  return _LAYER.sub(lambda m: m.group(0).replace(f"layer_{m.group(1)}", "layers"), path, count=1)
-
-
-def is_stacked(name: str) -> bool:
-  return _LAYERS.search(name) is not None
-
-
-def layer_groups(leaf_paths) -> dict[str, list[str]]:
-  """`{stack name: its leaves in layer order}`: the L per-layer copies of a leaf share one name;
-  a leaf outside the layers is a group of one under its own name."""
-  groups: dict[str, list[str]] = {}
-  for p in leaf_paths:
-    groups.setdefault(stacked(p), []).append(p)
-  return {k: sorted(g, key=lambda p: layer_of(p) or 0) for k, g in groups.items()}
-
-
-def stack_layers(flat: dict[str, Any]) -> dict[str, Any]:
-  """Per-layer leaves stacked on a new leading axis under their stack names (the rest as is).
-
-  Generators store per-layer parameters this way: one `[L, ...]` leaf per stack is one kernel
-  per operation (a batched product, one optimizer update) where per-layer leaves are L."""
-  return {k: jnp.stack([flat[p] for p in g]) if is_stacked(k) else flat[g[0]]
-          for k, g in layer_groups(flat).items()}
-
-
-def layer_names(name: str, n_layers: int) -> list[str]:
-  """The per-layer names a stack name stands for ('attn/layers' -> 'attn/layer_0', ...)."""
-  return [_LAYERS.sub(lambda m: m.group(0).replace("layers", f"layer_{i}"), name, count=1)
-          for i in range(n_layers)]
-
-
-def unstack_layers(flat: dict[str, Any]) -> dict[str, Any]:
-  """The inverse of `stack_layers`: every leaf under a `layers` name split into its layers."""
-  out = {}
-  for k, x in flat.items():
-    if is_stacked(k):
-      out.update(zip(layer_names(k, x.shape[0]), x))
-    else:
-      out[k] = x
-  return out
-
-
-def with_layer(path: str, layer: int) -> str:
-  return _LAYER.sub(lambda m: m.group(0).replace(f"layer_{m.group(1)}", f"layer_{layer}"), path, count=1)
 
 
 LAYER_MAPS = ("contiguous", "every_k", "first_n", "uniform", "all")
@@ -227,10 +147,10 @@ def space_of(path: str, role: str | None) -> str | None:
   """The space an axis of role `role` of leaf `path` lives in: `hidden` and `pooled` are one
   space through the whole network; each layer's `attn` and `ffn` spaces are spaces of their own
   (`attn/layer_l`), since unit j of one layer's FFN has nothing to do with unit j of another's."""
-  layer = layer_of(path)
+  layer = trees.layer_of(path)
   if role in PER_LAYER_ROLES and layer is not None:
     return f"{role}/layer_{layer}"  # roles differ per stack, so names do not collide
-  if role in PER_LAYER_ROLES and is_stacked(path):
+  if role in PER_LAYER_ROLES and trees.is_stacked(path):
     return f"{role}/layers"  # all the layers' spaces of that role, stacked
   return role
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wdjax import trees
 from wdjax.generators import paths
 from wdjax.generators.base import Generator, Params, StudentSpec
 
@@ -30,11 +31,11 @@ class SelectionPlan:
   """For every student leaf: its teacher path(s) and the indices kept along each axis."""
 
   def __init__(self, teacher_shapes: Params, student_shapes: Params, layer_map: str = "every_k"):
-    t_flat, s_flat = paths.flatten(teacher_shapes), paths.flatten(student_shapes)
+    t_flat, s_flat = trees.flatten(teacher_shapes), trees.flatten(student_shapes)
     # depth is planned per layer stack (one for an encoder, two for an encoder-decoder)
-    depth = lambda flat, stack: 1 + max(paths.layer_of(p) for p in flat if paths.layer_of(p) is not None
-                                         and paths.stack_of(p) == stack)
-    stacks = sorted({paths.stack_of(p) for p in s_flat if paths.layer_of(p) is not None})
+    depth = lambda flat, stack: 1 + max(trees.layer_of(p) for p in flat if trees.layer_of(p) is not None
+                                         and trees.stack_of(p) == stack)
+    stacks = sorted({trees.stack_of(p) for p in s_flat if trees.layer_of(p) is not None})
     self.stack_layers = {st: paths.layer_map(layer_map, depth(t_flat, st), depth(s_flat, st))
                          for st in stacks}
     self.n_teacher = sum(depth(t_flat, st) for st in stacks)
@@ -45,9 +46,9 @@ class SelectionPlan:
     self.roles = {p: paths.roles(p, len(shape)) for p, shape in self.student_shapes.items()}
     self.sources: dict[str, list[str]] = {}
     for p in s_flat:
-      layer = paths.layer_of(p)
-      srcs = [p] if layer is None else [paths.with_layer(p, t)
-                                        for t in self.stack_layers[paths.stack_of(p)][layer]]
+      layer = trees.layer_of(p)
+      srcs = [p] if layer is None else [trees.with_layer(p, t)
+                                        for t in self.stack_layers[trees.stack_of(p)][layer]]
       missing = [q for q in srcs if q not in t_flat]
       if missing:
         raise ValueError(f"student leaf {p} has no teacher counterpart {missing[0]}")
@@ -68,15 +69,15 @@ class SelectionPlan:
   def apply(self, teacher_params: Params) -> dict[str, jax.Array]:
     """The selected student as a flat dict; from a group of teacher layers, the last one
     (`every_k`'s choice, so a contiguous plan selects what an every-k plan does)."""
-    t_flat = paths.flatten(teacher_params)
+    t_flat = trees.flatten(teacher_params)
     return {p: self.select(t_flat[srcs[-1]], p) for p, srcs in self.sources.items()}
 
 
 def select(teacher_params: Params, student_shapes: Params, layer_map: str = "every_k") -> Params:
   """The weight-selection student (a param tree shaped like `student_shapes`)."""
-  dtypes = {p: x.dtype for p, x in paths.flatten(student_shapes).items()}
+  dtypes = {p: x.dtype for p, x in trees.flatten(student_shapes).items()}
   selected = SelectionPlan(teacher_params, student_shapes, layer_map).apply(teacher_params)
-  return paths.unflatten({p: x.astype(dtypes[p]) for p, x in selected.items()})
+  return trees.unflatten({p: x.astype(dtypes[p]) for p, x in selected.items()})
 
 
 class WeightSelection(Generator):
@@ -93,4 +94,4 @@ class WeightSelection(Generator):
 
   def generate(self, gen_params, teacher_params, gen_state):
     del gen_params, gen_state
-    return paths.unflatten(self.plan.apply(teacher_params))
+    return trees.unflatten(self.plan.apply(teacher_params))

@@ -27,7 +27,7 @@ Depth: a fixed layer map (`every_k` default), or `layer_mix="learned"`: each stu
 softmax-weighted mix of its teacher group (`contiguous` groups), initialised uniform.
 
 Layout: per-layer leaves (maps of per-layer spaces, W_m, gates, mixes) are stored stacked over
-the layers (`encoder/layers/...`, `attn/layers`: `paths.stack_layers`), and a stack's L tensors
+the layers (`encoder/layers/...`, `attn/layers`: `trees.stack_layers`), and a stack's L tensors
 are contracted as one batched product; `flat_params` gives the per-layer view.
 
 Gated WS: `W_s = g * W_m + (1 - g) * (L W_t R)`, `g = sigmoid(theta)` per matrix (a scalar),
@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wdjax import trees
 from wdjax.generators import paths
 from wdjax.generators.base import Generator, Params
 from wdjax.generators.select import SelectionPlan
@@ -85,13 +86,13 @@ class WeightSqueezing(Generator):
     self.layer_mix, self.sharing, self.init_kind = layer_mix, sharing, init
     self.gated, self.gate, self.gate_init, self.pca = gated, gate, gate_init, pca
     self.name = "gws" if gated else "ws"
-    self.groups = paths.layer_groups(self.plan.sources)  # stack name -> its leaves, layer order
+    self.groups = trees.layer_groups(self.plan.sources)  # stack name -> its leaves, layer order
 
   # --- which map contracts which axis -------------------------------------------------------
 
   def space(self, key: str, axis: int) -> str | None:
     """Name of the map that contracts `axis` of the leaves stacked under `key` (a stack name,
-    `paths.layer_groups`): per tensor (`<key>/axis_<a>`, one per layer when `key` is a stack)
+    `trees.layer_groups`): per tensor (`<key>/axis_<a>`, one per layer when `key` is a stack)
     or per space (`hidden`: one for the network; `attn/layers`: each layer's own, stacked)."""
     role = self.plan.roles[self.groups[key][0]][axis]
     if role is None:
@@ -104,14 +105,14 @@ class WeightSqueezing(Generator):
     for key, group in self.groups.items():
       for axis, role in enumerate(self.plan.roles[group[0]]):
         if (name := self.space(key, axis)) is not None:
-          out[name] = (*self.plan.sizes[role], len(group) if paths.is_stacked(name) else 0,
+          out[name] = (*self.plan.sizes[role], len(group) if trees.is_stacked(name) else 0,
                        paths.space_of(key, role))
     return out
 
   def _pca_map(self, space: str, n: int) -> jax.Array:
     """The PCA basis of `space` (`pca_maps` names each layer's space), `[n, ...]` when n > 0."""
-    if paths.is_stacked(space):
-      return jnp.stack([jnp.asarray(self.pca[s], jnp.float32) for s in paths.layer_names(space, n)])
+    if trees.is_stacked(space):
+      return jnp.stack([jnp.asarray(self.pca[s], jnp.float32) for s in trees.layer_names(space, n)])
     m = jnp.asarray(self.pca[space], jnp.float32)
     return jnp.broadcast_to(m, (n, *m.shape)) if n else m
 
@@ -135,13 +136,13 @@ class WeightSqueezing(Generator):
                     for k, g in self.groups.items() if len(self.plan.sources[g[0]]) > 1}
     if self.gated:
       selected = self.plan.apply(teacher_params)  # W_m starts as the weight-selection student
-      gen["student"] = paths.stack_layers(selected)
-      gen["gate"] = paths.stack_layers({p: jnp.full(self._gate_shape(x.shape), self.gate_init, jnp.float32)
+      gen["student"] = trees.stack_layers(selected)
+      gen["gate"] = trees.stack_layers({p: jnp.full(self._gate_shape(x.shape), self.gate_init, jnp.float32)
                                         for p, x in selected.items()})
     # Nested trees (no '/' inside keys), so checkpoints and sharding rules see ordinary paths;
-    # per-layer leaves stacked over the layers (`paths.stack_layers`: one batched product and
+    # per-layer leaves stacked over the layers (`trees.stack_layers`: one batched product and
     # one optimizer update per stack, not per layer; `flat_params` gives the per-layer view).
-    return {k: paths.unflatten(v) for k, v in gen.items()}, {}
+    return {k: trees.unflatten(v) for k, v in gen.items()}, {}
 
   def _gate_shape(self, shape):
     return () if self.gate == "matrix" else shape[-1:] if self.gate == "row" else shape
@@ -150,8 +151,8 @@ class WeightSqueezing(Generator):
     """Per stack: the teacher leaves of its layers stacked (or softmax-mixed over each group),
     contracted with their maps at once, then gated with the own model; split into layers."""
     del gen_state
-    flat = {k: paths.flatten(v) for k, v in gen_params.items()}
-    t_flat = paths.flatten(teacher_params)
+    flat = {k: trees.flatten(v) for k, v in gen_params.items()}
+    t_flat = trees.flatten(teacher_params)
     out = {}
     for key, group in self.groups.items():
       sources = [self.plan.sources[p] for p in group]  # [L][ts]
@@ -163,9 +164,9 @@ class WeightSqueezing(Generator):
       x = paths.project_stacked(x, maps)
       if self.gated:
         g, own = jax.nn.sigmoid(flat["gate"][key]), flat["student"][key]
-        if not paths.is_stacked(key):
+        if not trees.is_stacked(key):
           g, own = g[None], own[None]
         g = g.reshape(g.shape[0], *(1,) * (x.ndim - g.ndim), *g.shape[1:])  # [L, 1.., gate shape]
         x = g * own + (1.0 - g) * x
       out.update(zip(group, x))
-    return paths.unflatten(out)
+    return trees.unflatten(out)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from wdjax import trees
 from wdjax.generators import paths
 from wdjax.generators.base import Generator, Params
 from wdjax.generators.select import SelectionPlan
@@ -62,19 +63,19 @@ class WeightDistillation(Generator):
       raise ValueError(f"wd init must be 'xavier' (the paper's) or 'identity', got {init!r}")
     self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
     self.mode, self.init_kind, self.elementwise = mode, init, tuple(elementwise)
-    t_flat = paths.flatten(teacher_shapes)
+    t_flat = trees.flatten(teacher_shapes)
     for path, sources in self.plan.sources.items():
       if self.is_elementwise(path) and (len(sources) != 1 or
                                         tuple(t_flat[sources[0]].shape) != self.plan.student_shapes[path]):
         raise ValueError(f"{path} is generated elementwise (prefix in {self.elementwise}), so it must "
                          "have its teacher leaf's shape and one teacher layer")
-    self.groups = paths.layer_groups(self.plan.sources)  # stack name -> its leaves, layer order
+    self.groups = trees.layer_groups(self.plan.sources)  # stack name -> its leaves, layer order
     # every map: (d_teacher, d_student, L for one map per layer or 0 for one shared map)
     self.map_specs: dict[str, tuple[int, int, int]] = {}
     for key, group in self.groups.items():
       for axis, role in enumerate(self.plan.roles[group[0]]):
         if (name := self.space(key, axis)) is not None:
-          spec = (*self.plan.sizes[role], len(group) if paths.is_stacked(name) else 0)
+          spec = (*self.plan.sizes[role], len(group) if trees.is_stacked(name) else 0)
           if self.map_specs.setdefault(name, spec) != spec:
             raise ValueError(f"map {name}: {spec} for {key}, elsewhere {self.map_specs[name]}")
 
@@ -106,8 +107,8 @@ class WeightDistillation(Generator):
     selected = self.plan.apply(teacher_params) if identity else {}
     for key, group in self.groups.items():
       rng_key, n, ts = next(keys), len(group), len(self.plan.sources[group[0]])
-      lead = (n,) if paths.is_stacked(key) else ()
-      if paths.is_stacked(key) and not self.is_elementwise(key):
+      lead = (n,) if trees.is_stacked(key) else ()
+      if trees.is_stacked(key) and not self.is_elementwise(key):
         if identity:  # c = Lambda w = one-hot on the group's last layer (every_k's choice)
           mix[key] = {"lam": jnp.broadcast_to(jnp.eye(ts, dtype=jnp.float32), (n, ts, ts)),
                       "w": jnp.zeros((n, ts), jnp.float32).at[:, -1].set(1.0)}
@@ -123,17 +124,17 @@ class WeightDistillation(Generator):
           a = jnp.ones(shape, jnp.float32)
         affine[key] = {"a": a, "b": jnp.zeros(shape, jnp.float32)}
     gen = {"maps": maps, "mix": mix, "affine": affine}
-    return {k: paths.unflatten(v) for k, v in gen.items()}, {}
+    return {k: trees.unflatten(v) for k, v in gen.items()}, {}
 
   def generate(self, gen_params, teacher_params, gen_state):
     del gen_state
-    maps = paths.flatten(gen_params["maps"])
-    t_flat = paths.flatten(teacher_params)
+    maps = trees.flatten(gen_params["maps"])
+    t_flat = trees.flatten(teacher_params)
     out = {}
     for key, group in self.groups.items():
       sources = [self.plan.sources[p] for p in group]  # [L][ts] teacher paths
       c = None  # no mix: each leaf's one teacher leaf (stacked as [1, ...] outside the layers)
-      if paths.is_stacked(key) and not self.is_elementwise(key):
+      if trees.is_stacked(key) and not self.is_elementwise(key):
         m = _lookup(gen_params["mix"], key)
         c = jnp.einsum("lij,lj->li", m["lam"], m["w"])  # [L, ts]
       x = paths.stack_sources(t_flat, sources, c)  # mix layers first: cheap
@@ -141,10 +142,10 @@ class WeightDistillation(Generator):
                                          for a in range(x.ndim - 1)))
       if not self.is_output(key):
         ab = _lookup(gen_params["affine"], key)
-        a, b = (ab["a"], ab["b"]) if paths.is_stacked(key) else (ab["a"][None], ab["b"][None])
+        a, b = (ab["a"], ab["b"]) if trees.is_stacked(key) else (ab["a"][None], ab["b"][None])
         x = a * jnp.tanh(x) + b
       out.update(zip(group, x))
-    return paths.unflatten(out)
+    return trees.unflatten(out)
 
 
 def _lookup(tree: dict, path: str):

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from wdjax import trees
 from wdjax.generators import paths
 from wdjax.generators.base import Generator, Params, StudentSpec
 from wdjax.generators.select import SelectionPlan
@@ -93,7 +94,7 @@ class WeightInherited(Generator):
     self.sources = {p: srcs[-1] for p, srcs in plan.sources.items()}
     self.sizes = plan.sizes  # role -> (d_teacher, d_student)
     self.n_layers = plan.n_student
-    t_flat = paths.flatten(teacher_shapes)
+    t_flat = trees.flatten(teacher_shapes)
     self.train_shapes = {p: tuple(np.shape(t_flat[q])) for p, q in self.sources.items()}
     d_t, d_s = self.sizes["hidden"]
     if "relative_bias/embedding" in " ".join(self.sources) and strategy == "head":
@@ -147,7 +148,7 @@ class WeightInherited(Generator):
 
   def init(self, rng, teacher_params, spec: StudentSpec):
     del rng
-    t_flat = paths.flatten(teacher_params)
+    t_flat = trees.flatten(teacher_params)
     weights = {p: jnp.asarray(t_flat[q], jnp.float32) for p, q in self.sources.items()}
     comp = {}
     if any(_is_embedding_table(p) for p in weights):  # BERT's summed tables share one compactor
@@ -161,19 +162,19 @@ class WeightInherited(Generator):
     masks = {s: jnp.ones((self.space_size(s)[0],), jnp.float32) for s in self.spaces}
     # weights and compactors stacked over the layers (`encoder/layers/...`, [L, ...]): a stack's
     # L products are one batched product and one optimizer update; the masks stay per layer
-    stack = lambda flat: paths.unflatten(paths.stack_layers(flat))
+    stack = lambda flat: trees.unflatten(trees.stack_layers(flat))
     return ({"weights": stack(weights), "compactors": stack(comp)},
-            {"masks": paths.unflatten(masks), "active": jnp.zeros((), jnp.float32)})
+            {"masks": trees.unflatten(masks), "active": jnp.zeros((), jnp.float32)})
 
   def _flat(self, gen_params):
     """Weights and compactors, flat and per layer (slices of the stacked storage)."""
-    return (paths.unstack_layers(paths.flatten(gen_params["weights"])),
-            paths.unstack_layers(paths.flatten(gen_params["compactors"])))
+    return (trees.unstack_layers(trees.flatten(gen_params["weights"])),
+            trees.unstack_layers(trees.flatten(gen_params["compactors"])))
 
   def generate(self, gen_params, teacher_params, gen_state):
     """The teacher-width training network `{C K R, b R, E R_emb, ...}` (per stack: batched)."""
     del teacher_params, gen_state
-    w, c = paths.flatten(gen_params["weights"]), paths.flatten(gen_params["compactors"])
+    w, c = trees.flatten(gen_params["weights"]), trees.flatten(gen_params["compactors"])
     out = {}
     for p, x in w.items():
       base = p.rsplit("/", 1)[0]
@@ -187,7 +188,7 @@ class WeightInherited(Generator):
       elif _is_embedding_table(p):
         x = x @ c["embeddings"]
       out[p] = x
-    return paths.unflatten(paths.unstack_layers(out))
+    return trees.unflatten(trees.unstack_layers(out))
 
   def model_kwargs(self, gen_state) -> dict:
     return {"hidden_keep": gen_state["masks"]["hidden"]}
@@ -237,7 +238,7 @@ class WeightInherited(Generator):
     def recompute(_):
       k = step // self.w_step
       n = {s: self.dropped(s, k, step) for s in self.spaces}
-      return {"masks": paths.unflatten(self.masks_for(self.unit_norms(gen_params), n)),
+      return {"masks": trees.unflatten(self.masks_for(self.unit_norms(gen_params), n)),
               "active": jnp.ones((), jnp.float32)}
     boundary = (step >= self.w_step) & (step % self.w_step == 0)
     return jax.lax.cond(boundary, recompute, lambda _: gen_state, None)
@@ -246,7 +247,7 @@ class WeightInherited(Generator):
     """Indices (sorted, static count d_s) of the units each space keeps in the student: the
     current masks' kept units, completed by largest norm while the schedule still grows."""
     norms = self.unit_norms(gen_params)
-    masks = paths.flatten(gen_state["masks"])
+    masks = trees.flatten(gen_state["masks"])
     out = {}
     for s, v in norms.items():
       d_t, d_s = self.space_size(s)
@@ -265,7 +266,7 @@ class WeightInherited(Generator):
 
   def materialize(self, gen_params, teacher_params, gen_state):
     """Cut and merge: the plain student of the target width (§3.5)."""
-    net = paths.flatten(self.generate(gen_params, teacher_params, gen_state))
+    net = trees.flatten(self.generate(gen_params, teacher_params, gen_state))
     keep = self.final_keep(gen_params, gen_state)
     q_scale = math.sqrt(self.hd_s / self.hd_t)
     out = {}
@@ -276,7 +277,7 @@ class WeightInherited(Generator):
       if q_scale != 1.0 and ("attn/q/kernel" in p or "attn/q/bias" in p):
         x = x * q_scale
       out[p] = x
-    return paths.unflatten(out)
+    return trees.unflatten(out)
 
   # --- gradient surgery -------------------------------------------------------------------------
 
@@ -301,7 +302,7 @@ class WeightInherited(Generator):
       else:
         kc[p] = masks[self.compacted[kernel][1]][None, :]
     # stacked as the leaves are: every keep has its per-layer leaf's rank, so [L, ...] broadcasts
-    stack = lambda keep: paths.unflatten(paths.stack_layers(keep))
+    stack = lambda keep: trees.unflatten(trees.stack_layers(keep))
     return {"weights": stack(kw), "compactors": stack(kc)}
 
   def gradient_transform(self, gen_state) -> optax.GradientTransformationExtraArgs:
@@ -326,7 +327,7 @@ class WeightInherited(Generator):
       del extra
       if params is None or gen_state is None:
         raise ValueError("WID's gradient surgery needs params and gen_state")
-      keep = self.keep_tree(params, paths.flatten(gen_state["masks"]))
+      keep = self.keep_tree(params, trees.flatten(gen_state["masks"]))
 
       def surgery(_):
         return jax.tree_util.tree_map(
@@ -353,7 +354,7 @@ class WeightInherited(Generator):
     def inject(params, gen_state):
       if params is None or gen_state is None:
         raise ValueError("WID's momentum injection needs params and gen_state")
-      keep = self.keep_tree(params, paths.flatten(gen_state["masks"]))
+      keep = self.keep_tree(params, trees.flatten(gen_state["masks"]))
       active = gen_state["active"] > 0
       keep = jax.tree_util.tree_map(lambda k: jnp.where(active, k, 1.0), keep)
       return keep, jax.tree_util.tree_map(lambda p: extra * p, params)

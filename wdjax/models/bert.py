@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from wdjax.errors import WdjaxError
+from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, gelu, layer_norm,
+                                 masked_norm, split_keys, take_rows)
 
 Array = jax.Array
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
@@ -63,8 +62,8 @@ class EncoderConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-    if self.dtype not in _DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if self.attention not in ("auto", "xla", "cudnn"):
       raise ValueError(f"attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}")
 
@@ -74,45 +73,7 @@ class EncoderConfig:
 
   @property
   def compute_dtype(self):
-    return _DTYPES[self.dtype]
-
-
-def _dense(cfg: EncoderConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(
-      d_in, d_out, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-      kernel_init=nnx.initializers.truncated_normal(cfg.initializer_range), rngs=rngs)
-
-
-def _layer_norm(cfg: EncoderConfig, d: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  # Statistics in fp32 even under bf16 compute: LayerNorm is where bf16 loses accuracy.
-  return nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
-                       param_dtype=jnp.float32, rngs=rngs)
-
-
-def _norm(ln: nnx.LayerNorm, x: Array, keep: Array | None) -> Array:
-  """`ln(x)`, or with `keep` (`[hidden]` of 0/1) a LayerNorm whose mean and variance run over the
-  kept units only: WID's training-time LayerNorm, which equals the cut student's LayerNorm once
-  the dropped units carry zeros (their gain and shift are driven to zero as well)."""
-  if keep is None:
-    return ln(x)
-  x = x.astype(jnp.float32)
-  keep = keep.astype(jnp.float32)
-  n = jnp.sum(keep)
-  mean = jnp.sum(x * keep, axis=-1, keepdims=True) / n
-  var = jnp.sum(jnp.square((x - mean) * keep), axis=-1, keepdims=True) / n
-  y = (x - mean) * jax.lax.rsqrt(var + ln.epsilon)
-  return y * ln.scale[...] + ln.bias[...]
-
-
-def _dropout(x: Array, rate: float, key: Array | None) -> Array:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def _keys(key: Array | None, n: int) -> list[Array | None]:
-  return [None] * n if key is None else list(jax.random.split(key, n))
+    return DTYPES[self.dtype]
 
 
 def relative_position_bucket(relative_position: Array, num_buckets: int = 32,
@@ -144,7 +105,7 @@ class Embeddings(nnx.Module):
     if cfg.arch == "bert":
       self.token_type = nnx.Embed(max(cfg.type_vocab_size, 1), cfg.hidden_size,
                                   param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
-    self.ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.ln = layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None,
                dropout_key: Array | None, hidden_keep: Array | None = None) -> Array:
@@ -167,8 +128,8 @@ class Embeddings(nnx.Module):
     if cfg.arch == "bert":
       types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
       x = x + _small_table_lookup(self.token_type.embedding[...], types)
-    x = _norm(self.ln, x, hidden_keep)  # [batch, seq, hidden] fp32
-    return _dropout(x, cfg.hidden_dropout, dropout_key).astype(cfg.compute_dtype)
+    x = masked_norm(self.ln, x, hidden_keep)  # [batch, seq, hidden] fp32
+    return dropout(x, cfg.hidden_dropout, dropout_key).astype(cfg.compute_dtype)
 
 
 def _small_table_lookup(table: Array, ids: Array) -> Array:
@@ -180,117 +141,26 @@ def _small_table_lookup(table: Array, ids: Array) -> Array:
   return jnp.einsum("bsn,nh->bsh", one_hot, table, precision=jax.lax.Precision.HIGHEST)
 
 
-Rows = slice | Array | None  # sequence positions a layer computes its outputs at (`take_rows`)
-
-
-def take_rows(x: Array, rows: Rows) -> Array:
-  """`x [batch, seq, ...]` at the sequence positions `rows`: None, all of them; a slice, the same
-  ones in every sequence (`slice(0, 1)`: the first token, which a classification head reads); or
-  `[batch, k]` int positions, per sequence (the masked tokens an MLM head reads)."""
-  if rows is None:
-    return x
-  if isinstance(rows, slice):
-    return x[:, rows]
-  return jnp.take_along_axis(x, rows.reshape(*rows.shape, *(1,) * (x.ndim - 2)), axis=1)
-
-
-def attention_implementation(cfg: EncoderConfig) -> str | None:
-  """`implementation=` for jax.nn.dot_product_attention (None: XLA's), resolving "auto" by the
-  default backend at trace time."""
-  if cfg.attention != "auto":
-    return None if cfg.attention == "xla" else cfg.attention
-  fused_ok = cfg.dtype in ("bfloat16", "float16") and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
-  return "cudnn" if fused_ok and jax.default_backend() == "gpu" else None
-
-
-class Attention(nnx.Module):
-
-  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
-    d = cfg.hidden_size
-    self.cfg = cfg
-    self.q = _dense(cfg, d, d, rngs)
-    self.k = _dense(cfg, d, d, rngs)
-    self.v = _dense(cfg, d, d, rngs)
-    self.o = _dense(cfg, d, d, rngs)
-
-  def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
-               capture: dict | None = None, rows: Rows = None) -> Array:
-    """`x [batch, seq, hidden]` -> `[batch, seq, hidden]`, or with `rows` (`take_rows`) the
-    outputs at those positions only, `[batch, k, hidden]`: queries from those rows, keys and
-    values from all of them. `mask [batch, 1, 1, seq]`, `bias [1, heads, seq, seq]` or None."""
-    cfg = self.cfg
-    b = x.shape[0]
-    split = lambda y: y.reshape(b, y.shape[1], cfg.num_heads, cfg.head_dim)  # [b, seq, heads, hd]
-    q, k, v = split(self.q(take_rows(x, rows))), split(self.k(x)), split(self.v(x))
-    if bias is not None and rows is not None:  # the bias at those query rows: [1 or b, heads, k, seq]
-      bias = (bias[:, :, rows] if isinstance(rows, slice)
-              else jnp.moveaxis(jnp.take(bias[0], rows, axis=1), 1, 0))
-    t = q.shape[1]
-    if dropout_key is None or cfg.attention_dropout == 0.0:
-      # the few rows a head reads make a small product: XLA's (cuDNN's fused kernel is for
-      # full-length queries, and its short-query cases are untested here)
-      implementation = attention_implementation(cfg) if rows is None else None
-      if implementation == "cudnn":  # cuDNN takes a mask only at the full [batch, 1, query, key] shape
-        mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))
-      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
-    else:
-      # Attention-probability dropout needs the probabilities, so the fused kernel is bypassed.
-      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-      if bias is not None:
-        scores = scores + bias
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-      probs = _dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_dropout, dropout_key)
-      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    ctx = ctx.reshape(b, t, cfg.hidden_size)
-    if capture is not None:
-      capture["attn"] = ctx  # [batch, seq, hidden]: the attention-inner space (input of o)
-    return self.o(ctx)
-
-
-def gelu(x: Array) -> Array:
-  """Exact GELU, 0.5·x·(1 + erf(x/√2)), as BERT's and PyTorch's `gelu` compute it: in float32,
-  rounded once to `x`'s dtype. Same shape as `x`.
-
-  Not `jax.nn.gelu(approximate=False)`: that evaluates erfc(-x/√2), whose XLA lowering computes
-  both of erfc's branches (an exponential and two divisions per element), and the teacher's GELU
-  over [32768, 3072] took 0.45 ms a layer on an H100 against 0.15 ms for PyTorch's."""
-  x32 = x.astype(jnp.float32)
-  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
-
-
-class Mlp(nnx.Module):
-
-  def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
-    self.up = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
-    self.down = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
-
-  def __call__(self, x: Array, capture: dict | None = None) -> Array:
-    h = gelu(self.up(x))
-    if capture is not None:
-      capture["ffn"] = h  # [batch, seq, intermediate]: the FFN-inner space (input of down)
-    return self.down(h)
-
-
 class Block(nnx.Module):
   """Post-LN Transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
 
   def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.attn = Attention(cfg, rngs)
-    self.attn_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.attn_ln = layer_norm(cfg, cfg.hidden_size, rngs)
     self.mlp = Mlp(cfg, rngs)
-    self.mlp_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.mlp_ln = layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
                capture: dict | None = None, hidden_keep: Array | None = None,
                rows: Rows = None) -> Array:
     """`[batch, seq, hidden]` -> the same, or at `rows` only (`take_rows`): `[batch, k, hidden]`."""
-    k_attn, k_res1, k_res2 = _keys(dropout_key, 3)
+    k_attn, k_res1, k_res2 = split_keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
     attn = self.attn(x, mask, bias, k_attn, capture, rows)
-    h = _norm(self.attn_ln, take_rows(x, rows) + _dropout(attn, rate, k_res1), hidden_keep)
+    h = masked_norm(self.attn_ln, take_rows(x, rows) + dropout(attn, rate, k_res1), hidden_keep)
     h = h.astype(self.cfg.compute_dtype)
-    out = _norm(self.mlp_ln, h + _dropout(self.mlp(h, capture), rate, k_res2), hidden_keep)
+    out = masked_norm(self.mlp_ln, h + dropout(self.mlp(h, capture), rate, k_res2), hidden_keep)
     return out.astype(self.cfg.compute_dtype)
 
 
@@ -331,7 +201,7 @@ class Encoder(nnx.Module):
     layer then computes its queries, residuals, LayerNorms and FFN at those rows only (its keys
     and values need every row): the same numbers, and for a classifier's first token about 5/6
     of the last layer's work left out (its K and V projections remain)."""
-    keys = _keys(dropout_key, self.cfg.num_layers + 1)
+    keys = split_keys(dropout_key, self.cfg.num_layers + 1)
     x = self.embeddings(input_ids, attention_mask, token_type_ids, keys[0], hidden_keep)
     if capture is not None:
       capture["hidden/embeddings"] = x
@@ -357,13 +227,13 @@ class SequenceClassifier(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.encoder = Encoder(cfg, rngs)
-    self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
-    self.classifier = _dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
+    self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+    self.classifier = dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
                *, dropout_key: Array | None = None, capture: dict | None = None,
                hidden_keep: Array | None = None) -> Array:
-    k_enc, k_pre, k_post = _keys(dropout_key, 3)
+    k_enc, k_pre, k_post = split_keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
     # the head reads the first token only, so the last layer computes that row only (unless the
     # caller captures every activation)
@@ -371,11 +241,11 @@ class SequenceClassifier(nnx.Module):
                      hidden_keep=hidden_keep, rows=slice(0, 1) if capture is None else None)
     first = h[:, 0]  # [batch, hidden]
     if self.cfg.arch == "mpnet":
-      first = _dropout(first, rate, k_pre)
+      first = dropout(first, rate, k_pre)
     pooled = jnp.tanh(self.pooler(first))
     if capture is not None:
       capture["pooled"] = pooled[:, None]  # [batch, 1, hidden]
-    return self.classifier(_dropout(pooled, rate, k_post)).astype(jnp.float32)
+    return self.classifier(dropout(pooled, rate, k_post)).astype(jnp.float32)
 
 
 class MaskedLM(nnx.Module):
@@ -387,8 +257,8 @@ class MaskedLM(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.encoder = Encoder(cfg, rngs)
-    self.mlm_dense = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
-    self.mlm_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.mlm_dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+    self.mlm_ln = layer_norm(cfg, cfg.hidden_size, rngs)
     self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
@@ -400,7 +270,7 @@ class MaskedLM(nnx.Module):
     # the last layer computes the rows the head reads only (`Encoder`'s `rows`)
     h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key,
                      hidden_keep=hidden_keep, rows=positions)
-    h = _norm(self.mlm_ln, gelu(self.mlm_dense(h)), hidden_keep)
+    h = masked_norm(self.mlm_ln, gelu(self.mlm_dense(h)), hidden_keep)
     h = h.astype(self.cfg.compute_dtype)
     table = self.encoder.embeddings.word.embedding[...].astype(self.cfg.compute_dtype)
     return (h @ table.T).astype(jnp.float32) + self.mlm_bias[...]

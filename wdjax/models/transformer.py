@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wdjax.models.bert import _DTYPES, _dropout, _keys
+from wdjax.models.layers import DTYPES, dropout, split_keys
 
 Array = jax.Array
 
@@ -61,12 +61,12 @@ class TransformerConfig:
                        (self.encoder_hidden_size, self.encoder_heads, "encoder")):
       if d % h:
         raise ValueError(f"{side} width {d} is not divisible by its {h} heads")
-    if self.dtype not in _DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
   @property
   def compute_dtype(self):
-    return _DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
 
 def sinusoids(positions: Array, d: int) -> Array:
@@ -78,7 +78,7 @@ def sinusoids(positions: Array, d: int) -> Array:
   return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, d - 2 * half)])
 
 
-def _dense(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+def dense(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
 
@@ -97,7 +97,7 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, rate: float, key: Array |
   """`q [b, tq, h, hd]`, `k, v [b, tk, h, hd]`, `mask` broadcastable to `[b, h, tq, tk]`."""
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = _dropout(jax.nn.softmax(scores, axis=-1), rate, key)
+  probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key)
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
@@ -107,8 +107,8 @@ class Attention(nnx.Module):
   def __init__(self, d_q: int, d_kv: int, d: int, heads: int, cfg: TransformerConfig, rngs: nnx.Rngs):
     dt = cfg.compute_dtype
     self.heads, self.rate = heads, cfg.attention_dropout
-    self.q, self.o = _dense(d_q, d, dt, rngs), _dense(d, d_q, dt, rngs)
-    self.k, self.v = _dense(d_kv, d, dt, rngs), _dense(d_kv, d, dt, rngs)
+    self.q, self.o = dense(d_q, d, dt, rngs), dense(d, d_q, dt, rngs)
+    self.k, self.v = dense(d_kv, d, dt, rngs), dense(d_kv, d, dt, rngs)
 
   def split(self, y: Array) -> Array:
     return y.reshape(*y.shape[:-1], self.heads, y.shape[-1] // self.heads)
@@ -124,18 +124,18 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
 
   def __init__(self, d: int, ffn: int, cfg: TransformerConfig, rngs: nnx.Rngs):
-    self.up, self.down = _dense(d, ffn, cfg.compute_dtype, rngs), _dense(ffn, d, cfg.compute_dtype, rngs)
+    self.up, self.down = dense(d, ffn, cfg.compute_dtype, rngs), dense(ffn, d, cfg.compute_dtype, rngs)
     self.rate = cfg.relu_dropout
 
   def __call__(self, x: Array, key: Array | None) -> Array:
-    return self.down(_dropout(jax.nn.relu(self.up(x)), self.rate, key))
+    return self.down(dropout(jax.nn.relu(self.up(x)), self.rate, key))
 
 
 def _residual(ln: nnx.LayerNorm, x: Array, branch, pre_ln: bool, rate: float, key: Array | None) -> Array:
   """`x + drop(branch(ln(x)))` (pre-LN) or `ln(x + drop(branch(x)))` (post-LN)."""
   if pre_ln:
-    return x + _dropout(branch(ln(x).astype(x.dtype)), rate, key)
-  return ln(x + _dropout(branch(x), rate, key)).astype(x.dtype)
+    return x + dropout(branch(ln(x).astype(x.dtype)), rate, key)
+  return ln(x + dropout(branch(x), rate, key)).astype(x.dtype)
 
 
 class EncoderLayer(nnx.Module):
@@ -149,7 +149,7 @@ class EncoderLayer(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: Array, mask: Array, key: Array | None) -> Array:
-    k = _keys(key, 4)
+    k = split_keys(key, 4)
     c = self.cfg
 
     def self_attn(y):
@@ -177,7 +177,7 @@ class DecoderLayer(nnx.Module):
                ) -> tuple[Array, tuple[Array, Array]]:
     """`self_kv=None`: keys/values from `x` itself (training); else `self_kv(this step's (k, v))`
     writes them into the cache and returns the cache's. Returns the output and this step's (k, v)."""
-    k = _keys(key, 6)
+    k = split_keys(key, 6)
     c = self.cfg
     new_kv = []
 
@@ -207,10 +207,10 @@ class Encoder(nnx.Module):
 
   def __call__(self, ids: Array, mask: Array, key: Array | None) -> Array:
     c = self.cfg
-    k = _keys(key, c.encoder_layers + 1)
+    k = split_keys(key, c.encoder_layers + 1)
     pos = jnp.arange(ids.shape[1])
     x = self.embed(ids) * math.sqrt(c.encoder_hidden_size) + sinusoids(pos, c.encoder_hidden_size)
-    x = _dropout(x, c.hidden_dropout, k[-1]).astype(c.compute_dtype)
+    x = dropout(x, c.hidden_dropout, k[-1]).astype(c.compute_dtype)
     attn_mask = mask[:, None, None, :].astype(bool)  # [b, 1, 1, src]
     for i in range(c.encoder_layers):
       x = getattr(self, f"layer_{i}")(x, attn_mask, k[i])
@@ -229,13 +229,13 @@ class Decoder(nnx.Module):
     if cfg.pre_ln:
       self.final_ln = _ln(d, cfg.layer_norm_eps, rngs)
     if not cfg.tie_output:
-      self.output = _dense(d, cfg.vocab_size, cfg.compute_dtype, rngs, bias=False)
+      self.output = dense(d, cfg.vocab_size, cfg.compute_dtype, rngs, bias=False)
     self.cfg = cfg
 
   def embed_tokens(self, ids: Array, positions: Array, key: Array | None) -> Array:
     c = self.cfg
     x = self.embed(ids) * math.sqrt(c.hidden_size) + sinusoids(positions, c.hidden_size)
-    return _dropout(x, c.hidden_dropout, key).astype(c.compute_dtype)
+    return dropout(x, c.hidden_dropout, key).astype(c.compute_dtype)
 
   def logits(self, x: Array) -> Array:
     c = self.cfg
@@ -256,10 +256,10 @@ class Transformer(nnx.Module):
   def __call__(self, src_ids: Array, src_mask: Array, tgt_in: Array,
                dropout_key: Array | None = None) -> Array:
     """Teacher-forced logits `[batch, tgt, vocab]` of `tgt_in [batch, tgt]` (<s> first)."""
-    k_enc, k_dec = _keys(dropout_key, 2)
+    k_enc, k_dec = split_keys(dropout_key, 2)
     memory = self.enc(src_ids, src_mask, k_enc)
     c = self.cfg
-    k = _keys(k_dec, c.num_layers + 1)
+    k = split_keys(k_dec, c.num_layers + 1)
     t = tgt_in.shape[1]
     x = self.dec.embed_tokens(tgt_in, jnp.arange(t), k[-1])
     causal = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, t, t]
@@ -348,7 +348,7 @@ def load(model_dir, **overrides) -> tuple[TransformerConfig, dict]:
   from safetensors.numpy import load_file
 
   from wdjax.errors import WdjaxError
-  from wdjax.generators import paths
+  from wdjax import trees
 
   d = Path(model_dir)
   try:
@@ -362,9 +362,9 @@ def load(model_dir, **overrides) -> tuple[TransformerConfig, dict]:
     flat = load_file(str(d / "model.safetensors"))
   except (TypeError, ValueError, OSError, SafetensorError) as e:
     raise WdjaxError(f"cannot load {d}: {e}") from None
-  expected = paths.flatten(jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build(cfg)))))
+  expected = trees.flatten(jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build(cfg)))))
   for path, spec in expected.items():
     if path not in flat or flat[path].shape != spec.shape:
       got = flat[path].shape if path in flat else "missing"
       raise WdjaxError(f"{d}/model.safetensors: {path} is {got}, the config needs {spec.shape}")
-  return cfg, paths.unflatten({p: flat[p] for p in expected})
+  return cfg, trees.unflatten({p: flat[p] for p in expected})

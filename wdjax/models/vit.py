@@ -1,6 +1,6 @@
 """Vision Transformer (Flax NNX): patch embedding, class token or mean pooling, pre-LN blocks.
 
-The blocks reuse BERT's attention and MLP modules (`models/bert.py`), and the parameter paths
+The blocks reuse the shared attention and MLP modules (`models/layers.py`), and the parameter paths
 follow the encoder's (`encoder/layer_l/attn/q/kernel`, `.../mlp/up/kernel`, `..._ln/scale`), so
 every generator reads a ViT through the same path rules; only the patch embedding
 (`embeddings/patch`), the class token (`embeddings/cls`) and the head (`head`) have rules of
@@ -28,9 +28,8 @@ import numpy as np
 from flax import nnx
 
 from wdjax.errors import WdjaxError
-from wdjax.models import bert
-from wdjax.models.bert import (Attention, Mlp, Rows, _dense, _dropout, _keys, _layer_norm, _norm,
-                               take_rows)
+from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, layer_norm, masked_norm,
+                                 split_keys, take_rows)
 
 Array = jax.Array
 POOLINGS = ("cls", "mean")
@@ -64,8 +63,8 @@ class ViTConfig:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-    if self.dtype not in bert._DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(bert._DTYPES)}, got {self.dtype!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
   @property
   def head_dim(self) -> int:
@@ -73,7 +72,7 @@ class ViTConfig:
 
   @property
   def compute_dtype(self):
-    return bert._DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
   @property
   def num_patches(self) -> int:
@@ -97,7 +96,7 @@ class Embeddings(nnx.Module):
   def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
     init = nnx.initializers.truncated_normal(cfg.initializer_range)
     self.cfg = cfg
-    self.patch = _dense(cfg, cfg.patch_size ** 2 * cfg.num_channels, cfg.hidden_size, rngs)
+    self.patch = dense(cfg, cfg.patch_size ** 2 * cfg.num_channels, cfg.hidden_size, rngs)
     if cfg.pooling == "cls":
       self.cls = nnx.Param(init(rngs.params(), (cfg.hidden_size,), jnp.float32))
     self.position = nnx.Embed(cfg.num_tokens, cfg.hidden_size, param_dtype=jnp.float32,
@@ -110,7 +109,7 @@ class Embeddings(nnx.Module):
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
       x = jnp.concatenate([cls, x], axis=1)
     x = x + self.position.embedding[...].astype(x.dtype)[None]
-    return _dropout(x, cfg.hidden_dropout, dropout_key)
+    return dropout(x, cfg.hidden_dropout, dropout_key)
 
 
 class Block(nnx.Module):
@@ -118,20 +117,20 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.attn_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.attn_ln = layer_norm(cfg, cfg.hidden_size, rngs)
     self.attn = Attention(cfg, rngs)
-    self.mlp_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.mlp_ln = layer_norm(cfg, cfg.hidden_size, rngs)
     self.mlp = Mlp(cfg, rngs)
 
   def __call__(self, x: Array, mask: Array, dropout_key: Array | None,
                hidden_keep: Array | None = None, rows: Rows = None) -> Array:
-    """`[batch, tokens, hidden]` -> the same, or at `rows` only (`bert.take_rows`)."""
-    k_attn, k_res1, k_res2 = _keys(dropout_key, 3)
+    """`[batch, tokens, hidden]` -> the same, or at `rows` only (`layers.take_rows`)."""
+    k_attn, k_res1, k_res2 = split_keys(dropout_key, 3)
     rate, dt = self.cfg.hidden_dropout, self.cfg.compute_dtype
-    h = _norm(self.attn_ln, x, hidden_keep).astype(dt)
-    x = take_rows(x, rows) + _dropout(self.attn(h, mask, None, k_attn, rows=rows), rate, k_res1)
-    h = _norm(self.mlp_ln, x, hidden_keep).astype(dt)
-    return (x + _dropout(self.mlp(h), rate, k_res2)).astype(dt)
+    h = masked_norm(self.attn_ln, x, hidden_keep).astype(dt)
+    x = take_rows(x, rows) + dropout(self.attn(h, mask, None, k_attn, rows=rows), rate, k_res1)
+    h = masked_norm(self.mlp_ln, x, hidden_keep).astype(dt)
+    return (x + dropout(self.mlp(h), rate, k_res2)).astype(dt)
 
 
 class Encoder(nnx.Module):
@@ -140,7 +139,7 @@ class Encoder(nnx.Module):
     self.cfg = cfg
     for i in range(cfg.num_layers):
       setattr(self, f"layer_{i}", Block(cfg, rngs))
-    self.final_ln = _layer_norm(cfg, cfg.hidden_size, rngs)
+    self.final_ln = layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, x: Array, dropout_key: Array | None, hidden_keep: Array | None = None,
                rows: Rows = None) -> Array:
@@ -148,9 +147,9 @@ class Encoder(nnx.Module):
     those positions, which is all the last layer then computes (as `bert.Encoder`)."""
     mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token attends to every token
     last = self.cfg.num_layers - 1
-    for i, key in enumerate(_keys(dropout_key, self.cfg.num_layers)):
+    for i, key in enumerate(split_keys(dropout_key, self.cfg.num_layers)):
       x = getattr(self, f"layer_{i}")(x, mask, key, hidden_keep, rows if i == last else None)
-    return _norm(self.final_ln, x, hidden_keep)  # float32
+    return masked_norm(self.final_ln, x, hidden_keep)  # float32
 
 
 class ImageClassifier(nnx.Module):
@@ -160,13 +159,13 @@ class ImageClassifier(nnx.Module):
     self.cfg = cfg
     self.embeddings = Embeddings(cfg, rngs)
     self.encoder = Encoder(cfg, rngs)
-    self.head = _dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
+    self.head = dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
 
   def __call__(self, images: Array, *, dropout_key: Array | None = None,
                hidden_keep: Array | None = None) -> Array:
     """`images [batch, h, w, channels]` -> logits. `hidden_keep` (`[hidden]` 0/1) restricts the
     LayerNorms' statistics to the kept units (WID)."""
-    k_emb, k_enc = _keys(dropout_key, 2)
+    k_emb, k_enc = split_keys(dropout_key, 2)
     cls = self.cfg.pooling == "cls"  # the head reads the class token only: so does the last layer
     h = self.encoder(self.embeddings(images, k_emb), k_enc, hidden_keep, slice(0, 1) if cls else None)
     pooled = h[:, 0] if cls else h.mean(axis=1)  # [batch, hidden]
@@ -232,8 +231,8 @@ _LAYER_NAMES = {  # wdjax path inside a block -> HF name inside vit.encoder.laye
 def to_hf(cfg: ViTConfig, params) -> dict[str, np.ndarray]:
   """wdjax parameters -> HF state-dict arrays (torch layouts: Linear `[out, in]`, Conv2d
   `[out, channels, p, p]`)."""
-  from wdjax.generators import paths
-  flat = {k: np.asarray(v, np.float32) for k, v in paths.flatten(params).items()}
+  from wdjax import trees
+  flat = {k: np.asarray(v, np.float32) for k, v in trees.flatten(params).items()}
   p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
   out = {
       "vit.embeddings.patch_embeddings.projection.weight":
@@ -258,7 +257,7 @@ def to_hf(cfg: ViTConfig, params) -> dict[str, np.ndarray]:
 
 def from_hf(cfg: ViTConfig, tensors: dict[str, np.ndarray]):
   """HF state-dict arrays -> wdjax parameters (the inverse of `to_hf`)."""
-  from wdjax.generators import paths
+  from wdjax import trees
   get = lambda k: np.asarray(tensors[k], np.float32)
   p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
   flat = {
@@ -279,7 +278,7 @@ def from_hf(cfg: ViTConfig, tensors: dict[str, np.ndarray]):
         flat[f"{pre}/scale"], flat[f"{pre}/bias"] = get(f"{hf_pre}.weight"), get(f"{hf_pre}.bias")
       else:
         flat[f"{pre}/kernel"], flat[f"{pre}/bias"] = get(f"{hf_pre}.weight").T, get(f"{hf_pre}.bias")
-  return paths.unflatten(flat)
+  return trees.unflatten(flat)
 
 
 def preprocessor_config(cfg: ViTConfig, mean: float, std: float) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from wdjax.errors import WdjaxError
-from wdjax.generators import paths
+from wdjax import trees
 
 # (path regex, spec) for tensor parallelism on 'model'; paths are '/'-joined param dict keys.
 MODEL_RULES: tuple[tuple[str, P], ...] = (
@@ -58,7 +58,7 @@ def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> P:
       # generators store per-layer leaves stacked over the layers ('.../layers/...', [L, ...]):
       # the rule applies to each layer's slice, the layer axis stays whole
       lead = len(shape) - len(rule)
-      if re.search(pattern, path) and (lead == 0 or (lead == 1 and paths.is_stacked(path))):
+      if re.search(pattern, path) and (lead == 0 or (lead == 1 and trees.is_stacked(path))):
         rule = (None,) * lead + tuple(rule)
         spec = [a if a is None or shape[i] % mesh.shape["model"] == 0 else None
                 for i, a in enumerate(rule)]

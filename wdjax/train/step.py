@@ -26,7 +26,7 @@ import optax
 
 from wdjax import losses
 from wdjax.errors import WdjaxError
-from wdjax.generators import paths
+from wdjax import trees
 from wdjax.config import KDConfig, OptimConfig
 from wdjax.generators.base import Generator, MomentInjection, StudentSpec
 from wdjax.train.mesh import path_str
@@ -105,7 +105,7 @@ def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
   # A matrix per layer: a leaf stacked over the layers ([L, ...] under `layers/`) has one more
   # axis than each layer's tensor, so its biases and LayerNorm vectors are rank 2 but not matrices.
   decay_mask = jax.tree_util.tree_map_with_path(
-      lambda p, x: x.ndim - bool(paths.is_stacked(path_str(p))) >= 2, params)
+      lambda p, x: x.ndim - bool(trees.is_stacked(path_str(p))) >= 2, params)
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
   if extra is not None:
     parts.append(extra)
