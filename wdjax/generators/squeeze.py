@@ -38,7 +38,6 @@ training starts from the selected model, as GWS starts from its mid-size model).
 
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +45,11 @@ import numpy as np
 
 from wdjax import trees
 from wdjax.generators import paths
+from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
 from wdjax.generators.select import SelectionPlan
 
 
-GAIN = re.compile(r"(^|/)(ln|\w+_ln)/scale$")
 NOT_ACTIVATIONS = ("heads",)  # spaces with no activations to take principal directions of
 
 
@@ -159,7 +158,7 @@ class WeightSqueezing(Generator):
       mix = flat.get("mix", {}).get(key)
       x = paths.stack_sources(t_flat, sources, None if mix is None else jax.nn.softmax(mix, axis=-1))
       maps = tuple(None if (n := self.space(key, a)) is None else flat["maps"][n] for a in range(x.ndim - 1))
-      if GAIN.search(key):  # a LayerNorm gain is a diagonal operator: diag(M^T diag(g) M)
+      if contract.has(key, contract.GAIN):  # a LayerNorm gain is a diagonal operator: diag(M^T diag(g) M)
         maps = tuple(None if m is None else m * m for m in maps)
       x = paths.project_stacked(x, maps)
       if self.gated:

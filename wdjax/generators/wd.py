@@ -44,12 +44,11 @@ import jax.numpy as jnp
 
 from wdjax import trees
 from wdjax.generators import paths
+from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
 from wdjax.generators.select import SelectionPlan
 from wdjax.generators.squeeze import xavier_normal
 
-# linear only: WD's "output projection" (BERT's classifier, ViT's head, the decoder's output)
-OUTPUT_LEAVES = ("classifier/", "head/", "dec/output/")
 
 
 class WeightDistillation(Generator):
@@ -84,7 +83,8 @@ class WeightDistillation(Generator):
     return any(path.startswith(p) for p in self.elementwise)
 
   def is_output(self, path: str) -> bool:
-    return any(path.startswith(p) for p in OUTPUT_LEAVES)
+    """The output projection (a classifier, a head, a decoder's output): linear maps only."""
+    return contract.has(path, contract.OUTPUT)
 
   def space(self, key: str, axis: int) -> str | None:
     """The map contracting `axis` of the leaves stacked under `key` (None: the axis is kept):

@@ -60,6 +60,7 @@ import optax
 
 from wdjax import trees
 from wdjax.generators import paths
+from wdjax.models import contract
 from wdjax.generators.base import Generator, Params, StudentSpec
 from wdjax.generators.select import SelectionPlan
 
@@ -119,15 +120,19 @@ class WeightInherited(Generator):
     self.compacted: dict[str, tuple[str | None, str | None]] = {}
     for p, shape in self.train_shapes.items():
       if p.endswith("/kernel"):
-        r = paths.roles(p, 2)
+        r = contract.roles(p, 2)
         if any(r):
           self.compacted[p] = (paths.space_of(p, r[0]) if r[0] else None,
                                paths.space_of(p, r[1]) if r[1] else None)
     self.spaces = sorted({s for pair in self.compacted.values() for s in pair if s}
                          | {"hidden"})
-    self.norm_source = {"hidden": ("encoder/layer_0/attn/v/kernel", "col")}
+    # where each space's units are ranked: the residual stream at the first block's value
+    # projection, every other space at the kernel that reads it (the family's tags)
+    hidden = sorted((trees.layer_of(p) or 0, p) for p in self.compacted
+                    if contract.has(p, contract.RANKS_HIDDEN))
+    self.norm_source = {"hidden": (hidden[0][1] if hidden else "", "col")}
     for p, (s_in, _) in self.compacted.items():
-      if p.endswith("attn/o/kernel") or p.endswith("mlp/down/kernel") or p.endswith("classifier/kernel"):
+      if contract.has(p, contract.RANKS_INPUT):
         self.norm_source[s_in] = (p, "col")
     missing = [s for s in self.spaces if s not in self.norm_source]
     if missing:
@@ -151,7 +156,7 @@ class WeightInherited(Generator):
     t_flat = trees.flatten(teacher_params)
     weights = {p: jnp.asarray(t_flat[q], jnp.float32) for p, q in self.sources.items()}
     comp = {}
-    if any(_is_embedding_table(p) for p in weights):  # BERT's summed tables share one compactor
+    if any(contract.has(p, contract.SUMMED_EMBEDDING) for p in weights):  # BERT's summed tables share one compactor
       comp["embeddings"] = jnp.eye(self.sizes["hidden"][0], dtype=jnp.float32)
     for p, (s_in, s_out) in self.compacted.items():
       d_in, d_out = self.train_shapes[p]
@@ -185,7 +190,7 @@ class WeightInherited(Generator):
           x = x @ c[p + "/row"]
       elif p.endswith("/bias") and base + "/kernel/row" in c:
         x = jnp.einsum("...i,...ij->...j", x, c[base + "/kernel/row"])
-      elif _is_embedding_table(p):
+      elif contract.has(p, contract.SUMMED_EMBEDDING):
         x = x @ c["embeddings"]
       out[p] = x
     return trees.unflatten(trees.unstack_layers(out))
@@ -271,10 +276,10 @@ class WeightInherited(Generator):
     q_scale = math.sqrt(self.hd_s / self.hd_t)
     out = {}
     for p, x in net.items():
-      for axis, role in enumerate(paths.roles(p, x.ndim)):
+      for axis, role in enumerate(contract.roles(p, x.ndim)):
         if role is not None and role != "heads":
           x = jnp.take(x, keep[paths.space_of(p, role)], axis=axis)
-      if q_scale != 1.0 and ("attn/q/kernel" in p or "attn/q/bias" in p):
+      if q_scale != 1.0 and contract.has(p, contract.QUERY):
         x = x * q_scale
       out[p] = x
     return trees.unflatten(out)
@@ -288,7 +293,7 @@ class WeightInherited(Generator):
     w, c = self._flat(gen_params_like)
     kw = {}
     for p, x in w.items():
-      r = paths.roles(p, np.ndim(x))
+      r = contract.roles(p, np.ndim(x))
       # ones of the leaf's rank: stacked over layers, still broadcastable to the stacked leaf
       kw[p] = (masks[paths.space_of(p, r[0])] if np.ndim(x) == 1 and r[0]
                else jnp.ones((1,) * np.ndim(x), jnp.float32))
@@ -360,10 +365,3 @@ class WeightInherited(Generator):
       return keep, jax.tree_util.tree_map(lambda p: extra * p, params)
 
     return inject
-
-
-def _is_embedding_table(path: str) -> bool:
-  """A BERT embedding table (word, position, token type: summed before their LayerNorm). A ViT's
-  patch projection is a kernel with compactors of its own; its class token and positions are
-  plain weights whose masked units nothing kept reads."""
-  return path.startswith("encoder/embeddings/") and path.endswith("/embedding")

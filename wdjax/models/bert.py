@@ -28,8 +28,23 @@ from flax import nnx
 from wdjax.errors import WdjaxError
 from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, gelu, layer_norm,
                                  masked_norm, split_keys, take_rows)
+from wdjax.models.contract import OUTPUT, RANKS_INPUT, SUMMED_EMBEDDING, leaf
 
 Array = jax.Array
+
+# the family's own leaves (models/contract.py; the blocks' are the shared layers')
+PARAMETERS = (
+    leaf(r"encoder/embeddings/(word|position|token_type)/embedding$", (None, "hidden"), SUMMED_EMBEDDING),
+    leaf(r"relative_bias/embedding$", (None, "heads")),
+    leaf(r"pooler/kernel$", ("hidden", "pooled")),
+    leaf(r"pooler/bias$", ("pooled",)),
+    leaf(r"classifier/kernel$", ("pooled", None), OUTPUT, RANKS_INPUT),
+    leaf(r"classifier/bias$", (None,), OUTPUT),
+    leaf(r"mlm_dense/kernel$", ("hidden", "hidden")),
+    leaf(r"mlm_dense/bias$", ("hidden",)),
+    leaf(r"mlm_bias$", (None,)),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:

@@ -16,7 +16,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wdjax.models.contract import DECOMPOSE, GAIN, QUERY, RANKS_HIDDEN, RANKS_INPUT, leaf
+
 Array = jax.Array
+
+
+# every family's blocks: LayerNorms, attention and FFN leaves (models/contract.py)
+PARAMETERS = (
+    leaf(r"(ln|_ln)/scale$", ("hidden",), GAIN),
+    leaf(r"(ln|_ln)/bias$", ("hidden",)),
+    leaf(r"attn/q/kernel$", ("hidden", "attn"), DECOMPOSE, QUERY),
+    leaf(r"attn/k/kernel$", ("hidden", "attn"), DECOMPOSE),
+    leaf(r"attn/v/kernel$", ("hidden", "attn"), DECOMPOSE, RANKS_HIDDEN),
+    leaf(r"attn/q/bias$", ("attn",), QUERY),
+    leaf(r"attn/(k|v)/bias$", ("attn",)),
+    leaf(r"attn/o/kernel$", ("attn", "hidden"), DECOMPOSE, RANKS_INPUT),
+    leaf(r"mlp/up/kernel$", ("hidden", "ffn"), DECOMPOSE),
+    leaf(r"mlp/up/bias$", ("ffn",)),
+    leaf(r"mlp/down/kernel$", ("ffn", "hidden"), DECOMPOSE, RANKS_INPUT),
+    leaf(r"(attn/o|mlp/down)/bias$", ("hidden",)),
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

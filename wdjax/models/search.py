@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wdjax.data.bible import BOS, EOS, PAD
+from wdjax.models.transformer import BOS, EOS, PAD
 
 NEG = -1e9
 

@@ -31,8 +31,34 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wdjax.models.layers import DTYPES, dropout, split_keys
+from wdjax.models.contract import GAIN, OUTPUT, leaf
 
 Array = jax.Array
+# the ids of the special tokens the family reserves (its joint BPE vocabularies start with them:
+# `data/bible.py`); generation starts from BOS, stops at EOS, pads with PAD
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+# the family's own leaves (models/contract.py): the encoder's spaces are its own (`enc_*`: WD keeps
+# its width while the decoder's shrinks); cross-attention reads the encoder's stream into an inner
+# space of its own (`xattn`); the decoder's blocks are the shared layers'
+PARAMETERS = (
+    leaf(r"^enc/embed/embedding$", (None, "enc_hidden")),
+    leaf(r"^enc/.*ln/scale$", ("enc_hidden",), GAIN),
+    leaf(r"^enc/.*ln/bias$", ("enc_hidden",)),
+    leaf(r"^enc/.*attn/(q|k|v)/kernel$", ("enc_hidden", "enc_attn")),
+    leaf(r"^enc/.*attn/(q|k|v)/bias$", ("enc_attn",)),
+    leaf(r"^enc/.*attn/o/kernel$", ("enc_attn", "enc_hidden")),
+    leaf(r"^enc/.*mlp/up/kernel$", ("enc_hidden", "enc_ffn")),
+    leaf(r"^enc/.*mlp/up/bias$", ("enc_ffn",)),
+    leaf(r"^enc/.*mlp/down/kernel$", ("enc_ffn", "enc_hidden")),
+    leaf(r"^enc/.*(attn/o|mlp/down)/bias$", ("enc_hidden",)),
+    leaf(r"cross_attn/q/kernel$", ("hidden", "xattn")),
+    leaf(r"cross_attn/(k|v)/kernel$", ("enc_hidden", "xattn")),
+    leaf(r"cross_attn/(q|k|v)/bias$", ("xattn",)),
+    leaf(r"cross_attn/o/kernel$", ("xattn", "hidden")),
+    leaf(r"^dec/embed/embedding$", (None, "hidden")),
+    leaf(r"^dec/output/kernel$", ("hidden", None), OUTPUT),
+)
 
 
 @dataclasses.dataclass(frozen=True)

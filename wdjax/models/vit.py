@@ -30,9 +30,20 @@ from flax import nnx
 from wdjax.errors import WdjaxError
 from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, layer_norm, masked_norm,
                                  split_keys, take_rows)
+from wdjax.models.contract import OUTPUT, leaf
 
 Array = jax.Array
 POOLINGS = ("cls", "mean")
+# the family's own leaves (models/contract.py): the patch projection writes, the class token lives
+# in, and the head reads the residual stream; the blocks' are the shared layers'
+PARAMETERS = (
+    leaf(r"^embeddings/patch/kernel$", (None, "hidden")),
+    leaf(r"^embeddings/patch/bias$", ("hidden",)),
+    leaf(r"^embeddings/cls$", ("hidden",)),
+    leaf(r"^embeddings/position/embedding$", (None, "hidden")),
+    leaf(r"^head/kernel$", ("hidden", None), OUTPUT),
+    leaf(r"^head/bias$", (None,), OUTPUT),
+)
 
 
 @dataclasses.dataclass(frozen=True)

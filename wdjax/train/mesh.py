@@ -11,7 +11,6 @@ replicated.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -20,17 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from wdjax.errors import WdjaxError
 from wdjax import trees
-
-# (path regex, spec) for tensor parallelism on 'model'; paths are '/'-joined param dict keys.
-MODEL_RULES: tuple[tuple[str, P], ...] = (
-    (r"attn/(q|k|v)/kernel$", P(None, "model")),
-    (r"attn/(q|k|v)/bias$", P("model")),
-    (r"attn/o/kernel$", P("model", None)),
-    (r"mlp/up/kernel$", P(None, "model")),
-    (r"mlp/up/bias$", P("model")),
-    (r"mlp/down/kernel$", P("model", None)),
-)
-
+from wdjax.models import contract
 
 def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:
   """A ('data', 'model') mesh over `devices` (default: all); data=-1 takes what model leaves."""
@@ -54,14 +43,14 @@ def path_str(path) -> str:
 def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> P:
   spec = [None] * len(shape)
   if mesh.shape["model"] > 1:
-    for pattern, rule in MODEL_RULES:
-      # generators store per-layer leaves stacked over the layers ('.../layers/...', [L, ...]):
-      # the rule applies to each layer's slice, the layer axis stays whole
-      lead = len(shape) - len(rule)
-      if re.search(pattern, path) and (lead == 0 or (lead == 1 and trees.is_stacked(path))):
-        rule = (None,) * lead + tuple(rule)
-        spec = [a if a is None or shape[i] % mesh.shape["model"] == 0 else None
-                for i, a in enumerate(rule)]
+    # tensor parallelism: every axis in a layer's inner space (attention heads, FFN units) is
+    # split over 'model'. Generators store per-layer leaves stacked over the layers
+    # ('.../layers/...', [L, ...]): the roles are those of each layer's slice, the layer axis
+    # stays whole.
+    for lead in (0, 1) if trees.is_stacked(path) else (0,):
+      if lead < len(shape) and (rule := contract.lookup(path, len(shape) - lead)) is not None:
+        spec = [None] * lead + ["model" if r in contract.INNER_SPACES and shape[lead + i] % mesh.shape["model"] == 0
+                                else None for i, r in enumerate(rule.roles)]
         break
   if fsdp and mesh.shape["data"] > 1:
     free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % mesh.shape["data"] == 0]
