@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue #7's GPU checks in one call of the device tool, ordered so that whatever the time allows
-# answers the targets first. Each part runs under what is left of one deadline (default 570 s, inside
-# the tool's 600 s limit); speed.py and xla_flags.py write their rows after every job, so a part cut
-# short still brings back what it measured.
+# wdjax's GPU speed checks in one command, ordered so that whatever the time allows answers the
+# speed targets first (docs/speed.md). Each part runs under what is left of one deadline (default
+# 570 s, inside a 10-minute limit on one command); speed.py and xla_flags.py write their rows
+# after every job, so a part cut short still brings back what it measured.
 #
-#   bash benchmarks/gpu_check.sh [OUT] [SECONDS]      # OUT defaults to $OUT (the device tool's)
+#   bash benchmarks/gpu_check.sh [OUT] [SECONDS]      # OUT defaults to $OUT
 #   PRESET=cpu PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/check 420   # a rehearsal on a CPU
 #
 # 1. the gpu-marked tests (the generators' bf16 products are honoured on this chip);
@@ -18,8 +18,7 @@
 # 6. KD as it trains, with dropout 0.1, wdjax against torch.compile (speed_gpu_dropout.json), and
 #    wdjax's with JAX's rbg PRNG for the dropout draws (speed_gpu_dropout_rbg.json);
 # 7. the XLA_FLAGS sweep on the KD step, with whatever time is left (xla_flags_gpu.json).
-# The tables are in check.log (speed.py --merge rebuilds them from the JSON): 8 files come back,
-# the most the tool brings back.
+# The tables are in check.log (speed.py --merge rebuilds them from the JSON): 8 files in all.
 set -uo pipefail
 out=${1:-${OUT:?give OUT or run under the device tool}}
 deadline=$((SECONDS + ${2:-570}))

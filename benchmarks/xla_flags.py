@@ -15,7 +15,7 @@ sweep goes on. Writes `benchmarks/results/xla_flags_<preset>.{json,md}`: per met
 the step's median time, its ratio to the baseline, the kernels in the compiled step, the compile
 time and the first step's loss (a flag that changes the loss beyond rounding changed the maths).
 
-What the GPU variants try, against the profile of the KD step (README, Speed): about 9 ms a step of
+What the GPU variants try, against the profile of the KD step (docs/speed.md): about 9 ms a step of
 LayerNorm, residual and bias kernels around the matrix products, which neither XLA's default
 pipeline nor Inductor fuses into them.
 """

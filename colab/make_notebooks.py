@@ -127,7 +127,7 @@ NOTEBOOKS = {
         "# OPDF: an over-parameterised (MPO) student\n\nA half-depth student at the teacher's "
         "width trains every matrix as an exact matrix-product-operator chain, with and without "
         "the tensor-constraint loss, against KD alone on the same student.",
-        # KD from the same start as OPDF: the teacher's first layers (methods.md §2.3)
+        # KD from the same start as OPDF: the teacher's first layers (docs/methods.md §2.3)
         {"kd_same_width": ("select_kd.py", ["SAME_WIDTH", "method.layer_map=first_n"]),
          "opdf": ("opdf.py", ["SAME_WIDTH"]),
          "opdf_no_loss": ("opdf.py", ["SAME_WIDTH", "method.opdf_lambda=0"])}),

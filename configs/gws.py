@@ -8,7 +8,7 @@ Commands:
   wdjax finetune configs/gws.py:cpu
   wdjax distill configs/gws.py:cpu          # ~3 min on 2 CPU cores
 
-Result (cpu, 3 seeds): see the quality table in README.md. gpu: not yet measured.
+Result (cpu, 3 seeds): see docs/quality.md. gpu: not yet measured.
 """
 
 from wdjax import presets

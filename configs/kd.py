@@ -6,7 +6,7 @@ Commands (cpu: MiniLM 6x384 -> 3x192 on Rotten Tomatoes; gpu: MPNet 12x768 -> 6x
   wdjax distill configs/kd.py:cpu         # ~2.5 min on 2 CPU cores
   wdjax distill configs/kd.py:cpu --set kd.alpha=0 --phase distill_ce
 
-Result (cpu, 3 seeds): see the quality table in README.md (benchmarks/quality).
+Result (cpu, 3 seeds): see docs/quality.md (benchmarks/quality).
 gpu: not yet measured.
 """
 

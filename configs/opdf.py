@@ -1,6 +1,6 @@
-"""OPDF + logit KD (methods.md §2): the paper's depth-reduction setting. The student keeps the
+"""OPDF + logit KD (docs/methods.md §2): the paper's depth-reduction setting. The student keeps the
 teacher's width (cpu: MiniLM 6x384 -> 3x384, 12 heads of 32, FFN 1536) and starts from the
-teacher's first layers 0, 1, 2 (the paper's start, methods.md §2.3); every attention and FFN
+teacher's first layers 0, 1, 2 (the paper's start, docs/methods.md §2.3); every attention and FFN
 matrix trains as an exact 5-core MPO chain (2.8x the dense matrices' parameters), contracted once
 per step; the constraint loss pulls the auxiliary cores of student layer i towards teacher layer
 2i+1's (§2.4: layers 1, 3, 5; lambda = 1e-4 / 3, the paper's 1e-4 / L_S).
@@ -13,7 +13,7 @@ Commands:
   wdjax finetune configs/opdf.py:cpu
   wdjax distill configs/opdf.py:cpu
   wdjax distill configs/opdf.py:cpu --set method.opdf_cores=7   # LGTM's 7 cores (3.7x the dense matrices here)
-Result (cpu, 3 seeds): see the quality table in README.md. gpu (MPNet 12x768 -> 6x768): not yet
+Result (cpu, 3 seeds): see docs/quality.md. gpu (MPNet 12x768 -> 6x768): not yet
 measured.
 """
 

@@ -29,11 +29,11 @@ def get_config() -> Config:
       teacher=TeacherConfig(model="all-MiniLM-L6-v2", hidden_dropout=0.0, attention_dropout=0.0),
       finetune=TrainConfig(batch_size=32, epochs=1.0,
                            optim=OptimConfig(lr=1e-4, frozen=("embeddings/word",))),
-      # 3 layers x 192, 12 heads of 16, FFN 768: the student shape of data.md's PyTorch baselines.
+      # 3 layers x 192, 12 heads of 16, FFN 768: the student shape of docs/data.md's PyTorch baselines.
       student=StudentConfig(num_layers=3, hidden_size=192, num_heads=12, intermediate_size=768,
                             hidden_dropout=0.1, attention_dropout=0.0),
       # Two epochs, validated every half epoch; the best-validation student is exported and
-      # tested (the protocol of data.md's PyTorch reference numbers).
+      # tested (the protocol of docs/data.md's PyTorch reference numbers).
       distill=TrainConfig(batch_size=32, epochs=2.0, eval_every=163, optim=OptimConfig(lr=3e-4)),
       kd=KDConfig(temperature=2.0, alpha=0.9),
       data=DataConfig(dataset="rotten-tomatoes", max_length=64),

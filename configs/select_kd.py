@@ -1,14 +1,14 @@
 """Weight selection (Xu et al. 2024) as the student's initialisation, then logit KD.
 
 The student starts as a uniform slice of the teacher (layers 1, 3, 5 of 6; every other unit of
-every space) and trains its own weights; lr 1e-4 (data.md's reference for selected students).
+every space) and trains its own weights; lr 1e-4 (docs/data.md's reference for selected students).
 
 Commands:
 
   wdjax finetune configs/select_kd.py:cpu   # shared teacher (skipped when already trained)
   wdjax distill configs/select_kd.py:cpu    # ~2.5 min on 2 CPU cores
 
-Result (cpu, 3 seeds): see the quality table in README.md. gpu: not yet measured.
+Result (cpu, 3 seeds): see docs/quality.md. gpu: not yet measured.
 """
 
 from wdjax import presets

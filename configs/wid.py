@@ -1,6 +1,6 @@
 """Weight-Inherited Distillation, task-specific: compactors around every kernel of the teacher
 (its layers 1, 3, 5 for a 3-layer student) train on the task loss with masks growing towards
-the student's width, then the cut-and-merged student is fine-tuned (methods.md §3; half of the
+the student's width, then the cut-and-merged student is fine-tuned (docs/methods.md §3; half of the
 step budget each). No teacher forward pass and no KD term, as in the paper (kd.alpha=0).
 Compactors at lr 3e-4, the teacher's weights at 0.02x that (the paper's 1e-6 : 5e-5 ratio),
 mask boundaries every phase-1 steps // 20 (the schedule completes at 80% of phase 1), masked
@@ -16,7 +16,7 @@ Commands:
   wdjax finetune configs/wid.py:cpu
   wdjax distill configs/wid.py:cpu          # phase 1 then phase 2
 Result (cpu, 3 seeds): task-specific 69.22 +- 6.56 (74.9, 70.7, 62.1: below KD on every seed),
-task-agnostic 74.27 +- 0.39: see README's quality tables. gpu: not yet measured.
+task-agnostic 74.27 +- 0.39: see docs/quality.md. gpu: not yet measured.
 """
 
 import dataclasses

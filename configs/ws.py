@@ -10,7 +10,7 @@ Commands:
   wdjax finetune configs/ws.py:cpu
   wdjax distill configs/ws.py:cpu           # ~3 min on 2 CPU cores
 
-Result (cpu, 3 seeds): see the quality table in README.md. gpu: not yet measured.
+Result (cpu, 3 seeds): see docs/quality.md. gpu: not yet measured.
 """
 
 from wdjax import presets

@@ -108,8 +108,8 @@ def test_corrupt_checkpoint_is_exit_2_and_names_the_directory(tiny, tmp_path):
 
 def test_two_phase_eval_and_export_reach_phase_2(tiny, tmp_path, capsys):
   """WD trains its generator in `distill_wd` and the student in `distill_wd_phase2`: `eval`
-  scores the final student (it scored phase 1's), and `export` writes phase 2's model too, by
-  default or by its name (which used to fail on a healthy checkpoint, calling it corrupt)."""
+  scores the final student, not phase 1's, and `export` writes phase 2's model too, by default
+  or by its name, without calling a healthy checkpoint corrupt."""
   import shutil
   from wdjax import cli
   from wdjax.train import run as run_lib

@@ -35,7 +35,7 @@ def test_rotten_tomatoes_splits_by_movie_without_tensorflow(rt_builder, rt_csv):
     movies[split] = set().union(*(movie_of[t] for t in texts))
     assert set(labels) == {0, 1}
     assert len(set(texts)) == len(texts)
-  # 12,808 labelled snippets, minus 56 repeated texts: data.md's split (10,504/981/1,323) de-duplicated
+  # 12,808 labelled snippets, minus 56 repeated texts: docs/data.md's split (10,504/981/1,323) de-duplicated
   assert sizes == {"train": 10451, "validation": 981, "test": 1320}
   # the first occurrence of a repeated text is kept, so only its own movie counts
   firsts = {}
@@ -155,8 +155,9 @@ def test_user_file_with_a_missing_column_is_one_clear_error(tmp_path, minilm_dir
 
 
 def test_tsv_reads_quotes_literally_and_a_bom_is_skipped(tmp_path):
-  """A TSV text starting with '"' used to swallow the following lines into one field (200
-  lines read as 21 rows); Excel's UTF-8 BOM became part of the first column's name."""
+  """A TSV text starting with '"' is read literally, not as a quoted field swallowing the
+  following lines (200 lines would read as 21 rows); Excel's UTF-8 BOM is not part of the first
+  column's name."""
   tsv = tmp_path / "train.tsv"
   lines = [f"review {i}\t{'pos' if i % 2 else 'neg'}" for i in range(50)]
   lines[10] = '" meh, said nobody\tneg'

@@ -1,4 +1,4 @@
-"""OPDF (methods.md §2): exact MPO decomposition, canonical form, constraint loss, contraction."""
+"""OPDF (docs/methods.md §2): exact MPO decomposition, canonical form, constraint loss, contraction."""
 
 import dataclasses
 
@@ -44,7 +44,7 @@ def test_contraction_reproduces_random_and_real_matrices(minilm_dir, n_cores):
 
 
 def test_trainable_sizes_match_the_reference_table():
-  """methods.md §2.2: 768x768 and 3072x768 with the reference's 2-, 5- and 7-core layouts."""
+  """docs/methods.md §2.2: 768x768 and 3072x768 with the reference's 2-, 5- and 7-core layouts."""
   table = {(768, 768): (589_824, 921_600, 1_916_928, 2_580_480),
            (3072, 768): (2_359_296, 3_686_400, 7_667_712, 10_321_920)}
   for (rows, cols), (dense, *counts) in table.items():

@@ -92,7 +92,7 @@ def test_vit_saves_as_transformers_vit_with_matching_logits(tmp_path):
   np.testing.assert_allclose(_logits(cfg, back, x), _logits(mean, p_mean, x), rtol=1e-6)
 
   # with the training split's statistics: transformers' image processor turns raw pixels into
-  # exactly the inputs wdjax trains on (they used to be known only to wdjax's data loader)
+  # exactly the inputs wdjax trains on (the export carries the statistics, not only the loader)
   digits = images.load("digits")
   vit.save(tmp_path / "p", TEACHER, params, tuple("abcdefghij"),
            normalization=(digits.train.mean, digits.train.std))

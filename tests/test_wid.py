@@ -1,4 +1,4 @@
-"""WID (methods.md §3): compactors, mask schedule, gradient surgery, exact cut-and-merge."""
+"""WID (docs/methods.md §3): compactors, mask schedule, gradient surgery, exact cut-and-merge."""
 
 import dataclasses
 import json

@@ -43,7 +43,7 @@ class StudentConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   # "rotten-tomatoes" | "files" (your own CSV / JSON lines) | "bible" (translation) |
-  # "fashion-mnist" | "digits" (images, ViT: wdjax/train/vision.py)
+  # "fashion-mnist" | "digits" (images, ViT); the task serving each: wdjax/tasks/
   dataset: str = "rotten-tomatoes"
   train_file: str = ""  # dataset="files": path of the training file
   validation_file: str = ""  # optional; carved from train by hash when empty
@@ -64,7 +64,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TranslationConfig:
   """data.dataset="bible": the teacher is trained from scratch (`wdjax finetune`); students keep
-  its encoder and take their decoder's shape from `student` (WD's setting, methods.md §1.2)."""
+  its encoder and take their decoder's shape from `student` (WD's setting, docs/methods.md §1.2)."""
 
   layers: int = 6  # teacher decoder layers
   encoder_layers: int = 6  # teacher (and student) encoder layers

@@ -3,7 +3,7 @@
 `rotten_tomatoes(hardware)` is the distillation set-up of the quality benchmark:
 
 - `cpu`: the fine-tuned all-MiniLM-L6-v2 teacher (6 x 384) -> a 3 x 192 student (12 heads of 16,
-  FFN 768: data.md's reference student), two epochs, data.md's teacher recipe (~15 min once);
+  FFN 768: docs/data.md's reference student), two epochs, docs/data.md's teacher recipe (~15 min once);
 - `gpu`: all-mpnet-base-v2 (12 x 768) -> 6 x 384, bf16, six epochs.
 
 Every method config starts from it and changes only `method` (and the learning rate where the
@@ -25,7 +25,7 @@ def rotten_tomatoes(hardware: str = "cpu") -> Config:
   if hardware == "cpu":
     return Config(
         workdir="runs/rt_minilm",
-        # data.md's PyTorch reference recipe (4 epochs, lr 5e-5, dropout 0.1), word embeddings
+        # docs/data.md's PyTorch reference recipe (4 epochs, lr 5e-5, dropout 0.1), word embeddings
         # frozen for speed: 83.2 test (the quickstart's 1-epoch recipe gives 82.4).
         teacher=TeacherConfig(model="all-MiniLM-L6-v2", hidden_dropout=0.1, attention_dropout=0.0),
         finetune=TrainConfig(batch_size=32, epochs=4.0, eval_every=163,
@@ -52,7 +52,7 @@ def rotten_tomatoes(hardware: str = "cpu") -> Config:
 
 def bible_translation(hardware: str = "cpu") -> Config:
   """Bible En-De (data/bible.py), a teacher trained from scratch, students that keep its encoder
-  and shrink its decoder (WD's setting, methods.md §1.2-1.4):
+  and shrink its decoder (WD's setting, docs/methods.md §1.2-1.4):
 
   - `cpu`: what 2 CPU cores train in about an hour for the whole table: teacher 2+2 layers x 128
     (4 heads, FFN 512, pre-LN, BPE 4k, pairs up to 48 tokens a side: 79% of the verses), 2,000

@@ -46,7 +46,7 @@ METHODS = {  # label -> (config file, extra --set assignments)
     "select+kd": ("select_kd.py", []),
     "ws": ("ws.py", []),
     "gws": ("gws.py", []),
-    # WD as configs/wd.py runs it: identity-initialised maps (an extension, methods.md 1.9)
+    # WD as configs/wd.py runs it: identity-initialised maps (an extension, docs/methods.md 1.9)
     "wd": ("wd.py", []),
     # WD as the paper initialises it: xavier-normal maps, phase-1 lr 3e-4
     "wd-paper": ("wd.py", ["method.wd_init=xavier", "distill.optim.lr=3e-4"]),

@@ -3,7 +3,7 @@
 Generator parameters are flat dicts whose keys are the '/'-joined paths wdjax gives the same
 tensors (`maps/hidden`, `maps/attn/layer_0`, `mix/encoder/layer_0/attn/q/kernel/lam`, ...), so a
 parity test can load one implementation's parameters into the other. The maths is written here
-from the papers' definitions (methods.md §1.2, §4.2), not translated from wdjax's code:
+from the papers' definitions (docs/methods.md §1.2, §4.2), not translated from wdjax's code:
 
   WS:  W_s = M_in^T W_t M_out per matrix, one map per space (the residual stream, each layer's
        attention and FFN spaces, the pooler's), LayerNorm gains as diag(M^T diag(g) M).

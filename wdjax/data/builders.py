@@ -6,7 +6,7 @@ Two builders share one shape of record, `{text, label, group}`:
   rows only, exact duplicate texts dropped (first occurrence kept: 55 texts recur, 37 of them
   under different movies, which would leak across splits), split **by movie**:
   sha256(movie_name) % 10 == 0 -> test, == 1 -> validation, else train. This is the split of
-  `data.md`'s PyTorch reference accuracies (it gives 10,504 / 981 / 1,323 before de-duplication).
+  `docs/data.md`'s PyTorch reference accuracies (it gives 10,504 / 981 / 1,323 before de-duplication).
 - `TextFiles`: a user's CSV or JSON-lines files with named text and label columns. Given only a
   train file, validation and test are carved from it by the same hash rule (on `group_column`
   if named, else on the text), so no group straddles two splits.

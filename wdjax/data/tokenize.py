@@ -1,6 +1,6 @@
 """Tokenisation with the teacher's own `tokenizer.json` (never a vocab-file reconstruction).
 
-Two pitfalls handled here (`data.md`): transformers' `BertTokenizerFast(vocab_file=...)` silently
+Two pitfalls handled here (`docs/data.md`): transformers' `BertTokenizerFast(vocab_file=...)` silently
 maps every word to [UNK], so the `tokenizers` library reads `tokenizer.json` directly; and
 all-MiniLM-L6-v2's `tokenizer.json` pads everything to 128, so padding is switched off and done
 here, to the batch's own length.

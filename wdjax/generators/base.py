@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from wdjax import trees
+from wdjax.generators.registry import Method, register
 from wdjax.models.bert import EncoderConfig
 
 Params = Any  # nested dict of jax.Array
@@ -115,3 +116,7 @@ class Identity(Generator):
 
 def param_count(tree: Params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+register(Method("kd", lambda student_shapes, teacher_shapes: Identity(),
+                choices={"init": ("random", "selection")}))

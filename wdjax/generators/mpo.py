@@ -2,7 +2,7 @@
 
 A matrix `W [I, J]` with `I = i_1 ... i_n` and `J = j_1 ... j_n` is reshaped to the 2n-way
 tensor `W[i_1..i_n ; j_1..j_n]` (row-major multi-indices), its indices interleaved to
-`(i_1, j_1, ..., i_n, j_n)`, and written as a chain of cores (methods.md §2.2):
+`(i_1, j_1, ..., i_n, j_n)`, and written as a chain of cores (docs/methods.md §2.2):
 
     W[i_1..i_n ; j_1..j_n] = sum_d T_1[1, i_1, j_1, d_1] T_2[d_1, i_2, j_2, d_2] ... T_n[d_{n-1}, i_n, j_n, 1]
 

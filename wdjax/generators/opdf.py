@@ -1,4 +1,4 @@
-"""OPDF: an over-parameterised student whose matrices train as exact MPO chains (methods.md §2)."""
+"""OPDF: an over-parameterised student whose matrices train as exact MPO chains (docs/methods.md §2)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 
 from wdjax import trees
 from wdjax.generators.base import Generator, Params, StudentSpec
+from wdjax.generators.registry import Method, register
 from wdjax.generators import mpo
 from wdjax.generators.mpo import core_shapes, decompose, factorize
 from wdjax.models import contract
@@ -17,7 +18,7 @@ from wdjax.generators.select import SelectionPlan
 
 
 class MatrixProductOperator(Generator):
-  """OPDF (Zhan et al., NeurIPS 2024; methods.md §2): every attention and FFN matrix of the
+  """OPDF (Zhan et al., NeurIPS 2024; docs/methods.md §2): every attention and FFN matrix of the
   student trains as an exact MPO chain, contracted once per step; `aux_loss` pulls the student's
   auxiliary cores (all but the central one) towards the teacher's, decomposed the same way,
   of the aligned teacher layer: student layer i with teacher layer k(i+1)-1 for a teacher k
@@ -55,7 +56,7 @@ class MatrixProductOperator(Generator):
         self.aligned = SelectionPlan(teacher_shapes, student_shapes, "every_k")
       except ValueError as e:
         raise ValueError(f"OPDF's constraint aligns student layer i with teacher layer k(i+1)-1 "
-                         f"(methods.md §2.4): {e}; set the constraint's lambda to 0 to train "
+                         f"(docs/methods.md §2.4): {e}; set the constraint's lambda to 0 to train "
                          "without it") from None
     s_flat, t_flat = trees.flatten(student_shapes), trees.flatten(teacher_shapes)
     self.n_cores = n_cores
@@ -77,7 +78,7 @@ class MatrixProductOperator(Generator):
     n_pairs = sum(len(v) for v in self.constrained.values())
     if self.constraint_lambda and n_pairs == 0:
       raise ValueError("no auxiliary core of the student has the shape of the teacher's (their "
-                       "widths differ): OPDF's constraint is undefined (methods.md §2.8); set "
+                       "widths differ): OPDF's constraint is undefined (docs/methods.md §2.8); set "
                        "the constraint's lambda to 0 to train the over-parameterised student alone")
 
   def init(self, rng, teacher_params, spec: StudentSpec):
@@ -124,3 +125,11 @@ class MatrixProductOperator(Generator):
                                else jnp.mean(d))
     total = sum(per_matrix(jnp.square(flat[k] - jax.lax.stop_gradient(t)), k) for k, t in targets.items())
     return self.constraint_lambda * total / len(self.factors)
+
+
+register(Method("opdf", MatrixProductOperator,
+                options=lambda m, context: {
+                    "n_cores": m.opdf_cores, "start": m.opdf_start,
+                    "constraint_lambda": None if m.opdf_lambda < 0 else m.opdf_lambda,
+                    "layer_map": m.layer_map or "first_n"},  # the paper's start (docs/methods.md §2.3)
+                choices={"opdf_start": ("selection", "random")}))

@@ -33,7 +33,7 @@ def layer_map(kind: str, n_teacher: int, n_student: int) -> list[list[int]]:
   """Teacher layers feeding each student layer.
 
   contiguous: groups of n_t/n_s consecutive layers (WD's grouping: 6->3 gives [0,1],[2,3],[4,5])
-  every_k:    the last layer of each group ([1],[3],[5]: data.md's weight-selection reference)
+  every_k:    the last layer of each group ([1],[3],[5]: docs/data.md's weight-selection reference)
   first_n:    the first n_s layers ([0],[1],[2]: weight selection's depth rule)
   uniform:    round(l (n_t-1)/(n_s-1)), spread over the whole depth ([0],[2],[5])
   all:        every teacher layer for every student layer (a learned mix chooses)

@@ -1,4 +1,4 @@
-"""Activation-PCA maps for Weight Squeezing's `init="pca"` (`methods.md` §4.3).
+"""Activation-PCA maps for Weight Squeezing's `init="pca"` (`docs/methods.md` §4.3).
 
 For every space a map contracts, the map is the top-d_student principal directions of the
 teacher's activations in that space, an orthonormal `[d_teacher, d_student]` basis:

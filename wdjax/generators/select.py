@@ -8,7 +8,7 @@ and writes. With 12 heads of 32 -> 12 heads of 16, every-other selection keeps h
 teacher head in the student head of the same number.
 
 Depth follows a layer map (default `every_k`: layers 1, 3, 5 of 6 for a 3-layer student, as in
-data.md's reference). Unlike the reference script, which skips the classifier because its
+docs/data.md's reference). Unlike the reference script, which skips the classifier because its
 pretraining and downstream classes differ, the task teacher's classifier is selected too: the
 classes are the same.
 
@@ -26,6 +26,7 @@ from wdjax import trees
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params, StudentSpec
+from wdjax.generators.registry import Method, register
 
 
 class SelectionPlan:
@@ -96,3 +97,7 @@ class WeightSelection(Generator):
   def generate(self, gen_params, teacher_params, gen_state):
     del gen_params, gen_state
     return trees.unflatten(self.plan.apply(teacher_params))
+
+
+register(Method("select", WeightSelection,
+                options=lambda m, context: {"layer_map": m.layer_map or "every_k"}))

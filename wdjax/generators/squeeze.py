@@ -1,4 +1,4 @@
-"""Weight Squeezing (Chumachenko et al. 2020) and Gated Weight Squeezing, as `methods.md` §4.
+"""Weight Squeezing (Chumachenko et al. 2020) and Gated Weight Squeezing, as `docs/methods.md` §4.
 
     W_s = L W_t R      (a linear map per axis; no nonlinearity)
 
@@ -47,6 +47,7 @@ from wdjax import trees
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
+from wdjax.generators.registry import Method, register
 from wdjax.generators.select import SelectionPlan
 
 
@@ -169,3 +170,20 @@ class WeightSqueezing(Generator):
         x = g * own + (1.0 - g) * x
       out.update(zip(group, x))
     return trees.unflatten(out)
+
+
+def _options(method, context, gated: bool) -> dict:
+  opts = dict(layer_map=method.layer_map or "every_k", layer_mix=method.layer_mix,
+              sharing=method.sharing, init=method.map_init)
+  if gated:
+    opts.update(gate=method.gate, gate_init=method.gate_init)
+  return opts
+
+
+_CHOICES = {"sharing": ("role", "tensor"), "map_init": ("identity", "xavier", "pca"),
+            "layer_mix": ("fixed", "learned")}
+register(Method("ws", lambda s, t, **o: WeightSqueezing(s, t, gated=False, **o),
+                options=lambda m, context: _options(m, context, gated=False), choices=_CHOICES),
+         Method("gws", lambda s, t, **o: WeightSqueezing(s, t, gated=True, **o),
+                options=lambda m, context: _options(m, context, gated=True),
+                choices=dict(_CHOICES, gate=("matrix", "row", "element"))))

@@ -1,4 +1,4 @@
-"""Weight Distillation (Lin et al., ACL 2021), as `methods.md` §1.2-1.3.
+"""Weight Distillation (Lin et al., ACL 2021), as `docs/methods.md` §1.2-1.3.
 
 Every student tensor is generated from its group of teacher tensors (student layer l from the
 contiguous teacher layers `ts*l ... ts*l+ts-1`):
@@ -12,7 +12,7 @@ with tanh-affine everywhere except the output projection (here the classifier he
 w = 1/ts, A = 1, B = 0, so the student at step 0 is a random projection of the teacher, *not* the
 teacher, and phase 1 has to learn the maps (the paper runs 30k updates).
 
-`init="identity"` is an extension, not WD (`methods.md` §1.9's "function-preserving mode"): maps
+`init="identity"` is an extension, not WD (`docs/methods.md` §1.9's "function-preserving mode"): maps
 are truncated identities, c is one-hot on the group's last layer and A = W_sel / tanh(W_sel), so
 the student at step 0 is exactly the weight-selection student and phase 1 starts from it. Phase 1 trains these generator parameters; `materialize` writes
 the dense student, which phase 2 fine-tunes as an ordinary model.
@@ -46,6 +46,7 @@ from wdjax import trees
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
+from wdjax.generators.registry import Method, register
 from wdjax.generators.select import SelectionPlan
 from wdjax.generators.squeeze import xavier_normal
 
@@ -152,3 +153,9 @@ def _lookup(tree: dict, path: str):
   for k in path.split("/"):
     tree = tree[k]
   return tree
+
+
+register(Method("wd", WeightDistillation, two_phase=True,
+                options=lambda m, context: {"mode": m.wd_mode, "init": m.wd_init,
+                                            "layer_map": m.layer_map or "contiguous"},
+                choices={"wd_mode": ("faithful", "lean"), "wd_init": ("xavier", "identity")}))

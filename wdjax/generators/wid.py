@@ -1,4 +1,4 @@
-"""Weight-Inherited Distillation (Wu et al., NAACL 2024 Findings), as `methods.md` §3.
+"""Weight-Inherited Distillation (Wu et al., NAACL 2024 Findings), as `docs/methods.md` §3.
 
 Every linear layer of the (depth-selected) teacher is wrapped in two identity-initialised square
 *compactors*, a column compactor on its input and a row compactor on its output. In Flax layout
@@ -62,6 +62,7 @@ from wdjax import trees
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params, StudentSpec
+from wdjax.generators.registry import Method, register
 from wdjax.generators.select import SelectionPlan
 
 STRATEGIES = ("dim", "head")
@@ -365,3 +366,17 @@ class WeightInherited(Generator):
       return keep, jax.tree_util.tree_map(lambda p: extra * p, params)
 
     return inject
+
+
+def _options(method, context) -> dict:
+  return {"teacher_heads": context.teacher_heads, "student_heads": context.student_heads,
+          "strategy": method.wid_strategy,
+          "w_step": method.wid_w_step or max(1, context.phase1_steps // 20),
+          "l2_lambda": method.wid_lambda, "surgery": method.wid_surgery,
+          "teacher_lr_scale": method.wid_teacher_lr_scale,
+          "layer_map": method.layer_map or "every_k"}
+
+
+register(Method("wid", WeightInherited, options=_options, two_phase=True,
+                choices={"wid_strategy": STRATEGIES, "wid_objective": ("task", "mlm"),
+                         "wid_surgery": SURGERIES}))

@@ -1,5 +1,5 @@
 """What a phase trains for: sequence classification (the default), masked language modelling,
-or translation (`wdjax/train/translate.py`).
+or translation (`wdjax/tasks/translation.py`).
 
 An objective builds the network (`build`), the apply function the step differentiates, turns a
 host batch into the batch that apply function and the loss expect, scores a split (accuracy

@@ -24,7 +24,6 @@ from wdjax.train.phase import Model, phase_dir, total_steps, train_phase
 
 Params = Any
 
-TWO_PHASE = ("wd", "wid")  # methods whose phase 1 trains a generator and phase 2 the student
 PHASE2 = "_phase2"  # a two-phase method's second phase runs in `<phase>_phase2`
 
 
@@ -62,7 +61,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   # total budget); WID's mask schedule is laid out over phase 1's length.
   steps, steps1 = phase_steps(cfg, data)
   generator = make_generator(cfg, task, init, teacher1, data, steps1)
-  train1 = dataclasses.replace(cfg.distill, steps=steps1) if method.name in TWO_PHASE else cfg.distill
+  train1 = dataclasses.replace(cfg.distill, steps=steps1) if generators.is_two_phase(method.name) else cfg.distill
   results = train_phase(cfg, phase=phase, train=train1, task=data, spec=StudentSpec(s_cfg, init),
                         generator=generator, teacher=teacher1, tokenizer_dir=teacher1.tokenizer_dir,
                         objective=objective1, log=log, export_only=export_only,
@@ -104,7 +103,7 @@ def initial_student(cfg: Config, model: nnx.Module, teacher_params: Params) -> P
 def phase_steps(cfg: Config, data) -> tuple[int, int]:
   """(total distill steps, phase-1 steps): two-phase methods split the one budget."""
   steps = total_steps(cfg.distill, len(data.train) // cfg.distill.batch_size)
-  if cfg.method.name not in TWO_PHASE:
+  if not generators.is_two_phase(cfg.method.name):
     return steps, steps
   return steps, max(1, int(round(cfg.method.phase1_fraction * steps)))
 
@@ -112,41 +111,14 @@ def phase_steps(cfg: Config, data) -> tuple[int, int]:
 def make_generator(cfg: Config, task: tasks.Task, init: Params, teacher: Model, data,
                    steps1: int) -> Generator:
   """The method's generator, planned for this student and teacher."""
-  options = generator_options(cfg, teacher, steps1)
+  context = generators.Context(teacher_heads=teacher.config.num_heads,
+                               student_heads=cfg.student.num_heads, phase1_steps=steps1)
+  options = generators.options_for(cfg.method, context)
   options.update(task.generator_options(cfg, teacher, data))
   try:
     return generators.make(cfg.method.name, init, teacher.params, **options)
   except ValueError as e:  # a layer map or option that does not fit these shapes
     raise WdjaxError(f"method {cfg.method.name}: {e}") from None
-
-
-def generator_options(cfg: Config, teacher: Model, phase1_steps: int) -> dict:
-  """The keyword options of `generators.make` for this method config."""
-  method = cfg.method
-  if method.name == "select":
-    return {"layer_map": method.layer_map or "every_k"}
-  if method.name in ("ws", "gws"):
-    opts = dict(layer_map=method.layer_map or "every_k", layer_mix=method.layer_mix,
-                sharing=method.sharing, init=method.map_init, gate=method.gate,
-                gate_init=method.gate_init)
-    if method.name == "ws":
-      opts.pop("gate"), opts.pop("gate_init")
-    return opts
-  if method.name == "wd":
-    return {"mode": method.wd_mode, "init": method.wd_init,
-            "layer_map": method.layer_map or "contiguous"}
-  if method.name == "wid":
-    return {"teacher_heads": teacher.config.num_heads, "student_heads": cfg.student.num_heads,
-            "strategy": method.wid_strategy,
-            "w_step": method.wid_w_step or max(1, phase1_steps // 20),
-            "l2_lambda": method.wid_lambda, "surgery": method.wid_surgery,
-            "teacher_lr_scale": method.wid_teacher_lr_scale,
-            "layer_map": method.layer_map or "every_k"}
-  if method.name == "opdf":
-    return {"n_cores": method.opdf_cores, "start": method.opdf_start,
-            "constraint_lambda": None if method.opdf_lambda < 0 else method.opdf_lambda,
-            "layer_map": method.layer_map or "first_n"}  # the paper's start (docs/methods.md §2.3)
-  return {}
 
 
 def phase2(cfg: Config, phase: str, first: dict, spec: StudentSpec, teacher: Model, data,
@@ -172,7 +144,7 @@ def first_phase(cfg: Config, phase: str) -> str:
   """The phase a distill run starts from: `phase` or the config's default; a two-phase method's
   `<phase>_phase2` names the same run (it is reached through its phase 1)."""
   phase = phase or default_phase(cfg)
-  if cfg.method.name in TWO_PHASE and phase.endswith(PHASE2):
+  if generators.is_two_phase(cfg.method.name) and phase.endswith(PHASE2):
     return phase[:-len(PHASE2)]
   return phase
 
@@ -181,13 +153,13 @@ def final_model_dir(cfg: Config, phase: str = "") -> Path:
   """The model a distill run ends with: phase 2's for a two-phase method once it has one."""
   phase = first_phase(cfg, phase)
   second = phase_dir(cfg, phase + PHASE2) / "model"
-  return second if cfg.method.name in TWO_PHASE and second.is_dir() else phase_dir(cfg, phase) / "model"
+  return second if generators.is_two_phase(cfg.method.name) and second.is_dir() else phase_dir(cfg, phase) / "model"
 
 
 def continues_to_phase2(cfg: Config, phase: str, steps1: int, steps: int, export_only: bool) -> bool:
   """After phase 1 of a two-phase method: train phase 2 (when it has steps), or, exporting,
   export it too when it has a checkpoint."""
-  if cfg.method.name not in TWO_PHASE or steps1 >= steps:
+  if not generators.is_two_phase(cfg.method.name) or steps1 >= steps:
     return False
   return not export_only or ckpt_lib.has_checkpoint(phase_dir(cfg, phase + PHASE2) / "checkpoints")
 
