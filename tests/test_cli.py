@@ -31,6 +31,10 @@ def test_finetune_distill_export_eval(tiny, tmp_path):
   proc = _wdjax("pipeline", path, "--set", "mesh.data=2", env=env)
   assert proc.returncode == 0, proc.stderr
   assert "| student 2x64, CE only, same steps |" in proc.stdout
+  # the weight-transfer student beside KD and CE, with its own phase and learning rate
+  assert "| student 2x64, weight selection + KD (weight transfer) |" in proc.stdout
+  transfer = json.loads((Path(cfg.workdir) / "distill_kd_selection" / "results.json").read_text())
+  assert transfer["steps"] == json.loads((Path(cfg.workdir) / "distill" / "results.json").read_text())["steps"]
   work = Path(cfg.workdir)
   teacher = json.loads((work / "finetune" / "results.json").read_text())
   assert teacher["steps"] == 4 and teacher["trainable_params"] > 22e6

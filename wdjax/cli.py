@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
   x = with_config("export", "write the dense model of a phase's latest checkpoint")
   x.add_argument("--phase", default="", help="finetune, or a distill phase (default: the config's; "
                  "a two-phase method's phase 2 is exported with its phase 1, once it has a checkpoint)")
-  with_config("pipeline", "finetune, distill with KD and with CE alone, print the comparison")
+  with_config("pipeline", "finetune, distill by weight transfer, with KD and with CE alone, print "
+              "the comparison")
   with_config("config", "print the resolved config as JSON")
   return p
 
@@ -79,6 +80,18 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     lines.append(f"| {name} | {r['trainable_params'] / 1e6:.2f}M | {100 * r['test_accuracy']:.2f} | "
                  f"{100 * r['validation_accuracy']:.2f} |")
   return "\n".join(lines)
+
+
+def transfer_config(cfg):
+  """The config of `wdjax pipeline`'s weight-transfer student (None: `pipeline.transfer=""`):
+  the config's student, teacher, data and steps with the transfer method and its learning rate."""
+  t = cfg.pipeline
+  if not t.transfer:
+    return None
+  method = (dataclasses.replace(type(cfg.method)(), name="kd", init="selection") if t.transfer == "selection"
+            else dataclasses.replace(type(cfg.method)(), name=t.transfer))
+  optim = dataclasses.replace(cfg.distill.optim, lr=t.transfer_lr or cfg.distill.optim.lr)
+  return dataclasses.replace(cfg, method=method, distill=dataclasses.replace(cfg.distill, optim=optim))
 
 
 def _main_print(text: str) -> bool:
@@ -122,15 +135,18 @@ def run(argv: list[str] | None = None) -> int:
     _main_print(json.dumps({"model": model, **{f"{k}_{metric}": v for k, v in scores.items()}},
                            indent=2))
   elif args.command == "pipeline":
-    teacher = run_lib.finetune(cfg)
-    student = run_lib.distill(cfg)
-    ce_cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
-    baseline = run_lib.distill(ce_cfg, phase="distill_ce")
     s = cfg.student
     shape = f"{s.num_layers}x{s.hidden_size}"
-    table = _table([(f"teacher (fine-tuned {cfg.teacher.model})", teacher),
-                    (f"student {shape}, {cfg.method.name} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})", student),
-                    (f"student {shape}, CE only, same steps", baseline)])
+    rows = [(f"teacher (fine-tuned {cfg.teacher.model})", run_lib.finetune(cfg))]
+    transfer = transfer_config(cfg)
+    if transfer is not None and transfer.method.label != cfg.method.label:
+      name = "weight selection + KD" if cfg.pipeline.transfer == "selection" else cfg.pipeline.transfer
+      rows.append((f"student {shape}, {name} (weight transfer)", run_lib.distill(transfer)))
+    rows.append((f"student {shape}, {cfg.method.name} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})",
+                 run_lib.distill(cfg)))
+    ce_cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
+    rows.append((f"student {shape}, CE only, same steps", run_lib.distill(ce_cfg, phase="distill_ce")))
+    table = _table(rows)
     if _main_print("\n" + table):
       Path(cfg.workdir, "results.md").write_text(table + "\n")
   return 0

@@ -181,6 +181,15 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """`wdjax pipeline`: besides the config's own student (`method`) and the CE-only one, a
+  weight-transfer student of the same shape and steps."""
+
+  transfer: str = "selection"  # "selection" (weight selection + KD), a method name (wd, ws, ...), or "" (none)
+  transfer_lr: float = 1e-4  # its distill learning rate (0 = distill.optim.lr)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   workdir: str = "runs/default"  # everything a run writes goes here; rerunning resumes
   seed: int = 0  # seeds parameter init, data order and dropout
@@ -199,6 +208,7 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   log: LogConfig = LogConfig()
+  pipeline: PipelineConfig = PipelineConfig()
 
   @property
   def teacher_dir(self) -> str:
