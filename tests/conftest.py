@@ -115,3 +115,15 @@ def assert_same_shapes(got, want) -> None:
   assert want.keys() == got.keys()
   for k in want:
     assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k
+
+
+# Fixtures that read the real assets (teacher, datasets): a test that uses one, directly or
+# through another fixture, is in the integration tier. The rest is the fast offline tier,
+# tiny random models built in the test: `pytest -m "not integration"`.
+ASSET_FIXTURES = {"minilm_dir", "rt_csv", "task_teacher", "tiny", "bible_db"}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if ASSET_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.integration)

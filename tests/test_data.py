@@ -176,6 +176,9 @@ def test_tsv_reads_quotes_literally_and_a_bom_is_skipped(tmp_path):
     ("short.csv", b"text,label\ngood,pos\nbad\n", r"train row 2 has no value in column 'label'"),
     ("blank.csv", b"text,label\ngood,pos\nbad, \n", r"train row 2 has no value in column 'label'"),
     ("null.jsonl", b'{"text": null, "label": "pos"}\n', r"train row 1 has no value in column 'text'"),
+    ("empty_text.csv", b'text,label\ngood,pos\nfine,neg\n"",neg\n', r"train row 3 has no value in column 'text'"),
+    ("blank_text.jsonl", b'{"text": "ok", "label": 1}\n{"text": "  ", "label": 0}\n',
+     r"train row 2 has no value in column 'text'"),
 ])
 def test_broken_user_files_are_one_clear_error(tmp_path, minilm_dir, name, content, message):
   train = tmp_path / name

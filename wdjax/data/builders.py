@@ -159,7 +159,8 @@ class TextFiles(_TextClassification):
           if col not in row:
             raise WdjaxError(f"{split} row {n} has no column {col!r} (columns: {sorted(map(str, row))}); "
                              "set data.text_column / data.label_column")
-          if row[col] is None or (col == self._label and not str(row[col]).strip()):
+          # an empty text would train on [CLS] [SEP] alone, an empty label is no class
+          if row[col] is None or (col != self._group and not str(row[col]).strip()):
             raise WdjaxError(f"{split} row {n} has no value in column {col!r} (a short line, an "
                              "empty field or null); fix or drop that row")
         seen.setdefault(split, set()).add(str(row[self._label]))
