@@ -1,19 +1,19 @@
-"""Quickstart: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes, distil it into a 3x192 student.
+"""Quickstart: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes, distil it into three 3x192 students.
 
 Command (fetches the teacher and the data, ~95 MB, on first use):
 
   wdjax pipeline configs/quickstart.py
 
-Runtime: 7m50s on a 2-core development CPU (Xeon, jax 0.10.2) with the assets cached, 4m52s on a
-2-core AMD EPYC; the first run adds the ~95 MB download (seconds on a fast link).
-Result (seed 0, test split of 1,320 snippets, best-validation checkpoint; AMD EPYC: another CPU's
-rounding moves the students by up to a point, README's Quickstart):
+Runtime: 7m13s on a 2-core Intel Xeon (jax 0.10.2) with the assets cached; the first run adds
+the ~95 MB download. Result (seed 0, test split of 1,320 snippets, best-validation checkpoint;
+another CPU's rounding moves the students by up to a point, README's Quickstart):
 
-  | model                                   | test accuracy |
-  |-----------------------------------------|---------------|
-  | teacher, all-MiniLM-L6-v2 fine-tuned    | 82.42         |
-  | student 3x192, logit KD (T=2, a=0.9)    | 76.97         |
-  | student 3x192, CE only, same 652 steps  | 77.73         |
+  | model                                          | test accuracy | validation |
+  |------------------------------------------------|---------------|------------|
+  | teacher, all-MiniLM-L6-v2 fine-tuned           | 82.42         | 82.36      |
+  | student 3x192, weight selection + KD, lr 1e-4  | 77.95         | 75.94      |
+  | student 3x192, logit KD (T=2, a=0.9)           | 76.74         | 79.82      |
+  | student 3x192, CE only, same 652 steps         | 77.73         | 77.47      |
 """
 
 from wdjax.config import (Config, DataConfig, KDConfig, OptimConfig, StudentConfig, TeacherConfig,
