@@ -121,9 +121,12 @@ def assert_same_shapes(got, want) -> None:
 # through another fixture, is in the integration tier. The rest is the fast offline tier,
 # tiny random models built in the test: `pytest -m "not integration"`.
 ASSET_FIXTURES = {"minilm_dir", "rt_csv", "task_teacher", "tiny", "bible_db"}
+# modules whose tests read assets themselves (images, the asset cache, the notebooks' real runs)
+ASSET_MODULES = {"test_assets", "test_notebooks", "test_vision", "test_multihost"}
 
 
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    if ASSET_FIXTURES & set(getattr(item, "fixturenames", ())):
+    if (ASSET_FIXTURES & set(getattr(item, "fixturenames", ()))
+        or item.module.__name__.rpartition(".")[2] in ASSET_MODULES):
       item.add_marker(pytest.mark.integration)
