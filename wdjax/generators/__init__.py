@@ -41,7 +41,8 @@ def method(name: str) -> Method:
 
 def is_two_phase(name: str) -> bool:
   """Whether the method trains its generator in phase 1 and the materialised student in phase 2."""
-  return name in registry.registered() and registry.registered()[name].two_phase
+  m = registry.registered().get(name)
+  return m is not None and m.two_phase
 
 
 def make(name: str, student_shapes: Any = None, teacher_shapes: Any = None, **options) -> Generator:

@@ -12,6 +12,7 @@ Every module of this package is imported on the first lookup, and registers its 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 
@@ -29,6 +30,7 @@ def register(task: Task) -> Task:
   return task
 
 
+@functools.cache
 def _discover() -> None:
   """Import every task module (each registers itself; importing one twice is a no-op)."""
   for info in pkgutil.iter_modules(__path__):

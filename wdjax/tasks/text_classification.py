@@ -27,12 +27,19 @@ from wdjax.train.objectives import Classification, MaskedLanguageModel
 from wdjax.train.phase import Model
 
 
-def load_model(model_dir: str | Path, *, require_head: bool, **overrides) -> tuple[Model, list[str]]:
-  """The HF model in `model_dir` and the paths its file lacks (freshly initialised)."""
+def read_model(model_dir: str | Path, *, require_head: bool, **overrides):
+  """(config, params, freshly initialised paths) of the HF model in `model_dir`."""
   cfg, params, fresh = hf.load(model_dir, **overrides)
   if require_head and any(p.startswith("classifier") for p in fresh):
     raise WdjaxError(f"{model_dir} has no trained classifier head; fine-tune it first "
                      "(`wdjax finetune CONFIG`) or point teacher.path at a task model")
+  return cfg, params, fresh
+
+
+def load_model(model_dir: str | Path, *, require_head: bool, **overrides) -> tuple[Model, list[str]]:
+  """The HF model in `model_dir` with its file's sha256 (what a resumed run checks), and the
+  paths its file lacks (freshly initialised)."""
+  cfg, params, fresh = read_model(model_dir, require_head=require_head, **overrides)
   sha = assets.sha256_file(Path(model_dir) / "model.safetensors")
   return Model(cfg, params, Path(model_dir), sha), fresh
 
@@ -120,8 +127,7 @@ class TextClassification(Task):
     return student_config(cfg, teacher_config)
 
   def load_model(self, model_dir: Path):
-    model, _ = load_model(model_dir, require_head=True)
-    return model.config, model.params
+    return read_model(model_dir, require_head=True)[:2]  # no hash: nothing resumes from it
 
   def generator_options(self, cfg: Config, teacher: Model, data: TaskData) -> dict:
     method = cfg.method
