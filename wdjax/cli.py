@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from wdjax.errors import WdjaxError
+from wdjax import errors
+from wdjax.errors import Stopped, WdjaxError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,22 +153,45 @@ def run(argv: list[str] | None = None) -> int:
   return 0
 
 
+def _exit(code: int, line: str = "") -> None:
+  """Print `line` on stderr and leave at once. `os._exit` skips the interpreter's shutdown, where
+  Orbax's and tensorstore's background writers, stopped by a failed or interrupted save, would
+  print their pending coroutines' tracebacks; every file wdjax wrote is closed by then."""
+  import os
+  if line:
+    print(line, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
   debug = "--debug" in (argv if argv is not None else sys.argv[1:])
   try:
-    sys.exit(run(argv))
+    code = run(argv)
   except WdjaxError as e:
     if debug:
       raise
-    print(f"wdjax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2, f"wdjax: error: {e}")
+  except Stopped as e:
+    import jax
+    if jax.process_count() > 1:  # every process stopped at the same step: leave together
+      jax.distributed.shutdown()
+    _exit(128 + e.signum, f"wdjax: {e}")
   except BrokenPipeError:  # output piped into `head` and the like
     sys.stderr.close()
     sys.exit(0)
   except KeyboardInterrupt:
-    print("wdjax: interrupted; rerun the same command to resume from the last checkpoint",
-          file=sys.stderr)
-    sys.exit(130)
+    _exit(130, "wdjax: interrupted; rerun the same command to resume from the last checkpoint")
+  except Exception as e:
+    cause = errors.disk_cause(e)
+    if cause is None or debug:
+      raise
+    where = getattr(e, "filename", None)
+    _exit(2, f"wdjax: error: cannot write{' ' + str(where) if where else ''}: {cause}; free space "
+          "(or use a writable workdir) and rerun the same command")
+  sys.stdout.flush()
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,34 @@ mesh restores onto 2x4 or 8x1.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from wdjax import errors
 from wdjax.errors import WdjaxError
 
+
+class _DiskFailures(logging.Filter):
+  """Drops Orbax's own reports of a write the disk refused (one traceback per writer thread):
+  the run reports it once, as one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return errors.disk_cause(exc) is None and errors.disk_cause(Exception(record.getMessage())) is None
+
+
 logging.getLogger("absl").setLevel(logging.WARNING)
+logging.getLogger("absl").addFilter(_DiskFailures())
+
+ASIDE = "checkpoints.unrestorable"  # sibling of `checkpoints/` where unreadable steps are moved
+
+
+class Unrestorable(WdjaxError):
+  """A checkpoint whose files cannot be read back (truncated, missing, corrupt)."""
 
 
 def has_checkpoint(directory: str | Path) -> bool:
@@ -39,6 +58,7 @@ class Checkpointer:
   def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
     self.directory = Path(directory).absolute()
     self.every = every
+    self._saving = 0  # the step of the latest save started (what a failed wait names)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -58,8 +78,41 @@ class Checkpointer:
       return False
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._saving = step
+    self._check_room(step, state)
+    with self._writing(step):
+      return self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def _check_room(self, step: int, state: Any) -> None:
+    """Refuse a save the disk has no room for before it starts. Orbax's writer threads, when
+    the disk fills under them, each print their own tracebacks; this says it once, and nothing
+    is half-written. (A disk that fills during the save is still reported as one line.)"""
+    import shutil
+    needed = sum(x.nbytes for x in jax.tree_util.tree_leaves(state) if hasattr(x, "nbytes"))
+    free = shutil.disk_usage(self.directory).free
+    if free < needed + (1 << 20):  # + room for metadata
+      raise WdjaxError(
+          f"cannot write checkpoint {self.directory / str(step)}: No space left on device "
+          f"({needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free); free space (or use a "
+          "writable workdir) and rerun the same command: earlier checkpoints and exports are intact")
+
+  def _writing(self, step: int | str):
+    """Disk failures of a save, which Orbax may raise at any later call, as one line. The
+    half-written step stays under Orbax's temporary name, never a step's."""
+    return errors.writing("checkpoint", self.directory / str(step))
+
+  def set_aside(self, step: int) -> Path:
+    """Move checkpoint `step` out of the manager's sight into `checkpoints.unrestorable/`
+    (renamed, never deleted: the files may matter to whoever investigates)."""
+    aside = self.directory.parent / ASIDE
+    aside.mkdir(parents=True, exist_ok=True)
+    dest = aside / str(step)
+    if dest.exists():
+      dest = aside / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+    (self.directory / str(step)).rename(dest)
+    self.manager.reload()
+    return dest
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state, meta) of `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
@@ -72,23 +125,31 @@ class Checkpointer:
         raise WdjaxError(
             f"checkpoint {self.directory / str(step)} holds another model than this config builds "
             f"({msg[:200]}); use the config (and phase) that wrote it, or a new workdir") from None
-      raise WdjaxError(
+      raise Unrestorable(
           f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "
-          f"{msg[:200]}); move it away to resume from an earlier one, or use a new workdir") from None
+          f"{msg[:200]})") from None
     return restored.state, dict(restored.meta)
 
   def read_meta(self, step: int) -> dict:
     try:
       return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
     except Exception as e:
-      raise WdjaxError(f"checkpoint {self.directory / str(step)} has no readable metadata ({e})") from None
+      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise Unrestorable(f"checkpoint {self.directory / str(step)} has no readable metadata "
+                         f"({msg[:200]})") from None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing(self._saving):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001 - a failed save was reported by wait(); closing must not mask it
+        pass
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -4,7 +4,9 @@ It owns no model knowledge: it is handed a jitted step, a batch source, an evalu
 and a checkpointer. Metrics are fetched from the device only every `log_every` steps and at
 checkpoint steps, so dispatch stays asynchronous in between. Before a checkpoint is written the
 step's loss and gradient norm are checked: a non-finite value stops the run with one message,
-and the checkpoints already on disk stay as they were.
+and the checkpoints already on disk stay as they were. SIGTERM (what spot and preemptible
+machines get before they are taken away) and Ctrl-C stop the run after the current step with a
+checkpoint of that step; rerunning the same command continues from it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +25,7 @@ import jax
 import numpy as np
 
 from wdjax import profiling
-from wdjax.errors import WdjaxError
+from wdjax.errors import Stopped, WdjaxError
 from wdjax.train.checkpoint import Checkpointer
 from wdjax.train.metrics import MetricWriter
 
@@ -107,6 +111,44 @@ class _Profiler:
       self.on = False
 
 
+class _StopSignals:
+  """Turns SIGTERM and SIGINT during training into a request to stop after the current step.
+
+  One process: Python handlers set a flag (a second Ctrl-C interrupts at once). Several
+  processes must stop at the same step to write one checkpoint together, so SIGTERM is left to
+  JAX's preemption service (started by `jax.distributed.initialize`): any process's notice is
+  spread to all, and `reached_preemption_sync_point` names the same step everywhere. Ctrl-C
+  there keeps its default (KeyboardInterrupt; resume from the last periodic checkpoint)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self.multi = jax.process_count() > 1
+    self.previous: dict[int, Any] = {}
+
+  def __enter__(self) -> _StopSignals:
+    if threading.current_thread() is threading.main_thread() and not self.multi:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self.previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum: int, frame) -> None:
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def due(self, step: int) -> bool:
+    """Whether to stop after `step` (called at every step, by every process)."""
+    if self.multi:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = signal.SIGTERM
+    return self.signum is not None
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -180,7 +222,9 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
   progress = _Progress(spec, start)
   profiler = _Profiler(spec, start, progress)
   t_last, s_last = time.perf_counter(), start
+  stop = _StopSignals()
   try:
+    stop.__enter__()
     for step in range(start + 1, spec.total_steps + 1):
       profiler.before(step)
       batch = spec.get_batch(step - 1)
@@ -189,8 +233,9 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
       due_log = step % spec.log_every == 0 or step == spec.total_steps
       due_ckpt = step == spec.total_steps or (spec.checkpointer.every > 0
                                                 and step % spec.checkpointer.every == 0)
+      stopping = stop.due(step)
       host = None
-      if due_log or due_ckpt:
+      if due_log or due_ckpt or stopping:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(step, host, spec)
         now = time.perf_counter()
@@ -208,10 +253,17 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
         spec.writer.write(step, spec.name + "/eval", dict(scores, best_step=int(best["step"])))
         progress.write(f"[{spec.name}] step {step}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in scores.items()))
-      if due_ckpt:
+      if due_ckpt or stopping:
         spec.checkpointer.save(step, {"train": state, "best": best}, dict(spec.meta, step=step),
-                               force=step == spec.total_steps)
+                               force=step == spec.total_steps or stopping)
+      if stopping:
+        spec.checkpointer.wait()
+        name = signal.Signals(stop.signum).name
+        raise Stopped(f"{spec.name}: stopped by {name} after step {step} of {spec.total_steps}, "
+                      f"checkpoint saved in {spec.checkpointer.directory}; rerun the same command "
+                      "to continue", stop.signum)
   finally:
+    stop.__exit__()
     profiler.stop()
     progress.close()
     spec.writer.close()

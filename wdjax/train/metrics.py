@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from wdjax import errors
+
 
 def _scalar(v: Any) -> Any:
   if isinstance(v, (np.ndarray, jax.Array)):
@@ -45,15 +47,16 @@ class MetricWriter:
     kept = [l for l in lines if json.loads(l)["step"] <= step]
     if len(kept) < len(lines):
       tmp = self.path.with_suffix(".tmp")
-      tmp.write_text("".join(kept))
-      tmp.replace(self.path)
+      with errors.writing("metrics", self.path):
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
 
   def write(self, step: int, phase: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), "phase": phase, "time": round(time.time(), 3)}
     row.update({k: _scalar(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
+    with errors.writing("metrics", self.path), open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self.tb is not None:
       for k, v in row.items():

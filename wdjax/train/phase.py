@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wdjax import assets, config as config_lib, distributed
+from wdjax import assets, config as config_lib, distributed, errors
 from wdjax.config import Config, TrainConfig
 from wdjax.data import pipeline
 from wdjax.errors import WdjaxError
@@ -163,6 +163,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
   student_predictor = objective.predictor(export_apply, mesh, student_sh, train.eval_batch_size,
                                          cfg.data.pad_to_multiple)
 
+  rep = mesh_lib.replicated(mesh)
   checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   meta = {"phase": phase, "fingerprint": dict(fingerprint(cfg, train, distilling=teacher is not None,
@@ -170,35 +171,26 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
                                               objective=repr(objective)),
           "teacher": {"path": str(teacher.tokenizer_dir), "sha256": teacher.sha256} if teacher else None,
           "total_steps": steps}
-  latest = checkpointer.latest_step()
   try:
-    if latest is not None:
-      saved = checkpointer.read_meta(latest)
-      changed = settings_diff(saved.get("fingerprint", {}), json.loads(json.dumps(meta["fingerprint"])))
-      if changed:
-        raise WdjaxError(f"{out} holds a run with other settings ({'; '.join(changed[:3])}); "
-                         "use a new workdir (--set workdir=...) or delete that directory")
-      if teacher and saved.get("teacher") and saved["teacher"]["sha256"] != teacher.sha256:
-        raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} changed since {out} was started "
-                         "(sha256 differs); use a new workdir")
-      if latest >= steps and results_path.exists() and not export_only:
-        log(f"[{phase}] already complete; results in {results_path}")
-        return json.loads(results_path.read_text())
-    elif export_only:
+    restored = _restore_newest(checkpointer, phase, out, meta, teacher, log, target=lambda: {
+        "train": ckpt_lib.abstract_like(state_shapes, state_sh),
+        "best": {"params": ckpt_lib.abstract_like(spec.init_params, student_sh),
+                 "val_accuracy": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}},
+        complete=lambda step: step >= steps and results_path.exists() and not export_only)
+    if restored == "complete":
+      log(f"[{phase}] already complete; results in {results_path}")
+      return json.loads(results_path.read_text())
+    if restored is None and export_only:
       raise WdjaxError(f"nothing to export: {checkpointer.directory} has no checkpoint; "
                        f"run the {phase} phase first")
-    if latest is None:
+    if restored is None:
       state = jax.jit(init_state, out_shardings=state_sh)(spec.init_params, teacher_params)
       best = loop.initial_best(materialize(state["params"], teacher_params, state["gen_state"]))
     else:
-      rep = mesh_lib.replicated(mesh)
-      target = {"train": ckpt_lib.abstract_like(state_shapes, state_sh),
-                "best": {"params": ckpt_lib.abstract_like(spec.init_params, student_sh),
-                         "val_accuracy": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-                         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}}
-      restored, _ = checkpointer.restore(latest, target)
       state, best = restored["train"], restored["best"]
-      log(f"[{phase}] resuming from step {latest} of {steps} ({checkpointer.directory})")
+      log(f"[{phase}] resuming from step {int(jax.device_get(state['step']))} of {steps} "
+          f"({checkpointer.directory})")
 
     log(f"[{phase}] {trainable / 1e6:.2f}M trainable parameters, "
         f"{param_count(spec.init_params) / 1e6:.2f}M in the model, {steps} steps of "
@@ -247,7 +239,8 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
     results[f"{split}_accuracy"] = scores["accuracy"]
     results[f"{split}_loss"] = scores["loss"]
   if jax.process_index() == 0:
-    objective.export(out / "model", spec.config, student, tokenizer_dir, task)
+    with errors.writing("the exported model", out / "model"):
+      objective.export(out / "model", spec.config, student, tokenizer_dir, task)
     write_results(results_path, results)
   distributed.barrier(f"{phase} exported")  # phase 2 and resumes read what process 0 wrote
   log(f"[{phase}] validation accuracy {results['validation_accuracy']:.4f}, "
@@ -255,11 +248,47 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
   return results
 
 
+def _restore_newest(checkpointer: ckpt_lib.Checkpointer, phase: str, out: Path, meta: dict,
+                    teacher: Model | None, log, target, complete) -> Any:
+  """The newest checkpoint that restores, as `{"train", "best"}` laid out as `target()`; None
+  when the phase has none; "complete" when the newest one is the finished run (`complete(step)`),
+  which is then not read. A checkpoint that cannot be read back is set aside (renamed, with a
+  log line) and the next newest is tried; when none is left of those there were, one line says so.
+  A checkpoint of other settings or another teacher stops the run: it is intact, just not this run's."""
+  aside = []
+  while (latest := checkpointer.latest_step()) is not None:
+    try:
+      saved = checkpointer.read_meta(latest)
+      changed = settings_diff(saved.get("fingerprint", {}), json.loads(json.dumps(meta["fingerprint"])))
+      if changed:
+        raise WdjaxError(f"{out} holds a run with other settings ({'; '.join(changed[:3])}); "
+                         "use a new workdir (--set workdir=...) or delete that directory")
+      if teacher and saved.get("teacher") and saved["teacher"]["sha256"] != teacher.sha256:
+        raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} changed since {out} was started "
+                         "(sha256 differs); use a new workdir")
+      if complete(latest):
+        return "complete"
+      restored, _ = checkpointer.restore(latest, target())
+      return restored
+    except ckpt_lib.Unrestorable as e:
+      distributed.barrier(f"{phase} checkpoint {latest} read")  # every process failed to read it
+      moved = checkpointer.set_aside(latest) if jax.process_index() == 0 else None
+      distributed.barrier(f"{phase} checkpoint {latest} set aside")
+      checkpointer.manager.reload()
+      aside.append(latest)
+      log(f"[{phase}] {e}; set aside as {moved or ckpt_lib.ASIDE}, trying the one before")
+  if aside:
+    raise WdjaxError(f"no checkpoint of {out} restores (steps {', '.join(map(str, aside))} could not "
+                     f"be read and are in {out / ckpt_lib.ASIDE}); delete {out} to start the phase over")
+  return None
+
+
 def write_results(path: Path, results: dict) -> None:
   """`results.json`, atomically (a temporary sibling renamed into place)."""
   tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(results, indent=2) + "\n")
-  tmp.replace(path)
+  with errors.writing("results", path):
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def teacher_train_logits(cfg: Config, teacher: Model, task: Any, compute, log) -> np.ndarray:
@@ -276,8 +305,9 @@ def teacher_train_logits(cfg: Config, teacher: Model, task: Any, compute, log) -
   log(f"computing the teacher's logits on the {len(task.train)} training examples")
   logits = compute()
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, logits)
-    tmp.replace(path)
+    with errors.writing("the teacher-logit cache", path):
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.save(tmp, logits)
+      tmp.replace(path)
   return logits
