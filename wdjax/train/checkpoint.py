@@ -14,7 +14,9 @@ mesh restores onto 2x4 or 8x1.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,25 @@ class _DiskFailures(logging.Filter):
 logging.getLogger("absl").setLevel(logging.WARNING)
 logging.getLogger("absl").addFilter(_DiskFailures())
 
+def _quiet_abandoned_writers() -> None:
+  """When a save fails, the writer threads' pending tensorstore callbacks find their event loop
+  closed, and Python reports each as an unraisable exception (a traceback apiece, hundreds per
+  save, possibly before the run itself sees the failure): drop those reports, which say nothing
+  the run's one line does not; other unraisable exceptions still print."""
+  previous = sys.unraisablehook
+  if getattr(previous, "wdjax_quiet", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) \
+        and errors.disk_cause(exc) is None:
+      previous(unraisable)
+
+  hook.wdjax_quiet = True
+  sys.unraisablehook = hook
+
+
 ASIDE = "checkpoints.unrestorable"  # sibling of `checkpoints/` where unreadable steps are moved
 
 
@@ -59,6 +80,7 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self.every = every
     self._saving = 0  # the step of the latest save started (what a failed wait names)
+    _quiet_abandoned_writers()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -87,9 +109,16 @@ class Checkpointer:
   def _check_room(self, step: int, state: Any) -> None:
     """Refuse a save the disk has no room for before it starts. Orbax's writer threads, when
     the disk fills under them, each print their own tracebacks; this says it once, and nothing
-    is half-written. (A disk that fills during the save is still reported as one line.)"""
+    is half-written. The room a save takes is the newest checkpoint's size on disk (the same
+    tree, compressed alike), or the state's raw size before the first. (A disk that fills
+    during the save is still reported as one line, by `_writing`.)"""
     import shutil
-    needed = sum(x.nbytes for x in jax.tree_util.tree_leaves(state) if hasattr(x, "nbytes"))
+    steps = self.all_steps()
+    if steps:
+      newest = self.directory / str(max(steps))
+      needed = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    else:
+      needed = sum(x.nbytes for x in jax.tree_util.tree_leaves(state) if hasattr(x, "nbytes"))
     free = shutil.disk_usage(self.directory).free
     if free < needed + (1 << 20):  # + room for metadata
       raise WdjaxError(
@@ -97,10 +126,12 @@ class Checkpointer:
           f"({needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free); free space (or use a "
           "writable workdir) and rerun the same command: earlier checkpoints and exports are intact")
 
+  @contextlib.contextmanager
   def _writing(self, step: int | str):
     """Disk failures of a save, which Orbax may raise at any later call, as one line. The
     half-written step stays under Orbax's temporary name, never a step's."""
-    return errors.writing("checkpoint", self.directory / str(step))
+    with errors.writing("checkpoint", self.directory / str(step)):
+      yield
 
   def set_aside(self, step: int) -> Path:
     """Move checkpoint `step` out of the manager's sight into `checkpoints.unrestorable/`
