@@ -95,7 +95,7 @@ def test_corrupt_teacher_is_exit_2(tiny, tmp_path, task_teacher):
   assert proc.stderr.count("\n") == 1 and "not a readable safetensors file" in proc.stderr
 
 
-def test_corrupt_checkpoint_is_exit_2_and_names_the_directory(tiny, tmp_path):
+def test_corrupt_checkpoint_is_exit_2_and_names_the_phase(tiny, tmp_path):
   cfg = tiny()
   path = _write_config(tmp_path / "cfg.py", dataclasses.replace(
       cfg, distill=dataclasses.replace(cfg.distill, steps=4)))
@@ -106,8 +106,12 @@ def test_corrupt_checkpoint_is_exit_2_and_names_the_directory(tiny, tmp_path):
       f.write_bytes(b"\0" * 100)
   proc = _wdjax("export", path)
   assert proc.returncode == 2
-  assert proc.stderr.count("\n") == 1 and "cannot be restored" in proc.stderr
-  assert str(ckpt.parent) in proc.stderr
+  # The only checkpoint is set aside (renamed, not deleted); with none left, one line says so.
+  phase = Path(cfg.workdir) / "distill"
+  assert proc.stderr.count("\n") == 1 and "no checkpoint of" in proc.stderr
+  assert str(phase) in proc.stderr and "steps 4" in proc.stderr
+  assert not ckpt.parent.exists()
+  assert (phase / "checkpoints.unrestorable" / "4" / "state").is_dir()
 
 
 def test_two_phase_eval_and_export_reach_phase_2(tiny, tmp_path, capsys):

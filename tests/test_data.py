@@ -169,6 +169,31 @@ def test_tsv_reads_quotes_literally_and_a_bom_is_skipped(tmp_path):
   assert builders.read_table(bom) == [{"text": "good", "label": "pos"}]
 
 
+_PREPARE_AND_COUNT = """
+import sys
+from wdjax.config import DataConfig
+from wdjax.data import builders, text
+data = DataConfig(dataset="files", train_file=sys.argv[1])
+b = builders.prepare(text.make_builder(data, sys.argv[2]))
+print(sum(s.num_examples for s in b.info.splits.values()))
+"""
+
+
+def test_concurrent_builds_of_one_dataset_all_see_its_splits(tmp_path):
+  """Three processes prepare one dataset in an empty cache: one builds it while the others wait
+  on the lock, and every one of them then reads all 300 rows (those that waited had made their
+  builder before the files existed)."""
+  import subprocess
+  csv_file = tmp_path / "train.csv"
+  csv_file.write_text("text,label\n" + "".join(f"review number {i},{'pos' if i % 3 else 'neg'}\n"
+                                               for i in range(300)))
+  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_AND_COUNT, str(csv_file), str(tmp_path / "cache")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outs]
+  assert [out.split()[-1] for out, _ in outs] == ["300", "300", "300"]
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("latin1.csv", "text,label\ncaf\xe9,pos\n".encode("latin-1"), r"is not UTF-8 text .* re-save it as UTF-8"),
     ("scalar.jsonl", b"3\n", r":1 is a JSON int, not an object of columns"),

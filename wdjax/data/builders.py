@@ -207,6 +207,10 @@ def prepare(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.GeneratorBase
   with file_lock(Path(builder.data_dir).parent / ".prepare.lock"):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    if not builder.info.splits:
+      # another process built the files after this builder was made: TFDS read the directory at
+      # construction, found nothing, and skips the build now, so the splits come from the files
+      builder.info.read_from_directory(builder.data_dir)
   return builder
 
 
