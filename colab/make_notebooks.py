@@ -65,6 +65,7 @@ methods = {{
 results = {{}}
 for label, (file, extra) in methods.items():
     cfg = config_lib.load(f"configs/{{file}}:{{hardware}}", overrides + extra)
+    cfg = notebook.tiny(cfg) if TINY else cfg
     results[label] = run.distill(cfg, phase=f"nb_{{label}}")
     print(f"{{label}}: test accuracy {{results[label]['test_accuracy']:.4f}}")
 '''
@@ -122,7 +123,7 @@ NOTEBOOKS = {
         "# Weight-Inherited Distillation\n\nCompactors around every teacher matrix, masks growing "
         "to the student's width, the cut-and-merged student fine-tuned: task-specific and "
         "task-agnostic (masked-LM) variants.",
-        {"wid": ("wid.py", []), "wid_mlm": ("wid.py", ["method.wid_objective=mlm"])}),
+        {"wid": ("wid.py", []), "wid_mlm": ("wid.py", ["method.objective=mlm"])}),
     "opdf": (
         "# OPDF: an over-parameterised (MPO) student\n\nA half-depth student at the teacher's "
         "width trains every matrix as an exact matrix-product-operator chain, with and without "
@@ -130,7 +131,7 @@ NOTEBOOKS = {
         # KD from the same start as OPDF: the teacher's first layers (docs/methods.md §2.3)
         {"kd_same_width": ("select_kd.py", ["SAME_WIDTH", "method.layer_map=first_n"]),
          "opdf": ("opdf.py", ["SAME_WIDTH"]),
-         "opdf_no_loss": ("opdf.py", ["SAME_WIDTH", "method.opdf_lambda=0"])}),
+         "opdf_no_loss": ("opdf.py", ["SAME_WIDTH", "method.constraint_lambda=0"])}),
 }
 
 

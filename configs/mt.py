@@ -5,7 +5,7 @@ encoder and shrink its decoder (WD's setting). One file, every row of the MT tab
   wdjax distill  configs/mt.py:cpu                                  # seq-KD student (bitext + teacher beams)
   wdjax distill  configs/mt.py:cpu --set mt.seq_kd=none --phase distill_scratch
                                                                     # from scratch: bitext only
-  wdjax distill  configs/mt.py:cpu --set method.name=wd --set method.wd_init=identity \
+  wdjax distill  configs/mt.py:cpu --set method.name=wd --set method.init=identity \
                  --set distill.optim.lr=3e-4 --set method.phase2_lr=1.5e-3     # WD, phase 1 + 2
   wdjax eval     configs/mt.py:cpu --model runs/bible_en_de/distill/model      # BLEU
 

@@ -5,9 +5,9 @@ step budget each). No teacher forward pass and no KD term, as in the paper (kd.a
 Compactors at lr 3e-4, the teacher's weights at 0.02x that (the paper's 1e-6 : 5e-5 ratio),
 mask boundaries every phase-1 steps // 20 (the schedule completes at 80% of phase 1), masked
 entries pulled to zero by the reference's momentum-form surgery (lambda 20).
-Variants: --set method.wid_strategy=head (drop whole heads: needs student.num_heads=6 here);
---set method.wid_surgery=clean (g' = lambda p: under Adam ~20x slower decay, see wid.py);
---set method.wid_objective=mlm (task-agnostic: compactors on masked-LM of the task's text from
+Variants: --set method.strategy=head (drop whole heads: needs student.num_heads=6 here);
+--set method.surgery=clean (g' = lambda p: under Adam ~20x slower decay, see wid.py);
+--set method.objective=mlm (task-agnostic: compactors on masked-LM of the task's text from
 the pretrained teacher, with an MLM head fitted first; then fine-tuned with a new classifier).
 gpu: MPNet 12x768 -> 6x384 (presets); for -> 192 wide add
 --set student.hidden_size=192 --set student.intermediate_size=768.
@@ -26,5 +26,5 @@ from wdjax import presets
 
 def get_config(hardware: str = "cpu"):
   cfg = presets.with_method(presets.rotten_tomatoes(hardware), lr=3e-4, name="wid",
-                            wid_strategy="dim", phase2_lr=1e-4)
+                            strategy="dim", phase2_lr=1e-4)
   return dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))

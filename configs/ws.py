@@ -2,7 +2,7 @@
 
 Maps shared per space (one for the residual stream, one per layer for its attention and FFN
 spaces), truncated-identity initialisation (step 0 is the weight-selection student), layers
-1, 3, 5 of the teacher. Variants: --set method.sharing=tensor, method.map_init=xavier|pca,
+1, 3, 5 of the teacher. Variants: --set method.sharing=tensor, method.init=xavier|pca,
 method.layer_mix=learned.
 
 Commands:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from test_train import _write_config
+from wdjax import generators
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -121,7 +122,7 @@ def test_two_phase_eval_and_export_reach_phase_2(tiny, tmp_path, capsys):
   import shutil
   from wdjax import cli
   from wdjax.train import run as run_lib
-  cfg = tiny(method=dataclasses.replace(tiny().method, name="wd", wd_mode="lean", wd_init="identity"))
+  cfg = tiny(method=generators.section("wd", mode="lean", init="identity"))
   path = _write_config(tmp_path / "cfg.py", cfg)
   result = run_lib.distill(cfg, log=lambda *_: None)
   work = Path(cfg.workdir)

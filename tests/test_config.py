@@ -1,5 +1,6 @@
 """Typed configs, --set overrides and their errors."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +47,17 @@ def test_wrong_type_is_rejected_naming_the_whole_key():
     (["finetune.optim.frozen=[1]"], r"finetune\.optim\.frozen=1 "),
     (["student.dtype=float8"], r"student\.dtype='float8' \(one of float32, bfloat16, float16\)"),
     (["distill.optim.schedule=step"], r"distill\.optim\.schedule='step'"),
-    (["method.name=foo"], r"method\.name='foo' \(one of kd, select, .*wd.*\)"),
+    (["method.name=foo"], r"unknown method 'foo'; available: kd, .*wd"),
+    (["method=foo"], r"unknown method 'foo'; available: kd, .*wd"),
+    (["method=opdf", "method.cores=1"], r"method\.cores=1 \(an MPO needs at least 2 cores\)"),
+    (["method=wid", "method.w_step=-1"], r"method\.w_step=-1 \(must be >= 0"),
+    (["method=wd", "method.phase1_fraction=0"], r"method\.phase1_fraction=0\.0 \(must be in \(0, 1\]\)"),
     (["data.dataset=glue/sst2"], r"data\.dataset='glue/sst2' \(one of "),
-    (["method.name=ws", "method.map_init=svd"], r"method\.map_init='svd' \(one of identity, xavier, pca\)"),
+    (["method.name=ws", "method.init=svd"], r"method\.init='svd' \(one of identity, xavier, pca\)"),
     (["method.layer_map=every_2"], r"method\.layer_map='every_2' \(one of '', contiguous, every_k"),
     (["data.dataset=bible", "method.name=wid"], r"method\.name='wid' \(translation supports kd, select"),
-    (["data.dataset=digits", "method.name=wid", "method.wid_objective=mlm"],
-     r"method\.wid_objective='mlm' \(ViT students support 'task' only"),
+    (["data.dataset=digits", "method.name=wid", "method.objective=mlm"],
+     r"method\.objective='mlm' \(ViT students support 'task' only"),
     # every bad key in one message
     (["distill.log_every=0", "kd.alpha=2"], r"distill\.log_every=0 .*; kd\.alpha=2\.0 \(must be in \[0, 1\]\)"),
 ])
@@ -61,6 +66,32 @@ def test_values_no_run_can_use_are_refused_at_load(assignments, message):
   computed, and `checkpoint.keep=0` would delete every checkpoint, so a rerun would start over."""
   with pytest.raises(WdjaxError, match=message):
     validate.load(QUICKSTART, assignments)
+
+
+def test_the_method_section_is_the_methods_own():
+  """`method=NAME` switches to NAME's section (its defaults), before the other assignments
+  wherever it stands; each key is checked against that section's fields, and a key of another
+  method's section names its owner."""
+  from wdjax import generators
+  from wdjax.generators.wd import WDMethod
+  cfg = validate.load(QUICKSTART, ["method.init=identity", "method=wd", "method.mode=lean"])
+  assert cfg.method == WDMethod(init="identity", mode="lean") == generators.section("wd", init="identity", mode="lean")
+  assert config_lib.to_dict(cfg)["method"] == {"name": "wd", "layer_map": "", "phase1_fraction": 0.5,
+                                               "phase2_lr": 0.0, "mode": "lean", "init": "identity"}
+  assert validate.load(QUICKSTART, ["method.name=wd"]).method == WDMethod()
+  assert config_lib.apply_overrides(cfg, ["method=wd"]).method is cfg.method  # already WD's: kept
+  with pytest.raises(WdjaxError, match=r"'method\.mode': the kd section has name, layer_map, init; "
+                                       r"mode is an option of wd \(--set method=wd first\)"):
+    validate.load(QUICKSTART, ["method.mode=lean"])
+  with pytest.raises(WdjaxError, match=r"did you mean method\.init\?"):
+    validate.load(QUICKSTART, ["method.inti=selection"])
+  # every registered method has a section that checks clean with its defaults
+  assert set(config_lib.MethodConfig.sections()) == set(generators.METHODS)
+  for name in generators.METHODS:
+    assert generators.check(generators.section(name)) == []
+  # a section of one method named as another is refused
+  mislabelled = dataclasses.replace(generators.section("ws"), name="gws")
+  assert "the section is a WSMethod; gws's is GWSMethod" in generators.check(mislabelled)[0]
 
 
 def test_every_shipped_config_passes_the_checks():
@@ -78,7 +109,7 @@ def test_cli_prints_one_line_and_exits_2_on_unknown_key():
 
 
 @pytest.mark.parametrize("assignments", [["method.name=foo"], ["data.dataset=glue/sst2"],
-                                         ["method.name=wd", "method.wd_init=zeros"]])
+                                         ["method.name=wd", "method.init=zeros"]])
 def test_wdjax_config_refuses_unknown_values_in_one_line(assignments):
   """`wdjax config` checks what a run would: an unknown method, dataset or choice is one line,
   exit 2, not a config printed as if it could run."""
@@ -86,4 +117,5 @@ def test_wdjax_config_refuses_unknown_values_in_one_line(assignments):
   proc = subprocess.run([sys.executable, "-m", "wdjax", "config", str(ROOT / "configs" / "kd.py") + ":cpu",
                          *args], capture_output=True, text=True)
   assert proc.returncode == 2 and proc.stdout == ""
-  assert proc.stderr.startswith("wdjax: error: invalid config: ") and proc.stderr.count("\n") == 1
+  assert proc.stderr.startswith(("wdjax: error: invalid config: ", "wdjax: error: unknown method"))
+  assert proc.stderr.count("\n") == 1

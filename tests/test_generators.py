@@ -228,7 +228,7 @@ def test_pca_maps_are_orthonormal_and_deterministic(setup, tiny):
   cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, **{
       k: v for k, v in STUDENT.items()}))
   task = text.load(cfg.data, cfg.teacher_dir, 0)
-  method = dataclasses.replace(cfg.method, name="ws", map_init="pca", pca_batches=2)
+  method = generators.section("ws", init="pca", pca_batches=2)
   a = pca_maps(t_cfg, t_params, task.train, cfg, method)
   b = pca_maps(t_cfg, t_params, task.train, cfg, method)
   assert sorted(a) == ["attn/layer_0", "attn/layer_1", "ffn/layer_0", "ffn/layer_1", "hidden", "pooled"]

@@ -238,7 +238,7 @@ def test_mt_training_moves_only_generator_leaves_and_sharded_equals_single(varia
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(method=dataclasses.replace(Config().method, name="wid")), "translation supports kd, select"),
+    (dict(method=generators.section("wid")), "translation supports kd, select"),
     (dict(mt=TranslationConfig(seq_kd="both")), "mt.seq_kd"),
 ])
 def test_bad_translation_settings_get_one_clear_error(tmp_path, change, message):
@@ -263,7 +263,7 @@ def test_teacher_seq_kd_wd_bleu_end_to_end(tmp_path, bible_db):
                            optim=OptimConfig(lr=3e-3, warmup_ratio=0.1)),
       distill=TrainConfig(batch_size=32, steps=20, eval_every=10, eval_batch_size=32,
                           optim=OptimConfig(lr=1e-3)),
-      kd=KDConfig(alpha=0.0), method=dataclasses.replace(Config().method, name="wd", wd_init="identity"),
+      kd=KDConfig(alpha=0.0), method=generators.section("wd", init="identity"),
       mesh=MeshConfig(data=2), checkpoint=CheckpointConfig(every=20, async_save=False),
       log=LogConfig(progress=False))
   teacher = run_lib.finetune(cfg)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import assert_same_shapes, run_generator_steps, tree_allclose
 from wdjax import generators
-from wdjax.config import Config, DataConfig, MethodConfig, OptimConfig, StudentConfig, TeacherConfig, TrainConfig, VisionConfig
+from wdjax.config import Config, DataConfig, OptimConfig, StudentConfig, TeacherConfig, TrainConfig, VisionConfig
 from wdjax.data import images
 from wdjax.errors import WdjaxError
 from wdjax import trees
@@ -200,7 +200,7 @@ def test_digits_teacher_and_students_end_to_end(tmp_path):
                distill=TrainConfig(batch_size=64, steps=100, eval_every=100, eval_batch_size=96, optim=optim))
   teacher = run_lib.finetune(cfg)
   assert teacher["test_accuracy"] > 0.9  # 0.97 measured
-  wd = run_lib.distill(dataclasses.replace(cfg, method=MethodConfig(name="wd", wd_init="identity")))
+  wd = run_lib.distill(dataclasses.replace(cfg, method=generators.section("wd", init="identity")))
   assert wd["test_accuracy"] > 0.85  # 0.97 measured
   assert wd["phase1"]["trainable_params"] > wd["model_params"]  # the maps train in phase 1
   model = tmp_path / "run" / "distill_wd_phase2" / "model"

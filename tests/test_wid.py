@@ -208,11 +208,12 @@ def test_task_agnostic_wid_fits_an_mlm_head_then_cuts_and_fine_tunes(tiny, minil
   import transformers
 
   from wdjax import assets
-  from wdjax.config import MethodConfig, StudentConfig
+  from wdjax import generators
+  from wdjax.config import StudentConfig
   from wdjax.data import mlm, text
   from wdjax.tasks import text_classification
   from wdjax.train import run
-  cfg = tiny(method=MethodConfig(name="wid", wid_objective="mlm", mlm_head_steps=12),
+  cfg = tiny(method=generators.section("wid", objective="mlm", mlm_head_steps=12),
              student=StudentConfig(num_layers=2, hidden_size=96, num_heads=12, intermediate_size=256))
   cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
   result = run.distill(cfg)

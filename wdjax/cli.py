@@ -86,11 +86,12 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 def transfer_config(cfg):
   """The config of `wdjax pipeline`'s weight-transfer student (None: `pipeline.transfer=""`):
   the config's student, teacher, data and steps with the transfer method and its learning rate."""
+  from wdjax import generators
   t = cfg.pipeline
   if not t.transfer:
     return None
-  method = (dataclasses.replace(type(cfg.method)(), name="kd", init="selection") if t.transfer == "selection"
-            else dataclasses.replace(type(cfg.method)(), name=t.transfer))
+  method = (generators.section("kd", init="selection") if t.transfer == "selection"
+            else generators.section(t.transfer))
   optim = dataclasses.replace(cfg.distill.optim, lr=t.transfer_lr or cfg.distill.optim.lr)
   return dataclasses.replace(cfg, method=method, distill=dataclasses.replace(cfg.distill, optim=optim))
 

@@ -127,36 +127,53 @@ class KDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-  name: str = "kd"  # kd | select | ws | gws | wd | wid | opdf (see wdjax/generators/__init__.py)
-  init: str = "random"  # kd: the student's starting weights, "random" or "selection" (of the teacher)
+  """The `method` section: `name` picks the method, the other fields are that method's own.
+
+  Each method defines its section as a subclass, with its name as the default of `name`, in its
+  own module (`wdjax/generators/`; KD's is here, being the default). `--set method=wd` (or
+  `method.name=wd`) switches the section to WD's with its defaults; a key of another method's
+  section is refused, naming the method it belongs to.
+  """
+
+  name: str
   layer_map: str = ""  # teacher layers per student layer: every_k | contiguous | first_n | uniform ("" = the method's own)
-  sharing: str = "role"  # ws/gws: maps shared per space ("role") or one per tensor axis ("tensor")
-  map_init: str = "identity"  # ws/gws: identity (= weight selection at step 0) | xavier | pca
-  layer_mix: str = "fixed"  # ws/gws: "fixed" layer map, or a "learned" mix over contiguous groups
-  gate: str = "matrix"  # gws: one gate per matrix | row | element
-  gate_init: float = 3.0  # gws: gate logit at init; sigmoid(3) = 0.95 starts from the selected student
-  wd_mode: str = "faithful"  # wd: faithful (maps per tensor, as the paper's code) | lean (per space)
-  wd_init: str = "xavier"  # wd: xavier (the paper's) | identity (starts at weight selection; an extension)
-  phase1_fraction: float = 0.5  # wd/wid: share of the distill steps for phase 1; phase 2 gets the rest
-  phase2_lr: float = 0.0  # wd/wid: phase-2 peak learning rate (0 = distill.optim.lr)
-  wid_strategy: str = "dim"  # wid: "dim" narrows every head | "head" drops whole heads
-  wid_w_step: int = 0  # wid: steps between mask boundaries (0 = phase-1 steps // 20: done at 80%)
-  wid_lambda: float = 20.0  # wid: penalty on masked compactor rows/columns
-  wid_objective: str = "task"  # wid: "task" (compactors on the task loss) | "mlm" (task-agnostic)
-  mlm_head_steps: int = 300  # wid mlm: steps that fit an MLM head to a teacher that ships none
-  wid_surgery: str = "momentum"  # wid: "momentum" (the reference's form) | "clean" (g' = lambda p)
-  wid_teacher_lr_scale: float = 0.02  # wid: teacher weights' lr / compactors' lr (1e-6 / 5e-5)
-  opdf_cores: int = 5  # opdf: cores per matrix (2 = the SVD ablation, 5 = Theseus's, 7 = LGTM's)
-  opdf_lambda: float = -1.0  # opdf: constraint-loss weight (-1 = the paper's 1e-4 / student layers)
-  opdf_start: str = "selection"  # opdf: student's starting weights: teacher layers | "random"
-  pca_batches: int = 8  # map_init=pca: training batches of teacher activations to decompose
 
   @property
   def label(self) -> str:
-    """Short name of the method as configured: kd, kd_selection, ws, gws, wd, wid, wid_mlm."""
-    if self.name == "kd" and self.init == "selection":
-      return "kd_selection"
-    return "wid_mlm" if self.name == "wid" and self.wid_objective == "mlm" else self.name
+    """Short name of the method as configured (its distill phase is `distill_<label>`)."""
+    return self.name
+
+  @staticmethod
+  def sections() -> dict[str, type[MethodConfig]]:
+    """Every defined section by method name: the subclasses that give `name` a default."""
+    out, todo = {}, list(MethodConfig.__subclasses__())
+    while todo:
+      cls = todo.pop(0)
+      todo += cls.__subclasses__()
+      if "name" in cls.__dict__:  # a dataclass field redefined with a default sets the attribute
+        out.setdefault(cls.name, cls)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class KDMethod(MethodConfig):
+  """Logit KD (plain CE when `kd.alpha` is 0): the student's own weights are trained."""
+
+  name: str = "kd"
+  init: str = "random"  # the student's starting weights: "random" or "selection" (of the teacher's)
+
+  @property
+  def label(self) -> str:
+    return "kd_selection" if self.init == "selection" else "kd"
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoPhaseMethod(MethodConfig):
+  """A method that trains its generator in phase 1 and the materialised student in phase 2,
+  splitting the distill steps between them."""
+
+  phase1_fraction: float = 0.5  # share of the distill steps for phase 1; phase 2 gets the rest
+  phase2_lr: float = 0.0  # phase-2 peak learning rate (0 = distill.optim.lr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +219,7 @@ class Config:
   finetune: TrainConfig = TrainConfig()
   distill: TrainConfig = TrainConfig(epochs=3.0, optim=OptimConfig(lr=3e-4))
   kd: KDConfig = KDConfig()
-  method: MethodConfig = MethodConfig()
+  method: MethodConfig = KDMethod()
   mt: TranslationConfig = TranslationConfig()
   vit: VisionConfig = VisionConfig()
   mesh: MeshConfig = MeshConfig()
@@ -215,13 +232,14 @@ class Config:
     return self.teacher.path or str(Path(self.workdir) / "finetune" / "model")
 
 
-def _field_names(cls, prefix: str = "") -> list[str]:
+def _field_names(obj, prefix: str = "") -> list[str]:
+  """Dotted names of the leaf fields of the dataclass instance `obj` (a section's fields are
+  those of the section it holds: `method`'s are its method's)."""
   names = []
-  hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):
-    t = hints[f.name]
-    if dataclasses.is_dataclass(t):
-      names += _field_names(t, prefix + f.name + ".")
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value):
+      names += _field_names(value, prefix + f.name + ".")
     else:
       names.append(prefix + f.name)
   return names
@@ -266,26 +284,56 @@ def _close_matches(key: str, names: list[str]) -> list[str]:
 
 def override(cfg, key: str, raw: str, full_key: str = ""):
   """A copy of `cfg` with dotted `key` set from the string `raw` (`full_key`: the key as the
-  user wrote it, for messages, when `cfg` is a nested part)."""
+  user wrote it, for messages, when `cfg` is a nested part). `method=NAME` and `method.name=NAME`
+  switch the method section."""
   full_key = full_key or key
-  names = _field_names(type(cfg))
-  if key not in names:
-    close = _close_matches(key, names)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `wdjax config CONFIG`"
-    raise WdjaxError(f"unknown config key {key!r}{hint}")
   head, _, rest = key.partition(".")
-  if rest:
-    return dataclasses.replace(cfg, **{head: override(getattr(cfg, head), rest, raw, full_key)})
+  section = getattr(cfg, head, None) if dataclasses.is_dataclass(cfg) else None
+  if isinstance(section, MethodConfig) and rest in ("", "name"):
+    return dataclasses.replace(cfg, **{head: switch_method(section, raw.strip())})
+  if rest and dataclasses.is_dataclass(section):  # the section checks its own keys
+    return dataclasses.replace(cfg, **{head: override(section, rest, raw, full_key)})
+  names = _field_names(cfg)
+  if key not in names:
+    raise WdjaxError(f"unknown config key {full_key!r}{_key_hint(cfg, key, full_key, names)}")
   typ = typing.get_type_hints(type(cfg))[head]
   return dataclasses.replace(cfg, **{head: _coerce(full_key, raw, typ)})
 
 
+def switch_method(section: MethodConfig, name: str) -> MethodConfig:
+  """`section` if it is already `name`'s, else `name`'s section with its defaults."""
+  if section.name == name:
+    return section
+  sections = MethodConfig.sections()
+  if name not in sections:
+    raise WdjaxError(f"unknown method {name!r}; available: {', '.join(sections)}")
+  return sections[name]()
+
+
+def _key_hint(cfg, key: str, full_key: str, names: list[str]) -> str:
+  if isinstance(cfg, MethodConfig):  # an option of another method's section?
+    owners = [n for n, cls in MethodConfig.sections().items()
+              if key in (f.name for f in dataclasses.fields(cls))]
+    if owners:
+      return (f": the {cfg.name} section has {', '.join(_field_names(cfg))}; {key} is an option of "
+              f"{' and '.join(owners)} (--set {full_key.rpartition('.')[0] or 'method'}={owners[0]} first)")
+  prefix = full_key[:len(full_key) - len(key)]  # the section's own path, as the user wrote it
+  close = [prefix + c for c in _close_matches(key, names)]
+  return f"; did you mean {' or '.join(close)}?" if close else "; see `wdjax config CONFIG`"
+
+
 def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
+  """`cfg` with each `KEY=VALUE` of `assignments` set; a method switch (`method=NAME` or
+  `method.name=NAME`) goes first wherever it is, so that the method's own keys reach its section."""
+  parsed = []
   for item in assignments:
     key, eq, raw = item.partition("=")
     if not eq:
       raise WdjaxError(f"--set expects KEY=VALUE, got {item!r}")
-    cfg = override(cfg, key.strip(), raw.strip())
+    parsed.append((key.strip(), raw.strip()))
+  parsed.sort(key=lambda kv: kv[0] not in ("method", "method.name"))  # stable: order kept otherwise
+  for key, raw in parsed:
+    cfg = override(cfg, key, raw)
   return cfg
 
 

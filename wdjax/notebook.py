@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,15 @@ TINY = ["data.max_train_examples=128", "data.max_eval_examples=32", "data.max_le
         "finetune.eval_batch_size=32", "distill.steps=4", "distill.batch_size=16",
         "distill.eval_batch_size=32", "distill.eval_every=4", "student.num_layers=2",
         "student.hidden_size=96", "student.num_heads=12", "student.intermediate_size=256",
-        "method.mlm_head_steps=2", "method.opdf_cores=2", "log.progress=false"]
+        "log.progress=false"]
+TINY_METHOD = {"mlm_head_steps": 2, "cores": 2}  # of the method sections that have them (WID, OPDF)
+
+
+def tiny(cfg):
+  """`cfg` with TINY_METHOD's values for the fields its method section has."""
+  own = {f.name for f in dataclasses.fields(cfg.method)}
+  return dataclasses.replace(cfg, method=dataclasses.replace(
+      cfg.method, **{k: v for k, v in TINY_METHOD.items() if k in own}))
 
 
 def hardware() -> str:

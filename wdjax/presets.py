@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from wdjax.config import (Config, DataConfig, KDConfig, MethodConfig, OptimConfig, StudentConfig,
+from wdjax import generators
+from wdjax.config import (Config, DataConfig, KDConfig, OptimConfig, StudentConfig,
                           TeacherConfig, TrainConfig, TranslationConfig, VisionConfig)
 
 HARDWARE = ("cpu", "gpu")
@@ -142,11 +143,12 @@ def fashion_vit(hardware: str = "cpu") -> Config:
   raise ValueError(f"hardware must be one of {HARDWARE}, got {hardware!r}")
 
 
-def with_method(cfg: Config, lr: float | None = None, **method) -> Config:
-  """`cfg` with `method` fields set (and the distill learning rate, if given)."""
+def with_method(cfg: Config, lr: float | None = None, name: str = "kd", **options) -> Config:
+  """`cfg` with method `name`'s section, `options` set in it (and the distill learning rate, if
+  given)."""
   distill = cfg.distill if lr is None else dataclasses.replace(
       cfg.distill, optim=dataclasses.replace(cfg.distill.optim, lr=lr))
-  return dataclasses.replace(cfg, method=MethodConfig(**method), distill=distill)
+  return dataclasses.replace(cfg, method=generators.section(name, **options), distill=distill)
 
 
 SAME_WIDTH = {  # the teacher's width and heads at half its depth (OPDF's setting)

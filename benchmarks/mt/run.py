@@ -37,10 +37,10 @@ ROWS = {  # label -> (phase, --set assignments); the teacher is `finetune`
     "scratch": ("distill_scratch", ["mt.seq_kd=none"]),
     "seq-kd": ("distill", []),
     # WD from truncated-identity maps (docs/methods.md §1.9's function-preserving extension)
-    "wd": ("distill_wd", ["method.name=wd", "method.wd_init=identity", "distill.optim.lr=3e-4",
+    "wd": ("distill_wd", ["method.name=wd", "method.init=identity", "distill.optim.lr=3e-4",
                           "method.phase2_lr=1.5e-3"]),
     # WD as the reference initialises it (xavier maps, elementwise encoder)
-    "wd-paper": ("distill_wd_paper", ["method.name=wd", "method.wd_init=xavier"]),
+    "wd-paper": ("distill_wd_paper", ["method.name=wd", "method.init=xavier"]),
 }
 
 

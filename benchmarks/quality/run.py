@@ -49,16 +49,16 @@ METHODS = {  # label -> (config file, extra --set assignments)
     # WD as configs/wd.py runs it: identity-initialised maps (an extension, docs/methods.md 1.9)
     "wd": ("wd.py", []),
     # WD as the paper initialises it: xavier-normal maps, phase-1 lr 3e-4
-    "wd-paper": ("wd.py", ["method.wd_init=xavier", "distill.optim.lr=3e-4"]),
+    "wd-paper": ("wd.py", ["method.init=xavier", "distill.optim.lr=3e-4"]),
     "wid": ("wid.py", []),
     # task-agnostic WID: compactors on masked-LM over the task's text, then fine-tuned
-    "wid-mlm": ("wid.py", ["method.wid_objective=mlm"]),
+    "wid-mlm": ("wid.py", ["method.objective=mlm"]),
     # OPDF's own setting: a half-depth student at the teacher's width (3x384 on cpu), from the
     # teacher's layers; its baseline is KD alone on that student, and the ablation drops the loss
     # (both start from the teacher's first layers, as the paper's student and its KD baseline)
     "kd-384": ("select_kd.py", ["SAME_WIDTH", "method.layer_map=first_n"]),
     "opdf": ("opdf.py", []),
-    "opdf-noloss": ("opdf.py", ["method.opdf_lambda=0"]),
+    "opdf-noloss": ("opdf.py", ["method.constraint_lambda=0"]),
 }
 
 
@@ -70,7 +70,7 @@ VISION_METHODS = {
     "select+kd": ("vit.py", ["method.init=selection"]),  # weight selection's own setting, plus KD
     "ws": ("vit.py", ["method.name=ws"]),
     "gws": ("vit.py", ["method.name=gws"]),
-    "wd": ("vit.py", ["method.name=wd", "method.wd_init=identity"]),
+    "wd": ("vit.py", ["method.name=wd", "method.init=identity"]),
     "wid": ("vit.py", ["method.name=wid"]),
     "opdf": ("vit.py", ["method.name=opdf"]),  # at half width: the width-mismatch extension
 }

@@ -1,8 +1,9 @@
 """Parameter generators: teacher parameters -> student parameters (see base.py for the contract).
 
-Each generator module registers its methods (`registry.Method`: how to build the generator,
-which options it reads from the config's `method` section, the values of its choice fields);
-every module of this package is imported here, so a new method is a new module.
+Each generator module defines its methods' config sections and registers them (`registry.Method`:
+how to build the generator, its section and how it becomes the generator's options, the values
+its fields may take); every module of this package is imported here, so a new method is a new
+module.
 
 | name   | generator                         | trainable leaves                                  |
 |--------|-----------------------------------|---------------------------------------------------|
@@ -28,8 +29,7 @@ for _info in pkgutil.iter_modules(__path__):  # each module registers its method
   importlib.import_module(f"{__name__}.{_info.name}")
 
 METHODS = tuple(registry.registered())  # in the order the modules registered them
-# choice fields every method shares (each method's own: its `Method.choices`)
-COMMON_CHOICES = {"init": ("random", "selection"), "layer_map": ("",) + paths.LAYER_MAPS}
+LAYER_MAP_CHOICES = ("",) + paths.LAYER_MAPS  # `layer_map`, a field of every section
 
 
 def method(name: str) -> Method:
@@ -50,32 +50,36 @@ def make(name: str, student_shapes: Any = None, teacher_shapes: Any = None, **op
   return method(name).build(student_shapes, teacher_shapes, **options)
 
 
-def options_for(method_config, context: Context) -> dict:
+def options_for(section, context: Context) -> dict:
   """The keyword options of `make` that the config's `method` section gives."""
-  return method(method_config.name).options(method_config, context)
+  return method(section.name).options(section, context)
 
 
-def check(method_config) -> list[str]:
+def section(name: str, **fields):
+  """The config section of method `name` with `fields` set: `section("wd", init="identity")`."""
+  return method(name).section(**fields)
+
+
+def check(section) -> list[str]:
   """Problems of a `method` config section, each as `method.key=value (rule)`."""
+  if section.name not in METHODS:
+    return [f"method.name={section.name!r} (one of {', '.join(METHODS)})"]
+  m = method(section.name)
+  if type(section) is not m.section:
+    return [f"method.name={section.name!r} (the section is a {type(section).__name__}; {section.name}'s "
+            f"is {m.section.__name__}: build it with generators.section({section.name!r}, ...))"]
   bad = []
-  if method_config.name not in METHODS:
-    bad.append(f"method.name={method_config.name!r} (one of {', '.join(METHODS)})")
-  choices = dict(COMMON_CHOICES)
-  for m in registry.registered().values():
-    choices.update(m.choices)
-  for key, allowed in choices.items():
-    value = getattr(method_config, key)
+  for key, allowed in dict(m.choices, layer_map=LAYER_MAP_CHOICES).items():
+    value = getattr(section, key)
     if value not in allowed:
       bad.append(f"method.{key}={value!r} (one of {', '.join(repr(a) if a == '' else a for a in allowed)})")
-  if method_config.wid_w_step < 0:
-    bad.append(f"method.wid_w_step={method_config.wid_w_step} (must be >= 0; 0 = phase-1 steps // 20)")
-  if method_config.opdf_cores < 2:
-    bad.append(f"method.opdf_cores={method_config.opdf_cores} (an MPO needs at least 2 cores)")
-  if not 0 < method_config.phase1_fraction <= 1:
-    bad.append(f"method.phase1_fraction={method_config.phase1_fraction!r} (must be in (0, 1])")
-  return bad
+  if m.two_phase and not 0 < section.phase1_fraction <= 1:
+    bad.append(f"method.phase1_fraction={section.phase1_fraction!r} (must be in (0, 1])")
+  if m.two_phase and section.phase2_lr < 0:
+    bad.append(f"method.phase2_lr={section.phase2_lr!r} (must be >= 0; 0 = distill.optim.lr)")
+  return bad + m.check(section)
 
 
-__all__ = ["COMMON_CHOICES", "METHODS", "Context", "Generator", "Identity", "Method", "StudentSpec",
+__all__ = ["LAYER_MAP_CHOICES", "METHODS", "Context", "Generator", "Identity", "Method", "StudentSpec",
            "WeightSelection", "check", "is_two_phase", "make", "method", "options_for", "param_count",
-           "select"]
+           "section", "select"]

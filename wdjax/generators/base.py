@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from wdjax import trees
+from wdjax.config import KDMethod
 from wdjax.generators.registry import Method, register
 from wdjax.models.bert import EncoderConfig
 
@@ -118,5 +119,5 @@ def param_count(tree: Params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
-register(Method("kd", lambda student_shapes, teacher_shapes: Identity(),
+register(Method("kd", lambda student_shapes, teacher_shapes: Identity(), section=KDMethod,
                 choices={"init": ("random", "selection")}))

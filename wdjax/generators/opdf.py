@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
+from wdjax.config import MethodConfig
 from wdjax.generators.base import Generator, Params, StudentSpec
 from wdjax.generators.registry import Method, register
 from wdjax.generators import mpo
@@ -127,9 +129,24 @@ class MatrixProductOperator(Generator):
     return self.constraint_lambda * total / len(self.factors)
 
 
-register(Method("opdf", MatrixProductOperator,
+@dataclasses.dataclass(frozen=True)
+class OPDFMethod(MethodConfig):
+  """OPDF: every attention and FFN matrix of the student as a product of MPO cores, trained with
+  KD and a constraint that keeps the auxiliary cores near the teacher's."""
+
+  name: str = "opdf"
+  cores: int = 5  # cores per matrix (2 = the SVD ablation, 5 = Theseus's, 7 = LGTM's)
+  constraint_lambda: float = -1.0  # constraint-loss weight (-1 = the paper's 1e-4 / student layers)
+  init: str = "selection"  # the cores' start: decomposed teacher layers ("selection") | "random"
+
+
+def _check(method: OPDFMethod) -> list[str]:
+  return [] if method.cores >= 2 else [f"method.cores={method.cores} (an MPO needs at least 2 cores)"]
+
+
+register(Method("opdf", MatrixProductOperator, section=OPDFMethod, check=_check,
                 options=lambda m, context: {
-                    "n_cores": m.opdf_cores, "start": m.opdf_start,
-                    "constraint_lambda": None if m.opdf_lambda < 0 else m.opdf_lambda,
+                    "n_cores": m.cores, "start": m.init,
+                    "constraint_lambda": None if m.constraint_lambda < 0 else m.constraint_lambda,
                     "layer_map": m.layer_map or "first_n"},  # the paper's start (docs/methods.md §2.3)
-                choices={"opdf_start": ("selection", "random")}))
+                choices={"init": ("selection", "random")}))

@@ -1,10 +1,13 @@
-"""The method registry: each generator module registers its methods here, with the options it
-reads from the config's `method` section and the values its choice fields take.
+"""The method registry: each generator module registers its methods here, with its config
+section (a `wdjax.config.MethodConfig` subclass), how the section becomes the generator's
+options, and the values its fields may take.
 
-A method is `Method(name, build, options, choices, two_phase)`:
+A method is `Method(name, build, section, options, choices, check, two_phase)`:
   build(student_shapes, teacher_shapes, **options) -> Generator
-  options(method_config, context) -> the keyword options of `build` (context: `Context`)
-`two_phase` methods train their generator in phase 1 and the materialised student in phase 2.
+  options(section, context) -> the keyword options of `build` (context: `Context`)
+  choices: section field -> allowed values; check(section) -> problems as "method.key=value (rule)"
+`two_phase` methods train their generator in phase 1 and the materialised student in phase 2
+(their section is a `wdjax.config.TwoPhaseMethod`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ class Context:
 class Method:
   name: str
   build: Callable[..., Any]
+  section: type  # the method's config section, a wdjax.config.MethodConfig subclass
   options: Callable[[Any, Context], dict] = lambda method, context: {}
-  choices: dict[str, tuple] = dataclasses.field(default_factory=dict)  # method field -> allowed values
+  choices: dict[str, tuple] = dataclasses.field(default_factory=dict)  # section field -> allowed values
+  check: Callable[[Any], list[str]] = lambda method: []
   two_phase: bool = False
 
 

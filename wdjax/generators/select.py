@@ -18,11 +18,14 @@ initialiser, `method.init="selection"` for a KD student.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
+from wdjax.config import MethodConfig
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params, StudentSpec
@@ -99,5 +102,12 @@ class WeightSelection(Generator):
     return trees.unflatten(self.plan.apply(teacher_params))
 
 
-register(Method("select", WeightSelection,
+@dataclasses.dataclass(frozen=True)
+class SelectMethod(MethodConfig):
+  """Weight selection alone: the student is a fixed slice of the teacher (nothing is trained)."""
+
+  name: str = "select"
+
+
+register(Method("select", WeightSelection, section=SelectMethod,
                 options=lambda m, context: {"layer_map": m.layer_map or "every_k"}))

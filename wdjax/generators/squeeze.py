@@ -38,12 +38,14 @@ training starts from the selected model, as GWS starts from its mid-size model).
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
+from wdjax.config import MethodConfig
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
@@ -172,18 +174,41 @@ class WeightSqueezing(Generator):
     return trees.unflatten(out)
 
 
-def _options(method, context, gated: bool) -> dict:
+@dataclasses.dataclass(frozen=True)
+class WSMethod(MethodConfig):
+  """Weight Squeezing: learned linear maps from the teacher's spaces to the student's."""
+
+  name: str = "ws"
+  sharing: str = "role"  # one map per space ("role") or one per tensor axis ("tensor")
+  init: str = "identity"  # the maps' start: identity (= weight selection at step 0) | xavier | pca
+  layer_mix: str = "fixed"  # the "fixed" layer map, or a "learned" mix over contiguous groups
+  pca_batches: int = 8  # init=pca: training batches of teacher activations to decompose
+
+
+@dataclasses.dataclass(frozen=True)
+class GWSMethod(WSMethod):
+  """Gated Weight Squeezing: WS's maps plus a student-shaped model, mixed by learned gates."""
+
+  name: str = "gws"
+  gate: str = "matrix"  # one gate per matrix | row | element
+  gate_init: float = 3.0  # gate logit at init; sigmoid(3) = 0.95 starts from the selected student
+
+
+def _options(method: WSMethod, context) -> dict:
   opts = dict(layer_map=method.layer_map or "every_k", layer_mix=method.layer_mix,
-              sharing=method.sharing, init=method.map_init)
-  if gated:
+              sharing=method.sharing, init=method.init)
+  if isinstance(method, GWSMethod):
     opts.update(gate=method.gate, gate_init=method.gate_init)
   return opts
 
 
-_CHOICES = {"sharing": ("role", "tensor"), "map_init": ("identity", "xavier", "pca"),
+def _check(method: WSMethod) -> list[str]:
+  return [] if method.pca_batches >= 1 else [f"method.pca_batches={method.pca_batches} (must be at least 1)"]
+
+
+_CHOICES = {"sharing": ("role", "tensor"), "init": ("identity", "xavier", "pca"),
             "layer_mix": ("fixed", "learned")}
-register(Method("ws", lambda s, t, **o: WeightSqueezing(s, t, gated=False, **o),
-                options=lambda m, context: _options(m, context, gated=False), choices=_CHOICES),
-         Method("gws", lambda s, t, **o: WeightSqueezing(s, t, gated=True, **o),
-                options=lambda m, context: _options(m, context, gated=True),
-                choices=dict(_CHOICES, gate=("matrix", "row", "element"))))
+register(Method("ws", lambda s, t, **o: WeightSqueezing(s, t, gated=False, **o), section=WSMethod,
+                options=_options, choices=_CHOICES, check=_check),
+         Method("gws", lambda s, t, **o: WeightSqueezing(s, t, gated=True, **o), section=GWSMethod,
+                options=_options, choices=dict(_CHOICES, gate=("matrix", "row", "element")), check=_check))

@@ -39,10 +39,13 @@ kernel count: its generator's FLOPs are <1% of the step's).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from wdjax import trees
+from wdjax.config import TwoPhaseMethod
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
@@ -155,7 +158,16 @@ def _lookup(tree: dict, path: str):
   return tree
 
 
-register(Method("wd", WeightDistillation, two_phase=True,
-                options=lambda m, context: {"mode": m.wd_mode, "init": m.wd_init,
+@dataclasses.dataclass(frozen=True)
+class WDMethod(TwoPhaseMethod):
+  """Weight Distillation: phase 1 trains the parameter generator, phase 2 the student it made."""
+
+  name: str = "wd"
+  mode: str = "faithful"  # faithful (maps per tensor, as the paper's code) | lean (per space)
+  init: str = "xavier"  # the maps' start: xavier (the paper's) | identity (weight selection; an extension)
+
+
+register(Method("wd", WeightDistillation, section=WDMethod, two_phase=True,
+                options=lambda m, context: {"mode": m.mode, "init": m.init,
                                             "layer_map": m.layer_map or "contiguous"},
-                choices={"wd_mode": ("faithful", "lean"), "wd_init": ("xavier", "identity")}))
+                choices={"mode": ("faithful", "lean"), "init": ("xavier", "identity")}))

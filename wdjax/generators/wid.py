@@ -59,6 +59,7 @@ import numpy as np
 import optax
 
 from wdjax import trees
+from wdjax.config import TwoPhaseMethod
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params, StudentSpec
@@ -368,15 +369,42 @@ class WeightInherited(Generator):
     return inject
 
 
-def _options(method, context) -> dict:
+@dataclasses.dataclass(frozen=True)
+class WIDMethod(TwoPhaseMethod):
+  """Weight-Inherited Distillation: phase 1 trains compactors around the teacher's kernels while
+  their masks narrow them to the student's width; phase 2 trains the cut-and-merged student."""
+
+  name: str = "wid"
+  strategy: str = "dim"  # "dim" narrows every head | "head" drops whole heads
+  w_step: int = 0  # steps between mask boundaries (0 = phase-1 steps // 20: done at 80%)
+  penalty: float = 20.0  # lambda of the penalty on masked compactor rows/columns
+  objective: str = "task"  # "task" (compactors on the task loss) | "mlm" (task-agnostic)
+  mlm_head_steps: int = 300  # objective=mlm: steps that fit an MLM head to a teacher that ships none
+  surgery: str = "momentum"  # "momentum" (the reference's form) | "clean" (g' = lambda p)
+  teacher_lr_scale: float = 0.02  # teacher weights' lr / compactors' lr (1e-6 / 5e-5)
+
+  @property
+  def label(self) -> str:
+    return "wid_mlm" if self.objective == "mlm" else "wid"
+
+
+def _options(method: WIDMethod, context) -> dict:
   return {"teacher_heads": context.teacher_heads, "student_heads": context.student_heads,
-          "strategy": method.wid_strategy,
-          "w_step": method.wid_w_step or max(1, context.phase1_steps // 20),
-          "l2_lambda": method.wid_lambda, "surgery": method.wid_surgery,
-          "teacher_lr_scale": method.wid_teacher_lr_scale,
+          "strategy": method.strategy,
+          "w_step": method.w_step or max(1, context.phase1_steps // 20),
+          "l2_lambda": method.penalty, "surgery": method.surgery,
+          "teacher_lr_scale": method.teacher_lr_scale,
           "layer_map": method.layer_map or "every_k"}
 
 
-register(Method("wid", WeightInherited, options=_options, two_phase=True,
-                choices={"wid_strategy": STRATEGIES, "wid_objective": ("task", "mlm"),
-                         "wid_surgery": SURGERIES}))
+def _check(method: WIDMethod) -> list[str]:
+  bad = []
+  if method.w_step < 0:
+    bad.append(f"method.w_step={method.w_step} (must be >= 0; 0 = phase-1 steps // 20)")
+  if method.mlm_head_steps < 1:
+    bad.append(f"method.mlm_head_steps={method.mlm_head_steps} (must be at least 1)")
+  return bad
+
+
+register(Method("wid", WeightInherited, section=WIDMethod, options=_options, check=_check, two_phase=True,
+                choices={"strategy": STRATEGIES, "objective": ("task", "mlm"), "surgery": SURGERIES}))

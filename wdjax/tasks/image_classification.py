@@ -72,11 +72,11 @@ class ImageClassificationTask(Task):
 
   def check(self, cfg: Config) -> list[str]:
     method, bad = cfg.method, []
-    if method.name in ("ws", "gws") and method.map_init == "pca":
-      bad.append("method.map_init='pca' (computed from text-encoder activations; use identity or "
+    if method.name in ("ws", "gws") and method.init == "pca":
+      bad.append("method.init='pca' (computed from text-encoder activations; use identity or "
                  "xavier for ViTs)")
-    if method.name == "wid" and method.wid_objective != "task":
-      bad.append(f"method.wid_objective={method.wid_objective!r} (ViT students support 'task' only: "
+    if method.name == "wid" and method.objective != "task":
+      bad.append(f"method.objective={method.objective!r} (ViT students support 'task' only: "
                  "there is no MLM)")
     if cfg.vit.pooling not in ("cls", "mean"):
       bad.append(f"vit.pooling={cfg.vit.pooling!r} (one of cls, mean)")

@@ -131,7 +131,7 @@ class TextClassification(Task):
 
   def generator_options(self, cfg: Config, teacher: Model, data: TaskData) -> dict:
     method = cfg.method
-    if method.name in ("ws", "gws") and method.map_init == "pca":
+    if method.name in ("ws", "gws") and method.init == "pca":
       from wdjax.generators.pca import pca_maps
       return {"pca": pca_maps(teacher.config, teacher.params, data.train, cfg, method)}
     return {}

@@ -262,8 +262,8 @@ class TranslationTask(Task):
 
   def check(self, cfg: Config) -> list[str]:
     bad = []
-    if cfg.method.name in ("ws", "gws") and cfg.method.map_init == "pca":
-      bad.append("method.map_init='pca' (computed from encoder activations; use identity or "
+    if cfg.method.name in ("ws", "gws") and cfg.method.init == "pca":
+      bad.append("method.init='pca' (computed from encoder activations; use identity or "
                  "xavier for translation)")
     if cfg.mt.wd_encoder not in WD_ENCODER:
       bad.append(f"mt.wd_encoder={cfg.mt.wd_encoder!r} (one of {', '.join(WD_ENCODER)})")

@@ -52,7 +52,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   objective = task.objective(cfg)
   # phase 1's teacher and objective: the task's, or a task-agnostic one (WID on masked-LM)
   teacher1, objective1, agnostic = teacher, objective, None
-  if method.name == "wid" and method.wid_objective == "mlm":
+  if method.name == "wid" and method.objective == "mlm":
     agnostic = task.agnostic_start(cfg, teacher, data, log)
     teacher1, objective1 = agnostic.teacher, agnostic.objective
   s_cfg = task.student_config(cfg, teacher1.config)
@@ -95,8 +95,6 @@ def initial_student(cfg: Config, model: nnx.Module, teacher_params: Params) -> P
   init = nnx.to_pure_dict(nnx.state(model))
   if method.name == "kd" and method.init == "selection":
     return generators.select(teacher_params, init, method.layer_map or "every_k")
-  if method.init != "random":
-    raise WdjaxError(f"method.init={method.init!r} applies to method kd only ('random' or 'selection')")
   return init
 
 
