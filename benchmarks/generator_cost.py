@@ -51,8 +51,7 @@ def build(label: str, t_cfg, t_params, s_cfg, batch: int, seq: int):
   gen = generators.make(name, init, t_params, **options)
   spec = StudentSpec(s_cfg, init)
   shapes, state_shapes = jax.eval_shape(lambda: gen.init(jax.random.key(0), t_params, spec))
-  tx = step_lib.make_optimizer(OptimConfig(lr=1e-5), 10_000, shapes, gen.gradient_transform(state_shapes),
-                               gen.lr_multipliers(shapes), gen.moment_injection())
+  tx = step_lib.make_optimizer(OptimConfig(lr=1e-5), 10_000, shapes, gen.optimizer_hooks(shapes, state_shapes))
   net = gen.training_config(s_cfg)
   step = step_lib.make_train_step(
       generator=gen, student_apply=step_lib.classifier_apply(nnx.split(bert.build(net))[0]),

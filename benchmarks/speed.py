@@ -232,8 +232,7 @@ def wdjax_step(method, preset, batch, handwritten=False):
     state = (init, tx.init(init), jax.numpy.zeros((), jax.numpy.int32))
   else:
     shapes = jax.eval_shape(lambda: gen_params)
-    tx = step_lib.make_optimizer(OptimConfig(lr=1e-4), 10_000, shapes, gen.gradient_transform(gen_state),
-                                 gen.lr_multipliers(shapes), gen.moment_injection())
+    tx = step_lib.make_optimizer(OptimConfig(lr=1e-4), 10_000, shapes, gen.optimizer_hooks(shapes, gen_state))
     step = step_lib.make_train_step(
         generator=gen, student_apply=step_lib.classifier_apply(s_graph),
         teacher_apply=step_lib.classifier_apply(t_graph), tx=tx,

@@ -90,7 +90,7 @@ def run_generator_steps(gen, s_cfg, init, t_params, mesh, batches, *, student_ap
   shapes, state_shapes = jax.eval_shape(
       lambda: gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init)))
   tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0), 10, shapes,
-                               gen.gradient_transform(state_shapes), gen.lr_multipliers(shapes))
+                               gen.optimizer_hooks(shapes, state_shapes))
   step = step_lib.make_train_step(generator=gen, student_apply=student_apply,
                                   teacher_apply=teacher_apply, tx=tx,
                                   kd=KDConfig(alpha=kd_alpha if teacher_apply else 0.0), seed=0,

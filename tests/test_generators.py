@@ -303,8 +303,7 @@ def test_mixed_precision_runs_the_generator_products_with_bf16_operands(setup, v
   s_cfg, t_cfg = (dataclasses.replace(c, dtype="bfloat16") for c in (s_cfg, t_cfg))
   gen = generators.make(_method(variant), init, t_params, **_options(variant))
   gen_params, gen_state = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
-  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3), 10, gen_params, gen.gradient_transform(gen_state),
-                               gen.lr_multipliers(gen_params), gen.moment_injection())
+  tx = step_lib.make_optimizer(OptimConfig(lr=1e-3), 10, gen_params, gen.optimizer_hooks(gen_params, gen_state))
   state = step_lib.init_state(gen, tx, 0, t_params, StudentSpec(s_cfg, init))
   batch = {"input_ids": jnp.full((2, 8), 1000, jnp.int32), "attention_mask": jnp.ones((2, 8), jnp.int32),
            "labels": jnp.zeros(2, jnp.int32), "weights": jnp.ones(2, jnp.float32)}

@@ -23,7 +23,7 @@ from wdjax import generators, losses
 from wdjax.config import KDConfig, OptimConfig
 from wdjax.data import pipeline
 from wdjax.data.tokenize import TextEncoder
-from wdjax.generators import Identity, StudentSpec
+from wdjax.generators import Identity, OptimizerHooks, StudentSpec
 from wdjax.models import bert, hf
 from wdjax.train import checkpoint as ckpt_lib, mesh as mesh_lib, run as run_lib, step as step_lib
 
@@ -285,4 +285,4 @@ def test_weight_decay_reaches_matrices_only_stacked_or_not():
   # frozen paths with a generator's own gradient surgery or lr groups: refused, not a crash
   frozen = dataclasses.replace(optim, frozen=("embeddings/word",))
   with pytest.raises(WdjaxError, match="cannot be combined with this generator's own"):
-    step_lib.make_optimizer(frozen, 10, params, lr_factors=jax.tree_util.tree_map(lambda x: 1.0, params))
+    step_lib.make_optimizer(frozen, 10, params, OptimizerHooks(lr_factors=jax.tree_util.tree_map(lambda x: 1.0, params)))

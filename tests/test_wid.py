@@ -14,7 +14,7 @@ from flax import nnx
 from wdjax import generators
 from wdjax.config import OptimConfig
 from wdjax import trees
-from wdjax.generators import StudentSpec
+from wdjax.generators import OptimizerHooks, StudentSpec
 from wdjax.models import bert, hf
 from wdjax.train import step as step_lib
 
@@ -130,7 +130,7 @@ def test_qkv_share_their_masks_and_surgery_replaces_masked_gradients():
   t_params = _params(SMALL, 0)
   s_cfg = dataclasses.replace(SMALL, **STUDENTS["dim"])
   gen, gp, gs = _wid(SMALL, t_params, s_cfg, w_step=1, l2_lambda=20.0, surgery="clean")
-  tx = gen.gradient_transform(gs)
+  tx = gen.gradient_surgery()
   grads = jax.tree_util.tree_map(jnp.ones_like, gp)
   # Before the first boundary: plain L2 (g + C) on every compactor, weights untouched.
   out, _ = tx.update(grads, tx.init(gp), gp, gen_state=gs)
@@ -177,8 +177,9 @@ def test_momentum_surgery_drives_masked_entries_to_zero_much_faster_than_clean()
     gen, gp, gs = _wid(SMALL, t_params, s_cfg, w_step=1, l2_lambda=20.0, surgery=surgery)
     gs = gen.update_state(gp, gs, jnp.asarray(16))
     optim = OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant", weight_decay=0.0)
-    tx = step_lib.make_optimizer(optim, 100, gp, gen.gradient_transform(gs), None,
-                                 gen.moment_injection())
+    # the surgery alone: no lr factors, so every compactor trains at one rate
+    tx = step_lib.make_optimizer(optim, 100, gp, OptimizerHooks(surgery=gen.gradient_surgery(),
+                                                                inject=gen.moment_injection()))
     trained = _surgery_only(tx, gp, gs, steps=100)
     name = "encoder/layer_1/attn/q/kernel/row"
     masked = np.asarray(trees.flatten(gs["masks"])["attn/layer_1"]) == 0

@@ -21,7 +21,7 @@ import pkgutil
 from typing import Any
 
 from wdjax.generators import paths, registry
-from wdjax.generators.base import Generator, Identity, StudentSpec, param_count
+from wdjax.generators.base import Generator, Identity, OptimizerHooks, StudentSpec, param_count
 from wdjax.generators.registry import Context, Method
 from wdjax.generators.select import WeightSelection, select
 
@@ -80,6 +80,7 @@ def check(section) -> list[str]:
   return bad + m.check(section)
 
 
-__all__ = ["LAYER_MAP_CHOICES", "METHODS", "Context", "Generator", "Identity", "Method", "StudentSpec",
+__all__ = ["LAYER_MAP_CHOICES", "METHODS", "Context", "Generator", "Identity", "Method", "OptimizerHooks",
+           "StudentSpec",
            "WeightSelection", "check", "is_two_phase", "make", "method", "options_for", "param_count",
            "section", "select"]

@@ -7,16 +7,15 @@ is `loss(apply(generate(gen_params, sg(teacher), state), batch))` under `jax.jit
   init(rng, teacher_params, spec)               -> gen_params, gen_state
   generate(gen_params, teacher_params, state)   -> student_params   (differentiable in gen_params)
   aux_loss(gen_params, teacher_params, state)   -> scalar            (0 unless the method has one)
-  gradient_transform(state)                     -> optax transform or None
+  optimizer_hooks(gen_params, state)            -> OptimizerHooks    (none unless the method has them)
   update_state(gen_params, state, step)         -> state
   materialize(gen_params, teacher_params, state)-> dense student params for export / phase 2
 
 Most generators produce the student itself. One that trains a different network (WID trains the
 teacher-width network it later cuts) says so with `training_config` (the network `generate`'s
-output is applied with) and `model_kwargs` (extra arguments of that network, from the state);
-`lr_multipliers` gives per-leaf learning-rate factors (WID's teacher weights train 50x slower),
-and `gradient_transform`'s update may read the current state as the `gen_state` extra argument.
-`moment_injection` (WID's momentum-form surgery) nudges Adam's first moment before each update.
+output is applied with) and `model_kwargs` (extra arguments of that network, from the state).
+What a method adds to the optimizer comes from one hook, `optimizer_hooks`: gradient surgery,
+per-leaf learning-rate factors, a nudge of Adam's first moment (WID has all three).
 
 The teacher is never differentiated, donated or checkpointed here: the training step passes it
 through `jax.lax.stop_gradient` and keeps it out of the optimizer.
@@ -39,6 +38,26 @@ from wdjax.models.bert import EncoderConfig
 
 Params = Any  # nested dict of jax.Array
 MomentInjection = Callable[[Params, Params], tuple[Params, Params]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerHooks:
+  """What a generator adds to the optimizer (`train.step.make_optimizer`); every part optional.
+
+  surgery: a transform on the (clipped) gradients before Adam; its update may read the current
+    generator state as the `gen_state` extra argument (WID: masked entries get a penalty).
+  lr_factors: per-leaf factors on the learning rate, a pytree like `gen_params` (WID: the
+    teacher's weights train 50x slower than the compactors).
+  inject: `fn(params, gen_state) -> (keep, target)`: before each Adam update, every entry where
+    `keep` is 0 gets `mu <- b1 mu + (1 - b1) target` (see `step.scale_by_adam_injected`).
+  """
+
+  surgery: optax.GradientTransformation | None = None
+  lr_factors: Params | None = None
+  inject: MomentInjection | None = None
+
+  def __bool__(self) -> bool:
+    return any(x is not None for x in (self.surgery, self.lr_factors, self.inject))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +87,10 @@ class Generator:
   def aux_loss(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
-  def gradient_transform(self, gen_state: Params) -> optax.GradientTransformation | None:
-    return None
+  def optimizer_hooks(self, gen_params: Params, gen_state: Params) -> OptimizerHooks:
+    """What the method adds to the optimizer; `gen_params`, `gen_state` may be shapes
+    (`jax.ShapeDtypeStruct` trees): only their structure may be read."""
+    return OptimizerHooks()
 
   def update_state(self, gen_params: Params, gen_state: Params, step: jax.Array) -> Params:
     return gen_state
@@ -81,15 +102,6 @@ class Generator:
   def model_kwargs(self, gen_state: Params) -> dict:
     """Extra keyword arguments of the training-time network's forward pass."""
     return {}
-
-  def lr_multipliers(self, gen_params: Params) -> Params | None:
-    """Per-leaf factors on the learning rate (a pytree like `gen_params`), or None for all 1."""
-    return None
-
-  def moment_injection(self) -> MomentInjection | None:
-    """`fn(params, gen_state) -> (keep, target)`, or None: before each Adam update, every entry
-    where `keep` is 0 gets `mu <- b1 mu + (1 - b1) target` (see `step.scale_by_adam_injected`)."""
-    return None
 
   def materialize(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> Params:
     return self.generate(gen_params, teacher_params, gen_state)

@@ -26,12 +26,12 @@ as §3.4's schedule says:
 - `ffn` and `pooled`: unstructured, `(k * delta) // 16` after `k` boundaries, up to `delta`.
 
 The masks are used twice: every LayerNorm over the hidden space takes its statistics over the
-kept units only (`model_kwargs`), and the optimizer's first transform (`gradient_transform`)
+kept units only (`model_kwargs`), and the optimizer's first transform (`gradient_surgery`)
 replaces the task gradient of every masked compactor row/column, masked bias entry and masked
 LayerNorm gain/shift by a penalty pulling it to zero (until the first boundary every compactor
 gets `g + C`, the reference's plain L2): by default the reference's momentum form (`p` in the
 gradient, `(lambda - 1) p` injected into Adam's first moment), or the clean `lambda p` (see
-`gradient_transform`). Masked entries therefore decay to zero, at which point the cut is exact.
+`gradient_surgery`). Masked entries therefore decay to zero, at which point the cut is exact.
 
 `materialize` cuts every compactor to the `d_s` kept units of each space (the current masks,
 completed by largest norm while the schedule is still growing) and merges it: a plain student of
@@ -62,7 +62,7 @@ from wdjax import trees
 from wdjax.config import TwoPhaseMethod
 from wdjax.generators import paths
 from wdjax.models import contract
-from wdjax.generators.base import Generator, Params, StudentSpec
+from wdjax.generators.base import Generator, OptimizerHooks, Params, StudentSpec
 from wdjax.generators.registry import Method, register
 from wdjax.generators.select import SelectionPlan
 
@@ -200,7 +200,14 @@ class WeightInherited(Generator):
   def model_kwargs(self, gen_state) -> dict:
     return {"hidden_keep": gen_state["masks"]["hidden"]}
 
-  def lr_multipliers(self, gen_params) -> Params:
+  def optimizer_hooks(self, gen_params, gen_state) -> OptimizerHooks:
+    """The gradient surgery, the teacher weights' slower learning rate, and (momentum surgery)
+    the nudge of Adam's first moment."""
+    del gen_state
+    return OptimizerHooks(surgery=self.gradient_surgery(), lr_factors=self.lr_factors(gen_params),
+                          inject=self.moment_injection())
+
+  def lr_factors(self, gen_params) -> Params:
     return {"weights": jax.tree_util.tree_map(lambda _: self.teacher_lr_scale,
                                               gen_params["weights"]),
             "compactors": jax.tree_util.tree_map(lambda _: 1.0, gen_params["compactors"])}
@@ -312,7 +319,7 @@ class WeightInherited(Generator):
     stack = lambda keep: trees.unflatten(trees.stack_layers(keep))
     return {"weights": stack(kw), "compactors": stack(kc)}
 
-  def gradient_transform(self, gen_state) -> optax.GradientTransformationExtraArgs:
+  def gradient_surgery(self) -> optax.GradientTransformationExtraArgs:
     """Masked entries' task gradient replaced by a penalty once masks exist; `g + C` on every
     compactor before that. Reads the current masks from the `gen_state` extra argument.
 
@@ -323,7 +330,6 @@ class WeightInherited(Generator):
     the injected momentum is not in Adam's second moment, so they shrink by about `lambda lr`
     per step (20x faster) and reach zero within a short run's phase 1.
     """
-    del gen_state
     lam = self.l2_lambda if self.surgery == "clean" else min(self.l2_lambda, 1.0)
 
     def init_fn(params):

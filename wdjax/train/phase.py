@@ -140,9 +140,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
       lambda p, t: generator.init(jax.random.key(cfg.seed), t, StudentSpec(spec.config, p)),
       spec.init_params, teacher_params)
   tx = step_lib.make_optimizer(train.optim, steps, gen_shapes,
-                               generator.gradient_transform(gen_state_shapes),
-                               generator.lr_multipliers(gen_shapes),
-                               generator.moment_injection())
+                               generator.optimizer_hooks(gen_shapes, gen_state_shapes))
 
   def init_state(init_params, t_params):
     return step_lib.init_state(generator, tx, cfg.seed, t_params, StudentSpec(spec.config, init_params))

@@ -28,7 +28,7 @@ from wdjax import losses
 from wdjax.errors import WdjaxError
 from wdjax import trees
 from wdjax.config import KDConfig, OptimConfig
-from wdjax.generators.base import Generator, MomentInjection, StudentSpec
+from wdjax.generators.base import Generator, MomentInjection, OptimizerHooks, StudentSpec
 from wdjax.train.mesh import path_str
 
 Params = Any
@@ -92,13 +92,12 @@ def scale_by_adam_injected(b1: float, b2: float, eps: float, inject: MomentInjec
 
 
 def make_optimizer(optim: OptimConfig, total_steps: int, params: Params,
-                   extra: optax.GradientTransformation | None = None,
-                   lr_factors: Params | None = None,
-                   inject: MomentInjection | None = None) -> optax.GradientTransformation:
-  """AdamW with warm-up and decay, decay on matrices only, optional frozen paths, extra surgery
-  (first, on the raw gradients), an optional nudge of Adam's first moment (`inject`) and
-  per-leaf learning-rate factors (last)."""
-  if optim.frozen and (extra is not None or lr_factors is not None or inject is not None):
+                   hooks: OptimizerHooks = OptimizerHooks()) -> optax.GradientTransformation:
+  """AdamW with warm-up and decay, decay on matrices only, optional frozen paths, and the
+  generator's `hooks`: its gradient surgery (first, on the clipped gradients), its nudge of
+  Adam's first moment and its per-leaf learning-rate factors (last)."""
+  extra, lr_factors, inject = hooks.surgery, hooks.lr_factors, hooks.inject
+  if optim.frozen and hooks:
     # the generator's transforms see every leaf; multi_transform would hand them a masked tree
     raise WdjaxError(f"optim.frozen={optim.frozen} cannot be combined with this generator's own "
                      "gradient surgery or learning-rate groups (WID's); leave optim.frozen empty")
