@@ -34,10 +34,9 @@ def second_moments(teacher_cfg: bert.EncoderConfig, teacher_params, split, *, ba
 
   @jax.jit
   def moments(params, ids, mask):
-    capture: dict = {}
-    nnx.merge(graph, params)(ids, mask, capture=capture)
+    _, acts = bert.activations(nnx.merge(graph, params), ids, mask, all_rows=True)
     out = {}
-    for name, x in capture.items():
+    for name, x in acts.items():
       w = mask[:, :1] if name == "pooled" else mask  # the pooler sees one vector per example
       x = x.astype(jnp.float32) * w[..., None]
       out[name] = jnp.einsum("bti,btj->ij", x, x)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from wdjax.errors import WdjaxError
-from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, gelu, layer_norm,
+from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, gelu, layer_norm, sow,
                                  masked_norm, split_keys, take_rows)
 from wdjax.models.contract import OUTPUT, RANKS_INPUT, SUMMED_EMBEDDING, leaf
 
@@ -167,16 +167,17 @@ class Block(nnx.Module):
     self.mlp_ln = layer_norm(cfg, cfg.hidden_size, rngs)
 
   def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
-               capture: dict | None = None, hidden_keep: Array | None = None,
-               rows: Rows = None) -> Array:
+               hidden_keep: Array | None = None, rows: Rows = None) -> Array:
     """`[batch, seq, hidden]` -> the same, or at `rows` only (`take_rows`): `[batch, k, hidden]`."""
     k_attn, k_res1, k_res2 = split_keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
-    attn = self.attn(x, mask, bias, k_attn, capture, rows)
+    attn = self.attn(x, mask, bias, k_attn, rows)
     h = masked_norm(self.attn_ln, take_rows(x, rows) + dropout(attn, rate, k_res1), hidden_keep)
     h = h.astype(self.cfg.compute_dtype)
-    out = masked_norm(self.mlp_ln, h + dropout(self.mlp(h, capture), rate, k_res2), hidden_keep)
-    return out.astype(self.cfg.compute_dtype)
+    out = masked_norm(self.mlp_ln, h + dropout(self.mlp(h), rate, k_res2), hidden_keep)
+    out = out.astype(self.cfg.compute_dtype)
+    sow(self, "out", out)
+    return out
 
 
 class Encoder(nnx.Module):
@@ -205,12 +206,11 @@ class Encoder(nnx.Module):
     return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, dropout_key: Array | None = None, capture: dict | None = None,
+               *, dropout_key: Array | None = None,
                hidden_keep: Array | None = None, rows: Rows = None) -> Array:
-    """Last hidden state `[batch, seq, hidden]`. `capture`, if given, is filled with the
-    activations of every space: `hidden/embeddings`, `hidden/layer_l`, `attn/layer_l`,
-    `ffn/layer_l` (for activation PCA). `hidden_keep` (`[hidden]` 0/1) restricts every
-    LayerNorm's statistics to the kept units.
+    """Last hidden state `[batch, seq, hidden]`; every space's activations are sown as the
+    module's intermediates (`activations` reads them). `hidden_keep` (`[hidden]` 0/1) restricts
+    every LayerNorm's statistics to the kept units.
 
     `rows` (`take_rows`): the positions the caller reads, `[batch, k, hidden]` returned. The last
     layer then computes its queries, residuals, LayerNorms and FFN at those rows only (its keys
@@ -218,17 +218,12 @@ class Encoder(nnx.Module):
     of the last layer's work left out (its K and V projections remain)."""
     keys = split_keys(dropout_key, self.cfg.num_layers + 1)
     x = self.embeddings(input_ids, attention_mask, token_type_ids, keys[0], hidden_keep)
-    if capture is not None:
-      capture["hidden/embeddings"] = x
+    sow(self, "embedded", x)
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, key]
     bias = self.position_bias(input_ids.shape[1])
     last = self.cfg.num_layers - 1
     for i, (layer, key) in enumerate(zip(self.layers(), keys[1:])):
-      inner = None if capture is None else {}
-      x = layer(x, mask, bias, key, inner, hidden_keep, rows if i == last else None)
-      if capture is not None:
-        capture.update({f"{k}/layer_{i}": v for k, v in inner.items()})
-        capture[f"hidden/layer_{i}"] = x
+      x = layer(x, mask, bias, key, hidden_keep, rows if i == last else None)
     return x
 
 
@@ -246,20 +241,19 @@ class SequenceClassifier(nnx.Module):
     self.classifier = dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, dropout_key: Array | None = None, capture: dict | None = None,
-               hidden_keep: Array | None = None) -> Array:
+               *, dropout_key: Array | None = None, hidden_keep: Array | None = None,
+               all_rows: bool = False) -> Array:
+    """Logits `[batch, labels]`. The head reads the first token only, so the last layer computes
+    that row only, unless `all_rows` (for reading every position's activations)."""
     k_enc, k_pre, k_post = split_keys(dropout_key, 3)
     rate = self.cfg.hidden_dropout
-    # the head reads the first token only, so the last layer computes that row only (unless the
-    # caller captures every activation)
-    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc, capture=capture,
-                     hidden_keep=hidden_keep, rows=slice(0, 1) if capture is None else None)
+    h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc,
+                     hidden_keep=hidden_keep, rows=None if all_rows else slice(0, 1))
     first = h[:, 0]  # [batch, hidden]
     if self.cfg.arch == "mpnet":
       first = dropout(first, rate, k_pre)
     pooled = jnp.tanh(self.pooler(first))
-    if capture is not None:
-      capture["pooled"] = pooled[:, None]  # [batch, 1, hidden]
+    sow(self, "pooled", pooled[:, None])  # [batch, 1, hidden]
     return self.classifier(dropout(pooled, rate, k_post)).astype(jnp.float32)
 
 
@@ -292,6 +286,29 @@ class MaskedLM(nnx.Module):
 
 
 HEADS = {"classifier": SequenceClassifier, "mlm": MaskedLM}
+
+
+# Where each sown activation lives in the module tree -> the space it belongs to (activation PCA's
+# names): the embedding output and block outputs are the residual stream, `attn`/`ffn` the layer's
+# inner spaces.
+_SOWN = {("encoder", "embedded"): "hidden/embeddings", ("pooled",): "pooled"}
+_SOWN_IN_LAYER = {("out",): "hidden", ("attn", "inner"): "attn", ("mlp", "inner"): "ffn"}
+
+
+def activations(model: nnx.Module, *args, **kwargs) -> tuple[Array, dict[str, Array]]:
+  """`model(*args, **kwargs)` and the activations it recorded, by space: `hidden/embeddings`,
+  `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (`[batch, seq, width]`) and `pooled`
+  (`[batch, 1, hidden]`)."""
+  result, sown_state = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+  out = {}
+  for path, sown in nnx.to_flat_state(sown_state):
+    path = tuple(str(p) for p in path)
+    value = sown.get_value()
+    if path in _SOWN:
+      out[_SOWN[path]] = value[0]
+    elif path[:1] == ("encoder",) and path[1].startswith("layer_"):
+      out[f"{_SOWN_IN_LAYER[path[2:]]}/{path[1]}"] = value[0]
+  return result, out
 
 
 def build(cfg: EncoderConfig, head: str = "classifier", seed: int = 0) -> nnx.Module:

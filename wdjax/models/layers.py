@@ -83,6 +83,14 @@ def split_keys(key: Array | None, n: int) -> list[Array | None]:
 Rows = slice | Array | None  # sequence positions a layer computes its outputs at (`take_rows`)
 
 
+def sow(module: nnx.Module, name: str, value: Array) -> None:
+  """Record `value` as `module`'s intermediate `name` when the call runs under
+  `nnx.capture(..., nnx.Intermediate)` (activation PCA reads them that way). A plain call records
+  nothing, so a module object stays unchanged and usable under any JAX transform."""
+  if hasattr(module, "__captures__"):  # set by nnx.capture for the duration of the call
+    module.sow(nnx.Intermediate, name, value)
+
+
 def take_rows(x: Array, rows: Rows) -> Array:
   """`x [batch, seq, ...]` at the sequence positions `rows`: None, all of them; a slice, the same
   ones in every sequence (`slice(0, 1)`: the first token, which a classification head reads); or
@@ -114,7 +122,7 @@ class Attention(nnx.Module):
     self.o = dense(cfg, d, d, rngs)
 
   def __call__(self, x: Array, mask: Array, bias: Array | None, dropout_key: Array | None,
-               capture: dict | None = None, rows: Rows = None) -> Array:
+               rows: Rows = None) -> Array:
     """`x [batch, seq, hidden]` -> `[batch, seq, hidden]`, or with `rows` (`take_rows`) the
     outputs at those positions only, `[batch, k, hidden]`: queries from those rows, keys and
     values from all of them. `mask [batch, 1, 1, seq]`, `bias [1, heads, seq, seq]` or None."""
@@ -142,8 +150,7 @@ class Attention(nnx.Module):
       probs = dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_dropout, dropout_key)
       ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     ctx = ctx.reshape(b, t, cfg.hidden_size)
-    if capture is not None:
-      capture["attn"] = ctx  # [batch, seq, hidden]: the attention-inner space (input of o)
+    sow(self, "inner", ctx)  # the attention-inner space (input of o)
     return self.o(ctx)
 
 
@@ -164,8 +171,7 @@ class Mlp(nnx.Module):
     self.up = dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
     self.down = dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
 
-  def __call__(self, x: Array, capture: dict | None = None) -> Array:
+  def __call__(self, x: Array) -> Array:
     h = gelu(self.up(x))
-    if capture is not None:
-      capture["ffn"] = h  # [batch, seq, intermediate]: the FFN-inner space (input of down)
+    sow(self, "inner", h)  # [batch, seq, intermediate]: the FFN-inner space (input of down)
     return self.down(h)
