@@ -57,7 +57,7 @@ def test_wrong_type_is_rejected_naming_the_whole_key():
     (["method.layer_map=every_2"], r"method\.layer_map='every_2' \(one of '', contiguous, every_k"),
     (["data.dataset=bible", "method.name=wid"], r"method\.name='wid' \(translation supports kd, select"),
     (["data.dataset=digits", "method.name=wid", "method.objective=mlm"],
-     r"method\.objective='mlm' \(ViT students support 'task' only"),
+     r"method 'wid_mlm' \(its phase 1 trains on masked LM, which ViT students have not"),
     # every bad key in one message
     (["distill.log_every=0", "kd.alpha=2"], r"distill\.log_every=0 .*; kd\.alpha=2\.0 \(must be in \[0, 1\]\)"),
 ])

@@ -97,6 +97,28 @@ def test_mask_sizes_follow_the_schedule(strategy):
   assert float(gs["active"]) == 1.0
 
 
+@pytest.mark.parametrize("strategy", ["dim", "head"])
+@pytest.mark.parametrize("phase1,reach", [(64, 0.5), (200, 0.3), (1000, 0.5), (333, 1.0)])
+def test_the_schedule_reaches_every_target_by_the_configured_fraction(strategy, phase1, reach):
+  t_params = _params(SMALL, 0)
+  s_cfg = dataclasses.replace(SMALL, **STUDENTS[strategy])
+  at = round(reach * phase1)
+  gen, gp, gs = _wid(SMALL, t_params, s_cfg, strategy=strategy, targets_at=at)
+  # dim: 6 units of each head of 12 in 6 boundaries, the FFN in 16; head: 2 heads in 4
+  boundaries = 16
+  assert gen.boundaries_to_targets() == boundaries
+  assert gen.w_step == at // boundaries  # the widest spacing that is done by `at`
+  update = jax.jit(gen.update_state)
+  at_target = []
+  for k in range(1, boundaries + 1):
+    gs = update(gp, gs, jnp.asarray(k * gen.w_step))
+    at_target.append(float(gen.diagnostics(gp, t_params, gs)["at_target"]))
+  assert at_target[-1] == 1.0 and at_target[-2] < 1.0  # done at the last boundary, not before
+  assert at - boundaries < boundaries * gen.w_step <= at
+  for space, m in trees.flatten(gs["masks"]).items():
+    assert int(np.sum(np.asarray(m))) == gen.space_size(space)[1], space
+
+
 def _zero_masked(gen, gp, gs):
   """What long training with the penalty converges to: masked entries exactly zero."""
   keep = gen.keep_tree(gp, trees.flatten(gs["masks"]))
@@ -116,7 +138,10 @@ def test_cut_student_equals_the_masked_training_network(strategy, layers, head):
   gs = gen.update_state(gp, gs, jnp.asarray(16))  # k = 16: every space at its target size
   for space, m in trees.flatten(gs["masks"]).items():
     assert int(np.sum(np.asarray(m))) == gen.space_size(space)[1], space
+  before = gen.diagnostics(gp, t_params, gs)
+  assert float(before["masked_norm"]) > 0.1 and float(before["at_target"]) == 1.0
   gp = _zero_masked(gen, gp, gs)
+  assert float(gen.diagnostics(gp, t_params, gs)["masked_norm"]) == 0.0  # the cut will be exact
   ids = _ids()
   train_out = _forward(gen.training_config(s_cfg), gen.generate(gp, t_params, gs), ids, head,
                        **gen.model_kwargs(gs))
@@ -224,6 +249,11 @@ def test_task_agnostic_wid_fits_an_mlm_head_then_cuts_and_fine_tunes(tiny, minil
   first = result["phase1"]
   assert first["phase"] == "distill_wid_mlm" and result["phase"] == "distill_wid_mlm_phase2"
   assert first["model_params"] > result["model_params"]  # the MLM student carries its head
+  # where the masked entries stood when phase 1 ended: its few steps are fewer than the
+  # schedule's 16 boundaries, so no mask is at its target and the cut completes them by norm
+  at_cut = first["generator"]
+  assert at_cut["at_target"] == 0.0 and 0.0 < at_cut["masked_share"] < 1.0
+  assert "generator" not in result  # phase 2 trains a plain student
   # The exported cut MLM student is a plain 2x96 BertForMaskedLM with our logits.
   s_cfg, s_params, fresh = hf.load(work / "distill_wid_mlm" / "model", head="mlm")
   assert fresh == [] and (s_cfg.hidden_size, s_cfg.num_heads) == (96, 12)

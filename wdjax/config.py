@@ -143,6 +143,18 @@ class MethodConfig:
     """Short name of the method as configured (its distill phase is `distill_<label>`)."""
     return self.name
 
+  @property
+  def student_start(self) -> str:
+    """The weights the student's own parameters start from when the method trains them directly:
+    "random" (its initialisation) or "selection" (the teacher's, by weight selection)."""
+    return "random"
+
+  @property
+  def task_agnostic(self) -> bool:
+    """Whether phase 1 trains on the teacher's pretraining objective (masked LM) instead of the
+    task, the task coming in phase 2."""
+    return False
+
   @staticmethod
   def sections() -> dict[str, type[MethodConfig]]:
     """Every defined section by method name: the subclasses that give `name` a default."""
@@ -165,6 +177,10 @@ class KDMethod(MethodConfig):
   @property
   def label(self) -> str:
     return "kd_selection" if self.init == "selection" else "kd"
+
+  @property
+  def student_start(self) -> str:
+    return self.init
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ is `loss(apply(generate(gen_params, sg(teacher), state), batch))` under `jax.jit
   optimizer_hooks(gen_params, state)            -> OptimizerHooks    (none unless the method has them)
   update_state(gen_params, state, step)         -> state
   materialize(gen_params, teacher_params, state)-> dense student params for export / phase 2
+  diagnostics(gen_params, teacher_params, state)-> {name: scalar}     (logged with each evaluation)
 
 Most generators produce the student itself. One that trains a different network (WID trains the
 teacher-width network it later cuts) says so with `training_config` (the network `generate`'s
@@ -105,6 +106,12 @@ class Generator:
 
   def materialize(self, gen_params: Params, teacher_params: Params | None, gen_state: Params) -> Params:
     return self.generate(gen_params, teacher_params, gen_state)
+
+  def diagnostics(self, gen_params: Params, teacher_params: Params | None, gen_state: Params
+                  ) -> dict[str, jax.Array]:
+    """Scalars that say how the method's training stands (WID: how far the masked entries are
+    from zero), logged with every evaluation and stored in the phase's results at its end."""
+    return {}
 
   def flat_params(self, gen_params: Params) -> dict[str, jax.Array]:
     """The generator's parameters (or gradients) as `{name: array}`, one entry per tensor, in

@@ -25,6 +25,11 @@ as §3.4's schedule says:
   blocks the same way (the reference's behaviour);
 - `ffn` and `pooled`: unstructured, `(k * delta) // 16` after `k` boundaries, up to `delta`.
 
+The paper spaces its boundaries for 400k steps. Here `w_step` follows phase 1's length unless
+set: the largest spacing with which every space is at its target by `reach` of phase 1 (half by
+default), leaving the rest of the phase for the penalty to bring the masked entries to zero
+before the cut (`diagnostics` reports how far they are).
+
 The masks are used twice: every LayerNorm over the hidden space takes its statistics over the
 kept units only (`model_kwargs`), and the optimizer's first transform (`gradient_surgery`)
 replaces the task gradient of every masked compactor row/column, masked bias entry and masked
@@ -84,14 +89,16 @@ class WeightInherited(Generator):
   name = "wid"
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, teacher_heads: int,
-               student_heads: int, strategy: str = "dim", w_step: int = 500,
+               student_heads: int, strategy: str = "dim", w_step: int = 500, targets_at: int = 0,
                l2_lambda: float = 20.0, surgery: str = "momentum", teacher_lr_scale: float = 0.02,
                layer_map: str = "every_k"):
+    """`w_step`: steps between mask boundaries; or, with `targets_at > 0`, the largest `w_step`
+    with which every space reaches its target by step `targets_at`."""
     if strategy not in STRATEGIES:
       raise ValueError(f"WID strategy must be one of {STRATEGIES}, got {strategy!r}")
     if surgery not in SURGERIES:
       raise ValueError(f"WID surgery must be one of {SURGERIES}, got {surgery!r}")
-    if w_step < 1:
+    if w_step < 1 and targets_at < 1:
       raise ValueError(f"w_step must be >= 1, got {w_step}")
     plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
     self.sources = {p: srcs[-1] for p, srcs in plan.sources.items()}
@@ -139,6 +146,8 @@ class WeightInherited(Generator):
     missing = [s for s in self.spaces if s not in self.norm_source]
     if missing:
       raise ValueError(f"WID has no compactor to rank the units of {missing}")
+    if targets_at > 0:
+      self.w_step = max(1, targets_at // max(1, self.boundaries_to_targets()))
 
   # --- sizes -----------------------------------------------------------------------------------
 
@@ -218,6 +227,42 @@ class WeightInherited(Generator):
     """Per-unit L2 norm of each space's ranking compactor (its rows: one per input unit)."""
     c = self._flat(gen_params)[1]
     return {s: jnp.linalg.norm(c[f"{p}/{side}"], axis=1) for s, (p, side) in self.norm_source.items()}
+
+  def boundaries_to_targets(self) -> int:
+    """How many mask boundaries the schedule takes until every space drops `d_t - d_s` units:
+    `dim` spaces need `ceil(cut / max(1, cut // 8))`, `head` spaces two per dropped head, the
+    unstructured ones 16."""
+    need = [0]
+    for space in self.spaces:
+      d_t, d_s = self.space_size(space)
+      delta = d_t - d_s
+      if delta == 0:
+        continue
+      if space.split("/")[0] in ("hidden", "attn"):
+        if self.strategy == "dim":
+          cut = delta // self.heads_t
+          need.append(-(-cut // max(1, cut // 8)))
+        else:
+          need.append(2 * (delta // self.hd_t))
+      else:
+        need.append(16)
+    return max(need)
+
+  def diagnostics(self, gen_params, teacher_params, gen_state) -> dict[str, jax.Array]:
+    """How close the training network is to the student the cut will make: the L2 norm of the
+    masked compactor entries (`masked_norm`; the cut is exact at 0), that norm over all the
+    compactors' (`masked_share`), and the fraction of spaces whose masks are at their targets
+    (`at_target`)."""
+    del teacher_params
+    masks = trees.flatten(gen_state["masks"])
+    keep = self.keep_tree(gen_params, masks)["compactors"]
+    sq = lambda tree: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+    masked = sq(jax.tree_util.tree_map(lambda c, k: c * (1 - k), gen_params["compactors"], keep))
+    total = sq(gen_params["compactors"])
+    at_target = [jnp.sum(1 - masks[s]) == self.space_size(s)[0] - self.space_size(s)[1]
+                 for s in self.spaces]
+    return {"masked_norm": jnp.sqrt(masked), "masked_share": jnp.sqrt(masked / total),
+            "at_target": jnp.mean(jnp.stack(at_target).astype(jnp.float32))}
 
   def dropped(self, space: str, k: jax.Array, step: jax.Array) -> jax.Array:
     """How many units of `space` are masked after `k = step // w_step` boundaries (per chunk for
@@ -382,7 +427,9 @@ class WIDMethod(TwoPhaseMethod):
 
   name: str = "wid"
   strategy: str = "dim"  # "dim" narrows every head | "head" drops whole heads
-  w_step: int = 0  # steps between mask boundaries (0 = phase-1 steps // 20: done at 80%)
+  reach: float = 0.5  # fraction of phase 1 by which every mask is at its target (the rest lets the
+  #                    penalty bring the masked entries to zero before the cut)
+  w_step: int = 0  # steps between mask boundaries; 0: derived from `reach` and phase 1's length
   penalty: float = 20.0  # lambda of the penalty on masked compactor rows/columns
   objective: str = "task"  # "task" (compactors on the task loss) | "mlm" (task-agnostic)
   mlm_head_steps: int = 300  # objective=mlm: steps that fit an MLM head to a teacher that ships none
@@ -393,11 +440,16 @@ class WIDMethod(TwoPhaseMethod):
   def label(self) -> str:
     return "wid_mlm" if self.objective == "mlm" else "wid"
 
+  @property
+  def task_agnostic(self) -> bool:
+    return self.objective == "mlm"
+
 
 def _options(method: WIDMethod, context) -> dict:
   return {"teacher_heads": context.teacher_heads, "student_heads": context.student_heads,
           "strategy": method.strategy,
-          "w_step": method.w_step or max(1, context.phase1_steps // 20),
+          **({"w_step": method.w_step} if method.w_step else
+             {"targets_at": max(1, round(method.reach * context.phase1_steps))}),
           "l2_lambda": method.penalty, "surgery": method.surgery,
           "teacher_lr_scale": method.teacher_lr_scale,
           "layer_map": method.layer_map or "every_k"}
@@ -406,7 +458,9 @@ def _options(method: WIDMethod, context) -> dict:
 def _check(method: WIDMethod) -> list[str]:
   bad = []
   if method.w_step < 0:
-    bad.append(f"method.w_step={method.w_step} (must be >= 0; 0 = phase-1 steps // 20)")
+    bad.append(f"method.w_step={method.w_step} (must be >= 0; 0 = derived from method.reach)")
+  if not 0 < method.reach <= 1:
+    bad.append(f"method.reach={method.reach} (must be in (0, 1])")
   if method.mlm_head_steps < 1:
     bad.append(f"method.mlm_head_steps={method.mlm_head_steps} (must be at least 1)")
   return bad

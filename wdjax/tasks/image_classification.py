@@ -75,9 +75,9 @@ class ImageClassificationTask(Task):
     if method.name in ("ws", "gws") and method.init == "pca":
       bad.append("method.init='pca' (computed from text-encoder activations; use identity or "
                  "xavier for ViTs)")
-    if method.name == "wid" and method.objective != "task":
-      bad.append(f"method.objective={method.objective!r} (ViT students support 'task' only: "
-                 "there is no MLM)")
+    if method.task_agnostic:
+      bad.append(f"method {method.label!r} (its phase 1 trains on masked LM, which ViT students "
+                 "have not; train on the task)")
     if cfg.vit.pooling not in ("cls", "mean"):
       bad.append(f"vit.pooling={cfg.vit.pooling!r} (one of cls, mean)")
     return bad

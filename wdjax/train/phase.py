@@ -162,6 +162,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
                                          cfg.data.pad_to_multiple)
 
   rep = mesh_lib.replicated(mesh)
+  diagnose = jax.jit(lambda p, t, s: generator.diagnostics(p, t, s), out_shardings=rep)
   checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   meta = {"phase": phase, "fingerprint": dict(fingerprint(cfg, train, distilling=teacher is not None,
@@ -198,7 +199,10 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
     def evaluate(st):
       student = materialize(st["params"], teacher_params, st["gen_state"])
       scores = student_predictor.scores(student, task.validation)
-      return {"val_" + k: v for k, v in scores.items()}, student
+      scores = {"val_" + k: v for k, v in scores.items()}
+      scores.update({f"{generator.name}_{k}": float(v) for k, v in
+                     diagnose(st["params"], teacher_params, st["gen_state"]).items()})
+      return scores, student
 
     logits_cache = None
     if teacher_apply is not None and cfg.kd.cache_teacher_logits and not export_only:
@@ -232,6 +236,10 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
              "exported_step": int(best["step"]),
              "trainable_params": trainable,
              "model_params": param_count(spec.init_params)}
+  end = {k: float(v) for k, v in diagnose(state["params"], teacher_params, state["gen_state"]).items()}
+  if end:  # where the generator stands when the phase ends (WID: at the cut)
+    results["generator"] = end
+    log(f"[{phase}] at the end of the phase: " + ", ".join(f"{k} {v:.4g}" for k, v in end.items()))
   for split in ("validation", "test"):
     scores = student_predictor.scores(student, task.split(split))
     results[f"{split}_accuracy"] = scores["accuracy"]

@@ -52,7 +52,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   objective = task.objective(cfg)
   # phase 1's teacher and objective: the task's, or a task-agnostic one (WID on masked-LM)
   teacher1, objective1, agnostic = teacher, objective, None
-  if method.name == "wid" and method.objective == "mlm":
+  if method.task_agnostic:
     agnostic = task.agnostic_start(cfg, teacher, data, log)
     teacher1, objective1 = agnostic.teacher, agnostic.objective
   s_cfg = task.student_config(cfg, teacher1.config)
@@ -90,10 +90,10 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
 
 def initial_student(cfg: Config, model: nnx.Module, teacher_params: Params) -> Params:
   """The student's starting parameters: `model`'s random initialisation, or the teacher's weight
-  selection for KD with `method.init=selection`."""
+  selection when the method starts from it (KD with `method.init=selection`)."""
   method = cfg.method
   init = nnx.to_pure_dict(nnx.state(model))
-  if method.name == "kd" and method.init == "selection":
+  if method.student_start == "selection":
     return generators.select(teacher_params, init, method.layer_map or "every_k")
   return init
 
