@@ -23,7 +23,7 @@ REPO = "https://github.com/wdjax/wdjax.git"  # your clone's URL
 WORKDIR = "runs/colab"
 '''
 
-INSTALL = '''# The configs live in the repository, so clone it and work from there.
+INSTALL = '''# Install wdjax from its repository (the presets ship in the package; nothing below reads the clone).
 import os, subprocess, sys
 if INSTALL:
     if not os.path.exists("wdjax/pyproject.toml"):
@@ -51,7 +51,7 @@ for name in ("all-MiniLM-L6-v2" if hardware == "cpu" else "all-mpnet-base-v2", "
 '''
 
 TEACHER = '''# Fine-tune the teacher on Rotten Tomatoes (skipped when the workdir already has it).
-teacher = run.finetune(config_lib.load(f"configs/kd.py:{hardware}", overrides))
+teacher = run.finetune(config_lib.load(f"kd:{hardware}", overrides))
 print(f"teacher test accuracy {teacher['test_accuracy']:.4f}")
 '''
 
@@ -63,8 +63,8 @@ methods = {{
     {rows},
 }}
 results = {{}}
-for label, (file, extra) in methods.items():
-    cfg = config_lib.load(f"configs/{{file}}:{{hardware}}", overrides + extra)
+for label, (preset, extra) in methods.items():
+    cfg = config_lib.load(f"{{preset}}:{{hardware}}", overrides + extra)
     cfg = notebook.tiny(cfg) if TINY else cfg
     results[label] = run.distill(cfg, phase=f"nb_{{label}}")
     print(f"{{label}}: test accuracy {{results[label]['test_accuracy']:.4f}}")
@@ -114,24 +114,24 @@ NOTEBOOKS = {
         "Fine-tunes the teacher, distils the same 3x192 student (on a GPU/TPU runtime: MPNet -> "
         "6x384) by logit KD and by Weight Squeezing, plots the learning curves, compares them, and "
         "reloads the exported student in `transformers`.",
-        {"kd": ("kd.py", []), "ws": ("ws.py", [])}),
+        {"kd": ("kd", []), "ws": ("ws", [])}),
     "wd": (
         "# Weight Distillation\n\nPhase 1 trains the parameter generator (per-tensor maps from the "
         "teacher's weights), phase 2 fine-tunes the materialised student; against plain KD.",
-        {"kd": ("kd.py", []), "wd": ("wd.py", [])}),
+        {"kd": ("kd", []), "wd": ("wd", [])}),
     "wid": (
         "# Weight-Inherited Distillation\n\nCompactors around every teacher matrix, masks growing "
         "to the student's width, the cut-and-merged student fine-tuned: task-specific and "
         "task-agnostic (masked-LM) variants.",
-        {"wid": ("wid.py", []), "wid_mlm": ("wid.py", ["method.objective=mlm"])}),
+        {"wid": ("wid", []), "wid_mlm": ("wid", ["method.objective=mlm"])}),
     "opdf": (
         "# OPDF: an over-parameterised (MPO) student\n\nA half-depth student at the teacher's "
         "width trains every matrix as an exact matrix-product-operator chain, with and without "
         "the tensor-constraint loss, against KD alone on the same student.",
         # KD from the same start as OPDF: the teacher's first layers (docs/methods.md §2.3)
-        {"kd_same_width": ("select_kd.py", ["SAME_WIDTH", "method.layer_map=first_n"]),
-         "opdf": ("opdf.py", ["SAME_WIDTH"]),
-         "opdf_no_loss": ("opdf.py", ["SAME_WIDTH", "method.constraint_lambda=0"])}),
+        {"kd_same_width": ("select_kd", ["SAME_WIDTH", "method.layer_map=first_n"]),
+         "opdf": ("opdf", ["SAME_WIDTH"]),
+         "opdf_no_loss": ("opdf", ["SAME_WIDTH", "method.constraint_lambda=0"])}),
 }
 
 

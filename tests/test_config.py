@@ -11,7 +11,7 @@ from wdjax import config as config_lib, validate
 from wdjax.errors import WdjaxError
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.py"
+QUICKSTART = "quickstart"  # a preset, by name
 
 
 def test_overrides_are_typed():
@@ -95,9 +95,28 @@ def test_the_method_section_is_the_methods_own():
 
 
 def test_every_shipped_config_passes_the_checks():
-  for path in sorted((ROOT / "configs").glob("*.py")):
-    for arg in ([""] if path.name == "quickstart.py" else ["cpu", "gpu"]):
-      validate.load(f"{path}:{arg}" if arg else path)
+  for name in config_lib.presets():
+    for arg in ([""] if name == "quickstart" else ["cpu", "gpu"]):
+      validate.load(f"{name}:{arg}" if arg else name)
+
+
+def test_a_preset_is_named_without_a_path_and_a_file_by_its_path(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # outside the repository: the presets come from the package
+  assert config_lib.load("ws:gpu") == config_lib.load(ROOT / "wdjax/configs/ws.py:gpu")
+  assert config_lib.load("ws:gpu").teacher.model == "all-mpnet-base-v2"
+  # a file of the user's own, even one named like a preset, is named by its path
+  (tmp_path / "ws.py").write_text(
+      "from wdjax.configs import ws\n"
+      "import dataclasses\n"
+      "def get_config(hardware='cpu'):\n"
+      "  return dataclasses.replace(ws.get_config(hardware), seed=7)\n")
+  assert config_lib.load("ws.py:gpu").seed == 7 and config_lib.load("ws:gpu").seed == 0
+  with pytest.raises(WdjaxError, match=r"no preset 'nope' \(presets: gws, kd, .*wd, wid, ws; a "
+                                       r"config file of your own is named by its path"):
+    config_lib.load("nope:cpu")
+  with pytest.raises(WdjaxError, match=r"config file sub/ws.py does not exist \(the preset is "
+                                       r"named without .py: ws\)"):
+    config_lib.load("sub/ws.py:cpu")
 
 
 def test_cli_prints_one_line_and_exits_2_on_unknown_key():
@@ -114,7 +133,7 @@ def test_wdjax_config_refuses_unknown_values_in_one_line(assignments):
   """`wdjax config` checks what a run would: an unknown method, dataset or choice is one line,
   exit 2, not a config printed as if it could run."""
   args = [a for kv in assignments for a in ("--set", kv)]
-  proc = subprocess.run([sys.executable, "-m", "wdjax", "config", str(ROOT / "configs" / "kd.py") + ":cpu",
+  proc = subprocess.run([sys.executable, "-m", "wdjax", "config", str(ROOT / "wdjax/configs/kd.py") + ":cpu",
                          *args], capture_output=True, text=True)
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.startswith(("wdjax: error: invalid config: ", "wdjax: error: unknown method"))

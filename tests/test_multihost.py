@@ -103,14 +103,14 @@ def test_launchers_start_one_process_per_host_with_the_coordinator(tmp_path):
   hosts = tmp_path / "hosts.txt"
   hosts.write_text("# head node first\ngpu0.example\n\nuser@gpu1.example\ngpu2.example\n")
   out = subprocess.run(["bash", str(root / "scripts/gpu_hosts/launch.sh"), "--hosts", str(hosts),
-                        "--dry-run", "--", "wdjax", "distill", "configs/ws.py:gpu"],
+                        "--dry-run", "--", "wdjax", "distill", "ws:gpu"],
                        capture_output=True, text=True, check=True).stdout.splitlines()
   assert len(out) == 3
   for i, (line, host) in enumerate(zip(out, ["gpu0.example", "user@gpu1.example", "gpu2.example"])):
     assert line.startswith(f"ssh {host} ") and line.endswith(f"--process-id\\ {i}")
     assert "--coordinator\\ gpu0.example:12355\\ --num-processes\\ 3" in line
   tpu = subprocess.run(["bash", str(root / "scripts/tpu_pod/launch.sh"), "--name", "pod", "--zone",
-                        "us-central2-b", "--dry-run", "--", "wdjax", "distill", "configs/ws.py:gpu"],
+                        "us-central2-b", "--dry-run", "--", "wdjax", "distill", "ws:gpu"],
                        capture_output=True, text=True, check=True).stdout.splitlines()
   assert tpu[0].startswith("gcloud compute tpus tpu-vm create pod --zone us-central2-b")
   assert all("--worker=all" in line for line in tpu[1:]) and tpu[-1].endswith("--distributed ")

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
 
   def with_config(name: str, help: str) -> argparse.ArgumentParser:
     c = sub.add_parser(name, help=help, parents=[debug])
-    c.add_argument("config", help="Python config file with get_config(), e.g. configs/quickstart.py")
+    c.add_argument("config", help="a preset's name (quickstart, wd:cpu, ...) or a Python config file with "
+                                     "get_config(), e.g. my_config.py:gpu")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set distill.optim.lr=3e-4 (repeatable)")
     m = c.add_argument_group("multi-process (run the same command in every process)")

@@ -353,22 +353,47 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
   return cfg
 
 
-def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
-  """`get_config()` of the Python config file at `path`, with `--set` assignments applied
-  (parsed and typed; `wdjax.validate.load` also checks every value).
+def presets() -> list[str]:
+  """The names of the presets that ship with wdjax (`wdjax/configs/<name>.py`)."""
+  return sorted(p.stem for p in Path(__file__).with_name("configs").glob("*.py")
+                if not p.stem.startswith("_"))
 
-  `path` may end in `:ARG` (`configs/ws.py:gpu`), which calls `get_config("gpu")`.
-  """
-  name, sep, arg = str(path).partition(".py:")
-  p = Path(name + ".py" if sep else name)
+
+def _config_module(p: Path, preset: bool):
+  """The module of a config: the preset named `p` or the file at `p`."""
+  if preset:
+    if str(p) not in presets():
+      raise WdjaxError(f"no preset {str(p)!r} (presets: {', '.join(presets())}; a config file "
+                       "of your own is named by its path, ending in .py)")
+    return importlib.import_module(f"wdjax.configs.{p}")
   if not p.is_file():
-    raise WdjaxError(f"config file {p} does not exist")
+    hint = f" (the preset is named without .py: {p.stem})" if p.stem in presets() else ""
+    raise WdjaxError(f"config file {p} does not exist{hint}")
   spec = importlib.util.spec_from_file_location(f"wdjax_config_{p.stem}", p)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
   except TypeError as e:  # an unknown keyword in the file's own dataclass calls
     raise WdjaxError(f"{p}: {e}") from None
+  return module
+
+
+def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
+  """`get_config()` of a config, with `--set` assignments applied (parsed and typed;
+  `wdjax.validate.load` also checks every value).
+
+  `path` is the name of a preset (`wdjax/configs/`: `quickstart`, `wd`, ...) or the path of a
+  Python config file (ending in `.py`), and may end in `:ARG` (`ws:gpu`, `my_config.py:gpu`),
+  which calls `get_config("gpu")`.
+  """
+  name, sep, arg = str(path).partition(".py:")
+  if sep:
+    name += ".py"
+  preset = not name.endswith(".py") and os.sep not in name and "/" not in name
+  if preset:  # a preset's name, perhaps with its argument
+    name, _, arg = name.partition(":")
+  p = Path(name)
+  module = _config_module(p, preset)
   if not hasattr(module, "get_config"):
     raise WdjaxError(f"{p} has no get_config() function")
   try:

@@ -1,4 +1,4 @@
-"""Shared starting points for the config files in `configs/` (one place for the common settings).
+"""Shared starting points for the config files in `wdjax/configs/` (one place for the common settings).
 
 `rotten_tomatoes(hardware)` is the distillation set-up of the quality benchmark:
 

@@ -1,11 +1,11 @@
 """The MT table: teacher, from-scratch student, sequence-KD student and WD student on Bible
 En-De, with BLEU, parameters and decoding speed measured side by side.
 
-    python benchmarks/mt/run.py --hardware cpu          # configs/mt.py:cpu, about 75 min on 2 cores
+    python benchmarks/mt/run.py --hardware cpu          # mt:cpu, about 75 min on 2 cores
     python benchmarks/mt/run.py --hardware gpu          # the paper's shapes (not yet run)
     python benchmarks/mt/run.py --rows teacher seq-kd   # a subset; finished phases are reused
 
-Every row is the phase `wdjax finetune/distill configs/mt.py:<hw>` runs (same workdir, resumable).
+Every row is the phase `wdjax finetune/distill wdjax/configs/mt.py:<hw>` runs (same workdir, resumable).
 Decoding speed: beam search (mt.beam) of the first 256 test sources, batch 64 (sentences/s) and
 batch 1 (median latency over 16 sentences), after a warm-up pass that compiles every shape;
 models alternate within each repeat so machine load hits them alike. Writes
@@ -30,7 +30,6 @@ from wdjax.models import transformer
 from wdjax.tasks import translation as translate
 from wdjax.train import run as run_lib
 
-ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 ROWS = {  # label -> (phase, --set assignments); the teacher is `finetune`
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
   ap.add_argument("--set", action="append", default=[], help="extra config assignments for every row")
   ap.add_argument("--no-speed", action="store_true", help="skip the decoding-speed measurement")
   args = ap.parse_args(argv)
-  base = config_lib.load(str(ROOT / "configs" / "mt.py") + f":{args.hardware}", args.set)
+  base = config_lib.load(f"mt:{args.hardware}", args.set)
   results, dirs = {}, {}
   t0 = time.perf_counter()
   results["teacher"] = run_lib.finetune(base)

@@ -5,13 +5,12 @@
     python benchmarks/quality/run.py --methods kd ws --seeds 0
     python benchmarks/quality/run.py --methods opdf --update   # re-run rows, keep the others
     python benchmarks/quality/run.py --task vision         # Fashion-MNIST ViT 4x128 -> 4x64
-                                                           # (configs/vit.py; results_vision_*)
+                                                           # (wdjax/configs/vit.py; results_vision_*)
 
 It fine-tunes the teacher once (seed 0) and trains, for each seed, the student by: CE from
 scratch, logit KD from scratch, weight selection + KD, WS, GWS, WD (phase 1 + 2) and WID
 (compactors on the task loss or, task-agnostic, on masked-LM; then the cut student fine-tuned),
-each from
-its config file in `configs/` (so the numbers are what `wdjax distill configs/<m>.py` gives).
+each from its preset in `wdjax/configs/` (so the numbers are what `wdjax distill <preset>:cpu` gives).
 All runs live in the preset's workdir and resume like any other run. It writes
 `benchmarks/quality/results_<hardware>.json`, `.md` (mean +- std test accuracy, trainable
 parameters during training, student parameters, CPU latency of student and teacher) and `.png`.
@@ -37,45 +36,44 @@ from wdjax import config as config_lib, notebook
 from wdjax.models import bert, hf
 from wdjax.train import run as run_lib
 
-ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
-METHODS = {  # label -> (config file, extra --set assignments)
-    "ce": ("kd.py", ["kd.alpha=0.0"]),
-    "kd": ("kd.py", []),
-    "select+kd": ("select_kd.py", []),
-    "ws": ("ws.py", []),
-    "gws": ("gws.py", []),
-    # WD as configs/wd.py runs it: identity-initialised maps (an extension, docs/methods.md 1.9)
-    "wd": ("wd.py", []),
+METHODS = {  # label -> (preset, extra --set assignments)
+    "ce": ("kd", ["kd.alpha=0.0"]),
+    "kd": ("kd", []),
+    "select+kd": ("select_kd", []),
+    "ws": ("ws", []),
+    "gws": ("gws", []),
+    # WD as wdjax/configs/wd.py runs it: identity-initialised maps (an extension, docs/methods.md 1.9)
+    "wd": ("wd", []),
     # WD as the paper initialises it: xavier-normal maps, phase-1 lr 3e-4
-    "wd-paper": ("wd.py", ["method.init=xavier", "distill.optim.lr=3e-4"]),
-    "wid": ("wid.py", []),
+    "wd-paper": ("wd", ["method.init=xavier", "distill.optim.lr=3e-4"]),
+    "wid": ("wid", []),
     # task-agnostic WID: compactors on masked-LM over the task's text, then fine-tuned
-    "wid-mlm": ("wid.py", ["method.objective=mlm"]),
+    "wid-mlm": ("wid", ["method.objective=mlm"]),
     # OPDF's own setting: a half-depth student at the teacher's width (3x384 on cpu), from the
     # teacher's layers; its baseline is KD alone on that student, and the ablation drops the loss
     # (both start from the teacher's first layers, as the paper's student and its KD baseline)
-    "kd-384": ("select_kd.py", ["SAME_WIDTH", "method.layer_map=first_n"]),
-    "opdf": ("opdf.py", []),
-    "opdf-noloss": ("opdf.py", ["method.constraint_lambda=0"]),
+    "kd-384": ("select_kd", ["SAME_WIDTH", "method.layer_map=first_n"]),
+    "opdf": ("opdf", []),
+    "opdf-noloss": ("opdf", ["method.constraint_lambda=0"]),
 }
 
 
-# Vision (`--task vision`): every row from configs/vit.py, the same student shape (4x64 on cpu,
+# Vision (`--task vision`): every row from wdjax/configs/vit.py, the same student shape (4x64 on cpu,
 # half the teacher's width at its depth: weight selection's ViT-S -> ViT-T setting) and budget.
 VISION_METHODS = {
-    "ce": ("vit.py", ["kd.alpha=0.0"]),  # the student from scratch, no teacher
-    "kd": ("vit.py", []),
-    "select+kd": ("vit.py", ["method.init=selection"]),  # weight selection's own setting, plus KD
-    "ws": ("vit.py", ["method.name=ws"]),
-    "gws": ("vit.py", ["method.name=gws"]),
-    "wd": ("vit.py", ["method.name=wd", "method.init=identity"]),
-    "wid": ("vit.py", ["method.name=wid"]),
-    "opdf": ("vit.py", ["method.name=opdf"]),  # at half width: the width-mismatch extension
+    "ce": ("vit", ["kd.alpha=0.0"]),  # the student from scratch, no teacher
+    "kd": ("vit", []),
+    "select+kd": ("vit", ["method.init=selection"]),  # weight selection's own setting, plus KD
+    "ws": ("vit", ["method.name=ws"]),
+    "gws": ("vit", ["method.name=gws"]),
+    "wd": ("vit", ["method.name=wd", "method.init=identity"]),
+    "wid": ("vit", ["method.name=wid"]),
+    "opdf": ("vit", ["method.name=opdf"]),  # at half width: the width-mismatch extension
 }
-TASKS = {"text": dict(methods=METHODS, base="kd.py", data="Rotten Tomatoes", inputs="64 tokens"),
-         "vision": dict(methods=VISION_METHODS, base="vit.py", data="Fashion-MNIST",
+TASKS = {"text": dict(methods=METHODS, base="kd", data="Rotten Tomatoes", inputs="64 tokens"),
+         "vision": dict(methods=VISION_METHODS, base="vit", data="Fashion-MNIST",
                         inputs="28x28 images")}
 
 
@@ -126,16 +124,16 @@ def main():
     ap.error(f"unknown methods for --task {args.task}: {sorted(unknown)}; choose from {list(methods)}")
   quiet = lambda *_: None
 
-  base = config_lib.load(f"{ROOT}/configs/{task['base']}:{args.hardware}", args.set)
+  base = config_lib.load(f"{task['base']}:{args.hardware}", args.set)
   teacher = run_lib.finetune(base)
   teacher_dir = Path(base.teacher_dir)
   rows = {}
   for label in args.methods or list(methods):
-    file, extra = methods[label]
+    preset, extra = methods[label]
     runs = []
     for seed in args.seeds:
       sets = notebook.expand(extra, args.hardware)  # "SAME_WIDTH": the teacher's width
-      cfg = config_lib.load(f"{ROOT}/configs/{file}:{args.hardware}",
+      cfg = config_lib.load(f"{preset}:{args.hardware}",
                             sets + args.set + [f"seed={seed}", f"teacher.path={teacher_dir}"])
       cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
       phase = f"quality_{label.replace('+', '_').replace('-', '_')}_s{seed}"

@@ -2,7 +2,7 @@
 # Run one wdjax command as one process per GPU host, over ssh.
 #
 #   scripts/gpu_hosts/launch.sh --hosts hosts.txt [--port 12355] [--dir ~/wdjax] \
-#       -- wdjax distill configs/ws.py:gpu --set workdir=/shared/runs/rt_mpnet
+#       -- wdjax distill ws:gpu --set workdir=/shared/runs/rt_mpnet
 #
 # hosts.txt: one ssh destination per line; the first is process 0 and the coordinator. Each
 # host needs wdjax installed in --dir (pip install -e '.[torch]' plus a CUDA jax) and all its

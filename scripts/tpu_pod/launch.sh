@@ -2,7 +2,7 @@
 # Run one wdjax command on every worker of a Cloud TPU VM pod slice.
 #
 #   scripts/tpu_pod/launch.sh --name wdjax-v4 --zone us-central2-b --type v4-32 \
-#       -- wdjax distill configs/ws.py:gpu --set workdir=/mnt/shared/runs/rt_mpnet
+#       -- wdjax distill ws:gpu --set workdir=/mnt/shared/runs/rt_mpnet
 #
 # 1. creates the TPU VM slice, or reuses it when it exists;
 # 2. installs wdjax (this repository, --repo/--ref) and jax[tpu] on every worker;

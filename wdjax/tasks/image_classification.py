@@ -1,9 +1,9 @@
 """Image classification with ViTs: the teacher trained from scratch, students by every method.
 
-  wdjax finetune configs/vit.py         the ViT teacher (shape from `vit`), from scratch -> finetune/
-  wdjax distill  configs/vit.py         a student (shape from `student`) by `method`    -> distill*/
+  wdjax finetune vit         the ViT teacher (shape from `vit`), from scratch -> finetune/
+  wdjax distill  vit         a student (shape from `student`) by `method`    -> distill*/
   --set method.name=select|ws|gws|wd|wid|opdf, --set method.init=selection (weight selection + KD)
-  wdjax eval     configs/vit.py --model DIR
+  wdjax eval     vit --model DIR
 
 Data: Fashion-MNIST or scikit-learn's digits (`wdjax/data/images.py`); models are saved as
 `transformers` ViTForImageClassification directories.

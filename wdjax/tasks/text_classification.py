@@ -1,8 +1,8 @@
 """Text classification: a pretrained BERT-family encoder fine-tuned on the task, students by every
 method (and WID's task-agnostic form: compactors trained on masked-LM over the task's text).
 
-  wdjax finetune configs/kd.py:cpu      the teacher: all-MiniLM-L6-v2 with a new head -> finetune/
-  wdjax distill  configs/wd.py:cpu      a student by `method`                           -> distill*/
+  wdjax finetune kd:cpu      the teacher: all-MiniLM-L6-v2 with a new head -> finetune/
+  wdjax distill  wd:cpu      a student by `method`                           -> distill*/
 
 Data: Rotten Tomatoes or the user's CSV / JSON-lines files (`wdjax/data/text.py`); models are
 saved as `transformers` `*ForSequenceClassification` directories.

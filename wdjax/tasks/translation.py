@@ -3,8 +3,8 @@
 The pipeline's phases, generators, step, loop and checkpoints, with the `Translation`
 objective (teacher-forced label-smoothed CE over target tokens):
 
-  wdjax finetune configs/mt.py          the teacher, from scratch on the bitext  -> finetune/
-  wdjax distill  configs/mt.py          a student on bitext + the teacher's beam
+  wdjax finetune mt          the teacher, from scratch on the bitext  -> finetune/
+  wdjax distill  mt          a student on bitext + the teacher's beam
                                         translations of the training sources (sequence-level KD,
                                         Kim & Rush; cached in <workdir>/cache/)  -> distill*/
   --set method.name=wd                  Weight Distillation: phase 1 trains the generator (the

@@ -154,16 +154,24 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _in_notebook() -> bool:
+  """Whether this process is a Jupyter kernel (Colab's included), whose stderr is no terminal."""
+  ipython = sys.modules.get("IPython")
+  shell = ipython.get_ipython() if ipython is not None else None
+  return shell is not None and type(shell).__name__ in ("ZMQInteractiveShell", "Shell")
+
+
 class _Progress:
-  """tqdm on a terminal, a plain line every `log_every` steps otherwise; process 0 only."""
+  """tqdm on a terminal or in a notebook, a plain line every `log_every` steps otherwise;
+  process 0 only."""
 
   def __init__(self, spec: LoopSpec, start: int):
     self.enabled = spec.progress and jax.process_index() == 0
     self.total, self.name = spec.total_steps, spec.name
     self.bar = None
     self.t0, self.s0 = time.perf_counter(), start
-    if self.enabled and sys.stderr.isatty():
-      from tqdm import tqdm
+    if self.enabled and (sys.stderr.isatty() or _in_notebook()):
+      from tqdm.auto import tqdm  # a notebook widget in Jupyter / Colab, text on a terminal
       self.bar = tqdm(total=spec.total_steps, initial=start, desc=spec.name, unit="step",
                       dynamic_ncols=True, smoothing=0.1)
 

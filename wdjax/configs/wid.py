@@ -13,8 +13,8 @@ gpu: MPNet 12x768 -> 6x384 (presets); for -> 192 wide add
 --set student.hidden_size=192 --set student.intermediate_size=768.
 
 Commands:
-  wdjax finetune configs/wid.py:cpu
-  wdjax distill configs/wid.py:cpu          # phase 1 then phase 2
+  wdjax finetune wid:cpu
+  wdjax distill wid:cpu          # phase 1 then phase 2
 Result (cpu, 3 seeds): task-specific 69.22 +- 6.56 (74.9, 70.7, 62.1: below KD on every seed),
 task-agnostic 74.27 +- 0.39: see docs/quality.md. gpu: not yet measured.
 """

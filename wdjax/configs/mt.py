@@ -1,13 +1,13 @@
 """Translation, Bible En-De: the teacher trained from scratch, then students that keep its
 encoder and shrink its decoder (WD's setting). One file, every row of the MT table:
 
-  wdjax finetune configs/mt.py:cpu                                  # the teacher
-  wdjax distill  configs/mt.py:cpu                                  # seq-KD student (bitext + teacher beams)
-  wdjax distill  configs/mt.py:cpu --set mt.seq_kd=none --phase distill_scratch
+  wdjax finetune mt:cpu                                  # the teacher
+  wdjax distill  mt:cpu                                  # seq-KD student (bitext + teacher beams)
+  wdjax distill  mt:cpu --set mt.seq_kd=none --phase distill_scratch
                                                                     # from scratch: bitext only
-  wdjax distill  configs/mt.py:cpu --set method.name=wd --set method.init=identity \
+  wdjax distill  mt:cpu --set method.name=wd --set method.init=identity \
                  --set distill.optim.lr=3e-4 --set method.phase2_lr=1.5e-3     # WD, phase 1 + 2
-  wdjax eval     configs/mt.py:cpu --model runs/bible_en_de/distill/model      # BLEU
+  wdjax eval     mt:cpu --model runs/bible_en_de/distill/model      # BLEU
 
 or all of them with `python benchmarks/mt/run.py --hardware cpu` (BLEU, parameters, decoding
 speed). The from-scratch and seq-KD students share a workdir with the teacher; their phase

@@ -10,8 +10,8 @@ random projection into a good student (the paper runs 30k). The paper's set-up:
 
 Commands:
 
-  wdjax finetune configs/wd.py:cpu
-  wdjax distill configs/wd.py:cpu           # phase 1 then phase 2, ~4 min on 2 CPU cores
+  wdjax finetune wd:cpu
+  wdjax distill wd:cpu           # phase 1 then phase 2, ~4 min on 2 CPU cores
 
 Result (cpu, 3 seeds): see docs/quality.md. gpu: not yet measured.
 """

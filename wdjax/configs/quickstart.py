@@ -2,7 +2,7 @@
 
 Command (fetches the teacher and the data, ~95 MB, on first use):
 
-  wdjax pipeline configs/quickstart.py
+  wdjax pipeline quickstart
 
 Runtime: 7m13s on a 2-core Intel Xeon (jax 0.10.2) with the assets cached; the first run adds
 the ~95 MB download. Result (seed 0, test split of 1,320 snippets, best-validation checkpoint;

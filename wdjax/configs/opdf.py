@@ -6,13 +6,13 @@ per step; the constraint loss pulls the auxiliary cores of student layer i towar
 2i+1's (§2.4: layers 1, 3, 5; lambda = 1e-4 / 3, the paper's 1e-4 / L_S).
 lr 2e-5: the chain of square cores amplifies every step on W (the paper uses 1e-6).
 Its baseline is the same student from the same layers trained by KD alone (`kd-384` in the
-quality benchmark: configs/select_kd.py with this student and `method.layer_map=first_n`), and
+quality benchmark: wdjax/configs/select_kd.py with this student and `method.layer_map=first_n`), and
 the ablation `--set method.constraint_lambda=0`.
 
 Commands:
-  wdjax finetune configs/opdf.py:cpu
-  wdjax distill configs/opdf.py:cpu
-  wdjax distill configs/opdf.py:cpu --set method.cores=7   # LGTM's 7 cores (3.7x the dense matrices here)
+  wdjax finetune opdf:cpu
+  wdjax distill opdf:cpu
+  wdjax distill opdf:cpu --set method.cores=7   # LGTM's 7 cores (3.7x the dense matrices here)
 Result (cpu, 3 seeds): see docs/quality.md. gpu (MPNet 12x768 -> 6x768): not yet
 measured.
 """

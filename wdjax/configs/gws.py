@@ -5,8 +5,8 @@ W_m is a trainable student initialised by weight selection, the gate starts at s
 
 Commands:
 
-  wdjax finetune configs/gws.py:cpu
-  wdjax distill configs/gws.py:cpu          # ~3 min on 2 CPU cores
+  wdjax finetune gws:cpu
+  wdjax distill gws:cpu          # ~3 min on 2 CPU cores
 
 Result (cpu, 3 seeds): see docs/quality.md. gpu: not yet measured.
 """

@@ -2,9 +2,9 @@
 
 Commands (cpu: MiniLM 6x384 -> 3x192 on Rotten Tomatoes; gpu: MPNet 12x768 -> 6x384):
 
-  wdjax finetune configs/kd.py:cpu        # the teacher, once per workdir (~4 min on 2 CPU cores)
-  wdjax distill configs/kd.py:cpu         # ~2.5 min on 2 CPU cores
-  wdjax distill configs/kd.py:cpu --set kd.alpha=0 --phase distill_ce
+  wdjax finetune kd:cpu        # the teacher, once per workdir (~4 min on 2 CPU cores)
+  wdjax distill kd:cpu         # ~2.5 min on 2 CPU cores
+  wdjax distill kd:cpu --set kd.alpha=0 --phase distill_ce
 
 Result (cpu, 3 seeds): see docs/quality.md (benchmarks/quality).
 gpu: not yet measured.

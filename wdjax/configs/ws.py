@@ -7,8 +7,8 @@ method.layer_mix=learned.
 
 Commands:
 
-  wdjax finetune configs/ws.py:cpu
-  wdjax distill configs/ws.py:cpu           # ~3 min on 2 CPU cores
+  wdjax finetune ws:cpu
+  wdjax distill ws:cpu           # ~3 min on 2 CPU cores
 
 Result (cpu, 3 seeds): see docs/quality.md. gpu: not yet measured.
 """

@@ -5,8 +5,8 @@ every space) and trains its own weights; lr 1e-4 (docs/data.md's reference for s
 
 Commands:
 
-  wdjax finetune configs/select_kd.py:cpu   # shared teacher (skipped when already trained)
-  wdjax distill configs/select_kd.py:cpu    # ~2.5 min on 2 CPU cores
+  wdjax finetune select_kd:cpu   # shared teacher (skipped when already trained)
+  wdjax distill select_kd:cpu    # ~2.5 min on 2 CPU cores
 
 Result (cpu, 3 seeds): see docs/quality.md. gpu: not yet measured.
 """
