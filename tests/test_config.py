@@ -56,6 +56,10 @@ def test_wrong_type_is_rejected_naming_the_whole_key():
     (["method.name=ws", "method.init=svd"], r"method\.init='svd' \(one of identity, xavier, pca\)"),
     (["method.layer_map=every_2"], r"method\.layer_map='every_2' \(one of '', contiguous, every_k"),
     (["data.dataset=bible", "method.name=wid"], r"method\.name='wid' \(translation supports kd, select"),
+    (["data.dataset=digits", "method.init=importance"],
+     r"method\.init='importance' \(image classification cannot rank its teacher's units yet"),
+    (["method.init=importance", "method.calibration_batches=0"],
+     r"method\.calibration_batches=0 \(must be at least 1\)"),
     (["data.dataset=digits", "method.name=wid", "method.objective=mlm"],
      r"method 'wid_mlm' \(its phase 1 trains on masked LM, which ViT students have not"),
     # every bad key in one message
@@ -80,8 +84,8 @@ def test_the_method_section_is_the_methods_own():
                                                "phase2_lr": 0.0, "mode": "lean", "init": "identity"}
   assert validate.load(QUICKSTART, ["method.name=wd"]).method == WDMethod()
   assert config_lib.apply_overrides(cfg, ["method=wd"]).method is cfg.method  # already WD's: kept
-  with pytest.raises(WdjaxError, match=r"'method\.mode': the kd section has name, layer_map, init; "
-                                       r"mode is an option of wd \(--set method=wd first\)"):
+  with pytest.raises(WdjaxError, match=r"'method\.mode': the kd section has name, layer_map, init, "
+                                       r"calibration_batches; mode is an option of wd \(--set method=wd first\)"):
     validate.load(QUICKSTART, ["method.mode=lean"])
   with pytest.raises(WdjaxError, match=r"did you mean method\.init\?"):
     validate.load(QUICKSTART, ["method.inti=selection"])

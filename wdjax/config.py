@@ -146,7 +146,8 @@ class MethodConfig:
   @property
   def student_start(self) -> str:
     """The weights the student's own parameters start from when the method trains them directly:
-    "random" (its initialisation) or "selection" (the teacher's, by weight selection)."""
+    "random" (its initialisation), or the teacher's by weight selection: "selection" (uniform)
+    or "importance" (its most active units, `generators.importance`)."""
     return "random"
 
   @property
@@ -172,11 +173,13 @@ class KDMethod(MethodConfig):
   """Logit KD (plain CE when `kd.alpha` is 0): the student's own weights are trained."""
 
   name: str = "kd"
-  init: str = "random"  # the student's starting weights: "random" or "selection" (of the teacher's)
+  init: str = "random"  # the student's starting weights: "random", or the teacher's by uniform
+  #                       "selection" or by "importance" (its most active units)
+  calibration_batches: int = 16  # init=importance: training batches whose activations rank the units
 
   @property
   def label(self) -> str:
-    return "kd_selection" if self.init == "selection" else "kd"
+    return {"selection": "kd_selection", "importance": "kd_importance"}.get(self.init, "kd")
 
   @property
   def student_start(self) -> str:

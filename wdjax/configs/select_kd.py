@@ -2,6 +2,8 @@
 
 The student starts as a uniform slice of the teacher (layers 1, 3, 5 of 6; every other unit of
 every space) and trains its own weights; lr 1e-4 (docs/data.md's reference for selected students).
+--set method.init=importance keeps the teacher's most active units instead (ranked on 16
+training batches: docs/methods.md, importance selection).
 
 Commands:
 

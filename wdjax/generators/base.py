@@ -139,4 +139,6 @@ def param_count(tree: Params) -> int:
 
 
 register(Method("kd", lambda student_shapes, teacher_shapes: Identity(), section=KDMethod,
-                choices={"init": ("random", "selection")}))
+                choices={"init": ("random", "selection", "importance")},
+                check=lambda m: [] if m.calibration_batches >= 1 else
+                [f"method.calibration_batches={m.calibration_batches} (must be at least 1)"]))

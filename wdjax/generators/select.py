@@ -35,7 +35,10 @@ from wdjax.generators.registry import Method, register
 class SelectionPlan:
   """For every student leaf: its teacher path(s) and the indices kept along each axis."""
 
-  def __init__(self, teacher_shapes: Params, student_shapes: Params, layer_map: str = "every_k"):
+  def __init__(self, teacher_shapes: Params, student_shapes: Params, layer_map: str = "every_k",
+               indices: dict[str, np.ndarray] | None = None):
+    """`indices`: `{student space (paths.space_of): teacher indices}` kept instead of the
+    uniform ones (importance selection); spaces it does not name stay uniform."""
     t_flat, s_flat = trees.flatten(teacher_shapes), trees.flatten(student_shapes)
     # depth is planned per layer stack (one for an encoder, two for an encoder-decoder)
     depth = lambda flat, stack: 1 + max(trees.layer_of(p) for p in flat if trees.layer_of(p) is not None
@@ -47,6 +50,11 @@ class SelectionPlan:
     self.n_student = sum(depth(s_flat, st) for st in stacks)
     self.sizes = paths.role_sizes(t_flat, s_flat)
     self.index = {r: paths.uniform_indices(t, s) for r, (t, s) in self.sizes.items()}
+    self.indices = dict(indices or {})
+    for space, idx in self.indices.items():
+      d_t, d_s = self.sizes[space.split("/")[0]]
+      if len(idx) != d_s or len(set(np.asarray(idx).tolist())) != d_s or not 0 <= min(idx) <= max(idx) < d_t:
+        raise ValueError(f"indices of {space} must be {d_s} distinct units of {d_t}")
     self.student_shapes = {p: tuple(np.shape(x)) for p, x in s_flat.items()}
     self.roles = {p: contract.roles(p, len(shape)) for p, shape in self.student_shapes.items()}
     self.sources: dict[str, list[str]] = {}
@@ -68,7 +76,8 @@ class SelectionPlan:
     """Slice one teacher tensor down to the student leaf `path`'s shape."""
     for axis, role in enumerate(self.roles[path]):
       if role is not None and self.sizes[role][0] != self.sizes[role][1]:
-        x = jnp.take(x, self.index[role], axis=axis)
+        index = self.indices.get(paths.space_of(path, role), self.index[role])
+        x = jnp.take(x, jnp.asarray(index), axis=axis)
     return x
 
   def apply(self, teacher_params: Params) -> dict[str, jax.Array]:
@@ -78,10 +87,12 @@ class SelectionPlan:
     return {p: self.select(t_flat[srcs[-1]], p) for p, srcs in self.sources.items()}
 
 
-def select(teacher_params: Params, student_shapes: Params, layer_map: str = "every_k") -> Params:
-  """The weight-selection student (a param tree shaped like `student_shapes`)."""
+def select(teacher_params: Params, student_shapes: Params, layer_map: str = "every_k",
+           indices: dict[str, np.ndarray] | None = None) -> Params:
+  """The weight-selection student (a param tree shaped like `student_shapes`); `indices` as
+  `SelectionPlan`'s (importance selection), else uniform."""
   dtypes = {p: x.dtype for p, x in trees.flatten(student_shapes).items()}
-  selected = SelectionPlan(teacher_params, student_shapes, layer_map).apply(teacher_params)
+  selected = SelectionPlan(teacher_params, student_shapes, layer_map, indices).apply(teacher_params)
   return trees.unflatten({p: x.astype(dtypes[p]) for p, x in selected.items()})
 
 

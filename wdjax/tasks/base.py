@@ -59,6 +59,7 @@ class Task:
   metric = "accuracy"  # what `evaluate` reports per split
   methods: tuple[str, ...] | None = None  # the methods written for its families (None: all)
   config_sections: tuple[str, ...] = ()  # its own `Config` sections (part of a run's settings)
+  ranks_units = False  # whether `unit_ranking` can rank the teacher's units (importance selection)
 
   def check(self, cfg: Config) -> list[str]:
     """Problems of `cfg` for this task, each as `key=value (rule)`; [] when it can run."""
@@ -89,6 +90,11 @@ class Task:
     """Options of `generators.make` that depend on the task (e.g. PCA maps from its data)."""
     del cfg, teacher, data
     return {}
+
+  def unit_ranking(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:
+    """`{student space: kept teacher indices}` of importance selection, from the teacher's
+    activations on the task's training data (`generators.importance`)."""
+    raise NotImplementedError(f"{self.name} cannot rank its teacher's units")
 
   def agnostic_start(self, cfg: Config, teacher: Model, data: Any, log) -> AgnosticStart:
     raise NotImplementedError(f"{self.name} has no task-agnostic objective")

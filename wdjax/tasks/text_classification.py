@@ -93,6 +93,7 @@ def mlm_teacher(cfg: Config, data: TaskData, masking: mlm.MlmMasking, log) -> Mo
 class TextClassification(Task):
   name = "text classification"
   datasets = ("rotten-tomatoes", "files")
+  ranks_units = True
 
   def objective(self, cfg: Config) -> Classification:
     del cfg
@@ -135,6 +136,12 @@ class TextClassification(Task):
       from wdjax.generators.pca import pca_maps
       return {"pca": pca_maps(teacher.config, teacher.params, data.train, cfg, method)}
     return {}
+
+  def unit_ranking(self, cfg: Config, teacher: Model, data: TaskData, student_shapes, log) -> dict:
+    from wdjax.generators.importance import importance_indices
+    log(f"ranking the teacher's units on {cfg.method.calibration_batches} training batches")
+    return importance_indices(teacher.config, teacher.params, student_shapes, data.train, cfg,
+                              cfg.method)
 
   def agnostic_start(self, cfg: Config, teacher: Model, data: TaskData, log) -> AgnosticStart:
     """Task-agnostic WID (docs/methods.md §3.4): phase 1 trains the compactors of the

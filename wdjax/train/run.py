@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
@@ -56,7 +57,8 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
     agnostic = task.agnostic_start(cfg, teacher, data, log)
     teacher1, objective1 = agnostic.teacher, agnostic.objective
   s_cfg = task.student_config(cfg, teacher1.config)
-  init = initial_student(cfg, objective1.build(s_cfg, cfg.seed), teacher1.params)
+  init = initial_student(cfg, objective1.build(s_cfg, cfg.seed), teacher1.params,
+                         rank=lambda shapes: task.unit_ranking(cfg, teacher1, data, shapes, log))
   # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
   # total budget); WID's mask schedule is laid out over phase 1's length.
   steps, steps1 = phase_steps(cfg, data)
@@ -88,13 +90,16 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
   return tasks.for_dataset(cfg.data.dataset).evaluate(cfg, Path(model_dir), tuple(splits))
 
 
-def initial_student(cfg: Config, model: nnx.Module, teacher_params: Params) -> Params:
-  """The student's starting parameters: `model`'s random initialisation, or the teacher's weight
-  selection when the method starts from it (KD with `method.init=selection`)."""
+def initial_student(cfg: Config, model: nnx.Module, teacher_params: Params,
+                    rank: Callable[[Params], dict] | None = None) -> Params:
+  """The student's starting parameters: `model`'s random initialisation, or the teacher's
+  weights by selection when the method starts from them (KD with `method.init=selection`, or
+  `importance`: the units `rank(student_shapes)` keeps)."""
   method = cfg.method
   init = nnx.to_pure_dict(nnx.state(model))
-  if method.student_start == "selection":
-    return generators.select(teacher_params, init, method.layer_map or "every_k")
+  if method.student_start in ("selection", "importance"):
+    indices = rank(init) if method.student_start == "importance" else None
+    return generators.select(teacher_params, init, method.layer_map or "every_k", indices)
   return init
 
 

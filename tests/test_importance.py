@@ -1,0 +1,115 @@
+"""Importance-based inheritance: units ranked by their activations on calibration data."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from wdjax import generators, trees
+from wdjax.data.tokenize import TokenizedSplit
+from wdjax.generators import importance, pca
+from wdjax.generators.select import SelectionPlan
+from wdjax.models import bert
+
+TEACHER = bert.EncoderConfig(vocab_size=99, hidden_size=48, num_layers=2, num_heads=4,
+                             intermediate_size=96, max_position_embeddings=64, num_labels=2,
+                             hidden_dropout=0.0, attention_dropout=0.0)
+# planted in teacher layer 1, the one `every_k` gives a 1-layer student, at units that
+# uniform selection (every other unit; linspace for the FFN's 96 -> 40) keeps none of them
+CHANNEL, NEURON, DIM = 37, 70, 2 * 12 + 5  # a residual channel, an FFN neuron, head 2's dim 5
+
+
+def _planted_teacher(whole_head: bool = False):
+  flat = trees.flatten(nnx.to_pure_dict(nnx.state(bert.build(TEACHER, seed=3))))
+  flat = {k: np.array(v) for k, v in flat.items()}
+  for k in flat:  # the channel is large wherever the residual stream is normalised
+    if k.endswith("ln/scale"):
+      flat[k][CHANNEL] *= 30.0
+  flat["encoder/layer_1/mlp/up/kernel"][:, NEURON] *= 30.0
+  flat["encoder/layer_1/mlp/up/bias"][NEURON] = 5.0
+  v = flat["encoder/layer_1/attn/v/kernel"]
+  if whole_head:
+    v[:, 24:36] *= 5.0  # all of head 2
+  else:
+    v[:, DIM] *= 30.0
+  return trees.unflatten(flat)
+
+
+def _calibration_split(n=64, length=20, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(5, length + 1, n).astype(np.int32)
+  ids = rng.integers(5, TEACHER.vocab_size, (n, length)).astype(np.int32)
+  ids[np.arange(length)[None] >= lengths[:, None]] = 0
+  return TokenizedSplit(ids, lengths, np.zeros(n, np.int32), pad_id=0)
+
+
+def _student(**kw):
+  cfg = dataclasses.replace(TEACHER, num_layers=1, **kw)
+  return nnx.to_pure_dict(nnx.state(bert.build(cfg, seed=1)))
+
+
+def _ranked(teacher_params, student, heads_s):
+  moments = pca.second_moments(TEACHER, teacher_params, _calibration_split(), batches=4,
+                               batch_size=16, seed=0)
+  scores = importance.unit_scores(moments)
+  plan = SelectionPlan(teacher_params, student)
+  return scores, importance.keep_indices(scores, plan, TEACHER.num_heads, heads_s)
+
+
+def test_the_planted_channel_neuron_and_head_dimension_rank_first():
+  teacher = _planted_teacher()
+  student = _student(hidden_size=24, intermediate_size=40)  # 4 heads of 6
+  scores, keep = _ranked(teacher, student, heads_s=4)
+  assert int(np.argmax(scores["hidden"])) == CHANNEL
+  assert int(np.argmax(scores["ffn/layer_1"])) == NEURON
+  assert int(np.argmax(scores["attn/layer_1"])) == DIM
+  assert sorted(keep) == ["attn/layer_0", "ffn/layer_0", "hidden", "pooled"]
+  assert CHANNEL in keep["hidden"] and NEURON in keep["ffn/layer_0"] and DIM in keep["attn/layer_0"]
+  assert len(keep["ffn/layer_0"]) == 40 and np.all(np.diff(keep["ffn/layer_0"]) > 0)
+  # six dimensions of every head, so the student's 4 heads are the teacher's, narrowed
+  assert (np.bincount(keep["attn/layer_0"] // 12, minlength=4) == 6).all()
+  uniform = SelectionPlan(teacher, student)
+  assert CHANNEL not in uniform.index["hidden"] and NEURON not in uniform.index["ffn"]
+
+  # the selected student is the teacher's slice at those units, everywhere they are read
+  got = trees.flatten(generators.select(teacher, student, indices=keep))
+  t = trees.flatten(teacher)
+  h, f, a = keep["hidden"], keep["ffn/layer_0"], keep["attn/layer_0"]
+  np.testing.assert_array_equal(got["encoder/layer_0/mlp/up/kernel"],
+                                t["encoder/layer_1/mlp/up/kernel"][np.ix_(h, f)])
+  np.testing.assert_array_equal(got["encoder/layer_0/attn/q/kernel"],
+                                t["encoder/layer_1/attn/q/kernel"][np.ix_(h, a)])
+  np.testing.assert_array_equal(got["encoder/layer_0/attn/o/kernel"],
+                                t["encoder/layer_1/attn/o/kernel"][np.ix_(a, h)])
+  np.testing.assert_array_equal(got["encoder/embeddings/word/embedding"],
+                                t["encoder/embeddings/word/embedding"][:, h])
+  np.testing.assert_array_equal(got["pooler/kernel"], t["pooler/kernel"][np.ix_(h, keep["pooled"])])
+
+
+def test_a_student_with_fewer_heads_keeps_the_most_active_whole_heads():
+  teacher = _planted_teacher(whole_head=True)
+  student = _student(hidden_size=24, num_heads=2, intermediate_size=40)  # 2 heads of 12
+  _, keep = _ranked(teacher, student, heads_s=2)
+  heads = sorted(set((keep["attn/layer_0"] // 12).tolist()))
+  assert 2 in heads and len(heads) == 2 and len(keep["attn/layer_0"]) == 24
+
+
+def test_indices_that_do_not_fit_the_space_are_refused_and_odd_head_layouts_rank_dimensions():
+  teacher, student = _planted_teacher(), _student(hidden_size=24, intermediate_size=40)
+  with pytest.raises(ValueError, match="indices of ffn/layer_0 must be 40 distinct units of 96"):
+    SelectionPlan(teacher, student, indices={"ffn/layer_0": np.arange(39)})
+  # 3 heads of 8 are neither the teacher's 4 heads narrowed nor whole heads of 12: top dimensions
+  scores = np.arange(48.0)
+  np.testing.assert_array_equal(importance.top_in_heads(scores, 4, 3, 24), np.arange(24, 48))
+
+
+def test_kd_from_an_importance_selected_student_runs_end_to_end(tiny):
+  """`method.init=importance` through the pipeline: the real teacher's units are ranked on the
+  task's training batches and KD trains the selected student."""
+  from wdjax.train import run
+  cfg = tiny(method=generators.section("kd", init="importance", calibration_batches=2))
+  lines = []
+  result = run.distill(cfg, log=lines.append)
+  assert result["phase"] == "distill_kd_importance" and np.isfinite(result["test_loss"])
+  assert any("ranking the teacher's units on 2 training batches" in l for l in lines)
