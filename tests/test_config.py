@@ -142,3 +142,11 @@ def test_wdjax_config_refuses_unknown_values_in_one_line(assignments):
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.startswith(("wdjax: error: invalid config: ", "wdjax: error: unknown method"))
   assert proc.stderr.count("\n") == 1
+
+
+def test_the_pipelines_transfer_student_may_start_from_importance_selection():
+  from wdjax import cli, generators
+  cfg = validate.load(QUICKSTART, ["pipeline.transfer=importance"])
+  transfer = cli.transfer_config(cfg)
+  assert transfer.method == generators.section("kd", init="importance")
+  assert transfer.method.label == "kd_importance" and transfer.distill.optim.lr == 1e-4

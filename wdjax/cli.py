@@ -91,7 +91,7 @@ def transfer_config(cfg):
   t = cfg.pipeline
   if not t.transfer:
     return None
-  method = (generators.section("kd", init="selection") if t.transfer == "selection"
+  method = (generators.section("kd", init=t.transfer) if t.transfer in ("selection", "importance")
             else generators.section(t.transfer))
   optim = dataclasses.replace(cfg.distill.optim, lr=t.transfer_lr or cfg.distill.optim.lr)
   return dataclasses.replace(cfg, method=method, distill=dataclasses.replace(cfg.distill, optim=optim))
@@ -143,7 +143,8 @@ def run(argv: list[str] | None = None) -> int:
     rows = [(f"teacher (fine-tuned {cfg.teacher.model})", run_lib.finetune(cfg))]
     transfer = transfer_config(cfg)
     if transfer is not None and transfer.method.label != cfg.method.label:
-      name = "weight selection + KD" if cfg.pipeline.transfer == "selection" else cfg.pipeline.transfer
+      name = {"selection": "weight selection + KD",
+              "importance": "importance selection + KD"}.get(cfg.pipeline.transfer, cfg.pipeline.transfer)
       rows.append((f"student {shape}, {name} (weight transfer)", run_lib.distill(transfer)))
     rows.append((f"student {shape}, {cfg.method.name} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})",
                  run_lib.distill(cfg)))

@@ -221,7 +221,7 @@ class PipelineConfig:
   """`wdjax pipeline`: besides the config's own student (`method`) and the CE-only one, a
   weight-transfer student of the same shape and steps."""
 
-  transfer: str = "selection"  # "selection" (weight selection + KD), a method name (wd, ws, ...), or "" (none)
+  transfer: str = "selection"  # "selection" or "importance" (that selection + KD), a method name (wd, ws, ...), or "" (none)
   transfer_lr: float = 1e-4  # its distill learning rate (0 = distill.optim.lr)
 
 

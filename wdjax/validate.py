@@ -34,7 +34,7 @@ def check(cfg: Config) -> Config:
   known = tasks.datasets()
   need(cfg.data.dataset in known, "data.dataset", cfg.data.dataset, f"one of {', '.join(known)}")
   bad += generators.check(cfg.method)
-  transfers = ("", "selection") + tuple(m for m in generators.METHODS if m != "kd")
+  transfers = ("", "selection", "importance") + tuple(m for m in generators.METHODS if m != "kd")
   need(cfg.pipeline.transfer in transfers, "pipeline.transfer", cfg.pipeline.transfer,
        f"one of {', '.join(repr(t) if t == '' else t for t in transfers)}")
   need(cfg.pipeline.transfer_lr >= 0, "pipeline.transfer_lr", cfg.pipeline.transfer_lr, "must be >= 0")
