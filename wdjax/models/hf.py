@@ -10,11 +10,12 @@ that `transformers.Auto*` classes load, through a temporary directory renamed in
 from __future__ import annotations
 
 import contextlib
-
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,91 @@ Params = dict[str, Any]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt")
 
-_ARCHITECTURES = {
-    ("bert", "classifier"): "BertForSequenceClassification",
-    ("bert", "mlm"): "BertForMaskedLM",
-    ("mpnet", "classifier"): "MPNetForSequenceClassification",
-    ("mpnet", "mlm"): "MPNetForMaskedLM",
+Row = tuple[tuple, str, bool]  # (our path, HF name without the model prefix, transpose?)
+
+
+def _linear(ours: tuple, theirs: str) -> list[Row]:
+  return [(ours + ("kernel",), theirs + ".weight", True), (ours + ("bias",), theirs + ".bias", False)]
+
+
+def _norm(ours: tuple, theirs: str, weight="weight", bias="bias") -> list[Row]:
+  return [(ours + ("scale",), f"{theirs}.{weight}", False), (ours + ("bias",), f"{theirs}.{bias}", False)]
+
+
+def _head(rows: list[Row]) -> list[Row]:
+  """Head parameters: their HF names carry no model prefix (marked by a leading "!")."""
+  return [(p, "!" + n, t) for p, n, t in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+  """How one architecture of the BERT family names its weights and config fields in HF files;
+  the names that differ between them are one row of `DIALECTS`."""
+
+  classes: dict[str, str]  # head -> the transformers class of the task model
+  embedding_rows: Callable[[], list[Row]]  # past the word and position tables and the LayerNorm
+  attention_rows: Callable[[tuple, str], list[Row]]  # (our layer path, HF layer name)
+  head_rows: dict[str, Callable[[], list[Row]]]
+  mlm_bias: str  # the MLM output bias; export also writes it under `<decoder>.bias`
+  mlm_decoder: str
+  config_fields: Callable[[dict], dict]  # EncoderConfig fields read from config.json
+  config_extra: Callable[[bert.EncoderConfig], dict]  # config.json entries written on export
+
+
+def _bert_attention(ours: tuple, theirs: str) -> list[Row]:
+  rows = [r for a, b in (("q", "query"), ("k", "key"), ("v", "value"))
+          for r in _linear(ours + ("attn", a), f"{theirs}.attention.self.{b}")]
+  return (rows + _linear(ours + ("attn", "o"), f"{theirs}.attention.output.dense")
+          + _norm(ours + ("attn_ln",), f"{theirs}.attention.output.LayerNorm"))
+
+
+def _mpnet_attention(ours: tuple, theirs: str) -> list[Row]:
+  rows = [r for a in "qkvo" for r in _linear(ours + ("attn", a), f"{theirs}.attention.attn.{a}")]
+  return rows + _norm(ours + ("attn_ln",), f"{theirs}.attention.LayerNorm")
+
+
+DIALECTS = {
+    "bert": Dialect(
+        classes={"classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM"},
+        embedding_rows=lambda: [(("encoder", "embeddings", "token_type", "embedding"),
+                                 "embeddings.token_type_embeddings.weight", False)],
+        attention_rows=_bert_attention,
+        head_rows={
+            "classifier": lambda: _linear(("pooler",), "pooler.dense")
+            + _head(_linear(("classifier",), "classifier")),
+            "mlm": lambda: _head(_linear(("mlm_dense",), "cls.predictions.transform.dense")
+                                 + _norm(("mlm_ln",), "cls.predictions.transform.LayerNorm")
+                                 + [(("mlm_bias",), "cls.predictions.bias", False)])},
+        mlm_bias="cls.predictions.bias", mlm_decoder="cls.predictions.decoder",
+        config_fields=lambda hf: dict(type_vocab_size=hf.get("type_vocab_size", 2),
+                                      pad_token_id=hf.get("pad_token_id", 0)),
+        config_extra=lambda cfg: {"type_vocab_size": cfg.type_vocab_size,
+                                  "position_embedding_type": "absolute"}),
+    "mpnet": Dialect(
+        classes={"classifier": "MPNetForSequenceClassification", "mlm": "MPNetForMaskedLM"},
+        embedding_rows=lambda: [(("encoder", "relative_bias", "embedding"),
+                                 "encoder.relative_attention_bias.weight", False)],
+        attention_rows=_mpnet_attention,
+        head_rows={
+            "classifier": lambda: _head(_linear(("pooler",), "classifier.dense")
+                                        + _linear(("classifier",), "classifier.out_proj")),
+            "mlm": lambda: _head(_linear(("mlm_dense",), "lm_head.dense")
+                                 + _norm(("mlm_ln",), "lm_head.layer_norm")
+                                 + [(("mlm_bias",), "lm_head.bias", False)])},
+        mlm_bias="lm_head.bias", mlm_decoder="lm_head.decoder",
+        config_fields=lambda hf: dict(type_vocab_size=0, pad_token_id=hf.get("pad_token_id", 1)),
+        config_extra=lambda cfg: {"relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+                                  "bos_token_id": 0, "eos_token_id": 2}),
 }
 
 
 def config_from_hf(hf: dict, **overrides) -> bert.EncoderConfig:
-  """`EncoderConfig` from a parsed HF `config.json` (BERT or MPNet), plus field overrides."""
+  """`EncoderConfig` from a parsed HF `config.json` (an architecture of `DIALECTS`), plus
+  field overrides."""
   arch = hf.get("model_type")
-  if arch not in ("bert", "mpnet"):
-    raise WdjaxError(f"model_type {arch!r} in config.json is not supported (bert or mpnet)")
+  if arch not in DIALECTS:
+    raise WdjaxError(f"model_type {arch!r} in config.json is not supported "
+                     f"({' or '.join(DIALECTS)})")
   if hf.get("hidden_act", "gelu") != "gelu":
     raise WdjaxError(f"hidden_act {hf['hidden_act']!r} is not supported (gelu)")
   num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
@@ -52,14 +125,13 @@ def config_from_hf(hf: dict, **overrides) -> bert.EncoderConfig:
       num_heads=hf["num_attention_heads"],
       intermediate_size=hf["intermediate_size"],
       max_position_embeddings=hf["max_position_embeddings"],
-      type_vocab_size=hf.get("type_vocab_size", 2) if arch == "bert" else 0,
       layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-      pad_token_id=hf.get("pad_token_id", 0 if arch == "bert" else 1),
       relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
       hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
       attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
       num_labels=num_labels,
       initializer_range=hf.get("initializer_range", 0.02),
+      **DIALECTS[arch].config_fields(hf),
   )
   fields.update(overrides)
   return bert.EncoderConfig(**fields)
@@ -67,8 +139,9 @@ def config_from_hf(hf: dict, **overrides) -> bert.EncoderConfig:
 
 def config_to_hf(cfg: bert.EncoderConfig, head: str) -> dict:
   """A `config.json` dict that `transformers.AutoConfig` reads back to the same shapes."""
-  hf = {
-      "architectures": [_ARCHITECTURES[(cfg.arch, head)]],
+  dialect = DIALECTS[cfg.arch]
+  return {
+      "architectures": [dialect.classes[head]],
       "model_type": cfg.arch,
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.hidden_size,
@@ -84,72 +157,30 @@ def config_to_hf(cfg: bert.EncoderConfig, head: str) -> dict:
       "initializer_range": cfg.initializer_range,
       "num_labels": cfg.num_labels,
       "tie_word_embeddings": True,
+      **dialect.config_extra(cfg),
   }
-  if cfg.arch == "bert":
-    hf["type_vocab_size"] = cfg.type_vocab_size
-    hf["position_embedding_type"] = "absolute"
-  else:
-    hf["relative_attention_num_buckets"] = cfg.relative_attention_num_buckets
-    hf.update(bos_token_id=0, eos_token_id=2)
-  return hf
 
 
-def _linear(ours: tuple, theirs: str) -> list[tuple[tuple, str, bool]]:
-  return [(ours + ("kernel",), theirs + ".weight", True), (ours + ("bias",), theirs + ".bias", False)]
-
-
-def _norm(ours: tuple, theirs: str, weight="weight", bias="bias") -> list[tuple[tuple, str, bool]]:
-  return [(ours + ("scale",), f"{theirs}.{weight}", False), (ours + ("bias",), f"{theirs}.{bias}", False)]
-
-
-def name_map(cfg: bert.EncoderConfig, head: str) -> list[tuple[tuple, str, bool]]:
+def name_map(cfg: bert.EncoderConfig, head: str) -> list[Row]:
   """(our path, HF name without model prefix, transpose?) for every parameter of the model.
 
   Encoder names carry the model prefix (`bert.`/`mpnet.`) in task models; head names do not.
   A leading `"!"` on the HF name marks a head parameter (no prefix).
   """
-  enc = ("encoder",)
+  dialect, enc = DIALECTS[cfg.arch], ("encoder",)
   rows = [
       (enc + ("embeddings", "word", "embedding"), "embeddings.word_embeddings.weight", False),
       (enc + ("embeddings", "position", "embedding"), "embeddings.position_embeddings.weight", False),
       *_norm(enc + ("embeddings", "ln"), "embeddings.LayerNorm"),
+      *dialect.embedding_rows(),
   ]
-  if cfg.arch == "bert":
-    rows.append((enc + ("embeddings", "token_type", "embedding"),
-                 "embeddings.token_type_embeddings.weight", False))
-  else:
-    rows.append((enc + ("relative_bias", "embedding"), "encoder.relative_attention_bias.weight", False))
   for i in range(cfg.num_layers):
     ours, theirs = enc + (f"layer_{i}",), f"encoder.layer.{i}"
-    if cfg.arch == "bert":
-      for a, b in (("q", "query"), ("k", "key"), ("v", "value")):
-        rows += _linear(ours + ("attn", a), f"{theirs}.attention.self.{b}")
-      rows += _linear(ours + ("attn", "o"), f"{theirs}.attention.output.dense")
-      rows += _norm(ours + ("attn_ln",), f"{theirs}.attention.output.LayerNorm")
-    else:
-      for a in "qkvo":
-        rows += _linear(ours + ("attn", a), f"{theirs}.attention.attn.{a}")
-      rows += _norm(ours + ("attn_ln",), f"{theirs}.attention.LayerNorm")
+    rows += dialect.attention_rows(ours, theirs)
     rows += _linear(ours + ("mlp", "up"), f"{theirs}.intermediate.dense")
     rows += _linear(ours + ("mlp", "down"), f"{theirs}.output.dense")
     rows += _norm(ours + ("mlp_ln",), f"{theirs}.output.LayerNorm")
-  if head == "classifier":
-    if cfg.arch == "bert":
-      rows += _linear(("pooler",), "pooler.dense")
-      rows += [(p, "!" + n, t) for p, n, t in _linear(("classifier",), "classifier")]
-    else:
-      rows += [(p, "!" + n, t) for p, n, t in _linear(("pooler",), "classifier.dense")]
-      rows += [(p, "!" + n, t) for p, n, t in _linear(("classifier",), "classifier.out_proj")]
-  elif head == "mlm":
-    if cfg.arch == "bert":
-      rows += [(p, "!" + n, t) for p, n, t in _linear(("mlm_dense",), "cls.predictions.transform.dense")]
-      rows += [(p, "!" + n, t) for p, n, t in _norm(("mlm_ln",), "cls.predictions.transform.LayerNorm")]
-      rows.append((("mlm_bias",), "!cls.predictions.bias", False))
-    else:
-      rows += [(p, "!" + n, t) for p, n, t in _linear(("mlm_dense",), "lm_head.dense")]
-      rows += [(p, "!" + n, t) for p, n, t in _norm(("mlm_ln",), "lm_head.layer_norm")]
-      rows.append((("mlm_bias",), "!lm_head.bias", False))
-  return rows
+  return rows + (dialect.head_rows[head]() if head in dialect.head_rows else [])
 
 
 # Names a bare encoder file uses for weights that a task model keeps elsewhere.
@@ -282,8 +313,8 @@ def export(out_dir: str | os.PathLike, cfg: bert.EncoderConfig, params: Params, 
     key = name[1:] if name.startswith("!") else prefix + name
     tensors[key] = np.ascontiguousarray(value.T if transpose else value)
   if head == "mlm":  # transformers expects the decoder bias under its own name as well
-    tensors[("cls.predictions.decoder.bias" if cfg.arch == "bert" else "lm_head.decoder.bias")] = \
-        tensors["cls.predictions.bias" if cfg.arch == "bert" else "lm_head.bias"].copy()
+    dialect = DIALECTS[cfg.arch]
+    tensors[f"{dialect.mlm_decoder}.bias"] = tensors[dialect.mlm_bias].copy()
   with atomic_directory(out) as tmp:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     hf = config_to_hf(cfg, head)
