@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from wdjax.models.contract import DECOMPOSE, GAIN, QUERY, RANKS_HIDDEN, RANKS_INPUT, leaf
@@ -128,7 +129,7 @@ class Attention(nnx.Module):
     values from all of them. `mask [batch, 1, 1, seq]`, `bias [1, heads, seq, seq]` or None."""
     cfg = self.cfg
     b = x.shape[0]
-    split = lambda y: y.reshape(b, y.shape[1], cfg.num_heads, cfg.head_dim)  # [b, seq, heads, hd]
+    split = lambda y: rearrange(y, "b t (h d) -> b t h d", h=cfg.num_heads)
     q, k, v = split(self.q(take_rows(x, rows))), split(self.k(x)), split(self.v(x))
     if bias is not None and rows is not None:  # the bias at those query rows: [1 or b, heads, k, seq]
       bias = (bias[:, :, rows] if isinstance(rows, slice)
@@ -149,7 +150,7 @@ class Attention(nnx.Module):
       scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
       probs = dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_dropout, dropout_key)
       ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    ctx = ctx.reshape(b, t, cfg.hidden_size)
+    ctx = rearrange(ctx, "b t h d -> b t (h d)")
     sow(self, "inner", ctx)  # the attention-inner space (input of o)
     return self.o(ctx)
 

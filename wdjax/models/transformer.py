@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from wdjax.models.layers import DTYPES, dropout, split_keys
@@ -137,14 +138,14 @@ class Attention(nnx.Module):
     self.k, self.v = dense(d_kv, d, dt, rngs), dense(d_kv, d, dt, rngs)
 
   def split(self, y: Array) -> Array:
-    return y.reshape(*y.shape[:-1], self.heads, y.shape[-1] // self.heads)
+    return rearrange(y, "... (h d) -> ... h d", h=self.heads)
 
   def project_kv(self, memory: Array) -> tuple[Array, Array]:
     return self.split(self.k(memory)), self.split(self.v(memory))
 
   def __call__(self, x: Array, k: Array, v: Array, mask: Array, key: Array | None) -> Array:
     ctx = _attend(self.split(self.q(x)), k, v, mask, self.rate, key)
-    return self.o(ctx.reshape(*ctx.shape[:-2], -1))
+    return self.o(rearrange(ctx, "... h d -> ... (h d)"))
 
 
 class Mlp(nnx.Module):

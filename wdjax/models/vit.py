@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 import numpy as np
 from flax import nnx
 
@@ -97,9 +98,7 @@ class ViTConfig:
 def patchify(images: Array, patch: int) -> Array:
   """`[batch, h, w, c]` -> `[batch, (h/p)(w/p), p*p*c]`, patches in row-major order, each
   flattened (row, column, channel)."""
-  b, h, w, c = images.shape
-  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+  return rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch)
 
 
 class Embeddings(nnx.Module):
