@@ -53,7 +53,7 @@ def test_wrong_type_is_rejected_naming_the_whole_key():
     (["method=wid", "method.w_step=-1"], r"method\.w_step=-1 \(must be >= 0"),
     (["method=wd", "method.phase1_fraction=0"], r"method\.phase1_fraction=0\.0 \(must be in \(0, 1\]\)"),
     (["data.dataset=glue/sst2"], r"data\.dataset='glue/sst2' \(one of "),
-    (["method.name=ws", "method.init=svd"], r"method\.init='svd' \(one of identity, xavier, pca\)"),
+    (["method.name=ws", "method.init=svd"], r"method\.init='svd' \(one of identity, xavier, pca, importance\)"),
     (["method.layer_map=every_2"], r"method\.layer_map='every_2' \(one of '', contiguous, every_k"),
     (["data.dataset=bible", "method.name=wid"], r"method\.name='wid' \(translation supports kd, select"),
     (["data.dataset=digits", "method.init=importance"],

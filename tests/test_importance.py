@@ -104,6 +104,23 @@ def test_indices_that_do_not_fit_the_space_are_refused_and_odd_head_layouts_rank
   np.testing.assert_array_equal(importance.top_in_heads(scores, 4, 3, 24), np.arange(24, 48))
 
 
+@pytest.mark.parametrize("method,sharing", [("ws", "role"), ("ws", "tensor"), ("gws", "role")])
+def test_weight_squeezing_starts_at_the_importance_selected_student(method, sharing):
+  import jax
+  from wdjax.generators import StudentSpec
+  teacher = _planted_teacher()
+  s_cfg = dataclasses.replace(TEACHER, num_layers=1, hidden_size=24, intermediate_size=40)
+  student = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=1)))
+  _, keep = _ranked(teacher, student, heads_s=4)
+  want = trees.flatten(generators.select(teacher, student, indices=keep))
+  gen = generators.make(method, student, teacher, init="importance", indices=keep, sharing=sharing)
+  gen_params, gen_state = gen.init(jax.random.key(0), teacher, StudentSpec(s_cfg, student))
+  got = trees.flatten(gen.generate(gen_params, teacher, gen_state))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 def test_kd_from_an_importance_selected_student_runs_end_to_end(tiny):
   """`method.init=importance` through the pipeline: the real teacher's units are ranked on the
   task's training batches and KD trains the selected student."""

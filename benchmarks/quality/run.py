@@ -45,6 +45,7 @@ METHODS = {  # label -> (preset, extra --set assignments)
     # the same, from the teacher's most active units on 16 training batches (generators/importance.py)
     "importance+kd": ("select_kd", ["method.init=importance"]),
     "ws": ("ws", []),
+    "ws-importance": ("ws", ["method.init=importance"]),  # WS's maps start at importance selection
     "gws": ("gws", []),
     # WD as wdjax/configs/wd.py runs it: identity-initialised maps (an extension, docs/methods.md 1.9)
     "wd": ("wd", []),

@@ -132,8 +132,11 @@ def stack_sources(t_flat: dict[str, jax.Array], sources: list[list[str]],
              for j in range(len(sources[0])))
 
 
-def selection_matrix(n_teacher: int, n_student: int, dtype=jnp.float32) -> jax.Array:
-  """`[n_t, n_s]` with a 1 at (idx_j, j): contracting with it is weight selection."""
+def selection_matrix(n_teacher: int, n_student: int, dtype=jnp.float32,
+                     index: np.ndarray | None = None) -> jax.Array:
+  """`[n_t, n_s]` with a 1 at (idx_j, j): contracting with it is weight selection (of the
+  uniform indices, or of `index`)."""
   m = np.zeros((n_teacher, n_student), np.float32)
-  m[uniform_indices(n_teacher, n_student), np.arange(n_student)] = 1.0
+  idx = uniform_indices(n_teacher, n_student) if index is None else np.asarray(index)
+  m[idx, np.arange(n_student)] = 1.0
   return jnp.asarray(m, dtype)

@@ -21,7 +21,9 @@ Initialisation: `identity` (the truncated identity of weight selection's indices
 *is* the weight-selection student), `xavier` (normal, std sqrt(2/(d_t+d_s))), or `pca`
 (orthonormal top principal directions of the teacher's activations in each space, computed by
 `pca_maps` on training batches and passed in; the relative-bias `heads` axis, a space of
-attention heads rather than of activations, starts at its selection there).
+attention heads rather than of activations, starts at its selection there), or `importance`
+(the truncated identity of the units importance selection keeps in each space, passed in as
+`indices`: step 0 is the importance-selected student).
 
 Depth: a fixed layer map (`every_k` default), or `layer_mix="learned"`: each student leaf is a
 softmax-weighted mix of its teacher group (`contiguous` groups), initialised uniform.
@@ -61,26 +63,33 @@ def xavier_normal(key, d_in: int, d_out: int, lead: tuple[int, ...] = ()) -> jax
   return jax.random.normal(key, (*lead, d_in, d_out), jnp.float32) * np.sqrt(2.0 / (d_in + d_out))
 
 
+INITS = ("identity", "xavier", "pca", "importance")
+
+
 class WeightSqueezing(Generator):
   name = "ws"
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, layer_map: str = "every_k",
                layer_mix: str = "fixed", sharing: str = "role", init: str = "identity",
                gated: bool = False, gate: str = "matrix", gate_init: float = 3.0,
-               pca: dict[str, jax.Array] | None = None):
+               pca: dict[str, jax.Array] | None = None,
+               indices: dict[str, np.ndarray] | None = None):
     if layer_mix not in ("fixed", "learned"):
       raise ValueError(f"layer_mix must be 'fixed' or 'learned', got {layer_mix!r}")
     if sharing not in ("role", "tensor"):
       raise ValueError(f"sharing must be 'role' or 'tensor', got {sharing!r}")
-    if init not in ("identity", "xavier", "pca"):
-      raise ValueError(f"init must be identity, xavier or pca, got {init!r}")
+    if init not in INITS:
+      raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "importance" and indices is None:
+      raise ValueError("init='importance' needs the kept indices (importance.importance_indices)")
     if gate not in ("matrix", "row", "element"):
       raise ValueError(f"gate must be matrix, row or element, got {gate!r}")
     if init == "pca" and pca is None:
       raise ValueError("init='pca' needs the activation PCA maps (pca_maps)")
     if layer_mix == "learned" and layer_map == "every_k":
       layer_map = "contiguous"  # a learned mix needs a group to mix over
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map,
+                              indices if init == "importance" else None)
     if layer_mix == "learned" and all(len(s) == 1 for s in self.plan.sources.values()):
       raise ValueError(f"layer_mix='learned' mixes each student layer's group of teacher layers, "
                        f"but layer map {layer_map!r} gives every student layer one teacher layer: "
@@ -111,6 +120,15 @@ class WeightSqueezing(Generator):
                        paths.space_of(key, role))
     return out
 
+  def _selection_map(self, space: str, d_t: int, d_s: int, n: int) -> jax.Array:
+    """Weight selection as a map, `[n, d_t, d_s]` when n > 0: of the plan's indices (uniform,
+    or those importance selection keeps in each layer's space)."""
+    one = lambda s: paths.selection_matrix(d_t, d_s, index=self.plan.indices.get(s))
+    if trees.is_stacked(space):
+      return jnp.stack([one(s) for s in trees.layer_names(space, n)])
+    m = one(space)
+    return jnp.broadcast_to(m, (n, *m.shape)) if n else m
+
   def _pca_map(self, space: str, n: int) -> jax.Array:
     """The PCA basis of `space` (`pca_maps` names each layer's space), `[n, ...]` when n > 0."""
     if trees.is_stacked(space):
@@ -126,8 +144,8 @@ class WeightSqueezing(Generator):
     maps = {}
     for name, (d_t, d_s, n, space) in spaces.items():
       lead = (n,) if n else ()
-      if self.init_kind == "identity" or (self.init_kind == "pca" and space in NOT_ACTIVATIONS):
-        maps[name] = jnp.broadcast_to(paths.selection_matrix(d_t, d_s), (*lead, d_t, d_s))
+      if self.init_kind in ("identity", "importance") or (self.init_kind == "pca" and space in NOT_ACTIVATIONS):
+        maps[name] = self._selection_map(space, d_t, d_s, n)
       elif self.init_kind == "xavier":
         maps[name] = xavier_normal(keys[name], d_t, d_s, lead)
       else:
@@ -181,8 +199,10 @@ class WSMethod(MethodConfig):
   name: str = "ws"
   sharing: str = "role"  # one map per space ("role") or one per tensor axis ("tensor")
   init: str = "identity"  # the maps' start: identity (= weight selection at step 0) | xavier | pca
+  #                         | importance (= importance selection at step 0)
   layer_mix: str = "fixed"  # the "fixed" layer map, or a "learned" mix over contiguous groups
   pca_batches: int = 8  # init=pca: training batches of teacher activations to decompose
+  calibration_batches: int = 16  # init=importance: training batches that rank the units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +223,12 @@ def _options(method: WSMethod, context) -> dict:
 
 
 def _check(method: WSMethod) -> list[str]:
-  return [] if method.pca_batches >= 1 else [f"method.pca_batches={method.pca_batches} (must be at least 1)"]
+  return [f"method.{k}={v} (must be at least 1)" for k, v in
+          (("pca_batches", method.pca_batches), ("calibration_batches", method.calibration_batches))
+          if v < 1]
 
 
-_CHOICES = {"sharing": ("role", "tensor"), "init": ("identity", "xavier", "pca"),
+_CHOICES = {"sharing": ("role", "tensor"), "init": INITS,
             "layer_mix": ("fixed", "learned")}
 register(Method("ws", lambda s, t, **o: WeightSqueezing(s, t, gated=False, **o), section=WSMethod,
                 options=_options, choices=_CHOICES, check=_check),

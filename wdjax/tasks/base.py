@@ -86,9 +86,9 @@ class Task:
     """(config, params) of a model this task exported."""
     raise NotImplementedError
 
-  def generator_options(self, cfg: Config, teacher: Model, data: Any) -> dict:
+  def generator_options(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:
     """Options of `generators.make` that depend on the task (e.g. PCA maps from its data)."""
-    del cfg, teacher, data
+    del cfg, teacher, data, student_shapes, log
     return {}
 
   def unit_ranking(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:

@@ -130,11 +130,14 @@ class TextClassification(Task):
   def load_model(self, model_dir: Path):
     return read_model(model_dir, require_head=True)[:2]  # no hash: nothing resumes from it
 
-  def generator_options(self, cfg: Config, teacher: Model, data: TaskData) -> dict:
+  def generator_options(self, cfg: Config, teacher: Model, data: TaskData, student_shapes,
+                        log) -> dict:
     method = cfg.method
     if method.name in ("ws", "gws") and method.init == "pca":
       from wdjax.generators.pca import pca_maps
       return {"pca": pca_maps(teacher.config, teacher.params, data.train, cfg, method)}
+    if method.name in ("ws", "gws") and method.init == "importance":
+      return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
     return {}
 
   def unit_ranking(self, cfg: Config, teacher: Model, data: TaskData, student_shapes, log) -> dict:

@@ -293,7 +293,8 @@ class TranslationTask(Task):
   def load_model(self, model_dir: Path):
     return transformer.load(model_dir)
 
-  def generator_options(self, cfg: Config, teacher: Model, data: TranslationData) -> dict:
+  def generator_options(self, cfg: Config, teacher: Model, data: TranslationData, student_shapes,
+                        log) -> dict:
     if cfg.method.name == "wd":
       return {"elementwise": ("enc/",) if cfg.mt.wd_encoder == "elementwise" else ()}
     return {}

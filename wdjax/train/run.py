@@ -62,7 +62,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
   # total budget); WID's mask schedule is laid out over phase 1's length.
   steps, steps1 = phase_steps(cfg, data)
-  generator = make_generator(cfg, task, init, teacher1, data, steps1)
+  generator = make_generator(cfg, task, init, teacher1, data, steps1, log)
   train1 = dataclasses.replace(cfg.distill, steps=steps1) if generators.is_two_phase(method.name) else cfg.distill
   results = train_phase(cfg, phase=phase, train=train1, task=data, spec=StudentSpec(s_cfg, init),
                         generator=generator, teacher=teacher1, tokenizer_dir=teacher1.tokenizer_dir,
@@ -112,12 +112,12 @@ def phase_steps(cfg: Config, data) -> tuple[int, int]:
 
 
 def make_generator(cfg: Config, task: tasks.Task, init: Params, teacher: Model, data,
-                   steps1: int) -> Generator:
+                   steps1: int, log=distributed.log) -> Generator:
   """The method's generator, planned for this student and teacher."""
   context = generators.Context(teacher_heads=teacher.config.num_heads,
                                student_heads=cfg.student.num_heads, phase1_steps=steps1)
   options = generators.options_for(cfg.method, context)
-  options.update(task.generator_options(cfg, teacher, data))
+  options.update(task.generator_options(cfg, teacher, data, init, log))
   try:
     return generators.make(cfg.method.name, init, teacher.params, **options)
   except ValueError as e:  # a layer map or option that does not fit these shapes
