@@ -1,6 +1,7 @@
 """Asset fetch: verification, caching, and the offline error."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -74,3 +75,27 @@ def test_missing_asset_offline_is_one_line_exit_2(tmp_path):
 def test_unknown_asset_or_directory():
   with pytest.raises(WdjaxError, match="neither a known asset"):
     assets.path("no-such-model")
+  # org/name is a Hub id unless its parent is a local directory: then it is a missing directory
+  (Path.cwd() / "no-such-dir-parent").mkdir(exist_ok=True)
+  try:
+    with pytest.raises(WdjaxError, match="nor a Hugging Face Hub id"):
+      assets.path("no-such-dir-parent/model")
+  finally:
+    (Path.cwd() / "no-such-dir-parent").rmdir()
+
+
+@pytest.mark.parametrize("hub", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline-mode", "unreachable"])
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_exit_2(tmp_path, hub):
+  """Offline mode, or a Hub that cannot be reached (a closed local port stands for a machine
+  without internet): one line saying what to do, before any data or model work."""
+  env = dict(os.environ, WDJAX_CACHE=str(tmp_path / "cache"), HF_HUB_ETAG_TIMEOUT="5", **hub)
+  proc = subprocess.run([sys.executable, "-m", "wdjax", "finetune", "kd:cpu", "--set",
+                         "teacher.model=FacebookAI/roberta-base@main", "--set",
+                         f"workdir={tmp_path / 'runs'}"], capture_output=True, text=True, env=env)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, lines
+  assert lines[0].startswith("wdjax: error: cannot fetch 'FacebookAI/roberta-base@main' from the "
+                             "Hugging Face Hub (")
+  assert "run `hf download FacebookAI/roberta-base --local-dir DIR` and set teacher.model=DIR" in lines[0]

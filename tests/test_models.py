@@ -138,6 +138,12 @@ def test_export_loads_in_transformers_with_matching_logits(tmp_path, arch):
   _, again, fresh = hf.load(out)
   assert fresh == [] and all(np.array_equal(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)))
+  # and as transformers shards it (several safetensors files and their index, as on the Hub)
+  ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB", safe_serialization=True)
+  assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+  _, sharded, fresh = hf.load(tmp_path / "sharded")
+  assert fresh == [] and all(np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(sharded)))
 
 
 def test_corrupt_safetensors_is_one_clear_error(tmp_path, minilm_dir):

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,20 +148,50 @@ def is_cached(name: str, cache: str | os.PathLike | None = None) -> bool:
   return all((d / f).is_file() for f in asset.members)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name[@revision]
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]
+
+
 def path(name_or_dir: str, cache: str | os.PathLike | None = None, fetch_missing: bool = True) -> Path:
-  """Directory of an asset by name (fetched if needed), or a user's own directory as given."""
+  """Directory of an asset by name (fetched if needed), a Hugging Face Hub id `org/name[@rev]`
+  (its config, safetensors weights and tokenizer, fetched into the cache), or a user's own
+  directory as given."""
   if name_or_dir not in ASSETS:
     p = Path(name_or_dir).expanduser()
-    if not p.is_dir():
-      raise WdjaxError(f"{name_or_dir!r} is neither a known asset ({', '.join(ASSETS)}) "
-                       "nor an existing directory")
-    return p
+    if p.is_dir():
+      return p
+    if HUB_ID.match(name_or_dir) and not p.parent.is_dir():  # `runs/model` is a missing directory
+      return hub_snapshot(name_or_dir, cache)
+    raise WdjaxError(f"{name_or_dir!r} is neither a known asset ({', '.join(ASSETS)}), nor an "
+                     "existing directory, nor a Hugging Face Hub id (org/name[@revision])")
   if is_cached(name_or_dir, cache):
     return cache_dir(cache) / name_or_dir
   if not fetch_missing:
     raise WdjaxError(f"asset {name_or_dir!r} is not in the cache {cache_dir(cache)}; "
                      f"run `wdjax assets fetch {name_or_dir}`")
   return fetch(name_or_dir, cache)
+
+
+def hub_snapshot(hub_id: str, cache: str | os.PathLike | None = None) -> Path:
+  """The directory of Hub model `org/name[@revision]` in `<cache>/hub` (safetensors only, never
+  pickles; sharded checkpoints included), downloaded unless already there."""
+  repo, _, revision = hub_id.partition("@")
+  try:
+    import huggingface_hub
+  except ImportError:
+    raise WdjaxError(f"{hub_id!r} is a Hugging Face Hub id, which needs the huggingface_hub package "
+                     "(pip install huggingface_hub); or set teacher.model to a downloaded "
+                     "model directory") from None
+  try:
+    return Path(huggingface_hub.snapshot_download(repo, revision=revision or None,
+                                                  cache_dir=cache_dir(cache) / "hub",
+                                                  allow_patterns=HUB_FILES))
+  except Exception as e:  # offline, unknown repo, gated, ... (the hub's errors have many types)
+    reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    raise WdjaxError(f"cannot fetch {hub_id!r} from the Hugging Face Hub ({reason}); where the "
+                     f"network allows, run `hf download {repo} --local-dir DIR` and set "
+                     "teacher.model=DIR") from None
 
 
 def _download(pkg: Package, downloads: Path) -> Path:

@@ -211,15 +211,24 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 
 
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of `model.safetensors`, or of the shards `model.safetensors.index.json` lists."""
   from safetensors.numpy import load_file
-  path = Path(model_dir) / "model.safetensors"
-  if not path.is_file():
-    raise WdjaxError(f"{path} is missing (only safetensors weights are read, never pickles)")
-  try:
-    return load_file(str(path))
-  except Exception as e:  # safetensors raises several types for truncated or garbled files
-    raise WdjaxError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                     "re-fetch or re-export it") from None
+  index = Path(model_dir) / "model.safetensors.index.json"
+  if index.is_file():
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    paths = [Path(model_dir) / s for s in shards]
+  else:
+    paths = [Path(model_dir) / "model.safetensors"]
+  tensors = {}
+  for path in paths:
+    if not path.is_file():
+      raise WdjaxError(f"{path} is missing (only safetensors weights are read, never pickles)")
+    try:
+      tensors.update(load_file(str(path)))
+    except Exception as e:  # safetensors raises several types for truncated or garbled files
+      raise WdjaxError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                       "re-fetch or re-export it") from None
+  return tensors
 
 
 def load_params(model_dir: str | os.PathLike, cfg: bert.EncoderConfig, head: str,
