@@ -286,3 +286,18 @@ def test_weight_decay_reaches_matrices_only_stacked_or_not():
   frozen = dataclasses.replace(optim, frozen=("embeddings/word",))
   with pytest.raises(WdjaxError, match="cannot be combined with this generator's own"):
     step_lib.make_optimizer(frozen, 10, params, OptimizerHooks(lr_factors=jax.tree_util.tree_map(lambda x: 1.0, params)))
+
+
+def test_macro_f1_is_scikit_learns_and_exposes_a_majority_class_model():
+  from sklearn.metrics import f1_score
+
+  from wdjax.train.evaluate import macro_f1, scores
+  rng = np.random.default_rng(0)
+  for n_classes in (2, 3, 5):
+    labels, predicted = rng.integers(0, n_classes, 200), rng.integers(0, n_classes, 200)
+    assert macro_f1(predicted, labels) == pytest.approx(f1_score(labels, predicted, average="macro"))
+  # 62.6% majority, as the imbalanced task that accuracy alone misjudged: always "0"
+  labels = np.array([0] * 626 + [1] * 374)
+  logits = np.stack([np.ones(1000), np.zeros(1000)], axis=1)
+  got = scores(logits, labels)
+  assert got["accuracy"] == pytest.approx(0.626) and got["macro_f1"] == pytest.approx(0.3849, abs=1e-4)

@@ -45,9 +45,23 @@ class Predictor:
     return scores(self.logits(params, split), split.labels)
 
 
+def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
+  """The mean over classes of F1 (classes that occur among the labels or the predictions; a
+  class never predicted scores 0), so a model that predicts only the majority class of an
+  imbalanced task scores low where its accuracy does not."""
+  f1 = []
+  for c in np.union1d(labels, predicted):
+    tp = np.sum((predicted == c) & (labels == c))
+    denom = np.sum(predicted == c) + np.sum(labels == c)
+    f1.append(2.0 * tp / denom if denom else 0.0)
+  return float(np.mean(f1)) if f1 else 0.0
+
+
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """Accuracy and mean cross-entropy of `logits [n, classes]` against `labels [n]`."""
+  """Accuracy, macro-F1 and mean cross-entropy of `logits [n, classes]` against `labels [n]`."""
   z = logits - logits.max(-1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  return {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
+  predicted = logits.argmax(-1)
+  return {"accuracy": float(np.mean(predicted == labels)),
+          "macro_f1": macro_f1(predicted, labels),
           "loss": float(-np.mean(logp[np.arange(len(labels)), labels]))}

@@ -242,8 +242,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
     log(f"[{phase}] at the end of the phase: " + ", ".join(f"{k} {v:.4g}" for k, v in end.items()))
   for split in ("validation", "test"):
     scores = student_predictor.scores(student, task.split(split))
-    results[f"{split}_accuracy"] = scores["accuracy"]
-    results[f"{split}_loss"] = scores["loss"]
+    results.update({f"{split}_{k}": v for k, v in scores.items()})  # accuracy, loss, macro_f1, ...
   if jax.process_index() == 0:
     with errors.writing("the exported model", out / "model"):
       objective.export(out / "model", spec.config, student, tokenizer_dir, task)
