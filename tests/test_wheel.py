@@ -28,7 +28,8 @@ def test_the_wheel_runs_the_quickstart_outside_the_repository(tmp_path, minilm_d
   wheel, = wheels.glob("wdjax-*.whl")
   venv = tmp_path / "venv"
   _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-  _run(venv / "bin/pip", "install", "-q", wheel, cwd=tmp_path)
+  # no pip cache: the dependencies' wheels would otherwise sit on CI's disk twice
+  _run(venv / "bin/pip", "install", "-q", "--no-cache-dir", wheel, cwd=tmp_path)
   away = tmp_path / "elsewhere"
   away.mkdir()
   # the asset cache the test suite filled (the run itself may not fetch: its index may differ)
