@@ -36,8 +36,8 @@ SETUP = '''import json
 from pathlib import Path
 
 import jax
-from wdjax import assets, config as config_lib, notebook
-from wdjax.train import run
+import wdjax
+from wdjax import assets, notebook
 
 hardware = notebook.hardware()  # "gpu" on a GPU or TPU runtime, else "cpu"
 print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}: "
@@ -51,7 +51,7 @@ for name in ("all-MiniLM-L6-v2" if hardware == "cpu" else "all-mpnet-base-v2", "
 '''
 
 TEACHER = '''# Fine-tune the teacher on Rotten Tomatoes (skipped when the workdir already has it).
-teacher = run.finetune(config_lib.load(f"kd:{hardware}", overrides))
+teacher = wdjax.finetune(f"kd:{hardware}", overrides)
 print(f"teacher test accuracy {teacher['test_accuracy']:.4f}")
 '''
 
@@ -64,9 +64,9 @@ methods = {{
 }}
 results = {{}}
 for label, (preset, extra) in methods.items():
-    cfg = config_lib.load(f"{{preset}}:{{hardware}}", overrides + extra)
+    cfg = wdjax.load_config(f"{{preset}}:{{hardware}}", overrides + extra)
     cfg = notebook.tiny(cfg) if TINY else cfg
-    results[label] = run.distill(cfg, phase=f"nb_{{label}}")
+    results[label] = wdjax.distill(cfg, phase=f"nb_{{label}}")
     print(f"{{label}}: test accuracy {{results[label]['test_accuracy']:.4f}}")
 '''
 
@@ -95,7 +95,7 @@ from flax import nnx
 from wdjax.models import bert, hf
 
 label = list(results)[-1]
-model_dir = run.final_model_dir(cfg, f"nb_{label}")  # cfg: that last run's, from the cell above
+model_dir = wdjax.model_dir(cfg, phase=f"nb_{label}")  # cfg: that last run's, from the cell above
 tok = transformers.AutoTokenizer.from_pretrained(model_dir)
 theirs = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 batch = tok(["A small movie with a big impact.", "Dull, long and pointless."], return_tensors="np",
