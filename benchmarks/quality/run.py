@@ -52,6 +52,8 @@ METHODS = {  # label -> (preset, extra --set assignments)
     # WD as the paper initialises it: xavier-normal maps, phase-1 lr 3e-4
     "wd-paper": ("wd", ["method.init=xavier", "distill.optim.lr=3e-4"]),
     "wid": ("wid", []),
+    # the same with logit KD in both phases (the paper trains phase 1 on the task's labels alone)
+    "wid+kd": ("wid", ["kd.alpha=0.9"]),
     # task-agnostic WID: compactors on masked-LM over the task's text, then fine-tuned
     "wid-mlm": ("wid", ["method.objective=mlm"]),
     # OPDF's own setting: a half-depth student at the teacher's width (3x384 on cpu), from the
