@@ -120,21 +120,24 @@ class WeightSqueezing(Generator):
                        paths.space_of(key, role))
     return out
 
-  def _selection_map(self, space: str, d_t: int, d_s: int, n: int) -> jax.Array:
-    """Weight selection as a map, `[n, d_t, d_s]` when n > 0: of the plan's indices (uniform,
-    or those importance selection keeps in each layer's space)."""
-    one = lambda s: paths.selection_matrix(d_t, d_s, index=self.plan.indices.get(s))
+  @staticmethod
+  def _per_layer(space: str, n: int, one) -> jax.Array:
+    """`one(s)` for each layer's space `s` of a stacked `space` (`[n, ...]`), or `one(space)`,
+    broadcast to `[n, ...]` when n > 0."""
     if trees.is_stacked(space):
       return jnp.stack([one(s) for s in trees.layer_names(space, n)])
     m = one(space)
     return jnp.broadcast_to(m, (n, *m.shape)) if n else m
 
+  def _selection_map(self, space: str, d_t: int, d_s: int, n: int) -> jax.Array:
+    """Weight selection as a map: of the plan's indices (uniform, or those importance selection
+    keeps in each layer's space)."""
+    return self._per_layer(space, n, lambda s: paths.selection_matrix(
+        d_t, d_s, index=self.plan.indices.get(s)))
+
   def _pca_map(self, space: str, n: int) -> jax.Array:
-    """The PCA basis of `space` (`pca_maps` names each layer's space), `[n, ...]` when n > 0."""
-    if trees.is_stacked(space):
-      return jnp.stack([jnp.asarray(self.pca[s], jnp.float32) for s in trees.layer_names(space, n)])
-    m = jnp.asarray(self.pca[space], jnp.float32)
-    return jnp.broadcast_to(m, (n, *m.shape)) if n else m
+    """The PCA basis of `space` (`pca_maps` names each layer's space)."""
+    return self._per_layer(space, n, lambda s: jnp.asarray(self.pca[s], jnp.float32))
 
   # --- the contract ---------------------------------------------------------------------------
 
