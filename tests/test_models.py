@@ -1,4 +1,4 @@
-"""BERT/MPNet parity with transformers, bf16, HF export, and bad weight files."""
+"""BERT-family parity with transformers (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, MPNet), bf16, HF export, and bad weight files."""
 
 import json
 
@@ -44,28 +44,71 @@ SMALL = dict(vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_h
              intermediate_size=80, max_position_embeddings=64, num_labels=3)
 
 
-@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("bert", "mlm"),
-                                       ("mpnet", "classifier"), ("mpnet", "mlm")])
+ARCHS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "mpnet")
+
+
+def _hf_config(arch: str):
+  """A small random config of `arch` as transformers builds it."""
+  if arch == "distilbert":
+    return transformers.DistilBertConfig(
+        vocab_size=99, dim=48, n_layers=2, n_heads=6, hidden_dim=80, max_position_embeddings=64,
+        num_labels=3)
+  extra = {"bert": dict(type_vocab_size=2), "roberta": dict(type_vocab_size=1),
+           "xlm-roberta": dict(type_vocab_size=1), "electra": dict(embedding_size=48),
+           "mpnet": dict(relative_attention_num_buckets=32)}[arch]
+  return transformers.AutoConfig.for_model(arch, **SMALL, **extra)
+
+
+def _hf_class(arch: str, head: str):
+  return getattr(transformers, hf.DIALECTS[arch].classes[head])
+
+
+@pytest.mark.parametrize("head", ["classifier", "mlm"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_random_transformers_models_match(tmp_path, arch, head):
   """Small random models that transformers itself saves: same logits to 1e-5 relative."""
   torch.manual_seed(0)
-  if arch == "bert":
-    conf = transformers.BertConfig(**SMALL, type_vocab_size=2)
-  else:
-    conf = transformers.MPNetConfig(**SMALL, relative_attention_num_buckets=32)
-  cls = {("bert", "classifier"): transformers.BertForSequenceClassification,
-         ("bert", "mlm"): transformers.BertForMaskedLM,
-         ("mpnet", "classifier"): transformers.MPNetForSequenceClassification,
-         ("mpnet", "mlm"): transformers.MPNetForMaskedLM}[arch, head]
-  ref = cls(conf).eval()
+  conf = _hf_config(arch)
+  ref = _hf_class(arch, head)(conf).eval()
   ref.save_pretrained(tmp_path)
   ids, mask = _batch(SMALL["vocab_size"], conf.pad_token_id, lengths=(40, 7, 3))  # 40 > MPNet's 16 exact buckets
   with torch.no_grad():
     want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  _, got = _apply(tmp_path, head, ids, mask)
+  cfg, got = _apply(tmp_path, head, ids, mask)
+  assert cfg.arch == arch
   assert got.shape == want.shape
   valid = mask.astype(bool) if head == "mlm" else None
   assert _rel(got, want, valid) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["roberta", "bert"])
+def test_token_types_of_a_pair_match_transformers(tmp_path, arch):
+  # a second segment's token types (BERT's two rows; RoBERTa's single row takes type 0 only)
+  torch.manual_seed(1)
+  ref = _hf_class(arch, "classifier")(_hf_config(arch)).eval()
+  ref.save_pretrained(tmp_path)
+  ids, mask = _batch(SMALL["vocab_size"], ref.config.pad_token_id, lengths=(20, 9))
+  types = np.zeros_like(ids)
+  if arch == "bert":
+    types[0, 8:20], types[1, 4:9] = 1, 1
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+               token_type_ids=torch.tensor(types)).logits.numpy()
+  cfg, params, _ = hf.load(tmp_path)
+  model = nnx.merge(nnx.split(bert.build(cfg))[0], params)
+  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types)))
+  assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("arch,change,message", [
+    ("electra", dict(embedding_size=16), "embedding_size 16 differs from hidden_size 48"),
+    ("distilbert", dict(sinusoidal_pos_embds=True), "sinusoidal_pos_embds"),
+    ("roberta", dict(hidden_act="relu"), "hidden_act 'relu'"),
+    ("distilbert", dict(activation="relu"), "activation 'relu'")])
+def test_unsupported_variants_are_refused_by_name(arch, change, message):
+  hf_dict = {**_hf_config(arch).to_dict(), **change}
+  with pytest.raises(WdjaxError, match=message):
+    hf.config_from_hf(hf_dict)
 
 
 def test_real_minilm_hidden_state_matches_transformers(minilm_dir):
@@ -118,30 +161,34 @@ def test_bf16_compute_stays_close_to_fp32(minilm_dir):
   assert 1e-4 < _rel(out["bfloat16"], out["float32"], mask.astype(bool)) < 3e-2
 
 
-@pytest.mark.parametrize("arch", ["bert", "mpnet"])
-def test_export_loads_in_transformers_with_matching_logits(tmp_path, arch):
-  cfg = bert.EncoderConfig(arch=arch, vocab_size=120, hidden_size=32, num_layers=2, num_heads=4,
-                           intermediate_size=64, max_position_embeddings=64, num_labels=3,
-                           type_vocab_size=2 if arch == "bert" else 0,
-                           pad_token_id=0 if arch == "bert" else 1,
-                           layer_norm_eps=1e-12 if arch == "bert" else 1e-5)
-  model = bert.build(cfg, seed=3)
+@pytest.mark.parametrize("head", ["classifier", "mlm"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_loads_in_transformers_with_matching_logits(tmp_path, arch, head):
+  cfg = hf.config_from_hf(_hf_config(arch).to_dict(), vocab_size=120, hidden_size=32, num_heads=4,
+                          intermediate_size=64)
+  model = bert.build(cfg, head, seed=3)
   params = nnx.to_pure_dict(nnx.state(model))
-  out = hf.export(tmp_path / "student", cfg, params)
+  if head == "mlm":  # a fresh MLM bias is zero: make it count
+    params["mlm_bias"] = np.random.default_rng(0).normal(size=120).astype(np.float32)
+    nnx.update(model, params)
+  out = hf.export(tmp_path / "student", cfg, params, head=head)
   ids, mask = _batch(120, cfg.pad_token_id)
   got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-  ref = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  auto = {"classifier": transformers.AutoModelForSequenceClassification,
+          "mlm": transformers.AutoModelForMaskedLM}[head]
+  ref = auto.from_pretrained(out).eval()
+  assert type(ref).__name__ == hf.DIALECTS[arch].classes[head]
   with torch.no_grad():
     want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  assert _rel(got, want) < 1e-5
+  assert _rel(got, want, mask.astype(bool) if head == "mlm" else None) < 1e-5
   # and back into wdjax, bit for bit
-  _, again, fresh = hf.load(out)
+  _, again, fresh = hf.load(out, head=head)
   assert fresh == [] and all(np.array_equal(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)))
   # and as transformers shards it (several safetensors files and their index, as on the Hub)
   ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB", safe_serialization=True)
   assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
-  _, sharded, fresh = hf.load(tmp_path / "sharded")
+  _, sharded, fresh = hf.load(tmp_path / "sharded", head=head)
   assert fresh == [] and all(np.array_equal(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(sharded)))
 

@@ -1,13 +1,18 @@
-"""BERT and MPNet encoders (Flax NNX) with sequence-classification and masked-LM heads.
+"""The BERT family of encoders (Flax NNX) with sequence-classification and masked-LM heads:
+BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA (discriminator) and MPNet.
 
 One module family serves teachers and students: a student is the same code with a smaller
-`EncoderConfig`. Both architectures are post-LayerNorm Transformers; MPNet differs from BERT in
-three places, all switched on `config.arch == "mpnet"`:
+`EncoderConfig`. Every architecture is a post-LayerNorm Transformer; they differ in a few
+`Features` (one row of `ARCHS` each), never in code paths named after them:
 
-- no token-type embeddings, and RoBERTa-style position ids `cumsum(mask) * mask + pad_id`;
-- a relative-position bias (T5-style bidirectional buckets) computed once per forward pass from
-  one shared `[buckets, heads]` table and added to the attention scores of every layer;
-- the classification head applies dropout before its dense layer as well as after it.
+- token-type embeddings or none (MPNet, DistilBERT);
+- position ids `0..seq-1`, or RoBERTa-style `cumsum(mask) * mask + pad_id` (RoBERTa, XLM-R, MPNet);
+- MPNet's relative-position bias (T5-style bidirectional buckets), computed once per forward
+  pass from one shared `[buckets, heads]` table and added to the attention scores of every layer;
+- the classification head's activation (tanh; ReLU for DistilBERT, GELU for ELECTRA) and whether
+  it applies dropout before its dense layer as well as after it (RoBERTa, ELECTRA, MPNet).
+
+How each names its weights in Hugging Face files is `hf.py`'s business (`hf.DIALECTS`).
 
 Parameters live in string-keyed paths (`layer_0/attn/q/kernel`, never integer keys) so that
 generators can match them with path rules and Orbax can save them as they are. Kernels use the
@@ -47,20 +52,44 @@ PARAMETERS = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Features:
+  """What sets one architecture of the family apart from BERT."""
+
+  token_types: bool = True  # a token-type table summed into the embeddings
+  padded_positions: bool = False  # RoBERTa's position ids: real tokens count from pad_id + 1
+  relative_bias: bool = False  # MPNet's shared relative-position bias on the attention scores
+  head_activation: str = "tanh"  # of the classification head's dense layer: tanh | relu | gelu
+  head_dropout_first: bool = False  # dropout on the first token before the head's dense layer
+
+
+ARCHS = {
+    "bert": Features(),
+    "roberta": Features(padded_positions=True, head_dropout_first=True),
+    "xlm-roberta": Features(padded_positions=True, head_dropout_first=True),
+    "electra": Features(head_activation="gelu", head_dropout_first=True),
+    "distilbert": Features(token_types=False, head_activation="relu"),
+    "mpnet": Features(token_types=False, padded_positions=True, relative_bias=True,
+                      head_dropout_first=True),
+}
+
+_HEAD_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "gelu": gelu}
+
+
+@dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Shape and numerics of a BERT-family encoder (teacher or student)."""
 
-  arch: str = "bert"  # "bert" | "mpnet"
+  arch: str = "bert"  # a key of `ARCHS` (its HF `model_type`)
   vocab_size: int = 30522  # rows of the word-embedding table
   hidden_size: int = 384  # d_model
   num_layers: int = 6  # Transformer blocks
   num_heads: int = 12  # attention heads; head size = hidden_size // num_heads
   intermediate_size: int = 1536  # FFN inner width
   max_position_embeddings: int = 512  # rows of the absolute position table
-  type_vocab_size: int = 2  # token-type rows (0 for MPNet)
+  type_vocab_size: int = 2  # token-type rows (1 for RoBERTa; unused without token types)
   layer_norm_eps: float = 1e-12  # 1e-12 for BERT/MiniLM, 1e-5 for MPNet
   pad_token_id: int = 0  # 0 for BERT, 1 for MPNet
-  relative_attention_num_buckets: int = 32  # MPNet only
+  relative_attention_num_buckets: int = 32  # with a relative bias (MPNet) only
   hidden_dropout: float = 0.1  # dropout on embeddings, residual branches and the head
   attention_dropout: float = 0.1  # dropout on attention probabilities
   num_labels: int = 2  # classifier outputs
@@ -72,8 +101,8 @@ class EncoderConfig:
   attention: str = "auto"
 
   def __post_init__(self):
-    if self.arch not in ("bert", "mpnet"):
-      raise ValueError(f"arch must be 'bert' or 'mpnet', got {self.arch!r}")
+    if self.arch not in ARCHS:
+      raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -81,6 +110,10 @@ class EncoderConfig:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if self.attention not in ("auto", "xla", "cudnn"):
       raise ValueError(f"attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}")
+
+  @property
+  def features(self) -> Features:
+    return ARCHS[self.arch]
 
   @property
   def head_dim(self) -> int:
@@ -117,7 +150,7 @@ class Embeddings(nnx.Module):
                           embedding_init=init, rngs=rngs)
     self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size,
                               param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
-    if cfg.arch == "bert":
+    if cfg.features.token_types:
       self.token_type = nnx.Embed(max(cfg.type_vocab_size, 1), cfg.hidden_size,
                                   param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
     self.ln = layer_norm(cfg, cfg.hidden_size, rngs)
@@ -126,12 +159,13 @@ class Embeddings(nnx.Module):
                dropout_key: Array | None, hidden_keep: Array | None = None) -> Array:
     cfg = self.cfg
     seq = input_ids.shape[1]
-    # MPNet's positions start after its pad id (514 rows: 512 tokens); out of range, an
-    # embedding lookup would give NaN, not an error.
-    room = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.arch == "mpnet" else 0)
+    padded = cfg.features.padded_positions
+    # RoBERTa's and MPNet's positions start after the pad id (514 rows: 512 tokens); out of
+    # range, an embedding lookup would give NaN, not an error.
+    room = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if padded else 0)
     if seq > room:
       raise WdjaxError(f"sequences of {seq} tokens are longer than the model's {room} positions")
-    if cfg.arch == "mpnet":
+    if padded:
       # RoBERTa positions: real tokens count from pad_id + 1; padding sits on pad_id.
       not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
       positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
@@ -140,7 +174,7 @@ class Embeddings(nnx.Module):
       # Positions 0..seq-1 in every row: a slice of the table, whose gradient is a sum over the
       # batch, not a scatter-add of batch x seq rows.
       x = self.word(input_ids) + self.position.embedding[...][:seq]
-    if cfg.arch == "bert":
+    if cfg.features.token_types:
       types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
       x = x + _small_table_lookup(self.token_type.embedding[...], types)
     x = masked_norm(self.ln, x, hidden_keep)  # [batch, seq, hidden] fp32
@@ -188,7 +222,7 @@ class Encoder(nnx.Module):
     self.embeddings = Embeddings(cfg, rngs)
     for i in range(cfg.num_layers):
       setattr(self, f"layer_{i}", Block(cfg, rngs))
-    if cfg.arch == "mpnet":
+    if cfg.features.relative_bias:
       self.relative_bias = nnx.Embed(
           cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=jnp.float32,
           embedding_init=nnx.initializers.truncated_normal(cfg.initializer_range), rngs=rngs)
@@ -197,8 +231,8 @@ class Encoder(nnx.Module):
     return [getattr(self, f"layer_{i}") for i in range(self.cfg.num_layers)]
 
   def position_bias(self, seq: int) -> Array | None:
-    """MPNet's shared relative bias `[1, heads, seq, seq]` (None for BERT)."""
-    if self.cfg.arch != "mpnet":
+    """MPNet's shared relative bias `[1, heads, seq, seq]` (None without one)."""
+    if not self.cfg.features.relative_bias:
       return None
     pos = jnp.arange(seq)
     buckets = relative_position_bucket(pos[None, :] - pos[:, None],
@@ -228,10 +262,12 @@ class Encoder(nnx.Module):
 
 
 class SequenceClassifier(nnx.Module):
-  """Encoder + tanh pooler on the first token + linear classifier -> logits `[batch, labels]`.
+  """Encoder + pooler (dense + the arch's activation) on the first token + linear classifier
+  -> logits `[batch, labels]`.
 
-  BERT names the two dense layers `pooler.dense` and `classifier`; MPNet names them
-  `classifier.dense` and `classifier.out_proj`. The maths is the same, so one head serves both.
+  BERT names the two dense layers `pooler.dense` and `classifier`; RoBERTa, ELECTRA and MPNet
+  `classifier.dense` and `classifier.out_proj`; DistilBERT `pre_classifier` and `classifier`.
+  The maths differs in `Features` only, so one head serves them all.
   """
 
   def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
@@ -250,9 +286,10 @@ class SequenceClassifier(nnx.Module):
     h = self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k_enc,
                      hidden_keep=hidden_keep, rows=None if all_rows else slice(0, 1))
     first = h[:, 0]  # [batch, hidden]
-    if self.cfg.arch == "mpnet":
+    features = self.cfg.features
+    if features.head_dropout_first:
       first = dropout(first, rate, k_pre)
-    pooled = jnp.tanh(self.pooler(first))
+    pooled = _HEAD_ACTIVATIONS[features.head_activation](self.pooler(first))
     sow(self, "pooled", pooled[:, None])  # [batch, 1, hidden]
     return self.classifier(dropout(pooled, rate, k_post)).astype(jnp.float32)
 
@@ -260,7 +297,7 @@ class SequenceClassifier(nnx.Module):
 class MaskedLM(nnx.Module):
   """Encoder + MLM head with the decoder tied to the word embeddings -> `[batch, seq, vocab]`.
 
-  BERT: dense -> GELU -> LayerNorm -> tied decoder + bias; MPNet's `lm_head` is the same.
+  BERT: dense -> GELU -> LayerNorm -> tied decoder + bias; every architecture's head is the same.
   """
 
   def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):

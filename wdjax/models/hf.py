@@ -1,7 +1,9 @@
 """Hugging Face format in and out: `config.json` + `model.safetensors` <-> `EncoderConfig` + params.
 
-Loading accepts bare encoders (`BertModel`, `MPNetModel`: names without a prefix, as the
-sentence-transformers teachers ship) and task models (`bert.`/`mpnet.` prefixes plus heads).
+Architectures: BERT, RoBERTa, XLM-RoBERTa, ELECTRA (discriminator), DistilBERT and MPNet, one
+`Dialect` each. Loading accepts bare encoders (`BertModel`, `MPNetModel`: names without a prefix,
+as the sentence-transformers teachers ship) and task models (`bert.`/`roberta.`/... prefixes
+plus heads).
 Weights that the file does not have (a classifier head on a bare encoder, say) keep their fresh
 initialisation and are reported, so the caller can say so. Export writes the task-model layout
 that `transformers.Auto*` classes load, through a temporary directory renamed into place.
@@ -45,66 +47,177 @@ def _head(rows: list[Row]) -> list[Row]:
   return [(p, "!" + n, t) for p, n, t in rows]
 
 
+# EncoderConfig field -> (config.json key, default when the file has none): BERT's names; a
+# dialect renames some (`Dialect.keys`).
+_KEYS = {
+    "vocab_size": ("vocab_size", None),
+    "hidden_size": ("hidden_size", None),
+    "num_layers": ("num_hidden_layers", None),
+    "num_heads": ("num_attention_heads", None),
+    "intermediate_size": ("intermediate_size", None),
+    "max_position_embeddings": ("max_position_embeddings", None),
+    "layer_norm_eps": ("layer_norm_eps", 1e-12),
+    "type_vocab_size": ("type_vocab_size", 2),
+    "pad_token_id": ("pad_token_id", 0),
+    "hidden_dropout": ("hidden_dropout_prob", 0.1),
+    "attention_dropout": ("attention_probs_dropout_prob", 0.1),
+    "initializer_range": ("initializer_range", 0.02),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Dialect:
-  """How one architecture of the BERT family names its weights and config fields in HF files;
-  the names that differ between them are one row of `DIALECTS`."""
+  """How one architecture of the BERT family names its weights and config fields in HF files
+  (`bert.ARCHS` holds what it computes differently); one row of `DIALECTS` each."""
 
+  prefix: str  # the encoder's name prefix in task models (`bert.`)
   classes: dict[str, str]  # head -> the transformers class of the task model
+  layer_rows: Callable[[tuple, str], list[Row]]  # (our layer path, HF layer index)
   embedding_rows: Callable[[], list[Row]]  # past the word and position tables and the LayerNorm
-  attention_rows: Callable[[tuple, str], list[Row]]  # (our layer path, HF layer name)
   head_rows: dict[str, Callable[[], list[Row]]]
   mlm_bias: str  # the MLM output bias; export also writes it under `<decoder>.bias`
   mlm_decoder: str
-  config_fields: Callable[[dict], dict]  # EncoderConfig fields read from config.json
-  config_extra: Callable[[bert.EncoderConfig], dict]  # config.json entries written on export
+  keys: dict = dataclasses.field(default_factory=dict)  # `_KEYS` entries renamed or added;
+  # a key in parentheses is never in the file: the field takes its default
+  activation_key: str = "hidden_act"
+  config_extra: Callable[[bert.EncoderConfig], dict] = lambda cfg: {}  # written on export
+  check: Callable[[dict], str | None] = lambda hf: None  # why a config.json cannot be read
 
 
-def _bert_attention(ours: tuple, theirs: str) -> list[Row]:
+def _bert_layer(ours: tuple, i: str) -> list[Row]:
+  theirs = f"encoder.layer.{i}"
   rows = [r for a, b in (("q", "query"), ("k", "key"), ("v", "value"))
           for r in _linear(ours + ("attn", a), f"{theirs}.attention.self.{b}")]
   return (rows + _linear(ours + ("attn", "o"), f"{theirs}.attention.output.dense")
-          + _norm(ours + ("attn_ln",), f"{theirs}.attention.output.LayerNorm"))
+          + _norm(ours + ("attn_ln",), f"{theirs}.attention.output.LayerNorm")
+          + _bert_ffn(ours, theirs))
 
 
-def _mpnet_attention(ours: tuple, theirs: str) -> list[Row]:
+def _bert_ffn(ours: tuple, theirs: str) -> list[Row]:
+  return (_linear(ours + ("mlp", "up"), f"{theirs}.intermediate.dense")
+          + _linear(ours + ("mlp", "down"), f"{theirs}.output.dense")
+          + _norm(ours + ("mlp_ln",), f"{theirs}.output.LayerNorm"))
+
+
+def _mpnet_layer(ours: tuple, i: str) -> list[Row]:
+  theirs = f"encoder.layer.{i}"
   rows = [r for a in "qkvo" for r in _linear(ours + ("attn", a), f"{theirs}.attention.attn.{a}")]
-  return rows + _norm(ours + ("attn_ln",), f"{theirs}.attention.LayerNorm")
+  return rows + _norm(ours + ("attn_ln",), f"{theirs}.attention.LayerNorm") + _bert_ffn(ours, theirs)
+
+
+def _distilbert_layer(ours: tuple, i: str) -> list[Row]:
+  theirs = f"transformer.layer.{i}"
+  rows = [r for a, b in (("q", "q_lin"), ("k", "k_lin"), ("v", "v_lin"), ("o", "out_lin"))
+          for r in _linear(ours + ("attn", a), f"{theirs}.attention.{b}")]
+  return (rows + _norm(ours + ("attn_ln",), f"{theirs}.sa_layer_norm")
+          + _linear(ours + ("mlp", "up"), f"{theirs}.ffn.lin1")
+          + _linear(ours + ("mlp", "down"), f"{theirs}.ffn.lin2")
+          + _norm(ours + ("mlp_ln",), f"{theirs}.output_layer_norm"))
+
+
+def _token_types() -> list[Row]:
+  return [(("encoder", "embeddings", "token_type", "embedding"),
+           "embeddings.token_type_embeddings.weight", False)]
+
+
+def _mlm_head(dense: str, norm: str, bias: str) -> Callable[[], list[Row]]:
+  return lambda: _head(_linear(("mlm_dense",), dense) + _norm(("mlm_ln",), norm)
+                       + [(("mlm_bias",), bias, False)])
+
+
+def _out_proj_classifier() -> list[Row]:
+  """RoBERTa's, ELECTRA's and MPNet's head: `classifier.dense` then `classifier.out_proj`."""
+  return _head(_linear(("pooler",), "classifier.dense") + _linear(("classifier",), "classifier.out_proj"))
+
+
+def _roberta(name: str) -> Dialect:
+  return Dialect(
+      prefix="roberta.",
+      classes={"classifier": f"{name}ForSequenceClassification", "mlm": f"{name}ForMaskedLM"},
+      layer_rows=_bert_layer, embedding_rows=_token_types,
+      head_rows={"classifier": _out_proj_classifier,
+                 "mlm": _mlm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.bias")},
+      mlm_bias="lm_head.bias", mlm_decoder="lm_head.decoder",
+      keys={"type_vocab_size": ("type_vocab_size", 1), "pad_token_id": ("pad_token_id", 1),
+            "layer_norm_eps": ("layer_norm_eps", 1e-5)},
+      config_extra=lambda cfg: {"type_vocab_size": cfg.type_vocab_size, "bos_token_id": 0,
+                                "eos_token_id": 2, "position_embedding_type": "absolute"})
+
+
+def _electra_check(hf: dict) -> str | None:
+  if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:
+    return (f"embedding_size {hf['embedding_size']} differs from hidden_size {hf['hidden_size']} "
+            "(a projected embedding, as ELECTRA-small's) and is not supported")
+  return None
+
+
+def _distilbert_check(hf: dict) -> str | None:
+  if hf.get("sinusoidal_pos_embds"):
+    return "sinusoidal_pos_embds (fixed sinusoidal positions) is not supported"
+  return None
 
 
 DIALECTS = {
     "bert": Dialect(
+        prefix="bert.",
         classes={"classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM"},
-        embedding_rows=lambda: [(("encoder", "embeddings", "token_type", "embedding"),
-                                 "embeddings.token_type_embeddings.weight", False)],
-        attention_rows=_bert_attention,
+        layer_rows=_bert_layer, embedding_rows=_token_types,
         head_rows={
             "classifier": lambda: _linear(("pooler",), "pooler.dense")
             + _head(_linear(("classifier",), "classifier")),
-            "mlm": lambda: _head(_linear(("mlm_dense",), "cls.predictions.transform.dense")
-                                 + _norm(("mlm_ln",), "cls.predictions.transform.LayerNorm")
-                                 + [(("mlm_bias",), "cls.predictions.bias", False)])},
+            "mlm": _mlm_head("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                             "cls.predictions.bias")},
         mlm_bias="cls.predictions.bias", mlm_decoder="cls.predictions.decoder",
-        config_fields=lambda hf: dict(type_vocab_size=hf.get("type_vocab_size", 2),
-                                      pad_token_id=hf.get("pad_token_id", 0)),
         config_extra=lambda cfg: {"type_vocab_size": cfg.type_vocab_size,
                                   "position_embedding_type": "absolute"}),
+    "roberta": _roberta("Roberta"),
+    "xlm-roberta": _roberta("XLMRoberta"),
+    "electra": Dialect(
+        prefix="electra.",
+        classes={"classifier": "ElectraForSequenceClassification", "mlm": "ElectraForMaskedLM"},
+        layer_rows=_bert_layer, embedding_rows=_token_types,
+        head_rows={"classifier": _out_proj_classifier,
+                   "mlm": _mlm_head("generator_predictions.dense", "generator_predictions.LayerNorm",
+                                    "generator_lm_head.bias")},
+        mlm_bias="generator_lm_head.bias", mlm_decoder="generator_lm_head",
+        config_extra=lambda cfg: {"type_vocab_size": cfg.type_vocab_size,
+                                  "embedding_size": cfg.hidden_size,
+                                  "position_embedding_type": "absolute"},
+        check=_electra_check),
+    "distilbert": Dialect(
+        prefix="distilbert.",
+        classes={"classifier": "DistilBertForSequenceClassification", "mlm": "DistilBertForMaskedLM"},
+        layer_rows=_distilbert_layer, embedding_rows=lambda: [],
+        head_rows={"classifier": lambda: _head(_linear(("pooler",), "pre_classifier")
+                                               + _linear(("classifier",), "classifier")),
+                   "mlm": _mlm_head("vocab_transform", "vocab_layer_norm", "vocab_projector.bias")},
+        mlm_bias="vocab_projector.bias", mlm_decoder="vocab_projector",
+        keys={"hidden_size": ("dim", None), "num_layers": ("n_layers", None),
+              "num_heads": ("n_heads", None), "intermediate_size": ("hidden_dim", None),
+              "hidden_dropout": ("dropout", 0.1), "attention_dropout": ("attention_dropout", 0.1),
+              # DistilBERT's LayerNorms are built with eps 1e-12 whatever the file says
+              "layer_norm_eps": ("(fixed)", 1e-12)},
+        activation_key="activation",
+        config_extra=lambda cfg: {"sinusoidal_pos_embds": False, "seq_classif_dropout": cfg.hidden_dropout,
+                                  "tie_weights_": True},
+        check=_distilbert_check),
     "mpnet": Dialect(
+        prefix="mpnet.",
         classes={"classifier": "MPNetForSequenceClassification", "mlm": "MPNetForMaskedLM"},
+        layer_rows=_mpnet_layer,
         embedding_rows=lambda: [(("encoder", "relative_bias", "embedding"),
                                  "encoder.relative_attention_bias.weight", False)],
-        attention_rows=_mpnet_attention,
-        head_rows={
-            "classifier": lambda: _head(_linear(("pooler",), "classifier.dense")
-                                        + _linear(("classifier",), "classifier.out_proj")),
-            "mlm": lambda: _head(_linear(("mlm_dense",), "lm_head.dense")
-                                 + _norm(("mlm_ln",), "lm_head.layer_norm")
-                                 + [(("mlm_bias",), "lm_head.bias", False)])},
+        head_rows={"classifier": _out_proj_classifier,
+                   "mlm": _mlm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.bias")},
         mlm_bias="lm_head.bias", mlm_decoder="lm_head.decoder",
-        config_fields=lambda hf: dict(type_vocab_size=0, pad_token_id=hf.get("pad_token_id", 1)),
-        config_extra=lambda cfg: {"relative_attention_num_buckets": cfg.relative_attention_num_buckets,
-                                  "bos_token_id": 0, "eos_token_id": 2}),
+        keys={"type_vocab_size": ("(none)", 0), "pad_token_id": ("pad_token_id", 1),
+              "relative_attention_num_buckets": ("relative_attention_num_buckets", 32)},
+        config_extra=lambda cfg: {"bos_token_id": 0, "eos_token_id": 2}),
 }
+
+
+def _keys(dialect: Dialect) -> dict:
+  return {**_KEYS, **dialect.keys}
 
 
 def config_from_hf(hf: dict, **overrides) -> bert.EncoderConfig:
@@ -113,48 +226,33 @@ def config_from_hf(hf: dict, **overrides) -> bert.EncoderConfig:
   arch = hf.get("model_type")
   if arch not in DIALECTS:
     raise WdjaxError(f"model_type {arch!r} in config.json is not supported "
-                     f"({' or '.join(DIALECTS)})")
-  if hf.get("hidden_act", "gelu") != "gelu":
-    raise WdjaxError(f"hidden_act {hf['hidden_act']!r} is not supported (gelu)")
-  num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
-  fields = dict(
-      arch=arch,
-      vocab_size=hf["vocab_size"],
-      hidden_size=hf["hidden_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=hf["num_attention_heads"],
-      intermediate_size=hf["intermediate_size"],
-      max_position_embeddings=hf["max_position_embeddings"],
-      layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-      hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-      attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-      num_labels=num_labels,
-      initializer_range=hf.get("initializer_range", 0.02),
-      **DIALECTS[arch].config_fields(hf),
-  )
+                     f"({', '.join(DIALECTS)})")
+  dialect = DIALECTS[arch]
+  if hf.get(dialect.activation_key, "gelu") != "gelu":
+    raise WdjaxError(f"{dialect.activation_key} {hf[dialect.activation_key]!r} in config.json is "
+                     "not supported (gelu)")
+  fields = {}
+  for field, (key, default) in _keys(dialect).items():
+    if key not in hf and default is None:
+      raise WdjaxError(f"config.json of model_type {arch!r} lacks {key!r}")
+    fields[field] = hf.get(key, default)
+  if (problem := dialect.check(hf)) is not None:
+    raise WdjaxError(f"config.json of model_type {arch!r}: {problem}")
+  fields["num_labels"] = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
   fields.update(overrides)
-  return bert.EncoderConfig(**fields)
+  return bert.EncoderConfig(arch=arch, **fields)
 
 
 def config_to_hf(cfg: bert.EncoderConfig, head: str) -> dict:
   """A `config.json` dict that `transformers.AutoConfig` reads back to the same shapes."""
   dialect = DIALECTS[cfg.arch]
+  fields = {key: getattr(cfg, field) for field, (key, _) in _keys(dialect).items()
+            if not key.startswith("(")}
   return {
       "architectures": [dialect.classes[head]],
       "model_type": cfg.arch,
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "intermediate_size": cfg.intermediate_size,
-      "hidden_act": "gelu",
-      "hidden_dropout_prob": cfg.hidden_dropout,
-      "attention_probs_dropout_prob": cfg.attention_dropout,
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "layer_norm_eps": cfg.layer_norm_eps,
-      "pad_token_id": cfg.pad_token_id,
-      "initializer_range": cfg.initializer_range,
+      **fields,
+      dialect.activation_key: "gelu",
       "num_labels": cfg.num_labels,
       "tie_word_embeddings": True,
       **dialect.config_extra(cfg),
@@ -164,8 +262,8 @@ def config_to_hf(cfg: bert.EncoderConfig, head: str) -> dict:
 def name_map(cfg: bert.EncoderConfig, head: str) -> list[Row]:
   """(our path, HF name without model prefix, transpose?) for every parameter of the model.
 
-  Encoder names carry the model prefix (`bert.`/`mpnet.`) in task models; head names do not.
-  A leading `"!"` on the HF name marks a head parameter (no prefix).
+  Encoder names carry the model prefix (`bert.`, `roberta.`, ...) in task models; head names
+  do not. A leading `"!"` on the HF name marks a head parameter (no prefix).
   """
   dialect, enc = DIALECTS[cfg.arch], ("encoder",)
   rows = [
@@ -175,11 +273,7 @@ def name_map(cfg: bert.EncoderConfig, head: str) -> list[Row]:
       *dialect.embedding_rows(),
   ]
   for i in range(cfg.num_layers):
-    ours, theirs = enc + (f"layer_{i}",), f"encoder.layer.{i}"
-    rows += dialect.attention_rows(ours, theirs)
-    rows += _linear(ours + ("mlp", "up"), f"{theirs}.intermediate.dense")
-    rows += _linear(ours + ("mlp", "down"), f"{theirs}.output.dense")
-    rows += _norm(ours + ("mlp_ln",), f"{theirs}.output.LayerNorm")
+    rows += dialect.layer_rows(enc + (f"layer_{i}",), str(i))
   return rows + (dialect.head_rows[head]() if head in dialect.head_rows else [])
 
 
@@ -238,7 +332,7 @@ def load_params(model_dir: str | os.PathLike, cfg: bert.EncoderConfig, head: str
   Returns the params and the list of our paths that kept their fresh initialisation.
   """
   tensors = read_safetensors(model_dir)
-  prefix = f"{cfg.arch}."
+  prefix = DIALECTS[cfg.arch].prefix
   params = _copy_tree(init_params)
   fresh = []
   for path, name, transpose in name_map(cfg, head):
@@ -315,7 +409,7 @@ def export(out_dir: str | os.PathLike, cfg: bert.EncoderConfig, params: Params, 
   from safetensors.numpy import save_file
   out = Path(out_dir)
   out.parent.mkdir(parents=True, exist_ok=True)
-  prefix = f"{cfg.arch}."
+  prefix = DIALECTS[cfg.arch].prefix
   tensors = {}
   for path, name, transpose in name_map(cfg, head):
     value = np.asarray(_get(params, path), dtype=np.float32)
