@@ -30,7 +30,8 @@ def test_rotten_tomatoes_splits_by_movie_without_tensorflow(rt_builder, rt_csv):
     movie_of.setdefault(r["text"], set()).add(r["movie_name"])
   sizes, movies = {}, {}
   for split in builders.SPLITS:
-    texts, labels = builders.read_split(rt_builder, split)
+    texts, pairs, labels = builders.read_split(rt_builder, split)
+    assert set(pairs) == {""} and labels.dtype == np.int32
     sizes[split] = len(texts)
     movies[split] = set().union(*(movie_of[t] for t in texts))
     assert set(labels) == {0, 1}
@@ -43,7 +44,7 @@ def test_rotten_tomatoes_splits_by_movie_without_tensorflow(rt_builder, rt_csv):
     if r["category"] != "plot":
       firsts.setdefault(r["text"], r["movie_name"])
   for split in builders.SPLITS:
-    texts, _ = builders.read_split(rt_builder, split)
+    texts = builders.read_split(rt_builder, split)[0]
     assert all(builders.hash_split(firsts[t]) == split for t in texts)
   assert rt_builder.info.features["label"].names == ["rotten", "fresh"]
 
@@ -51,7 +52,8 @@ def test_rotten_tomatoes_splits_by_movie_without_tensorflow(rt_builder, rt_csv):
 def test_rebuilding_is_deterministic(rt_builder, rt_csv, tmp_path):
   other = builders.prepare(builders.RottenTomatoes(source=rt_csv, data_dir=str(tmp_path),
                                                    file_format="array_record"))
-  assert builders.read_split(other, "test") == builders.read_split(rt_builder, "test")
+  a, b = builders.read_split(other, "test"), builders.read_split(rt_builder, "test")
+  assert a[:2] == b[:2] and np.array_equal(a[2], b[2])
 
 
 def test_tokenizer_gives_the_published_ids(minilm_dir):
@@ -129,7 +131,7 @@ def _write(path, rows, fmt):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_user_files_go_through_the_same_builder(tmp_path, minilm_dir, rt_builder, fmt):
-  texts, labels = builders.read_split(rt_builder, "validation")
+  texts, _, labels = builders.read_split(rt_builder, "validation")
   names = ["neg", "pos"]
   rows = [{"review": t, "sentiment": names[l]} for t, l in zip(texts, labels)]
   train = tmp_path / f"train.{fmt}"

@@ -65,7 +65,8 @@ def model_dir(cfg: Config | str, overrides: Sequence[str] = (), *, phase: str = 
 def evaluate(cfg: Config | str, overrides: Sequence[str] = (), *, model: str | Path | None = None,
              splits: Sequence[str] = ("validation", "test")) -> dict[str, float]:
   """`wdjax eval`: `{split: score}` of an exported model (default: the config's final student)
-  on the config's data, in the task's metric (accuracy, or BLEU for translation)."""
+  on the config's data, in the task's metric (`data.best_metric`: accuracy, Pearson for
+  regression, ...; BLEU for translation)."""
   from wdjax.train import run
   c = load_config(cfg, overrides)
   return run.evaluate(c, model if model is not None else run.final_model_dir(c), tuple(splits))

@@ -76,11 +76,15 @@ def _assets(args) -> None:
     print(f"{name}: {assets.fetch(name, args.cache_dir)}")
 
 
-def _table(rows: list[tuple[str, dict]]) -> str:
-  lines = ["| model | trainable params | test accuracy | validation accuracy |", "|---|---|---|---|"]
+def _table(rows: list[tuple[str, dict]], metric: str = "accuracy") -> str:
+  """The pipeline's summary: each model's test and validation `metric` (x 100), and macro-F1
+  beside accuracy where the results have it (it exposes a majority-class predictor)."""
+  names = [metric] + (["macro_f1"] if metric != "macro_f1" and "test_macro_f1" in rows[0][1] else [])
+  head = " | ".join(f"{split} {n.replace('_', '-')}" for n in names for split in ("test", "validation"))
+  lines = [f"| model | trainable params | {head} |", "|---|---|" + "---|" * 2 * len(names)]
   for name, r in rows:
-    lines.append(f"| {name} | {r['trainable_params'] / 1e6:.2f}M | {100 * r['test_accuracy']:.2f} | "
-                 f"{100 * r['validation_accuracy']:.2f} |")
+    cells = " | ".join(f"{100 * r[f'{split}_{n}']:.2f}" for n in names for split in ("test", "validation"))
+    lines.append(f"| {name} | {r['trainable_params'] / 1e6:.2f}M | {cells} |")
   return "\n".join(lines)
 
 
@@ -134,10 +138,11 @@ def run(argv: list[str] | None = None) -> int:
     model = args.model or str(run_lib.final_model_dir(cfg))  # a two-phase method's phase 2
     scores = run_lib.evaluate(cfg, model, tuple(args.split or ("validation", "test")))
     from wdjax import tasks
-    metric = tasks.for_dataset(cfg.data.dataset).metric
+    metric = tasks.for_dataset(cfg.data.dataset).metric_name(cfg)
     _main_print(json.dumps({"model": model, **{f"{k}_{metric}": v for k, v in scores.items()}},
                            indent=2))
   elif args.command == "pipeline":
+    from wdjax import tasks
     s = cfg.student
     shape = f"{s.num_layers}x{s.hidden_size}"
     rows = [(f"teacher (fine-tuned {cfg.teacher.model})", run_lib.finetune(cfg))]
@@ -149,8 +154,10 @@ def run(argv: list[str] | None = None) -> int:
     rows.append((f"student {shape}, {cfg.method.name} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})",
                  run_lib.distill(cfg)))
     ce_cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
-    rows.append((f"student {shape}, CE only, same steps", run_lib.distill(ce_cfg, phase="distill_ce")))
-    table = _table(rows)
+    objective = tasks.for_dataset(cfg.data.dataset).objective(cfg)
+    loss = "MSE" if objective.loss == "mse" else "CE"
+    rows.append((f"student {shape}, {loss} only, same steps", run_lib.distill(ce_cfg, phase="distill_ce")))
+    table = _table(rows, objective.best_metric)
     if _main_print("\n" + table):
       Path(cfg.workdir, "results.md").write_text(table + "\n")
   return 0

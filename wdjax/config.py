@@ -49,7 +49,15 @@ class DataConfig:
   validation_file: str = ""  # optional; carved from train by hash when empty
   test_file: str = ""  # optional; carved from train by hash when empty
   text_column: str = "text"  # column holding the text
-  label_column: str = "label"  # column holding the class label
+  text_pair_column: str = ""  # column holding a second text (sentence-pair tasks; "" = single texts)
+  label_column: str = "label"  # column holding the class label or the score
+  # "auto": a label column of numbers with fractions (3.7) is a regression target, any other a
+  # set of classes; or "classes" | "regression"
+  label_kind: str = "auto"
+  # the validation score that picks the exported checkpoint: "auto" (accuracy for classes,
+  # pearson for regression; the task's own for translation and images) | "accuracy" |
+  # "macro_f1" | "mcc" | "pearson" | "spearman"
+  best_metric: str = "auto"
   group_column: str = ""  # optional column whose values never straddle two carved splits
   max_length: int = 64  # tokens per example, [CLS]/[SEP] included; longer texts are truncated
   pad_to_multiple: int = 16  # batches pad to the longest example rounded up to this

@@ -50,5 +50,19 @@ def hinton(student_logits: Array, teacher_logits: Array, labels: Array, weights:
   return alpha * kd + (1.0 - alpha) * ce, {"ce": ce, "kd": kd}
 
 
+def squared_error(outputs: Array, targets: Array, weights: Array) -> Array:
+  """Mean squared error of scores `outputs [batch, 1]` against `targets [batch]` (regression)."""
+  return _mean(jnp.square(outputs[..., 0].astype(jnp.float32) - targets.astype(jnp.float32)), weights)
+
+
+def regression_kd(student: Array, teacher: Array, labels: Array, weights: Array, *, alpha: float,
+                  label_weights: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  """alpha * MSE(student, teacher's score) + (1 - alpha) * MSE(student, label): the KD of a
+  regression head, whose one output has no distribution to soften (no temperature)."""
+  mse = squared_error(student, labels, weights if label_weights is None else label_weights)
+  kd = squared_error(student, teacher[..., 0], weights)
+  return alpha * kd + (1.0 - alpha) * mse, {"mse": mse, "kd": kd}
+
+
 def accuracy(logits: Array, labels: Array, weights: Array) -> Array:
   return _mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32), weights)

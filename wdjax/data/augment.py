@@ -23,7 +23,7 @@ from wdjax.data.tokenize import TokenizedSplit
 
 def augment(split: TokenizedSplit, copies: int, *, mask_id: int, seed: int = 0,
             p_mask: float = 0.1, p_ngram: float = 0.25, max_ngram: int = 5) -> TokenizedSplit:
-  """`split` followed by `copies` perturbed copies of each example (labels -1)."""
+  """`split` followed by `copies` perturbed copies of each example (without gold labels)."""
   if copies <= 0:
     return split
   rng = np.random.default_rng([seed, 7919])
@@ -46,4 +46,8 @@ def augment(split: TokenizedSplit, copies: int, *, mask_id: int, seed: int = 0,
     out_len[i] = len(row)
   return TokenizedSplit(
       np.concatenate([split.ids, out_ids]), np.concatenate([split.lengths, out_len]).astype(np.int32),
-      np.concatenate([split.labels, np.full(len(ids), -1, split.labels.dtype)]), split.pad_id)
+      np.concatenate([split.labels, np.full(len(ids), _NO_LABEL[split.labels.dtype.kind], split.labels.dtype)]),
+      split.pad_id)
+
+
+_NO_LABEL = {"i": -1, "f": np.nan}  # a copy has no gold label: class -1, score NaN (KD term only)

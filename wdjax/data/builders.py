@@ -1,13 +1,15 @@
-"""TFDS builders (ArrayRecord, no TensorFlow) for text classification.
+"""TFDS builders (ArrayRecord, no TensorFlow) for text classification and regression.
 
-Two builders share one shape of record, `{text, label, group}`:
+Two builders share one shape of record, `{text, text_pair, label, group}` (`text_pair` empty
+for single-text tasks; `label` a class, or a float for regression):
 
 - `RottenTomatoes`: the Rotten Tomatoes snippets of the `rotten-tomatoes` asset; fresh/rotten
   rows only, exact duplicate texts dropped (first occurrence kept: 55 texts recur, 37 of them
   under different movies, which would leak across splits), split **by movie**:
   sha256(movie_name) % 10 == 0 -> test, == 1 -> validation, else train. This is the split of
   `docs/data.md`'s PyTorch reference accuracies (it gives 10,504 / 981 / 1,323 before de-duplication).
-- `TextFiles`: a user's CSV or JSON-lines files with named text and label columns. Given only a
+- `TextFiles`: a user's CSV, TSV or JSON-lines files with named text (and optional second text)
+  and label columns; labels are classes, or floats (regression). Given only a
   train file, validation and test are carved from it by the same hash rule (on `group_column`
   if named, else on the text), so no group straddles two splits.
 
@@ -26,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from wdjax.errors import WdjaxError
@@ -39,27 +42,34 @@ def hash_split(key: str) -> str:
   return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
 
 
-def dedupe(rows: Iterable[dict]) -> Iterator[dict]:
+def dedupe(rows: Iterable[dict], key: tuple[str, ...] = ("text",)) -> Iterator[dict]:
+  """Rows whose `key` columns were not seen before (the first occurrence kept)."""
   seen = set()
   for row in rows:
-    if row["text"] not in seen:
-      seen.add(row["text"])
+    k = tuple(row[c] for c in key)
+    if k not in seen:
+      seen.add(k)
       yield row
 
 
 class _TextClassification(tfds.core.GeneratorBasedBuilder):
-  """Records `{text, label, group}`; subclasses say where rows come from."""
+  """Records `{text, text_pair, label, group}`; subclasses say where rows come from."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "a second text per record (sentence pairs) and float labels"}
   LABELS: tuple[str, ...] = ()
+  regression = False  # float labels (no classes)
 
   def _info(self) -> tfds.core.DatasetInfo:
+    label = (tfds.features.Scalar(np.float32) if self.regression
+             else tfds.features.ClassLabel(names=list(self._label_names())))
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.__doc__,
         features=tfds.features.FeaturesDict({
             "text": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=list(self._label_names())),
+            "text_pair": tfds.features.Text(),
+            "label": label,
             "group": tfds.features.Text(),
         }),
         supervised_keys=("text", "label"),
@@ -97,7 +107,7 @@ class RottenTomatoes(_TextClassification):
 
   def _rows(self):
     text = bz2.decompress(self._source.read_bytes()).decode("utf-8")
-    rows = (dict(text=r["text"], label=r["category"], group=r["movie_name"])
+    rows = (dict(text=r["text"], text_pair="", label=r["category"], group=r["movie_name"])
             for r in csv.DictReader(io.StringIO(text)) if r["category"] in self.LABELS)
     for row in dedupe(rows):
       yield hash_split(row["group"]), row
@@ -134,11 +144,28 @@ def read_table(path: str | os.PathLike) -> list[dict]:
     raise WdjaxError(f"{p} is not a readable CSV/TSV file ({e})") from None
 
 
+def _number(value) -> float | None:
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    return None
+  return x if np.isfinite(x) else None
+
+
+def label_kind(values: Iterable) -> str:
+  """"regression" when every label is a number and one of them is not a whole number (3.7,
+  0.25): such a column is a score, never a set of classes; else "classes"."""
+  numbers = [_number(v) for v in values]
+  if numbers and all(x is not None for x in numbers) and any(x != int(x) for x in numbers):
+    return "regression"
+  return "classes"
+
+
 class TextFiles(_TextClassification):
-  """A user's text-classification files (CSV or JSON lines)."""
+  """A user's text-classification or regression files (CSV, TSV or JSON lines)."""
 
   def __init__(self, *, files: dict[str, str], text_column: str, label_column: str,
-               group_column: str = "", **kwargs):
+               group_column: str = "", text_pair_column: str = "", kind: str = "auto", **kwargs):
     if "train" not in files:
       raise WdjaxError("data.train_file is required for dataset='files'")
     self._tables = {s: read_table(f) for s, f in files.items() if f}
@@ -146,23 +173,50 @@ class TextFiles(_TextClassification):
       if not table:
         raise WdjaxError(f"the {split} file {files[split]} has no data rows")
     self._text, self._label, self._group = text_column, label_column, group_column
-    self._labels = self._collect_labels()
+    self._pair = text_pair_column
+    self._check_rows()
+    found = label_kind(r[self._label] for r in self._tables["train"])
+    if kind == "classes" and found == "regression":
+      example = next(r[self._label] for r in self._tables["train"]
+                     if (x := _number(r[self._label])) is not None and x != int(x))
+      raise WdjaxError(f"the label column {label_column!r} holds scores such as {example!r}, not "
+                       "classes; set data.label_kind=regression (or auto)")
+    self.regression = kind == "regression" or (kind == "auto" and found == "regression")
+    if self.regression:
+      self._check_scores()
+    self._labels = () if self.regression else self._collect_labels()
     super().__init__(config=self._config_name(files), **kwargs)
 
-  def _collect_labels(self) -> tuple[str, ...]:
-    """The classes: the training file's labels (a class only validation or test has could never
-    be learned, so it is refused, as are rows without a value)."""
-    seen: dict[str, set[str]] = {}
+  def _check_rows(self) -> None:
+    """Every row has each named column, with a value (a group may be empty)."""
+    columns = (self._text, self._label) + tuple(c for c in (self._pair, self._group) if c)
     for split, table in self._tables.items():
       for n, row in enumerate(table, 1):
-        for col in (self._text, self._label) + ((self._group,) if self._group else ()):
+        for col in columns:
           if col not in row:
             raise WdjaxError(f"{split} row {n} has no column {col!r} (columns: {sorted(map(str, row))}); "
-                             "set data.text_column / data.label_column")
+                             "set data.text_column / data.text_pair_column / data.label_column")
           # an empty text would train on [CLS] [SEP] alone, an empty label is no class
           if row[col] is None or (col != self._group and not str(row[col]).strip()):
             raise WdjaxError(f"{split} row {n} has no value in column {col!r} (a short line, an "
                              "empty field or null); fix or drop that row")
+
+  def _check_scores(self) -> None:
+    for split, table in self._tables.items():
+      for n, row in enumerate(table, 1):
+        if _number(row[self._label]) is None:
+          raise WdjaxError(f"{split} row {n}: label {row[self._label]!r} is not a number (a "
+                           "regression label column holds scores)")
+
+  def _label_value(self, value):
+    return float(value) if self.regression else str(value)
+
+  def _collect_labels(self) -> tuple[str, ...]:
+    """The classes: the training file's labels (a class only validation or test has could never
+    be learned, so it is refused)."""
+    seen: dict[str, set[str]] = {}
+    for split, table in self._tables.items():
+      for row in table:
         seen.setdefault(split, set()).add(str(row[self._label]))
     labels = seen["train"]
     for split, values in seen.items():
@@ -181,7 +235,7 @@ class TextFiles(_TextClassification):
     for split in SPLITS:
       if files.get(split):
         h.update(split.encode() + Path(files[split]).read_bytes())
-    h.update(f"{self._text}|{self._label}|{self._group}".encode())
+    h.update(f"{self._text}|{self._label}|{self._group}|{self._pair}|{self.regression}".encode())
     return tfds.core.BuilderConfig(name="files_" + h.hexdigest()[:16])
 
   def _label_names(self):
@@ -190,9 +244,10 @@ class TextFiles(_TextClassification):
   def _rows(self):
     carve = {s for s in SPLITS if s not in self._tables}  # splits without a file of their own
     for split, table in self._tables.items():
-      rows = (dict(text=str(r[self._text]), label=str(r[self._label]),
+      rows = (dict(text=str(r[self._text]), text_pair=str(r[self._pair]) if self._pair else "",
+                   label=self._label_value(r[self._label]),
                    group=str(r[self._group]) if self._group else str(r[self._text])) for r in table)
-      for row in dedupe(rows):
+      for row in dedupe(rows, key=("text", "text_pair")):
         target = split
         if split == "train" and hash_split(row["group"]) in carve:
           target = hash_split(row["group"])
@@ -214,10 +269,18 @@ def prepare(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.GeneratorBase
   return builder
 
 
-def read_split(builder: tfds.core.GeneratorBasedBuilder, split: str) -> tuple[list[str], list[int]]:
-  """(texts, labels) of a prepared split, in record order."""
+def _str(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else x
+
+
+def read_split(builder: tfds.core.GeneratorBasedBuilder, split: str
+               ) -> tuple[list[str], list[str], np.ndarray]:
+  """(texts, second texts, labels) of a prepared split, in record order; labels are class ids
+  (int32) or, for a regression builder, float32."""
   source = builder.as_data_source(split=split)
   records = source.__getitems__(range(len(source))) if hasattr(source, "__getitems__") else \
       [source[i] for i in range(len(source))]
-  texts = [r["text"].decode("utf-8") if isinstance(r["text"], bytes) else r["text"] for r in records]
-  return texts, [int(r["label"]) for r in records]
+  texts = [_str(r["text"]) for r in records]
+  pairs = [_str(r["text_pair"]) for r in records]
+  dtype = np.float32 if builder.regression else np.int32
+  return texts, pairs, np.asarray([r["label"] for r in records], dtype)

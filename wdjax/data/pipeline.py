@@ -36,15 +36,20 @@ def make_batch(data: TokenizedSplit, index: np.ndarray, length: int) -> dict[str
   lengths = np.where(valid, data.lengths[safe], 0)
   mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
   ids[~valid] = data.pad_id
-  return {
+  labels = data.labels[safe]
+  # examples without a gold label (augmented text: KD term only) are -1 or, for scores, NaN
+  gold = valid & (np.isfinite(labels) if labels.dtype.kind == "f" else labels >= 0)
+  batch = {
       "input_ids": ids,  # [batch, length] int32
       "attention_mask": mask,  # [batch, length] int32
-      "labels": np.where(valid, np.maximum(data.labels[safe], 0), 0).astype(np.int32),  # [batch]
+      "labels": np.where(gold, labels, 0).astype(labels.dtype),  # [batch] int32 or float32
       "weights": valid.astype(np.float32),  # [batch] 0 for padding rows
-      # [batch] 0 also for examples without a gold label (augmented text: KD term only)
-      "label_weights": (valid & (data.labels[safe] >= 0)).astype(np.float32),
+      "label_weights": gold.astype(np.float32),  # [batch] 0 also for examples without a gold label
       "index": index.astype(np.int32),  # [batch] example ids, -1 for padding rows
   }
+  if data.token_types is not None:  # text pairs: [batch, length] int32 segment ids
+    batch["token_type_ids"] = np.where(mask > 0, data.token_types[safe, :length], 0).astype(np.int32)
+  return batch
 
 
 def split_batch(data, index: np.ndarray, pad_to_multiple: int) -> dict[str, np.ndarray]:

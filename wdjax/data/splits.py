@@ -17,6 +17,7 @@ class TaskData:
   train: Any  # TokenizedSplit, ImageSplit, PairSplit: what data/pipeline.py batches
   validation: Any
   test: Any
+  regression: bool = False  # float scores, no classes (label_names is empty)
 
   def split(self, name: str) -> Any:
     if name not in builders.SPLITS:

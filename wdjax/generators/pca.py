@@ -33,8 +33,8 @@ def second_moments(teacher_cfg: bert.EncoderConfig, teacher_params, split, *, ba
   graph = nnx.split(bert.build(dataclasses.replace(teacher_cfg, dtype="float32")))[0]
 
   @jax.jit
-  def moments(params, ids, mask):
-    _, acts = bert.activations(nnx.merge(graph, params), ids, mask, all_rows=True)
+  def moments(params, ids, mask, types):
+    _, acts = bert.activations(nnx.merge(graph, params), ids, mask, types, all_rows=True)
     out = {}
     for name, x in acts.items():
       w = mask[:, :1] if name == "pooled" else mask  # the pooler sees one vector per example
@@ -46,7 +46,8 @@ def second_moments(teacher_cfg: bert.EncoderConfig, teacher_params, split, *, ba
   total: dict[str, np.ndarray] = {}
   for step in range(min(batches, order.steps_per_epoch)):
     b = order.batch(step)
-    for k, v in moments(teacher_params, b["input_ids"], b["attention_mask"]).items():
+    for k, v in moments(teacher_params, b["input_ids"], b["attention_mask"],
+                        b.get("token_type_ids")).items():
       total[k] = total.get(k, 0) + np.asarray(v, np.float64)
   return total
 

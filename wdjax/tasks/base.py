@@ -51,12 +51,31 @@ class AgnosticStart:
   phase2_spec: Any
 
 
+CLASS_METRICS = ("accuracy", "macro_f1", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman")
+
+
+def best_metric(cfg: Config, regression: bool = False) -> str:
+  """`data.best_metric`, with "auto" resolved: accuracy for classes, Pearson for scores."""
+  if cfg.data.best_metric != "auto":
+    return cfg.data.best_metric
+  return "pearson" if regression else "accuracy"
+
+
+def check_best_metric(cfg: Config, regression: bool = False) -> list[str]:
+  allowed = REGRESSION_METRICS if regression else CLASS_METRICS
+  if cfg.data.best_metric in ("auto",) + allowed:
+    return []
+  kind = "regression" if regression else "classification"
+  return [f"data.best_metric={cfg.data.best_metric!r} (for {kind}: auto, {', '.join(allowed)})"]
+
+
 class Task:
   """Defaults of the contract; a task overrides what it needs."""
 
   name = "task"
   datasets: tuple[str, ...] = ()  # the `data.dataset` values this task serves
-  metric = "accuracy"  # what `evaluate` reports per split
+  metric: str | None = None  # what `evaluate` reports per split (None: the objective's best_metric)
   methods: tuple[str, ...] | None = None  # the methods written for its families (None: all)
   config_sections: tuple[str, ...] = ()  # its own `Config` sections (part of a run's settings)
   ranks_units = False  # whether `unit_ranking` can rank the teacher's units (importance selection)
@@ -104,8 +123,11 @@ class Task:
     del cfg, phase_path, data, log
     return results
 
+  def metric_name(self, cfg: Config) -> str:
+    return self.metric or self.objective(cfg).best_metric
+
   def evaluate(self, cfg: Config, model_dir: Path, splits: tuple[str, ...]) -> dict[str, float]:
-    """`{split: accuracy}` of an exported model on the config's data."""
+    """`{split: metric_name(cfg)}` of an exported model on the config's data."""
     config, params = self.load_model(model_dir)
     data = self.eval_data(cfg, model_dir, config)
     objective = self.objective(cfg)
@@ -114,7 +136,8 @@ class Task:
     apply = objective.apply(nnx.split(objective.build(config))[0])
     predictor = objective.predictor(apply, mesh, sh, cfg.distill.eval_batch_size, cfg.data.pad_to_multiple)
     params = jax.device_put(params, sh)
-    return {split: predictor.scores(params, data.split(split))[self.metric] for split in splits}
+    metric = self.metric_name(cfg)
+    return {split: predictor.scores(params, data.split(split))[metric] for split in splits}
 
   def eval_data(self, cfg: Config, model_dir: Path, config) -> Any:
     """The data `evaluate` scores `model_dir`'s model on."""

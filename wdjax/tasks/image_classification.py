@@ -24,7 +24,7 @@ from wdjax.generators import StudentSpec
 from wdjax.models import vit
 from wdjax.models.vit import ViTConfig
 from wdjax.tasks import register
-from wdjax.tasks.base import FinetuneStart, Task
+from wdjax.tasks.base import FinetuneStart, Task, best_metric, check_best_metric
 from wdjax.train import phase as phase_lib
 from wdjax.train.objectives import Classification
 from wdjax.train.phase import Model
@@ -80,11 +80,10 @@ class ImageClassificationTask(Task):
                  "have not; train on the task)")
     if cfg.vit.pooling not in ("cls", "mean"):
       bad.append(f"vit.pooling={cfg.vit.pooling!r} (one of cls, mean)")
-    return bad
+    return bad + check_best_metric(cfg)
 
   def objective(self, cfg: Config) -> ImageClassification:
-    del cfg
-    return ImageClassification()
+    return ImageClassification(best_metric=best_metric(cfg))
 
   def finetune_start(self, cfg: Config, log) -> FinetuneStart:
     data = load_data(cfg)

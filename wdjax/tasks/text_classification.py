@@ -1,11 +1,15 @@
-"""Text classification: a pretrained BERT-family encoder fine-tuned on the task, students by every
-method (and WID's task-agnostic form: compactors trained on masked-LM over the task's text).
+"""Text classification and regression, of single texts or text pairs: a pretrained BERT-family
+encoder fine-tuned on the task, students by every method (and WID's task-agnostic form:
+compactors trained on masked-LM over the task's text).
 
   wdjax finetune kd:cpu      the teacher: all-MiniLM-L6-v2 with a new head -> finetune/
   wdjax distill  wd:cpu      a student by `method`                           -> distill*/
 
-Data: Rotten Tomatoes or the user's CSV / JSON-lines files (`wdjax/data/text.py`); models are
-saved as `transformers` `*ForSequenceClassification` directories.
+Data: Rotten Tomatoes or the user's CSV / TSV / JSON-lines files (`wdjax/data/text.py`): a text
+column or two (`data.text_pair_column`: token types where the family has them), and class labels
+or float scores (`data.label_kind`; regression trains one output with squared error, and KD
+matches the teacher's score). Models are saved as `transformers` `*ForSequenceClassification`
+directories (`problem_type: regression` for scores).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from wdjax.errors import WdjaxError
 from wdjax.generators import Identity, StudentSpec
 from wdjax.models import bert, hf
 from wdjax.tasks import register
-from wdjax.tasks.base import AgnosticStart, FinetuneStart, Task
+from wdjax.tasks.base import AgnosticStart, FinetuneStart, Task, best_metric, check_best_metric
 from wdjax.train import phase as phase_lib
 from wdjax.train.objectives import Classification, MaskedLanguageModel
 from wdjax.train.phase import Model
@@ -90,20 +94,39 @@ def mlm_teacher(cfg: Config, data: TaskData, masking: mlm.MlmMasking, log) -> Mo
   return Model(t_cfg, params, model_dir, assets.sha256_file(head_dir / "model.safetensors"))
 
 
+def num_outputs(data: TaskData) -> int:
+  """The classifier's outputs: one per class, or one score."""
+  return 1 if data.regression else len(data.label_names)
+
+
 class TextClassification(Task):
   name = "text classification"
   datasets = ("rotten-tomatoes", "files")
   ranks_units = True
 
+  def check(self, cfg: Config) -> list[str]:
+    d, bad = cfg.data, []
+    if d.label_kind not in ("auto", "classes", "regression"):
+      bad.append(f"data.label_kind={d.label_kind!r} (one of auto, classes, regression)")
+    if d.dataset != "files" and (d.text_pair_column or d.label_kind == "regression"):
+      bad.append(f"data.dataset={d.dataset!r} (text pairs and regression need your own "
+                 "data.dataset=files)")
+    if d.augment and d.text_pair_column:
+      bad.append(f"data.augment={d.augment} (perturbs single texts; not text pairs)")
+    regression = text.is_regression(d)
+    if regression and cfg.method.task_agnostic:
+      bad.append(f"method {cfg.method.label!r} (its phase 2 fine-tunes a classifier head)")
+    return bad + check_best_metric(cfg, regression)
+
   def objective(self, cfg: Config) -> Classification:
-    del cfg
-    return Classification()
+    regression = text.is_regression(cfg.data)
+    return Classification(regression=regression, best_metric=best_metric(cfg, regression))
 
   def finetune_start(self, cfg: Config, log) -> FinetuneStart:
     model_dir = pretrained_dir(cfg)
     probe = hf.config_from_hf(hf.read_config(model_dir))
     data = text.load(cfg.data, model_dir, probe.pad_token_id, cfg.cache_dir)
-    model, fresh = load_model(model_dir, require_head=False, num_labels=len(data.label_names),
+    model, fresh = load_model(model_dir, require_head=False, num_labels=num_outputs(data),
                               dtype=cfg.teacher.dtype, hidden_dropout=cfg.teacher.hidden_dropout,
                               attention_dropout=cfg.teacher.attention_dropout)
     if fresh:
@@ -119,9 +142,10 @@ class TextClassification(Task):
 
   def load_data(self, cfg: Config, teacher: Model, log) -> TaskData:
     data = text.load(cfg.data, teacher.tokenizer_dir, teacher.config.pad_token_id, cfg.cache_dir)
-    if len(data.label_names) != teacher.config.num_labels:
-      raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} has {teacher.config.num_labels} labels, "
-                       f"the data {len(data.label_names)}; they must match")
+    if num_outputs(data) != teacher.config.num_labels:
+      what = "1 score (regression)" if data.regression else f"{len(data.label_names)} labels"
+      raise WdjaxError(f"the teacher at {teacher.tokenizer_dir} has {teacher.config.num_labels} "
+                       f"outputs, the data {what}; they must match")
     return data
 
   def student_config(self, cfg: Config, teacher_config: bert.EncoderConfig) -> bert.EncoderConfig:

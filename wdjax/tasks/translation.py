@@ -54,6 +54,8 @@ class Translation:
   label_smoothing: float = 0.1
   head = "translation"
   logit_kd = False  # translation distils through sequence-level KD data
+  loss = "ce"
+  best_metric = "accuracy"  # teacher-forced token accuracy (BLEU needs a beam search per evaluation)
 
   def build(self, config: TransformerConfig, seed: int = 0):
     return transformer.build(config, seed)

@@ -50,6 +50,7 @@ class LoopSpec:
   keep_best: bool = True  # export the best-validation model (else the last evaluated one)
   profile_steps: int = 0  # steps to trace with jax.profiler (0 = none)
   profile_dir: str = ""  # where the trace goes (TensorBoard's profile plugin / xprof read it)
+  best_metric: str = "accuracy"  # the validation score `best` maximises (`val_<best_metric>`)
 
 
 PROFILE_SKIP = 5  # steps run before a trace starts: the first compiles, the next settle
@@ -179,12 +180,13 @@ class _Progress:
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       if metrics:
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", **_accuracy(metrics))
     elif self.enabled and metrics is not None:
       rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
       eta = (self.total - step) / rate if rate > 0 else float("nan")
-      print(f"[{self.name}] step {step}/{self.total} loss {metrics['loss']:.4f} "
-            f"acc {metrics['accuracy']:.3f} | {rate:.2f} steps/s, ETA {_fmt_time(eta)}", flush=True)
+      acc = "".join(f" acc {v}" for v in _accuracy(metrics).values())
+      print(f"[{self.name}] step {step}/{self.total} loss {metrics['loss']:.4f}{acc} "
+            f"| {rate:.2f} steps/s, ETA {_fmt_time(eta)}", flush=True)
 
   def write(self, line: str):
     if not self.enabled:
@@ -212,16 +214,21 @@ def _check_finite(step: int, metrics: dict, spec: LoopSpec) -> None:
                      "lower the learning rate or check the data")
 
 
+def _accuracy(metrics: dict) -> dict[str, str]:
+  """The training batch's accuracy for the progress line (regression steps have none)."""
+  return {"acc": f"{metrics['accuracy']:.3f}"} if "accuracy" in metrics else {}
+
+
 def initial_best(params: Any) -> dict:
   """The `best` record before any evaluation: `params` with a score below every real one."""
-  return {"params": params, "val_accuracy": np.float32(-1.0), "step": np.int32(0)}
+  return {"params": params, "val_score": np.float32(-np.inf), "step": np.int32(0)}
 
 
 def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[Any, dict]:
   """Train from `state` (fresh or restored) to `spec.total_steps`.
 
   Returns the final state and `best`: the dense model of the evaluation with the highest
-  validation accuracy (or of the last evaluation when `spec.keep_best` is off), with its score
+  validation `spec.best_metric` (or of the last evaluation when `spec.keep_best` is off), with its score
   and step. Both are checkpointed together, so a resumed run selects exactly as an uninterrupted one.
   """
   start = int(jax.device_get(state["step"]))
@@ -255,9 +262,9 @@ def fit(state: Any, best: dict, teacher_params: Any, spec: LoopSpec) -> tuple[An
       progress.update(step, host)
       if step % eval_every == 0 or step == spec.total_steps:
         scores, model = spec.evaluate(state)
-        if not spec.keep_best or scores["val_accuracy"] > float(best["val_accuracy"]):
-          best = {"params": model, "val_accuracy": np.float32(scores["val_accuracy"]),
-                  "step": np.int32(step)}
+        score = scores["val_" + spec.best_metric]
+        if not spec.keep_best or score > float(best["val_score"]):
+          best = {"params": model, "val_score": np.float32(score), "step": np.int32(step)}
         spec.writer.write(step, spec.name + "/eval", dict(scores, best_step=int(best["step"])))
         progress.write(f"[{spec.name}] step {step}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in scores.items()))

@@ -3,7 +3,10 @@ or translation (`wdjax/tasks/translation.py`).
 
 An objective builds the network (`build`), the apply function the step differentiates, turns a
 host batch into the batch that apply function and the loss expect, scores a split (accuracy
-and mean loss; for MLM over the masked tokens), and exports the trained model (`export`).
+and mean loss; for MLM over the masked tokens; Pearson, Spearman and MSE for regression), and
+exports the trained model (`export`). `loss` names the step's loss ("ce": cross-entropy, with
+the teacher's softened logits under KD; "mse": squared error, with the teacher's scores under
+KD) and `best_metric` the validation score that picks the exported checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from wdjax.data import pipeline
 from wdjax.data.mlm import MlmMasking
 from wdjax.train import mesh as mesh_lib
 from wdjax.train import step as step_lib
-from wdjax.train.evaluate import Predictor, device_batch
+from wdjax.train.evaluate import Predictor, device_batch, regression_scores, scores
 
 
 class _Encoder:
@@ -29,6 +32,8 @@ class _Encoder:
   head = "classifier"
   label_smoothing = 0.0
   logit_kd = True  # the teacher's logits of the same batch are the KD targets
+  loss = "ce"
+  best_metric = "accuracy"
 
   def build(self, config, seed: int = 0):
     from wdjax.models import bert
@@ -37,7 +42,9 @@ class _Encoder:
   def export(self, out: Path, config, params, tokenizer_dir: Path, task) -> None:
     from wdjax.models import hf
     labels = None
-    if self.head == "classifier":
+    if self.head == "classifier" and task.regression:
+      labels = {"problem_type": "regression"}
+    elif self.head == "classifier":
       labels = {"id2label": dict(enumerate(task.label_names)),
                 "label2id": {n: i for i, n in enumerate(task.label_names)}}
     hf.export(out, config, params, self.head, tokenizer_dir=tokenizer_dir, extra=labels)
@@ -45,7 +52,15 @@ class _Encoder:
 
 @dataclasses.dataclass(frozen=True)
 class Classification(_Encoder):
+  """Sequence classification, or regression (one output: a score) with `regression`."""
+
+  regression: bool = False
+  best_metric: str = "accuracy"
   head = "classifier"
+
+  @property
+  def loss(self) -> str:
+    return "mse" if self.regression else "ce"
 
   def apply(self, graphdef) -> step_lib.ApplyFn:
     return step_lib.classifier_apply(graphdef)
@@ -55,7 +70,8 @@ class Classification(_Encoder):
     return batch
 
   def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
-    return Predictor(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
+    score = regression_scores if self.regression else scores
+    return Predictor(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple, score=score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +87,8 @@ class MaskedLanguageModel(_Encoder):
 
     def apply(params, batch, dropout_key, **kwargs):
       model = nnx.merge(graphdef, params)
-      return model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key,
+      return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                   dropout_key=dropout_key,
                    positions=batch["mlm_positions"], **kwargs)  # [batch, k, vocab]
 
     return apply

@@ -154,7 +154,8 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
       step_lib.make_train_step(generator=generator, student_apply=student_apply,
                                teacher_apply=teacher_apply, tx=tx, kd=cfg.kd, seed=cfg.seed,
                                frozen=train.optim.frozen, label_smoothing=objective.label_smoothing,
-                               products=step_lib.generator_products(spec.config.dtype)),
+                               products=step_lib.generator_products(spec.config.dtype),
+                               loss=objective.loss),
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
@@ -174,7 +175,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
     restored = _restore_newest(checkpointer, phase, out, meta, teacher, log, target=lambda: {
         "train": ckpt_lib.abstract_like(state_shapes, state_sh),
         "best": {"params": ckpt_lib.abstract_like(spec.init_params, student_sh),
-                 "val_accuracy": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+                 "val_score": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
                  "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}},
         complete=lambda step: step >= steps and results_path.exists() and not export_only)
     if restored == "complete":
@@ -221,7 +222,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
         name=phase, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
         train_step=train_step,
         get_batch=get_batch,
-        evaluate=evaluate, checkpointer=checkpointer,
+        evaluate=evaluate, best_metric=objective.best_metric, checkpointer=checkpointer,
         writer=MetricWriter(out, tensorboard=cfg.log.tensorboard), meta=meta,
         log_every=train.log_every, eval_every=train.eval_every, progress=cfg.log.progress,
         lr_at=lambda s: float(step_lib.schedule(train.optim, steps)(s)), keep_best=train.keep_best,
@@ -248,8 +249,9 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
       objective.export(out / "model", spec.config, student, tokenizer_dir, task)
     write_results(results_path, results)
   distributed.barrier(f"{phase} exported")  # phase 2 and resumes read what process 0 wrote
-  log(f"[{phase}] validation accuracy {results['validation_accuracy']:.4f}, "
-      f"test accuracy {results['test_accuracy']:.4f}; model in {out / 'model'}")
+  metric = objective.best_metric
+  log(f"[{phase}] validation {metric} {results['validation_' + metric]:.4f}, "
+      f"test {metric} {results['test_' + metric]:.4f}; model in {out / 'model'}")
   return results
 
 

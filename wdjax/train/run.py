@@ -85,7 +85,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
 
 def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
   """`{split: score}` of an exported model directory on the config's data (the task's metric:
-  accuracy, or BLEU for translation)."""
+  `data.best_metric`, or BLEU for translation)."""
   start(cfg)
   return tasks.for_dataset(cfg.data.dataset).evaluate(cfg, Path(model_dir), tuple(splits))
 

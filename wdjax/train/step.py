@@ -163,7 +163,7 @@ def generator_products(compute_dtype: str, device: jax.Device | None = None) -> 
 def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
                     tx: optax.GradientTransformation, kd: KDConfig, seed: int,
                     frozen: tuple[str, ...] = (), label_smoothing: float = 0.0,
-                    products: str | None = None):
+                    products: str | None = None, loss: str = "ce"):
   """`step(state, teacher_params, batch) -> (state, metrics)`, not yet jitted.
 
   The KD targets are `batch["teacher_logits"]` when the batch carries them, else the teacher's
@@ -173,8 +173,11 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
   the CE when there are no teacher logits (translation's loss, ε = 0.1 in WD's recipe).
   `products` (`generator_products`): the dot algorithm of `generate`'s matrix products, forward
   and backward (the backward's products are the transposes of the forward's and keep their
-  algorithm); None leaves JAX's default.
+  algorithm); None leaves JAX's default. `loss="mse"` trains a regression head (one output):
+  squared error, and under KD `losses.regression_kd` with the teacher's scores.
   """
+  if loss not in ("ce", "mse"):
+    raise ValueError(f"loss must be 'ce' or 'mse', got {loss!r}")
   use_teacher_logits = teacher_apply is not None and kd.alpha > 0
 
   def step(state: dict, teacher_params: Params | None, batch: Batch):
@@ -196,7 +199,13 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
       with contextlib.nullcontext() if products is None else jax.default_matmul_precision(products):
         student = generator.generate(gen_params, teacher_params, state["gen_state"])
       logits = student_apply(student, batch, key, **generator.model_kwargs(state["gen_state"]))
-      if teacher_logits is None:
+      if loss == "mse" and teacher_logits is None:
+        task = losses.squared_error(logits, labels, label_weights)
+        parts = {"mse": task}
+      elif loss == "mse":
+        task, parts = losses.regression_kd(logits, teacher_logits, labels, weights, alpha=kd.alpha,
+                                           label_weights=label_weights)
+      elif teacher_logits is None:
         task = losses.cross_entropy(logits, labels, label_weights, smoothing=label_smoothing)
         parts = {"ce": task}
       else:
@@ -206,19 +215,20 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
       aux = generator.aux_loss(gen_params, teacher_params, state["gen_state"])
       return task + aux, (logits, parts, aux)
 
-    (loss, (logits, parts, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (total, (logits, parts, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
                                    gen_state=state["gen_state"])
     params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     gen_state = generator.update_state(params, state["gen_state"], state["step"] + 1)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "gen_state": gen_state,
                  "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
-    metrics = {"loss": loss, "aux_loss": aux, "grad_norm": grad_norm,
-               "nonfinite_steps": new_state["nonfinite_steps"],
-               "accuracy": losses.accuracy(logits, labels, label_weights), **parts}
+    metrics = {"loss": total, "aux_loss": aux, "grad_norm": grad_norm,
+               "nonfinite_steps": new_state["nonfinite_steps"], **parts}
+    if loss == "ce":
+      metrics["accuracy"] = losses.accuracy(logits, labels, label_weights)
     return new_state, metrics
 
   return step
@@ -230,6 +240,7 @@ def classifier_apply(graphdef) -> ApplyFn:
 
   def apply(params: Params, batch: Batch, dropout_key: jax.Array | None, **kwargs) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    return model(batch["input_ids"], batch["attention_mask"], dropout_key=dropout_key, **kwargs)
+    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                 dropout_key=dropout_key, **kwargs)
 
   return apply

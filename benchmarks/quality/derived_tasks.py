@@ -1,0 +1,102 @@
+"""A sentence-pair task and a regression task derived from the Rotten Tomatoes asset, as CSV files
+for `data.dataset=files` (no other real pair or score data is reachable offline).
+
+- `pairs/`: two review snippets of *different* movies, label `same` when both are fresh or both
+  rotten, else `different` (sentiment agreement: the model must read both texts). Snippets are
+  paired within one movie-hash split (the split `wdjax` gives Rotten Tomatoes), so no snippet
+  appears in two splits; each snippet is used once.
+- `scores/`: one snippet, and as its score the share of fresh snippets among all of its movie's
+  snippets (movies with at least 5; a float in [0, 1], which `data.label_kind=auto` reads as a
+  regression target). Split by movie (`group` column), so a movie's score is never seen in
+  training and tested.
+
+  python -m benchmarks.quality.derived_tasks OUT_DIR   # writes OUT_DIR/{pairs,scores}/{split}.csv
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from wdjax import assets
+from wdjax.data import builders
+
+MIN_SNIPPETS = 5  # movies with fewer snippets give too coarse a score
+
+
+def _snippets(cache: str = "") -> list[dict]:
+  """Rotten Tomatoes' fresh / rotten snippets, de-duplicated, as the builder reads them."""
+  source = assets.path("rotten-tomatoes", cache) / "rotten_tomatoes_corpus_full.csv.bz2"
+  text = bz2.decompress(source.read_bytes()).decode("utf-8")
+  rows = (dict(text=r["text"], label=r["category"], group=r["movie_name"])
+          for r in csv.DictReader(io.StringIO(text)) if r["category"] in ("fresh", "rotten"))
+  return list(builders.dedupe(rows))
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def pairs(snippets: list[dict], seed: int = 0) -> dict[str, list[dict]]:
+  """`{split: rows}` of the sentiment-agreement pair task."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for split in builders.SPLITS:
+    rows = [r for r in snippets if builders.hash_split(r["group"]) == split]
+    order = list(rng.permutation(len(rows)))
+    made = []
+    while len(order) >= 2:
+      a = rows[order.pop()]
+      # the next snippet of another movie (a movie's own snippets would share more than sentiment)
+      j = next((k for k in range(len(order) - 1, -1, -1) if rows[order[k]]["group"] != a["group"]), None)
+      if j is None:
+        break
+      b = rows[order.pop(j)]
+      made.append({"first": a["text"], "second": b["text"],
+                   "label": "same" if a["label"] == b["label"] else "different",
+                   "group": f"{a['group']}|{b['group']}"})
+    out[split] = made
+  return out
+
+
+def scores(snippets: list[dict]) -> dict[str, list[dict]]:
+  """`{split: rows}` of the movie-freshness regression task."""
+  by_movie = defaultdict(list)
+  for r in snippets:
+    by_movie[r["group"]].append(r)
+  out = {s: [] for s in builders.SPLITS}
+  for movie, rows in by_movie.items():
+    if len(rows) < MIN_SNIPPETS:
+      continue
+    share = sum(r["label"] == "fresh" for r in rows) / len(rows)
+    for r in rows:
+      out[builders.hash_split(movie)].append({"text": r["text"], "score": f"{share:.4f}", "group": movie})
+  return out
+
+
+def write(out_dir: str | Path, cache: str = "") -> dict[str, dict[str, Path]]:
+  """Write both tasks' CSV files; `{task: {split: path}}`."""
+  snippets = _snippets(cache)
+  written = {}
+  for task, splits in (("pairs", pairs(snippets)), ("scores", scores(snippets))):
+    written[task] = {}
+    for split, rows in splits.items():
+      path = Path(out_dir) / task / f"{split}.csv"
+      _write(path, rows)
+      written[task][split] = path
+  return written
+
+
+if __name__ == "__main__":
+  for task, files in write(sys.argv[1] if len(sys.argv) > 1 else "runs/derived").items():
+    print(task, {s: sum(1 for _ in open(p, encoding="utf-8")) - 1 for s, p in files.items()})
