@@ -54,8 +54,9 @@ class _Encoder:
 class Classification(_Encoder):
   """Sequence classification, or regression (one output: a score) with `regression`."""
 
-  regression: bool = False
-  best_metric: str = "accuracy"
+  # both follow from the data section, which a run's fingerprint holds already (not in repr)
+  regression: bool = dataclasses.field(default=False, repr=False)
+  best_metric: str = dataclasses.field(default="accuracy", repr=False)
   head = "classifier"
 
   @property
