@@ -220,6 +220,8 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
   tensorboard: bool = False  # also write TensorBoard event files (needs tensorboardX)
+  wandb: bool = False  # also log to Weights & Biases, one run per phase (needs wandb; WANDB_MODE=offline works)
+  wandb_project: str = "wdjax"  # its project
   progress: bool = True  # progress bar with steps/s and ETA (on a terminal; lines otherwise)
   profile_steps: int = 0  # trace this many steps (from the 6th of the run) into <phase>/profile (+ summary.md)
 
