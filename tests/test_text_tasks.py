@@ -188,3 +188,33 @@ def test_pipeline_on_a_regression_task(tmp_path, task_teacher, derived):
   assert eval_out.returncode == 0, eval_out.stderr[-2000:]
   assert json.loads(eval_out.stdout)["test_pearson"] == pytest.approx(
       json.loads((work / "distill" / "results.json").read_text())["test_pearson"], abs=1e-6)
+
+
+def test_a_datasets_directory_reads_as_the_same_rows_as_its_csv(tmp_path, minilm_dir):
+  datasets = pytest.importorskip("datasets")
+  rows = [("a good film", "a fine one", "same"), ("dull", "great fun", "different"),
+          ("awful", "bad", "same"), ("lovely", "boring", "different")] * 50
+  names = ["different", "same"]
+  ds = datasets.Dataset.from_dict(
+      {"first": [f"{r[0]} {i}" for i, r in enumerate(rows)], "second": [r[1] for r in rows],
+       "label": [names.index(r[2]) for r in rows]},
+      features=datasets.Features({"first": datasets.Value("string"), "second": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names)}))
+  dd = datasets.DatasetDict({"train": ds, "test": ds.select(range(8))})
+  dd.save_to_disk(str(tmp_path / "saved"))
+  csv = _csv(tmp_path / "train.csv", "first,second,label",
+             [f"{r[0]} {i},{r[1]},{r[2]}" for i, r in enumerate(rows)])
+  common = dict(dataset="files", text_column="first", text_pair_column="second", max_length=16)
+  from_dir = text.load(DataConfig(train_file=str(tmp_path / "saved" / "train"),
+                                  test_file=str(tmp_path / "saved" / "test"), **common), minilm_dir, 0,
+                       str(tmp_path / "cache"))
+  from_csv = text.load(DataConfig(train_file=csv, test_file=_csv(tmp_path / "test.csv", "first,second,label", [
+      f"{r[0]} {i},{r[1]},{r[2]}" for i, r in enumerate(rows[:8])]), **common), minilm_dir, 0, str(tmp_path / "cache"))
+  assert from_dir.label_names == from_csv.label_names == ("different", "same")  # class names, not ids
+  for split in ("train", "validation", "test"):
+    a, b = from_dir.split(split), from_csv.split(split)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.token_types, b.token_types)
+    np.testing.assert_array_equal(a.labels, b.labels)
+  with pytest.raises(WdjaxError, match=r"is a DatasetDict with splits \['train', 'test'\]; name one directory per split"):
+    builders.read_table(tmp_path / "saved")

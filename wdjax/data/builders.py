@@ -113,11 +113,39 @@ class RottenTomatoes(_TextClassification):
       yield hash_split(row["group"]), row
 
 
+def read_saved_dataset(path: Path) -> list[dict]:
+  """Rows of a Hugging Face `datasets.Dataset` directory (`save_to_disk`); class-label columns
+  give their class names, not their ids. A `DatasetDict` directory holds one such directory per
+  split (`<dir>/train`, ...), named one at a time."""
+  try:
+    import datasets
+  except ImportError:
+    raise WdjaxError(f"{path} is a `datasets` directory; reading it needs the datasets package: "
+                     "pip install datasets") from None
+  if (path / "dataset_dict.json").is_file():
+    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    raise WdjaxError(f"{path} is a DatasetDict with splits {splits}; name one directory per "
+                     f"split: data.train_file={path}/{splits[0] if splits else 'train'}, ...")
+  try:
+    ds = datasets.load_from_disk(str(path))
+  except (FileNotFoundError, ValueError) as e:
+    raise WdjaxError(f"{path} is not a directory `datasets.save_to_disk` wrote ({e})") from None
+  names = {k: f.names for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+  rows = ds.to_list()
+  for row in rows:
+    for k, n in names.items():
+      if row[k] is not None and row[k] >= 0:
+        row[k] = n[row[k]]
+  return rows
+
+
 def read_table(path: str | os.PathLike) -> list[dict]:
   """Rows of a CSV (`.csv`), TSV (`.tsv`: tab-separated, no quoting, as GLUE's) or JSON-lines
   (`.jsonl`, `.json`: one object per line) file, UTF-8 (a byte-order mark, as Excel writes, is
-  skipped)."""
+  skipped), or of a `datasets` directory (`read_saved_dataset`)."""
   p = Path(path)
+  if p.is_dir():
+    return read_saved_dataset(p)
   if not p.is_file():
     raise WdjaxError(f"data file {p} does not exist")
   try:
@@ -234,7 +262,7 @@ class TextFiles(_TextClassification):
     h = hashlib.sha256()
     for split in SPLITS:
       if files.get(split):
-        h.update(split.encode() + Path(files[split]).read_bytes())
+        h.update(split.encode() + _content(Path(files[split])))
     h.update(f"{self._text}|{self._label}|{self._group}|{self._pair}|{self.regression}".encode())
     return tfds.core.BuilderConfig(name="files_" + h.hexdigest()[:16])
 
@@ -252,6 +280,13 @@ class TextFiles(_TextClassification):
         if split == "train" and hash_split(row["group"]) in carve:
           target = hash_split(row["group"])
         yield target, row
+
+
+def _content(path: Path) -> bytes:
+  """A file's bytes, or a directory's (`datasets`: its arrow files and metadata, in name order)."""
+  if not path.is_dir():
+    return path.read_bytes()
+  return b"".join(p.name.encode() + p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())
 
 
 def prepare(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.GeneratorBasedBuilder:
