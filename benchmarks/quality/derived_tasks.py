@@ -1,10 +1,10 @@
 """A sentence-pair task and a regression task derived from the Rotten Tomatoes asset, as CSV files
 for `data.dataset=files` (no other real pair or score data is reachable offline).
 
-- `pairs/`: two review snippets of *different* movies, label `same` when both are fresh or both
-  rotten, else `different` (sentiment agreement: the model must read both texts). Snippets are
-  paired within one movie-hash split (the split `wdjax` gives Rotten Tomatoes), so no snippet
-  appears in two splits; each snippet is used once.
+- `pairs/`: a fresh and a rotten review snippet of two different movies, in random order, labelled
+  `first` or `second`: which one is fresh (a comparison: the model must read both texts and know
+  which is which). Snippets are paired within one movie-hash split (the split `wdjax` gives Rotten
+  Tomatoes), so no snippet appears in two splits; each snippet is used once.
 - `scores/`: one snippet, and as its score the share of fresh snippets among all of its movie's
   snippets (movies with at least 5; a float in [0, 1], which `data.label_kind=auto` reads as a
   regression target). Split by movie (`group` column), so a movie's score is never seen in
@@ -48,22 +48,22 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def pairs(snippets: list[dict], seed: int = 0) -> dict[str, list[dict]]:
-  """`{split: rows}` of the sentiment-agreement pair task."""
+  """`{split: rows}` of the which-one-is-fresh pair task."""
   rng = np.random.default_rng(seed)
   out = {}
   for split in builders.SPLITS:
-    rows = [r for r in snippets if builders.hash_split(r["group"]) == split]
-    order = list(rng.permutation(len(rows)))
+    in_split = [r for r in snippets if builders.hash_split(r["group"]) == split]
+    fresh = [in_split[i] for i in rng.permutation(len(in_split)) if in_split[i]["label"] == "fresh"]
+    rotten = [in_split[i] for i in rng.permutation(len(in_split)) if in_split[i]["label"] == "rotten"]
     made = []
-    while len(order) >= 2:
-      a = rows[order.pop()]
-      # the next snippet of another movie (a movie's own snippets would share more than sentiment)
-      j = next((k for k in range(len(order) - 1, -1, -1) if rows[order[k]]["group"] != a["group"]), None)
+    for f in fresh:
+      # the next rotten snippet of another movie (one movie's snippets share its topic)
+      j = next((k for k in range(len(rotten) - 1, -1, -1) if rotten[k]["group"] != f["group"]), None)
       if j is None:
         break
-      b = rows[order.pop(j)]
-      made.append({"first": a["text"], "second": b["text"],
-                   "label": "same" if a["label"] == b["label"] else "different",
+      r = rotten.pop(j)
+      a, b, label = (f, r, "first") if rng.random() < 0.5 else (r, f, "second")
+      made.append({"first": a["text"], "second": b["text"], "label": label,
                    "group": f"{a['group']}|{b['group']}"})
     out[split] = made
   return out
@@ -99,4 +99,4 @@ def write(out_dir: str | Path, cache: str = "") -> dict[str, dict[str, Path]]:
 
 if __name__ == "__main__":
   for task, files in write(sys.argv[1] if len(sys.argv) > 1 else "runs/derived").items():
-    print(task, {s: sum(1 for _ in open(p, encoding="utf-8")) - 1 for s, p in files.items()})
+    print(task, {s: len(builders.read_table(p)) for s, p in files.items()})

@@ -199,20 +199,27 @@ def write(stem: str, info: dict, rows: dict) -> None:
   print(table)
 
 
+def _f1_mean(row: dict) -> float | None:
+  """Mean test macro-F1 of a row's runs; None where one of its results lacks it."""
+  f1 = [100 * r["test_macro_f1"] for r in row["runs"] if "test_macro_f1" in r]
+  return float(np.mean(f1)) if len(f1) == len(row["runs"]) else None
+
+
 def markdown(info: dict, rows: dict) -> str:
   lat = info["latency_ms"]
   lines = [
       f"{info.get('data', 'Rotten Tomatoes')} test accuracy, mean +- std over seeds {info['seeds']}; same step budget "
       f"({info['budget_steps']} steps) for every method; teacher {info['teacher_test']:.2f}.",
       "",
-      "| method | student | test accuracy | val accuracy | trainable params (training) "
+      "| method | student | test accuracy | test macro-F1 | val accuracy | trainable params (training) "
       "| trainable + Adam (fp32) | student params |",
-      "|---|---|---|---|---|---|---|",
-      f"| teacher ({'trained' if info.get('data') == 'Fashion-MNIST' else 'fine-tuned'}) | | {info['teacher_test']:.2f} | | | | {info['teacher_params'] / 1e6:.2f}M |",
+      "|---|---|---|---|---|---|---|---|",
+      f"| teacher ({'trained' if info.get('data') == 'Fashion-MNIST' else 'fine-tuned'}) | | {info['teacher_test']:.2f} | | | | | {info['teacher_params'] / 1e6:.2f}M |",
   ]
   for label, r in rows.items():
+    f1 = _f1_mean(r)
     lines.append(f"| {label} | {r.get('student', '')} | {r['test_mean']:.2f} +- {r['test_std']:.2f} | "
-                 f"{r['val_mean']:.2f} | "
+                 f"{'—' if f1 is None else f'{f1:.2f}'} | {r['val_mean']:.2f} | "
                  f"{r['trainable_params'] / 1e6:.2f}M | {12 * r['trainable_params'] / 2**20:.0f} MB | "
                  f"{r['student_params'] / 1e6:.2f}M |")
   if lat:
