@@ -18,18 +18,15 @@ HERE = Path(__file__).resolve().parent
 
 PARAMETERS = '''# Parameters (papermill). TINY: a seconds-long smoke run (what the test suite executes).
 TINY = False
-INSTALL = True  # clone wdjax and pip-install it (False: run from a checkout where it is installed)
-REPO = "https://github.com/wdjax/wdjax.git"  # your clone's URL
+INSTALL = True  # pip-install PACKAGE (False: wdjax is installed already)
+PACKAGE = "wdjax[torch]"  # what pip installs: the released package, or a wheel you built (dist/*.whl)
 WORKDIR = "runs/colab"
 '''
 
-INSTALL = '''# Install wdjax from its repository (the presets ship in the package; nothing below reads the clone).
-import os, subprocess, sys
+INSTALL = '''# Install wdjax (its presets ship in the package: nothing below needs a repository).
+import subprocess, sys
 if INSTALL:
-    if not os.path.exists("wdjax/pyproject.toml"):
-        subprocess.run(["git", "clone", "-q", REPO, "wdjax"], check=True)
-    os.chdir("wdjax")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", ".[torch]"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", PACKAGE], check=True)
 '''
 
 SETUP = '''import json

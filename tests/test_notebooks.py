@@ -26,6 +26,9 @@ def test_notebooks_are_generated_and_carry_no_outputs():
     want = build(path.stem, *SOURCES[path.stem])
     assert [c.source for c in nb.cells] == [c.source for c in want.cells], \
         f"{path.name} is stale: run python colab/make_notebooks.py"
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    # installed as a package: no repository to clone, no URL to edit
+    assert "git clone" not in code and "://" not in code and "os.chdir" not in code, path
 
 
 @pytest.fixture(scope="module")
