@@ -10,7 +10,12 @@ for `data.dataset=files` (no other real pair or score data is reachable offline)
   regression target). Split by movie (`group` column), so a movie's score is never seen in
   training and tested.
 
-  python -m benchmarks.quality.derived_tasks OUT_DIR   # writes OUT_DIR/{pairs,scores}/{split}.csv
+  python -m benchmarks.quality.derived_tasks OUT_DIR          # writes OUT_DIR/{pairs,scores}/{split}.csv
+  python -m benchmarks.quality.derived_tasks OUT_DIR --run    # and runs `wdjax pipeline quickstart`
+                                                              # on both (about 25 minutes on 2 cores),
+                                                              # writing results_derived_cpu.{json,md}
+
+`--collect` writes the results files from the two workdirs without running them again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -97,6 +103,73 @@ def write(out_dir: str | Path, cache: str = "") -> dict[str, dict[str, Path]]:
   return written
 
 
+HERE = Path(__file__).resolve().parent
+WORKDIRS = {"pairs": "runs/rt_pairs_fresh", "scores": "runs/rt_scores"}
+PHASES = {"finetune": "teacher (fine-tuned all-MiniLM-L6-v2, 1 epoch)",
+          "distill_kd_selection": "student 3x192, weight selection + KD",
+          "distill": "student 3x192, KD", "distill_ce": "student 3x192, labels only (CE / MSE)"}
+
+
+def pipeline_args(task: str, files: dict[str, Path]) -> list[str]:
+  """`wdjax pipeline quickstart` overrides of a derived task (the quickstart's teacher recipe,
+  3x192 student and step budget)."""
+  sets = [f"workdir={WORKDIRS[task]}", "data.dataset=files", "data.group_column=group",
+          "log.progress=false"] + [f"data.{s}_file={p}" for s, p in files.items()]
+  if task == "pairs":
+    sets += ["data.text_column=first", "data.text_pair_column=second", "data.max_length=96"]
+  else:
+    sets += ["data.label_column=score"]
+  return [a for kv in sets for a in ("--set", kv)]
+
+
+def collect() -> dict:
+  import datetime
+  import platform
+  import subprocess
+  import jax
+  metrics = {"pairs": ("accuracy", "macro_f1", "mcc"), "scores": ("pearson", "spearman", "mse")}
+  out = {"info": {"date": datetime.date.today().isoformat(),
+                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip(),
+                  "hardware": f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}",
+                  "jax": jax.__version__, "python": platform.python_version()}, "tasks": {}}
+  for task, work in WORKDIRS.items():
+    rows = {}
+    for phase, label in PHASES.items():
+      r = json.loads((Path(work) / phase / "results.json").read_text())
+      rows[label] = {m: r[f"test_{m}"] for m in metrics[task]} | {"steps": r["steps"],
+                                                                  "model_params": r["model_params"]}
+    out["tasks"][task] = rows
+  return out
+
+
+def markdown(results: dict) -> str:
+  info = results["info"]
+  lines = [f"Derived Rotten Tomatoes tasks, test split, seed 0; {info['date']}, commit {info['commit']}, "
+           f"{info['hardware']}, jax {info['jax']}.", ""]
+  for task, rows in results["tasks"].items():
+    names = list(next(iter(rows.values())))[:3]
+    lines += [f"**{task}**", "", "| model | " + " | ".join(names) + " | steps |",
+              "|---|" + "---|" * (len(names) + 1)]
+    for label, r in rows.items():
+      cells = " | ".join(f"{r[n]:.4f}" if n == "mse" else f"{100 * r[n]:.2f}" for n in names)
+      lines.append(f"| {label} | {cells} | {r['steps']} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
-  for task, files in write(sys.argv[1] if len(sys.argv) > 1 else "runs/derived").items():
+  import subprocess
+  out_dir = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "runs/derived"
+  written = write(out_dir)
+  for task, files in written.items():
     print(task, {s: len(builders.read_table(p)) for s, p in files.items()})
+  if "--run" in sys.argv:
+    for task, files in written.items():
+      subprocess.run([sys.executable, "-m", "wdjax", "pipeline", "quickstart", *pipeline_args(task, files)],
+                     check=True)
+  if "--run" in sys.argv or "--collect" in sys.argv:
+    results = collect()
+    (HERE / "results_derived_cpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results_derived_cpu.md").write_text(markdown(results))
+    print(markdown(results))
