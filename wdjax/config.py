@@ -159,6 +159,12 @@ class MethodConfig:
     return "random"
 
   @property
+  def ranks_units(self) -> bool:
+    """Whether the method starts from the teacher's units ranked on the task's data
+    (`Task.unit_ranking`), which the task must then be able to rank."""
+    return False
+
+  @property
   def task_agnostic(self) -> bool:
     """Whether phase 1 trains on the teacher's pretraining objective (masked LM) instead of the
     task, the task coming in phase 2."""
@@ -192,6 +198,10 @@ class KDMethod(MethodConfig):
   @property
   def student_start(self) -> str:
     return self.init
+
+  @property
+  def ranks_units(self) -> bool:
+    return self.init == "importance"
 
 
 @dataclasses.dataclass(frozen=True)

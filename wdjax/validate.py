@@ -43,7 +43,7 @@ def check(cfg: Config) -> Config:
     if task.methods is not None:
       need(cfg.method.name in task.methods, "method.name", cfg.method.name,
            f"{task.name} supports {', '.join(task.methods)}")
-    need(getattr(cfg.method, "init", "") != "importance" or task.ranks_units, "method.init",
+    need(not cfg.method.ranks_units or task.ranks_units, "method.init",
          "importance", f"{task.name} cannot rank its teacher's units yet; use selection")
     bad += task.check(cfg)
   if bad:

@@ -207,6 +207,10 @@ class WSMethod(MethodConfig):
   pca_batches: int = 8  # init=pca: training batches of teacher activations to decompose
   calibration_batches: int = 16  # init=importance: training batches that rank the units
 
+  @property
+  def ranks_units(self) -> bool:
+    return self.init == "importance"
+
 
 @dataclasses.dataclass(frozen=True)
 class GWSMethod(WSMethod):
