@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import run_generator_steps
+from test_models import _hf_class, _hf_config
 from wdjax import generators
 from wdjax.generators import StudentSpec
 from wdjax.models import bert, hf
@@ -19,9 +20,8 @@ from wdjax.train import mesh as mesh_lib, step as step_lib
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-# 2 layers x 48 wide, 6 heads, FFN 80 -> 1 x 24, 6 heads, FFN 40: every role shrinks
-TEACHER = dict(vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-               intermediate_size=80, max_position_embeddings=64, num_labels=3)
+# test_models' small configs (2 layers x 48 wide, 6 heads, FFN 80) -> 1 x 24, 6 heads, FFN 40:
+# every role shrinks
 STUDENT = dict(num_layers=1, hidden_size=24, num_heads=6, intermediate_size=40)
 METHODS = {
     "select": dict(),
@@ -35,14 +35,7 @@ METHODS = {
 
 def _teacher_dir(tmp_path_factory, arch: str):
   torch.manual_seed(0)
-  if arch == "distilbert":
-    conf = transformers.DistilBertConfig(
-        vocab_size=99, dim=48, n_layers=2, n_heads=6, hidden_dim=80, max_position_embeddings=64,
-        num_labels=3)
-  else:
-    conf = transformers.AutoConfig.for_model(
-        arch, **TEACHER, **({"embedding_size": 48} if arch == "electra" else {}))
-  ref = getattr(transformers, hf.DIALECTS[arch].classes["classifier"])(conf).eval()
+  ref = _hf_class(arch, "classifier")(_hf_config(arch)).eval()
   with torch.no_grad():  # transformers starts biases at 0 and gains at 1: a trained model's are not
     for name, p in ref.named_parameters():
       if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:

@@ -20,9 +20,7 @@ for `data.dataset=files` (no other real pair or score data is reachable offline)
 
 from __future__ import annotations
 
-import bz2
 import csv
-import io
 import json
 import sys
 from collections import defaultdict
@@ -38,11 +36,8 @@ MIN_SNIPPETS = 5  # movies with fewer snippets give too coarse a score
 
 def _snippets(cache: str = "") -> list[dict]:
   """Rotten Tomatoes' fresh / rotten snippets, de-duplicated, as the builder reads them."""
-  source = assets.path("rotten-tomatoes", cache) / "rotten_tomatoes_corpus_full.csv.bz2"
-  text = bz2.decompress(source.read_bytes()).decode("utf-8")
-  rows = (dict(text=r["text"], label=r["category"], group=r["movie_name"])
-          for r in csv.DictReader(io.StringIO(text)) if r["category"] in ("fresh", "rotten"))
-  return list(builders.dedupe(rows))
+  return builders.rotten_tomatoes_rows(
+      assets.path("rotten-tomatoes", cache) / "rotten_tomatoes_corpus_full.csv.bz2")
 
 
 def _write(path: Path, rows: list[dict]) -> None:

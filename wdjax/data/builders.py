@@ -106,11 +106,17 @@ class RottenTomatoes(_TextClassification):
     super().__init__(**kwargs)
 
   def _rows(self):
-    text = bz2.decompress(self._source.read_bytes()).decode("utf-8")
-    rows = (dict(text=r["text"], text_pair="", label=r["category"], group=r["movie_name"])
-            for r in csv.DictReader(io.StringIO(text)) if r["category"] in self.LABELS)
-    for row in dedupe(rows):
-      yield hash_split(row["group"]), row
+    for row in rotten_tomatoes_rows(self._source):
+      yield hash_split(row["group"]), dict(row, text_pair="")
+
+
+def rotten_tomatoes_rows(source: str | os.PathLike) -> list[dict]:
+  """The fresh / rotten snippets of `rotten_tomatoes_corpus_full.csv.bz2` as `{text, label,
+  group}` (label "fresh" or "rotten", group the movie), exact duplicate texts dropped."""
+  text = bz2.decompress(Path(source).read_bytes()).decode("utf-8")
+  rows = (dict(text=r["text"], label=r["category"], group=r["movie_name"])
+          for r in csv.DictReader(io.StringIO(text)) if r["category"] in RottenTomatoes.LABELS)
+  return list(dedupe(rows))
 
 
 def read_saved_dataset(path: Path) -> list[dict]:

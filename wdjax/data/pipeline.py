@@ -48,7 +48,7 @@ def make_batch(data: TokenizedSplit, index: np.ndarray, length: int) -> dict[str
       "index": index.astype(np.int32),  # [batch] example ids, -1 for padding rows
   }
   if data.token_types is not None:  # text pairs: [batch, length] int32 segment ids
-    batch["token_type_ids"] = np.where(mask > 0, data.token_types[safe, :length], 0).astype(np.int32)
+    batch["token_type_ids"] = data.token_types[safe, :length] * mask  # 0 on padding rows
   return batch
 
 

@@ -78,7 +78,7 @@ class Dialect:
   mlm_bias: str  # the MLM output bias; export also writes it under `<decoder>.bias`
   mlm_decoder: str
   keys: dict = dataclasses.field(default_factory=dict)  # `_KEYS` entries renamed or added;
-  # a key in parentheses is never in the file: the field takes its default
+  # a key of None is never in the file: the field takes its default
   activation_key: str = "hidden_act"
   config_extra: Callable[[bert.EncoderConfig], dict] = lambda cfg: {}  # written on export
   check: Callable[[dict], str | None] = lambda hf: None  # why a config.json cannot be read
@@ -196,7 +196,7 @@ DIALECTS = {
               "num_heads": ("n_heads", None), "intermediate_size": ("hidden_dim", None),
               "hidden_dropout": ("dropout", 0.1), "attention_dropout": ("attention_dropout", 0.1),
               # DistilBERT's LayerNorms are built with eps 1e-12 whatever the file says
-              "layer_norm_eps": ("(fixed)", 1e-12)},
+              "layer_norm_eps": (None, 1e-12)},
         activation_key="activation",
         config_extra=lambda cfg: {"sinusoidal_pos_embds": False, "seq_classif_dropout": cfg.hidden_dropout,
                                   "tie_weights_": True},
@@ -210,7 +210,7 @@ DIALECTS = {
         head_rows={"classifier": _out_proj_classifier,
                    "mlm": _mlm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.bias")},
         mlm_bias="lm_head.bias", mlm_decoder="lm_head.decoder",
-        keys={"type_vocab_size": ("(none)", 0), "pad_token_id": ("pad_token_id", 1),
+        keys={"type_vocab_size": (None, 0), "pad_token_id": ("pad_token_id", 1),
               "relative_attention_num_buckets": ("relative_attention_num_buckets", 32)},
         config_extra=lambda cfg: {"bos_token_id": 0, "eos_token_id": 2}),
 }
@@ -233,9 +233,9 @@ def config_from_hf(hf: dict, **overrides) -> bert.EncoderConfig:
                      "not supported (gelu)")
   fields = {}
   for field, (key, default) in _keys(dialect).items():
-    if key not in hf and default is None:
+    if key is not None and key not in hf and default is None:
       raise WdjaxError(f"config.json of model_type {arch!r} lacks {key!r}")
-    fields[field] = hf.get(key, default)
+    fields[field] = default if key is None else hf.get(key, default)
   if (problem := dialect.check(hf)) is not None:
     raise WdjaxError(f"config.json of model_type {arch!r}: {problem}")
   fields["num_labels"] = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
@@ -246,8 +246,7 @@ def config_from_hf(hf: dict, **overrides) -> bert.EncoderConfig:
 def config_to_hf(cfg: bert.EncoderConfig, head: str) -> dict:
   """A `config.json` dict that `transformers.AutoConfig` reads back to the same shapes."""
   dialect = DIALECTS[cfg.arch]
-  fields = {key: getattr(cfg, field) for field, (key, _) in _keys(dialect).items()
-            if not key.startswith("(")}
+  fields = {key: getattr(cfg, field) for field, (key, _) in _keys(dialect).items() if key is not None}
   return {
       "architectures": [dialect.classes[head]],
       "model_type": cfg.arch,
