@@ -98,6 +98,31 @@ def test_the_method_section_is_the_methods_own():
   assert "the section is a WSMethod; gws's is GWSMethod" in generators.check(mislabelled)[0]
 
 
+def test_task_section_follows_the_dataset():
+  """`task` holds the options of data.dataset's task: setting the dataset switches the section
+  (before the other assignments), a key of another task's section names its datasets, and a
+  config built in Python without the section gets the task's defaults."""
+  from wdjax.config import Config, DataConfig, TaskConfig
+  from wdjax.tasks.image_classification import VisionConfig
+  from wdjax.tasks.translation import TranslationConfig
+  cfg = validate.load(QUICKSTART, ["task.beam=7", "data.dataset=bible"])
+  assert cfg.task == TranslationConfig(beam=7)
+  assert config_lib.to_dict(validate.load(QUICKSTART))["task"] == {}
+  vit = validate.load("vit", ["task.pooling=mean", "data.dataset=digits"])
+  assert vit.task == dataclasses.replace(validate.load("vit").task, pooling="mean")  # same task: kept
+  assert type(validate.load("vit", ["data.dataset=bible"]).task) is TranslationConfig
+  with pytest.raises(WdjaxError, match=r"'task\.beam': .* beam is an option of data\.dataset=bible"):
+    validate.load(QUICKSTART, ["task.beam=3"])
+  with pytest.raises(WdjaxError, match=r"did you mean task\.patch_size\?"):
+    validate.load("vit", ["task.patch=8"])
+  assert validate.check(Config(data=DataConfig(dataset="digits"))).task == VisionConfig()
+  assert validate.check(Config()).task == TaskConfig()
+  with pytest.raises(WdjaxError, match=r"task='TranslationConfig' \(data\.dataset='digits' takes a VisionConfig"):
+    validate.check(Config(data=DataConfig(dataset="digits"), task=TranslationConfig()))
+  with pytest.raises(WdjaxError, match=r"task\.seq_kd='both'"):
+    validate.load("mt", ["task.seq_kd=both"])
+
+
 def test_every_shipped_config_passes_the_checks():
   for name in config_lib.presets():
     for arg in ([""] if name == "quickstart" else ["cpu", "gpu"]):

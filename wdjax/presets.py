@@ -17,7 +17,9 @@ import dataclasses
 
 from wdjax import generators
 from wdjax.config import (Config, DataConfig, KDConfig, OptimConfig, StudentConfig,
-                          TeacherConfig, TrainConfig, TranslationConfig, VisionConfig)
+                          TeacherConfig, TrainConfig)
+from wdjax.tasks.image_classification import VisionConfig
+from wdjax.tasks.translation import TranslationConfig
 
 HARDWARE = ("cpu", "gpu")
 
@@ -68,10 +70,9 @@ def bible_translation(hardware: str = "cpu") -> Config:
   if hardware == "cpu":
     return Config(
         workdir="runs/bible_en_de",
-        data=DataConfig(dataset="bible", pair="en-de", vocab_size=4000, max_length=48,
-                        pad_to_multiple=16),
-        mt=TranslationConfig(layers=2, encoder_layers=2, hidden_size=128, num_heads=4,
-                             intermediate_size=512, pre_ln=True, beam=4, kd_beam=4),
+        data=DataConfig(dataset="bible", max_length=48, pad_to_multiple=16),
+        task=TranslationConfig(pair="en-de", vocab_size=4000, layers=2, encoder_layers=2,
+                               hidden_size=128, num_heads=4, intermediate_size=512, pre_ln=True, beam=4, kd_beam=4),
         teacher=TeacherConfig(hidden_dropout=0.1, attention_dropout=0.1),
         finetune=TrainConfig(batch_size=64, steps=2000, eval_every=500, eval_batch_size=128,
                              optim=OptimConfig(lr=1.5e-3, warmup_ratio=0.05, **adam)),
@@ -83,10 +84,9 @@ def bible_translation(hardware: str = "cpu") -> Config:
   if hardware == "gpu":
     return Config(
         workdir="runs/bible_en_de_gpu",
-        data=DataConfig(dataset="bible", pair="en-de", vocab_size=16000, max_length=128,
-                        pad_to_multiple=16),
-        mt=TranslationConfig(layers=6, encoder_layers=6, hidden_size=512, num_heads=8,
-                             intermediate_size=2048, pre_ln=False, beam=5, kd_beam=6),
+        data=DataConfig(dataset="bible", max_length=128, pad_to_multiple=16),
+        task=TranslationConfig(pair="en-de", vocab_size=16000, layers=6, encoder_layers=6,
+                               hidden_size=512, num_heads=8, intermediate_size=2048, pre_ln=False, beam=5, kd_beam=6),
         teacher=TeacherConfig(hidden_dropout=0.1, attention_dropout=0.1, dtype="bfloat16"),
         finetune=TrainConfig(batch_size=128, steps=30000, eval_every=2000, eval_batch_size=256,
                              optim=OptimConfig(lr=7e-4, warmup_ratio=4000 / 30000, **adam)),
@@ -116,7 +116,7 @@ def fashion_vit(hardware: str = "cpu") -> Config:
   if hardware == "cpu":
     return Config(
         workdir="runs/fashion_vit", data=data,
-        vit=VisionConfig(patch_size=4, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+        task=VisionConfig(patch_size=4, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
         teacher=TeacherConfig(**no_dropout),
         finetune=TrainConfig(batch_size=128, steps=1000, eval_every=500, eval_batch_size=500,
                              optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.05,
@@ -129,7 +129,7 @@ def fashion_vit(hardware: str = "cpu") -> Config:
   if hardware == "gpu":
     return Config(
         workdir="runs/fashion_vit_gpu", data=data,
-        vit=VisionConfig(patch_size=4, hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536),
+        task=VisionConfig(patch_size=4, hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536),
         teacher=TeacherConfig(dtype="bfloat16", **no_dropout),
         finetune=TrainConfig(batch_size=256, epochs=30.0, eval_every=1000, eval_batch_size=1000,
                              optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.05,

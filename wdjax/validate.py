@@ -8,6 +8,7 @@ delete every checkpoint, an unknown dataset or method would fail after the teach
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -23,22 +24,28 @@ def load(path: str | os.PathLike, assignments: list[str] = ()) -> Config:
 
 
 def check(cfg: Config) -> Config:
-  """`cfg` if every value is one a run can use; else a `WdjaxError` naming each bad one."""
+  """`cfg` if every value is one a run can use (a config without a task section gets its task's
+  defaults); else a `WdjaxError` naming each bad one."""
   bad: list[str] = []
+  known = tasks.datasets()  # imports every task module, so that their sections are defined
+  section = config_lib.task_section(cfg.data.dataset)
+  if type(cfg.task) is config_lib.TaskConfig and section is not config_lib.TaskConfig:
+    cfg = dataclasses.replace(cfg, task=section())
 
   def need(ok: bool, key: str, value, rule: str) -> None:
     if not ok:
       bad.append(f"{key}={value!r} ({rule})")
 
   check_fields(cfg, need)
-  known = tasks.datasets()
+  need(type(cfg.task) is section, "task", type(cfg.task).__name__,
+       f"data.dataset={cfg.data.dataset!r} takes a {section.__name__} section")
   need(cfg.data.dataset in known, "data.dataset", cfg.data.dataset, f"one of {', '.join(known)}")
   bad += generators.check(cfg.method)
   transfers = ("", "selection", "importance") + tuple(m for m in generators.METHODS if m != "kd")
   need(cfg.pipeline.transfer in transfers, "pipeline.transfer", cfg.pipeline.transfer,
        f"one of {', '.join(repr(t) if t == '' else t for t in transfers)}")
   need(cfg.pipeline.transfer_lr >= 0, "pipeline.transfer_lr", cfg.pipeline.transfer_lr, "must be >= 0")
-  if cfg.data.dataset in known:
+  if cfg.data.dataset in known and type(cfg.task) is section:
     task = tasks.for_dataset(cfg.data.dataset)
     if task.methods is not None:
       need(cfg.method.name in task.methods, "method.name", cfg.method.name,

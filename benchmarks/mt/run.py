@@ -6,7 +6,7 @@ En-De, with BLEU, parameters and decoding speed measured side by side.
     python benchmarks/mt/run.py --rows teacher seq-kd   # a subset; finished phases are reused
 
 Every row is the phase `wdjax finetune/distill wdjax/configs/mt.py:<hw>` runs (same workdir, resumable).
-Decoding speed: beam search (mt.beam) of the first 256 test sources, batch 64 (sentences/s) and
+Decoding speed: beam search (task.beam) of the first 256 test sources, batch 64 (sentences/s) and
 batch 1 (median latency over 16 sentences), after a warm-up pass that compiles every shape;
 models alternate within each repeat so machine load hits them alike. Writes
 `benchmarks/mt/results_<hardware>.json` and `.md`.
@@ -33,7 +33,7 @@ from wdjax.train import run as run_lib
 HERE = Path(__file__).resolve().parent
 
 ROWS = {  # label -> (phase, --set assignments); the teacher is `finetune`
-    "scratch": ("distill_scratch", ["mt.seq_kd=none"]),
+    "scratch": ("distill_scratch", ["task.seq_kd=none"]),
     "seq-kd": ("distill", []),
     # WD from truncated-identity maps (docs/methods.md §1.9's function-preserving extension)
     "wd": ("distill_wd", ["method.name=wd", "method.init=identity", "distill.optim.lr=3e-4",
@@ -52,7 +52,7 @@ def decoding_speed(models: dict[str, Path], cfg, repeats: int = 3) -> dict[str, 
   def run(name, split, batch):
     cfg_m, params = loaded[name]
     t0 = time.perf_counter()
-    translate.translate(cfg_m, params, split, beam=cfg.mt.beam, len_penalty=cfg.mt.len_penalty,
+    translate.translate(cfg_m, params, split, beam=cfg.task.beam, len_penalty=cfg.task.len_penalty,
                         max_len=cfg.data.max_length, batch_size=batch,
                         pad_to_multiple=cfg.data.pad_to_multiple, progress=False)
     return time.perf_counter() - t0
@@ -122,8 +122,8 @@ def main(argv=None) -> int:
 
 def table(rows: list[dict], info: dict) -> str:
   c = info["config"]
-  head = (f"Bible {c['data']['pair']}, test = Romans + Ephesians ({info['hardware']}, {info['device']}, "
-          f"jax {info['jax']}); BLEU: sacrebleu, beam {c['mt']['beam']}")
+  head = (f"Bible {c['task']['pair']}, test = Romans + Ephesians ({info['hardware']}, {info['device']}, "
+          f"jax {info['jax']}); BLEU: sacrebleu, beam {c['task']['beam']}")
   lines = [head, "", "| model | decoder | params | trained params | test BLEU | val BLEU | sent/s b64 | "
            "ms b1 | speed-up b64 | speed-up b1 |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:

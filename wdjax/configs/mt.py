@@ -3,7 +3,7 @@ encoder and shrink its decoder (WD's setting). One file, every row of the MT tab
 
   wdjax finetune mt:cpu                                  # the teacher
   wdjax distill  mt:cpu                                  # seq-KD student (bitext + teacher beams)
-  wdjax distill  mt:cpu --set mt.seq_kd=none --phase distill_scratch
+  wdjax distill  mt:cpu --set task.seq_kd=none --phase distill_scratch
                                                                     # from scratch: bitext only
   wdjax distill  mt:cpu --set method.name=wd --set method.init=identity \
                  --set distill.optim.lr=3e-4 --set method.phase2_lr=1.5e-3     # WD, phase 1 + 2

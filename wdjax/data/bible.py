@@ -52,7 +52,7 @@ def split_of(book: int) -> str:
 def parse_pair(pair: str) -> tuple[str, str]:
   src, _, tgt = pair.partition("-") if pair.count("-") == 1 else pair.partition("/")
   if src not in TRANSLATIONS or tgt not in TRANSLATIONS or src == tgt:
-    raise WdjaxError(f"data.pair must be 'SRC-TGT' with two of {', '.join(TRANSLATIONS)} "
+    raise WdjaxError(f"task.pair must be 'SRC-TGT' with two of {', '.join(TRANSLATIONS)} "
                      f"('/' separates names that contain '-'), got {pair!r}")
   return src, tgt
 

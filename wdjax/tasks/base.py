@@ -77,7 +77,6 @@ class Task:
   datasets: tuple[str, ...] = ()  # the `data.dataset` values this task serves
   metric: str | None = None  # what `evaluate` reports per split (None: the objective's best_metric)
   methods: tuple[str, ...] | None = None  # the methods written for its families (None: all)
-  config_sections: tuple[str, ...] = ()  # its own `Config` sections (part of a run's settings)
   ranks_units = False  # whether `unit_ranking` can rank the teacher's units (importance selection)
 
   def check(self, cfg: Config) -> list[str]:

@@ -1,6 +1,6 @@
 """Image classification with ViTs: the teacher trained from scratch, students by every method.
 
-  wdjax finetune vit         the ViT teacher (shape from `vit`), from scratch -> finetune/
+  wdjax finetune vit         the ViT teacher (shape from `task`), from scratch -> finetune/
   wdjax distill  vit         a student (shape from `student`) by `method`    -> distill*/
   --set method.name=select|ws|gws|wd|wid|opdf, --set method.init=selection (weight selection + KD)
   wdjax eval     vit --model DIR
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 from flax import nnx
 
-from wdjax.config import Config
+from wdjax.config import Config, TaskConfig
 from wdjax.data import images
 from wdjax.data.splits import TaskData
 from wdjax.errors import WdjaxError
@@ -28,6 +29,21 @@ from wdjax.tasks.base import FinetuneStart, Task, best_metric, check_best_metric
 from wdjax.train import phase as phase_lib
 from wdjax.train.objectives import Classification
 from wdjax.train.phase import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(TaskConfig):
+  """The `task` section of data.dataset="fashion-mnist" | "digits": the ViT teacher trained from
+  scratch (`wdjax finetune`); students take their shape from `student` and the rest (patches,
+  pooling) from it."""
+
+  datasets: ClassVar[tuple[str, ...]] = ("fashion-mnist", "digits")
+  patch_size: int = 4  # square patches (28x28 Fashion-MNIST: 49 patches of 4x4)
+  hidden_size: int = 192  # teacher width
+  num_layers: int = 6  # teacher blocks
+  num_heads: int = 3  # teacher attention heads
+  intermediate_size: int = 768  # teacher FFN width
+  pooling: str = "cls"  # "cls" (class token; HF ViT's) | "mean" (mean of the patch tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +70,7 @@ def load_data(cfg: Config) -> TaskData:
 
 
 def teacher_config(cfg: Config, data: TaskData) -> ViTConfig:
-  v, t = cfg.vit, cfg.teacher
+  v, t = cfg.task, cfg.teacher
   try:
     return ViTConfig(image_size=images.image_size(data), patch_size=v.patch_size, hidden_size=v.hidden_size,
                      num_layers=v.num_layers, num_heads=v.num_heads,
@@ -62,13 +78,12 @@ def teacher_config(cfg: Config, data: TaskData) -> ViTConfig:
                      pooling=v.pooling, hidden_dropout=t.hidden_dropout,
                      attention_dropout=t.attention_dropout, dtype=t.dtype)
   except ValueError as e:
-    raise WdjaxError(f"vit: {e}") from None
+    raise WdjaxError(f"task (ViT teacher): {e}") from None
 
 
 class ImageClassificationTask(Task):
   name = "image classification"
   datasets = ("fashion-mnist", "digits")
-  config_sections = ("vit",)
 
   def check(self, cfg: Config) -> list[str]:
     method, bad = cfg.method, []
@@ -78,8 +93,8 @@ class ImageClassificationTask(Task):
     if method.task_agnostic:
       bad.append(f"method {method.label!r} (its phase 1 trains on masked LM, which ViT students "
                  "have not; train on the task)")
-    if cfg.vit.pooling not in ("cls", "mean"):
-      bad.append(f"vit.pooling={cfg.vit.pooling!r} (one of cls, mean)")
+    if cfg.task.pooling not in ("cls", "mean"):
+      bad.append(f"task.pooling={cfg.task.pooling!r} (one of cls, mean)")
     return bad + check_best_metric(cfg)
 
   def objective(self, cfg: Config) -> ImageClassification:

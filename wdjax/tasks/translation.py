@@ -10,7 +10,7 @@ objective (teacher-forced label-smoothed CE over target tokens):
   --set method.name=wd                  Weight Distillation: phase 1 trains the generator (the
                                         decoder compressed, the encoder re-parameterised
                                         elementwise), phase 2 fine-tunes the student
-  --set mt.seq_kd=none                  the from-scratch student (bitext only)
+  --set task.seq_kd=none                 the from-scratch student (bitext only)
 
 Every trained model is scored by BLEU (sacrebleu, detokenised output against the raw reference
 text) on the validation and test splits with beam search; `<phase>/results.json` holds it.
@@ -24,14 +24,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from flax import nnx
 
 from wdjax import assets, config as config_lib, distributed
-from wdjax.config import Config
+from wdjax.config import Config, TaskConfig
 from wdjax.data import bible, builders, pipeline
 from wdjax.data.bible import BpeCodec, PairSplit
 from wdjax.errors import WdjaxError
@@ -45,6 +45,29 @@ from wdjax.train.objectives import TokenPredictor
 from wdjax.train.phase import Model
 
 Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslationConfig(TaskConfig):
+  """The `task` section of data.dataset="bible": the teacher is trained from scratch (`wdjax
+  finetune`); students keep its encoder and take their decoder's shape from `student` (WD's
+  setting, docs/methods.md §1.2)."""
+
+  datasets: ClassVar[tuple[str, ...]] = ("bible",)
+  pair: str = "en-de"  # source-target languages (data/bible.py: en, de, fr, es, ...)
+  vocab_size: int = 8000  # joint BPE vocabulary size
+  layers: int = 6  # teacher decoder layers
+  encoder_layers: int = 6  # teacher (and student) encoder layers
+  hidden_size: int = 512  # teacher d_model (encoder and decoder)
+  num_heads: int = 8  # teacher attention heads
+  intermediate_size: int = 2048  # teacher FFN width
+  pre_ln: bool = False  # pre-LN blocks (False: post-LN, as transformer_wmt_en_de)
+  label_smoothing: float = 0.1  # epsilon of the label-smoothed CE (teacher and students)
+  beam: int = 4  # beam size for BLEU
+  len_penalty: float = 1.0  # beam scores are sum log p / length ** len_penalty
+  kd_beam: int = 6  # beam of the teacher's sequence-KD translations (the reference's)
+  seq_kd: str = "add"  # students' data: "add" (bitext + teacher translations) | "replace" | "none"
+  wd_encoder: str = "elementwise"  # wd: "elementwise" (A*tanh(W)+B, the reference) | "mapped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +120,7 @@ class TranslationData:
 def prepare_bible(cfg: Config) -> bible.Bible:
   data_dir = assets.cache_dir(cfg.cache_dir) / "tfds"
   source = assets.path("bible", cfg.cache_dir) / "bible.db"
-  return builders.prepare(bible.Bible(source=source, pair=cfg.data.pair, data_dir=str(data_dir),
+  return builders.prepare(bible.Bible(source=source, pair=cfg.task.pair, data_dir=str(data_dir),
                                       file_format="array_record"))
 
 
@@ -109,12 +132,12 @@ def load_pairs(cfg: Config, tokenizer: Path | None = None) -> TranslationData:
   builder = distributed.process0_first("dataset", lambda: prepare_bible(cfg))
   texts = {s: bible.read_split(builder, s) for s in builders.SPLITS}
   if tokenizer is None:
-    src, tgt = bible.parse_pair(cfg.data.pair)
+    src, tgt = bible.parse_pair(cfg.task.pair)
     tokenizer = (assets.cache_dir(cfg.cache_dir) / "tfds" / "bible_bpe"
-                 / f"{src}_{tgt}_{cfg.data.vocab_size}" / "tokenizer.json")
+                 / f"{src}_{tgt}_{cfg.task.vocab_size}" / "tokenizer.json")
     if not tokenizer.is_file():
       distributed.process0_first("vocabulary", lambda: None if tokenizer.is_file() else bible.train_bpe(
-          list(texts["train"][0]) + list(texts["train"][1]), cfg.data.vocab_size, tokenizer))
+          list(texts["train"][0]) + list(texts["train"][1]), cfg.task.vocab_size, tokenizer))
   codec = BpeCodec(tokenizer)
   splits = {}
   for name, (sources, targets) in texts.items():
@@ -126,7 +149,7 @@ def load_pairs(cfg: Config, tokenizer: Path | None = None) -> TranslationData:
 
 
 def teacher_config(cfg: Config, vocab_size: int) -> TransformerConfig:
-  m, t = cfg.mt, cfg.teacher
+  m, t = cfg.task, cfg.teacher
   return TransformerConfig(
       vocab_size=vocab_size, hidden_size=m.hidden_size, num_heads=m.num_heads,
       intermediate_size=m.intermediate_size, num_layers=m.layers,
@@ -149,12 +172,12 @@ def student_config(cfg: Config, teacher: TransformerConfig) -> TransformerConfig
 
 
 def objective(cfg: Config) -> Translation:
-  return Translation(cfg.mt.label_smoothing)
+  return Translation(cfg.task.label_smoothing)
 
 
 def training_pairs(cfg: Config, teacher: Model, task: TranslationData, log) -> PairSplit:
   """The students' training pairs: the bitext, plus or instead of the teacher's translations."""
-  mode = cfg.mt.seq_kd
+  mode = cfg.task.seq_kd
   if mode == "none":
     return task.train
   kd = sequence_kd(cfg, teacher, task.train, log)
@@ -162,18 +185,18 @@ def training_pairs(cfg: Config, teacher: Model, task: TranslationData, log) -> P
 
 
 def sequence_kd(cfg: Config, teacher: Model, train: PairSplit, log) -> PairSplit:
-  """The training sources paired with the teacher's beam-`mt.kd_beam` translations, computed once
+  """The training sources paired with the teacher's beam-`task.kd_beam` translations, computed once
   per teacher and data and kept in `<workdir>/cache/` (every student of a workdir shares them)."""
-  key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.mt.kd_beam,
-                                   cfg.mt.len_penalty, train.digest()]).encode()).hexdigest()[:16]
+  key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.task.kd_beam,
+                                   cfg.task.len_penalty, train.digest()]).encode()).hexdigest()[:16]
   path = Path(cfg.workdir) / "cache" / f"seq_kd_{key}.npz"
 
   def compute():
     if path.exists():
       return
-    log(f"[seq-kd] translating the {len(train)} training sources with the teacher (beam {cfg.mt.kd_beam})")
-    ids = translate(teacher.config, teacher.params, train, beam=cfg.mt.kd_beam,
-                    len_penalty=cfg.mt.len_penalty, max_len=cfg.data.max_length,
+    log(f"[seq-kd] translating the {len(train)} training sources with the teacher (beam {cfg.task.kd_beam})")
+    ids = translate(teacher.config, teacher.params, train, beam=cfg.task.kd_beam,
+                    len_penalty=cfg.task.len_penalty, max_len=cfg.data.max_length,
                     pad_to_multiple=cfg.data.pad_to_multiple)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
@@ -226,13 +249,13 @@ def bleu(hypotheses: list[str], references: list[str] | tuple[str, ...]) -> floa
 
 def model_bleu(cfg: Config, model_dir: Path, task: TranslationData,
                splits=("validation", "test")) -> dict[str, float]:
-  """`{split: BLEU}` of the saved model in `model_dir` (beam `mt.beam`, its own tokenizer)."""
+  """`{split: BLEU}` of the saved model in `model_dir` (beam `task.beam`, its own tokenizer)."""
   m_cfg, params = transformer.load(model_dir)
   codec = BpeCodec(Path(model_dir) / "tokenizer.json")
   out = {}
   for split in splits:
     data = task.split(split)
-    ids = translate(m_cfg, params, data, beam=cfg.mt.beam, len_penalty=cfg.mt.len_penalty,
+    ids = translate(m_cfg, params, data, beam=cfg.task.beam, len_penalty=cfg.task.len_penalty,
                     max_len=cfg.data.max_length, pad_to_multiple=cfg.data.pad_to_multiple)
     out[split] = bleu(codec.decode(ids), data.references)
   return out
@@ -246,7 +269,7 @@ def with_bleu(cfg: Config, phase_path: Path, results: dict, task: TranslationDat
   results.update({f"{split}_bleu": v for split, v in model_bleu(cfg, phase_path / "model", task).items()})
   if jax.process_index() == 0:
     phase_lib.write_results(phase_path / "results.json", results)
-  log(f"[{phase_path.name}] BLEU (beam {cfg.mt.beam}): validation {results['validation_bleu']:.2f}, "
+  log(f"[{phase_path.name}] BLEU (beam {cfg.task.beam}): validation {results['validation_bleu']:.2f}, "
       f"test {results['test_bleu']:.2f}")
   return results
 
@@ -260,17 +283,16 @@ class TranslationTask(Task):
   datasets = ("bible",)
   metric = "bleu"
   methods = ("kd", "select", "ws", "gws", "wd")  # generators written for the encoder-decoder tree
-  config_sections = ("mt",)
 
   def check(self, cfg: Config) -> list[str]:
     bad = []
     if cfg.method.name in ("ws", "gws") and cfg.method.init == "pca":
       bad.append("method.init='pca' (computed from encoder activations; use identity or "
                  "xavier for translation)")
-    if cfg.mt.wd_encoder not in WD_ENCODER:
-      bad.append(f"mt.wd_encoder={cfg.mt.wd_encoder!r} (one of {', '.join(WD_ENCODER)})")
-    if cfg.mt.seq_kd not in SEQ_KD:
-      bad.append(f"mt.seq_kd={cfg.mt.seq_kd!r} (one of {', '.join(SEQ_KD)})")
+    if cfg.task.wd_encoder not in WD_ENCODER:
+      bad.append(f"task.wd_encoder={cfg.task.wd_encoder!r} (one of {', '.join(WD_ENCODER)})")
+    if cfg.task.seq_kd not in SEQ_KD:
+      bad.append(f"task.seq_kd={cfg.task.seq_kd!r} (one of {', '.join(SEQ_KD)})")
     return bad
 
   def objective(self, cfg: Config) -> Translation:
@@ -298,7 +320,7 @@ class TranslationTask(Task):
   def generator_options(self, cfg: Config, teacher: Model, data: TranslationData, student_shapes,
                         log) -> dict:
     if cfg.method.name == "wd":
-      return {"elementwise": ("enc/",) if cfg.mt.wd_encoder == "elementwise" else ()}
+      return {"elementwise": ("enc/",) if cfg.task.wd_encoder == "elementwise" else ()}
     return {}
 
   def finish(self, cfg: Config, phase_path: Path, results: dict, data: TranslationData, log) -> dict:

@@ -62,17 +62,13 @@ def total_steps(train: TrainConfig, steps_per_epoch: int) -> int:
   return train.steps if train.steps > 0 else max(1, math.ceil(train.epochs * steps_per_epoch))
 
 
-def fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool,
-                sections: tuple[str, ...] = ()) -> dict:
-  """The settings a resumed run must share with the run that wrote the checkpoints
-  (`sections`: the task's own config sections, e.g. `mt`)."""
+def fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool) -> dict:
+  """The settings a resumed run must share with the run that wrote the checkpoints."""
   d = config_lib.to_dict(cfg)
-  out = {"seed": d["seed"], "teacher": d["teacher"], "data": d["data"],
+  out = {"seed": d["seed"], "teacher": d["teacher"], "data": d["data"], "task": d["task"],
          "train": dataclasses.asdict(phase_train)}
   if distilling:
     out.update(student=d["student"], kd=d["kd"], method=d["method"])
-  for name in sections:
-    out[name] = d[name]
   return out
 
 
@@ -101,14 +97,12 @@ def train_phase(cfg: Config, *, phase: str, **kwargs) -> dict:
 
 def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
                 spec: StudentSpec, generator: Generator, teacher: Model | None,
-                tokenizer_dir: Path, objective, log=distributed.log, export_only: bool = False,
-                config_sections: tuple[str, ...] = ()) -> dict:
+                tokenizer_dir: Path, objective, log=distributed.log, export_only: bool = False) -> dict:
   """Train `generator`'s parameters for one phase, export the dense model, report accuracies.
 
   With `export_only`, training is skipped: the latest checkpoint is materialised and exported.
   `objective` builds the network and gives its loss inputs, predictor and export
-  (`train/objectives.py`); `config_sections` are the task's own config sections, part of the
-  settings a resumed run must share.
+  (`train/objectives.py`).
   """
   out = phase_dir(cfg, phase)
   results_path = out / "results.json"
@@ -166,8 +160,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
   diagnose = jax.jit(lambda p, t, s: generator.diagnostics(p, t, s), out_shardings=rep)
   checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  meta = {"phase": phase, "fingerprint": dict(fingerprint(cfg, train, distilling=teacher is not None,
-                                                         sections=config_sections),
+  meta = {"phase": phase, "fingerprint": dict(fingerprint(cfg, train, distilling=teacher is not None),
                                               objective=repr(objective)),
           "teacher": {"path": str(teacher.tokenizer_dir), "sha256": teacher.sha256} if teacher else None,
           "total_steps": steps}

@@ -31,20 +31,19 @@ PHASE2 = "_phase2"  # a two-phase method's second phase runs in `<phase>_phase2`
 def finetune(cfg: Config, log=distributed.log, export_only: bool = False) -> dict:
   """Fine-tune the pretrained `teacher.model` on the task (or train the task's teacher from
   scratch: translation, vision); writes `<workdir>/finetune/model`."""
-  start(cfg)
+  cfg = start(cfg)
   task = tasks.for_dataset(cfg.data.dataset)
   begin = task.finetune_start(cfg, log)
   results = train_phase(cfg, phase="finetune", train=cfg.finetune, task=begin.data, spec=begin.spec,
                         generator=Identity(), teacher=None, tokenizer_dir=begin.tokenizer_dir,
-                        objective=task.objective(cfg), log=log, export_only=export_only,
-                        config_sections=task.config_sections)
+                        objective=task.objective(cfg), log=log, export_only=export_only)
   return task.finish(cfg, phase_dir(cfg, "finetune"), results, begin.data, log)
 
 
 def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool = False) -> dict:
   """Distil the task teacher into the student with `method`; writes `<workdir>/<phase>/model`
   (a two-phase method: phase 1 there, then `<phase>_phase2/model`)."""
-  start(cfg)
+  cfg = start(cfg)
   task = tasks.for_dataset(cfg.data.dataset)
   method = cfg.method
   phase = first_phase(cfg, phase)
@@ -66,8 +65,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   train1 = dataclasses.replace(cfg.distill, steps=steps1) if generators.is_two_phase(method.name) else cfg.distill
   results = train_phase(cfg, phase=phase, train=train1, task=data, spec=StudentSpec(s_cfg, init),
                         generator=generator, teacher=teacher1, tokenizer_dir=teacher1.tokenizer_dir,
-                        objective=objective1, log=log, export_only=export_only,
-                        config_sections=task.config_sections)
+                        objective=objective1, log=log, export_only=export_only)
   final = phase
   if continues_to_phase2(cfg, phase, steps1, steps, export_only):
     model_dir = phase_dir(cfg, phase) / "model"
@@ -76,7 +74,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
     else:
       spec2 = agnostic.phase2_spec(model_dir, s_cfg, export_only, phase + PHASE2)
     results = phase2(cfg, phase, results, spec2, teacher, data, steps - steps1, log, objective,
-                     task.config_sections, export_only=export_only)
+                     export_only=export_only)
     final = phase + PHASE2
   elif agnostic is not None:
     return results  # a task-agnostic phase 1 has no task metric to add
@@ -86,7 +84,7 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
 def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) -> dict:
   """`{split: score}` of an exported model directory on the config's data (the task's metric:
   `data.best_metric`, or BLEU for translation)."""
-  start(cfg)
+  cfg = start(cfg)
   return tasks.for_dataset(cfg.data.dataset).evaluate(cfg, Path(model_dir), tuple(splits))
 
 
@@ -125,15 +123,14 @@ def make_generator(cfg: Config, task: tasks.Task, init: Params, teacher: Model, 
 
 
 def phase2(cfg: Config, phase: str, first: dict, spec: StudentSpec, teacher: Model, data,
-           steps: int, log, objective, config_sections: tuple[str, ...] = (),
-           export_only: bool = False) -> dict:
+           steps: int, log, objective, export_only: bool = False) -> dict:
   """Fine-tune phase 1's student on the task (KD from the task teacher if kd.alpha > 0)."""
   optim2 = dataclasses.replace(cfg.distill.optim, lr=cfg.method.phase2_lr or cfg.distill.optim.lr)
   second = train_phase(cfg, phase=phase + PHASE2,
                        train=dataclasses.replace(cfg.distill, steps=steps, optim=optim2),
                        task=data, spec=spec, generator=Identity(), teacher=teacher,
                        tokenizer_dir=teacher.tokenizer_dir, objective=objective, log=log,
-                       export_only=export_only, config_sections=config_sections)
+                       export_only=export_only)
   return dict(second, phase1=first, trainable_params=max(first["trainable_params"],
                                                           second["trainable_params"]))
 
@@ -167,11 +164,13 @@ def continues_to_phase2(cfg: Config, phase: str, steps1: int, steps: int, export
   return not export_only or ckpt_lib.has_checkpoint(phase_dir(cfg, phase + PHASE2) / "checkpoints")
 
 
-def start(cfg: Config) -> None:
+def start(cfg: Config) -> Config:
   """Before any JAX computation: check the config (one built in Python skips `validate.load`);
-  join the other processes; turn on the compilation cache."""
-  validate.check(cfg)
+  join the other processes; turn on the compilation cache. Returns the checked config (its task
+  section that of data.dataset's task)."""
+  cfg = validate.check(cfg)
   if cfg.distributed:
     distributed.initialize()
   if cfg.compilation_cache:
     xla_cache.enable(cfg.cache_dir)
+  return cfg
