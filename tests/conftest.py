@@ -33,6 +33,11 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+  return assets.path("smollm2-135m") / "model.gguf"
+
+
+@pytest.fixture(scope="session")
 def rt_csv() -> Path:
   return assets.path("rotten-tomatoes") / "rotten_tomatoes_corpus_full.csv.bz2"
 
@@ -120,7 +125,7 @@ def assert_same_shapes(got, want) -> None:
 # Fixtures that read the real assets (teacher, datasets): a test that uses one, directly or
 # through another fixture, is in the integration tier. The rest is the fast offline tier,
 # tiny random models built in the test: `pytest -m "not integration"`.
-ASSET_FIXTURES = {"minilm_dir", "rt_csv", "task_teacher", "tiny", "bible_db"}
+ASSET_FIXTURES = {"minilm_dir", "rt_csv", "task_teacher", "tiny", "bible_db", "smollm_gguf"}
 # modules whose tests read assets themselves (images, the asset cache, the notebooks' real runs)
 ASSET_MODULES = {"test_assets", "test_notebooks", "test_vision", "test_multihost"}
 

@@ -7,7 +7,8 @@ export read *roles* and *tags* from here, never a family's paths.
 - **Roles** name the space each axis lives in: the residual stream `hidden`, a layer's
   attention-inner space `attn` or FFN space `ffn`, the pooled space `pooled`, an encoder's own
   spaces `enc_hidden` / `enc_attn` / `enc_ffn` (encoder-decoders keep the encoder's width while
-  the decoder's shrinks), cross-attention's `xattn`, attention heads `heads`. Axes without a
+  the decoder's shrinks), cross-attention's `xattn`, grouped-query attention's key/value space
+  `kv` (narrower than `attn`), attention heads `heads`. Axes without a
   role (vocabulary rows, positions, classes) are the same size in teacher and student. Two axes
   with one role live in one space: a map shared per role, or a selection of indices per role, is
   consistent across residual-connected tensors.
@@ -36,7 +37,7 @@ RANKS_HIDDEN = "ranks_hidden"  # WID ranks the residual stream by this kernel (i
 QUERY = "query"  # attention queries: rescaled when WID narrows the heads (1/sqrt(head size))
 
 # roles of the spaces inside a layer: a space of their own per layer, sharded over 'model'
-INNER_SPACES = ("attn", "ffn", "enc_attn", "enc_ffn", "xattn")
+INNER_SPACES = ("attn", "kv", "ffn", "enc_attn", "enc_ffn", "xattn")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,9 +43,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 
-def dense(cfg, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+def dense(cfg, d_in: int, d_out: int, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
   return nnx.Linear(
-      d_in, d_out, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      d_in, d_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
       kernel_init=nnx.initializers.truncated_normal(cfg.initializer_range), rngs=rngs)
 
 
