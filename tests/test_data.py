@@ -296,9 +296,10 @@ def test_mlm_masking_follows_bert_recipe_and_is_a_function_of_the_step():
   assert (masking(batch, 6)["mlm_positions"] != out["mlm_positions"]).any()
 
 
-def test_teacher_logits_cache_is_keyed_by_the_data_itself(tmp_path):
-  """A training file edited in place (same config, same size) is other data: its teacher logits
-  are computed again, not read from the cache of the old file (KD trained on the wrong targets)."""
+def test_teacher_target_cache_is_keyed_by_the_data_itself(tmp_path):
+  """A training file edited in place (same config, same size) is other data: its teacher targets
+  are computed again, not read from the cache of the old file (KD trained on the wrong targets);
+  another objective (a language model's top-k) is another cache."""
   import types
   from wdjax.config import Config
   from wdjax.train import phase as phase_lib
@@ -311,13 +312,16 @@ def test_teacher_logits_cache_is_keyed_by_the_data_itself(tmp_path):
   calls = []
 
   def compute(value):
-    return lambda: (calls.append(value), np.full((3, 2), value, np.float32))[1]
+    return lambda: (calls.append(value), {"teacher_logits": np.full((3, 2), value, np.float32)})[1]
 
   quiet = lambda *_: None
-  assert phase_lib.teacher_train_logits(cfg, teacher, old, compute(1.0), quiet)[0, 0] == 1.0
-  assert phase_lib.teacher_train_logits(cfg, teacher, old, compute(9.0), quiet)[0, 0] == 1.0  # cached
-  assert phase_lib.teacher_train_logits(cfg, teacher, new, compute(2.0), quiet)[0, 0] == 2.0
-  assert calls == [1.0, 2.0]
+  cached = lambda data, value, objective="classification": phase_lib.teacher_train_targets(
+      cfg, teacher, data, objective, compute(value), quiet)["teacher_logits"][0, 0]
+  assert cached(old, 1.0) == 1.0
+  assert cached(old, 9.0) == 1.0  # cached
+  assert cached(new, 2.0) == 2.0
+  assert cached(old, 4.0, objective="top-k 8") == 4.0
+  assert calls == [1.0, 2.0, 4.0]
   # the same content in a new array is the same data
   same = types.SimpleNamespace(train=TokenizedSplit(ids.copy(), lengths, labels, 0))
-  assert phase_lib.teacher_train_logits(cfg, teacher, same, compute(3.0), quiet)[0, 0] == 1.0
+  assert cached(same, 3.0) == 1.0

@@ -21,7 +21,11 @@ here its RMS, read off the same second moments activation PCA collects):
 - `pooled`: the pooler output.
 
 Indices are kept in ascending order, so the student's units stay in the teacher's order. Depth
-still follows the layer map, as in weight selection. Used as `method.init=importance` of KD.
+follows the layer map, as in weight selection, unless the task ranks layers too: a layer's
+*block influence* is how much it turns the residual stream, 1 - cos(x_in, x_out) averaged over
+the real tokens of the calibration sample (Men et al., "ShortGPT: Layers in Large Language Models
+are More Redundant Than You Expect", 2024), and the student keeps the most influential layers in
+their order. Used as `method.init=importance` of KD.
 """
 
 from __future__ import annotations
@@ -38,6 +42,25 @@ def unit_scores(moments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   scores = {"hidden": np.sqrt(sum(v for k, v in diag.items() if k.startswith("hidden/")))}
   scores.update({k: np.sqrt(v) for k, v in diag.items() if not k.startswith("hidden/")})
   return scores
+
+
+def block_influence(states, weights):
+  """`[layers]` mean over real tokens of 1 - cos(state_l, state_l+1), from the residual stream
+  `states` (`layers + 1` arrays `[batch, seq, hidden]`) and `weights [batch, seq]` (1 on real
+  tokens); jax.numpy, so that it runs inside the jitted forward pass."""
+  import jax.numpy as jnp
+  w = weights.astype(jnp.float32)
+  out = []
+  for x, y in zip(states[:-1], states[1:]):
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    cos = jnp.sum(x * y, -1) / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1), 1e-12)
+    out.append(jnp.sum((1.0 - cos) * w) / jnp.maximum(jnp.sum(w), 1.0))
+  return jnp.stack(out)
+
+
+def top_layers(influence: np.ndarray, n: int) -> np.ndarray:
+  """The `n` most influential layers, in their order (`SelectionPlan`'s `indices[DEPTH]`)."""
+  return top_units(np.asarray(influence), n)
 
 
 def top_units(scores: np.ndarray, k: int) -> np.ndarray:

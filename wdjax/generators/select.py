@@ -32,25 +32,37 @@ from wdjax.generators.base import Generator, Params, StudentSpec
 from wdjax.generators.registry import Method, register
 
 
+DEPTH = "depth"  # the key of `indices` that names the teacher layers a one-stack student keeps
+
+
 class SelectionPlan:
   """For every student leaf: its teacher path(s) and the indices kept along each axis."""
 
   def __init__(self, teacher_shapes: Params, student_shapes: Params, layer_map: str = "every_k",
                indices: dict[str, np.ndarray] | None = None):
     """`indices`: `{student space (paths.space_of): teacher indices}` kept instead of the
-    uniform ones (importance selection); spaces it does not name stay uniform."""
+    uniform ones (importance selection), and `{DEPTH: teacher layers}` (ascending) instead of
+    the layer map; what it does not name stays uniform."""
     t_flat, s_flat = trees.flatten(teacher_shapes), trees.flatten(student_shapes)
+    indices = dict(indices or {})
+    kept_layers = indices.pop(DEPTH, None)
     # depth is planned per layer stack (one for an encoder, two for an encoder-decoder)
     depth = lambda flat, stack: 1 + max(trees.layer_of(p) for p in flat if trees.layer_of(p) is not None
                                          and trees.stack_of(p) == stack)
     stacks = sorted({trees.stack_of(p) for p in s_flat if trees.layer_of(p) is not None})
     self.stack_layers = {st: paths.layer_map(layer_map, depth(t_flat, st), depth(s_flat, st))
                          for st in stacks}
+    if kept_layers is not None:
+      kept = [int(l) for l in kept_layers]
+      n_t, n_s = depth(t_flat, stacks[0]), depth(s_flat, stacks[0])
+      if len(stacks) != 1 or len(kept) != n_s or kept != sorted(set(kept)) or not 0 <= kept[0] <= kept[-1] < n_t:
+        raise ValueError(f"indices[{DEPTH!r}] must be {n_s} ascending layers of {n_t} (one layer stack)")
+      self.stack_layers = {stacks[0]: [[l] for l in kept]}
     self.n_teacher = sum(depth(t_flat, st) for st in stacks)
     self.n_student = sum(depth(s_flat, st) for st in stacks)
     self.sizes = paths.role_sizes(t_flat, s_flat)
     self.index = {r: paths.uniform_indices(t, s) for r, (t, s) in self.sizes.items()}
-    self.indices = dict(indices or {})
+    self.indices = indices
     for space, idx in self.indices.items():
       d_t, d_s = self.sizes[space.split("/")[0]]
       if len(idx) != d_s or len(set(np.asarray(idx).tolist())) != d_s or not 0 <= min(idx) <= max(idx) < d_t:

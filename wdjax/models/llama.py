@@ -290,6 +290,20 @@ class CausalLM(nnx.Module):
     return self.logits(h), out
 
 
+def residual_stream(model: CausalLM, input_ids: Array, attention_mask: Array) -> list[Array]:
+  """The residual stream `[batch, seq, hidden]` (float32) entering each block and leaving the
+  last: `num_layers + 1` states, what depth importance compares (`generators.importance`)."""
+  dec, cfg = model.decoder, model.cfg
+  b, t = input_ids.shape
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = causal_mask(positions, positions, attention_mask.astype(bool))
+  inv_freq = jnp.asarray(rope_frequencies(cfg))
+  states = [dec.embed(input_ids)]
+  for i in range(cfg.num_layers):
+    states.append(getattr(dec, f"layer_{i}")(states[-1], positions, mask, inv_freq)[0])
+  return states
+
+
 def causal_mask(q_positions: Array, k_positions: Array, k_valid: Array) -> Array:
   """`[batch, 1, q, k]`: a query sees the valid keys at or before its position."""
   return (k_valid[:, None, None, :]

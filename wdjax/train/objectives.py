@@ -39,6 +39,13 @@ class _Encoder:
     from wdjax.models import bert
     return bert.build(config, self.head, seed=seed)
 
+  def teacher_targets(self, teacher_apply, params, split, mesh, sharding, batch_size: int,
+                      pad_to_multiple: int) -> dict[str, np.ndarray] | None:
+    """The KD targets of every example of `split`, computed once (`kd.cache_teacher_logits`):
+    the teacher's logits `[n, classes]` (regression: `[n, 1]`)."""
+    predictor = Predictor(teacher_apply, mesh, sharding, batch_size, pad_to_multiple)
+    return {"teacher_logits": predictor.logits(params, split)}
+
   def export(self, out: Path, config, params, tokenizer_dir: Path, task) -> None:
     from wdjax.models import hf
     labels = None

@@ -27,7 +27,6 @@ from wdjax.data import pipeline
 from wdjax.errors import WdjaxError
 from wdjax.generators import Generator, StudentSpec, param_count
 from wdjax.train import checkpoint as ckpt_lib, loop, mesh as mesh_lib, step as step_lib
-from wdjax.train.evaluate import Predictor
 from wdjax.train.metrics import MetricWriter
 
 Params = Any
@@ -198,17 +197,18 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
                      diagnose(st["params"], teacher_params, st["gen_state"]).items()})
       return scores, student
 
-    logits_cache = None
+    targets = None
     if teacher_apply is not None and cfg.kd.cache_teacher_logits and not export_only:
-      logits_cache = teacher_train_logits(
-          cfg, teacher, task, lambda: Predictor(teacher_apply, mesh, teacher_sh, train.eval_batch_size,
-                                                cfg.data.pad_to_multiple).logits(teacher_params, task.train),
-          log=lambda m: log(f"[{phase}] {m}"))
+      targets = teacher_train_targets(
+          cfg, teacher, task, objective, lambda: objective.teacher_targets(
+              teacher_apply, teacher_params, task.train, mesh, teacher_sh, train.eval_batch_size,
+              cfg.data.pad_to_multiple), log=lambda m: log(f"[{phase}] {m}"))
 
     def get_batch(i):
       batch = objective.prepare(batches.batch(i), i)
-      if logits_cache is not None:
-        batch["teacher_logits"] = logits_cache[batch["index"]]
+      for name, values in (targets or {}).items():  # per-example rows, cut to the batch's length
+        rows = values[batch["index"]]
+        batch[name] = rows[:, :batch["input_ids"].shape[1]] if rows.ndim > 2 else rows
       return mesh_lib.put_batch({k: v for k, v in batch.items() if k != "index"}, mesh)
 
     spec_loop = loop.LoopSpec(
@@ -293,23 +293,27 @@ def write_results(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
-def teacher_train_logits(cfg: Config, teacher: Model, task: Any, compute, log) -> np.ndarray:
-  """The teacher's `[n_train, classes]` logits, computed once per teacher and data and kept in
-  `<workdir>/cache/` (every phase and seed of a workdir distils from the same numbers). The key
-  holds the data's content, not only its config: a CSV edited in place is other data."""
+def teacher_train_targets(cfg: Config, teacher: Model, task: Any, objective, compute, log
+                          ) -> dict[str, np.ndarray] | None:
+  """The objective's KD targets over the training split (`compute()`: the teacher's logits
+  `[n_train, classes]`, or a language model's top-k per token), computed once per teacher, data
+  and objective and kept in `<workdir>/cache/` (every phase and seed of a workdir distils from
+  the same numbers). The key holds the data's content, not only its config: a CSV edited in
+  place is other data. None when the objective caches nothing (the teacher runs in the step)."""
   key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.teacher.dtype,
-                                   task.train.digest()]).encode()).hexdigest()[:16]
-  path = Path(cfg.workdir) / "cache" / f"teacher_logits_{key}.npy"
+                                   task.train.digest(), repr(objective)]).encode()).hexdigest()[:16]
+  path = Path(cfg.workdir) / "cache" / f"teacher_targets_{key}.npz"
   if path.exists():
-    logits = np.load(path)
-    if logits.shape[0] == len(task.train):
-      return logits
-  log(f"computing the teacher's logits on the {len(task.train)} training examples")
-  logits = compute()
-  if jax.process_index() == 0:
-    tmp = path.with_suffix(".tmp.npy")
-    with errors.writing("the teacher-logit cache", path):
+    with np.load(path) as saved:
+      targets = {k: saved[k] for k in saved.files}
+    if targets and all(v.shape[0] == len(task.train) for v in targets.values()):
+      return targets
+  log(f"computing the teacher's targets on the {len(task.train)} training examples")
+  targets = compute()
+  if targets is not None and jax.process_index() == 0:
+    tmp = path.with_suffix(".tmp.npz")
+    with errors.writing("the teacher-target cache", path):
       path.parent.mkdir(parents=True, exist_ok=True)
-      np.save(tmp, logits)
+      np.savez(tmp, **targets)
       tmp.replace(path)
-  return logits
+  return targets

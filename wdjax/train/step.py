@@ -166,7 +166,8 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
                     products: str | None = None, loss: str = "ce"):
   """`step(state, teacher_params, batch) -> (state, metrics)`, not yet jitted.
 
-  The KD targets are `batch["teacher_logits"]` when the batch carries them, else the teacher's
+  The KD targets are `batch["teacher_logits"]` when the batch carries them (or a language
+  model's cached top-k, `teacher_topk_logits` at `teacher_topk_ids`), else the teacher's
   forward pass inside the step; with `teacher_apply=None` or `kd.alpha == 0` the loss is CE.
   Leaves matching `frozen` are held by `stop_gradient`, so their gradients are never computed
   (the optimizer's `set_to_zero` alone would still pay for them). `label_smoothing` applies to
@@ -185,6 +186,8 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
     teacher_params = jax.lax.stop_gradient(teacher_params)
     if "teacher_logits" in batch:  # precomputed once per run (the teacher is frozen and in eval mode)
       teacher_logits = batch["teacher_logits"]
+    elif "teacher_topk_ids" in batch:  # a language model's cached top-k logits per token
+      teacher_logits = (batch["teacher_topk_logits"], batch["teacher_topk_ids"])
     elif use_teacher_logits:
       teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch, None))
     else:
@@ -208,6 +211,10 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
       elif teacher_logits is None:
         task = losses.cross_entropy(logits, labels, label_weights, smoothing=label_smoothing)
         parts = {"ce": task}
+      elif isinstance(teacher_logits, tuple):
+        task, parts = losses.hinton_topk(logits, *teacher_logits, labels, weights,
+                                         temperature=kd.temperature, alpha=kd.alpha,
+                                         label_weights=label_weights)
       else:
         task, parts = losses.hinton(logits, teacher_logits, labels, weights,
                                     temperature=kd.temperature, alpha=kd.alpha,
