@@ -33,6 +33,11 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bible_db() -> Path:
+  return assets.path("bible") / "bible.db"
+
+
+@pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
   return assets.path("smollm2-135m") / "model.gguf"
 

@@ -13,7 +13,7 @@ import sacrebleu
 from flax import nnx
 
 from conftest import assert_same_shapes, run_generator_steps, tree_allclose
-from wdjax import assets, generators
+from wdjax import generators
 from wdjax.config import (CheckpointConfig, Config, DataConfig, KDConfig, LogConfig, MeshConfig,
                           OptimConfig, StudentConfig, TrainConfig)
 from wdjax.data import bible
@@ -56,11 +56,6 @@ def _batch(rng, b=4, s=9, t=7, vocab=120):
 
 
 # ---------------------------------------------------------------- data
-
-
-@pytest.fixture(scope="module")
-def bible_db():
-  return assets.path("bible") / "bible.db"
 
 
 def test_bible_pairs_split_by_book_and_cleaned(bible_db):

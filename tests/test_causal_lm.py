@@ -1,0 +1,222 @@
+"""Causal language modelling: packing, the top-k KD loss, depth importance, a sharded step, and
+distillation end to end on a tiny random Llama teacher and text files made in the test."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tree_allclose
+from wdjax import generators, losses, trees
+from wdjax.config import (CheckpointConfig, Config, DataConfig, KDConfig, LogConfig, OptimConfig,
+                          StudentConfig, TeacherConfig, TrainConfig)
+from wdjax.data import lm
+from wdjax.errors import WdjaxError
+from wdjax.generators import Identity, StudentSpec
+from wdjax.generators.importance import block_influence, top_layers
+from wdjax.models import llama
+from wdjax.tasks.causal_lm import CausalLMConfig
+from wdjax.train import mesh as mesh_lib, run as run_lib, step as step_lib
+
+TEACHER = llama.LlamaConfig(vocab_size=300, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                            head_dim=8, intermediate_size=48, tie_embeddings=False, eos_token_id=0)
+WORDS = ("the light shines in the darkness and the darkness has not overcome it while the word "
+         "was with god in the beginning all things were made through him").split()
+
+
+def test_packing_predicts_every_token_once():
+  docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+  split = lm.pack(docs, 4, eos_id=0, pad_id=0, keep_last=True)
+  stream = [5, 6, 7, 0, 8, 9, 0, 10, 11, 12, 13, 14, 0]
+  b = split.batch(np.arange(len(split)), 4)
+  predicted = [int(t) for row, w in zip(b["labels"], b["weights"]) for t, wi in zip(row, w) if wi]
+  assert predicted == stream[1:] and split.tokens == len(stream) - 1
+  inputs = [int(t) for row, w in zip(b["input_ids"], b["weights"]) for t, wi in zip(row, w) if wi]
+  assert inputs == stream[:-1]
+  train = lm.pack(docs, 4, eos_id=0, pad_id=0, keep_last=False)
+  assert len(train) == 3 and (train.lengths == 5).all()  # the short last row is dropped
+
+
+def test_topk_kd_over_the_whole_vocabulary_is_kd():
+  rng = np.random.default_rng(0)
+  zs, zt = jnp.asarray(rng.normal(size=(2, 3, 7))), jnp.asarray(2 * rng.normal(size=(2, 3, 7)))
+  w = jnp.asarray([[1, 1, 0], [1, 0, 0]], jnp.float32)
+  values, ids = jax.lax.top_k(zt, 7)
+  np.testing.assert_allclose(float(losses.topk_kd(zs, values, ids, 2.0, w)),
+                             float(losses.kd_kl(zs, zt, 2.0, w)), rtol=1e-6)
+  v3, i3 = jax.lax.top_k(zt, 3)
+  assert float(losses.topk_kd(zs, v3, i3, 2.0, w)) != pytest.approx(float(losses.kd_kl(zs, zt, 2.0, w)))
+
+
+def test_block_influence_drops_blocks_that_leave_the_stream_unchanged():
+  """Blocks 1 and 2 write nothing to the residual stream (their output projections are zero):
+  their influence is 0 and a 2-layer student keeps blocks 0 and 3."""
+  params = nnx.to_pure_dict(nnx.state(llama.build(TEACHER, seed=0)))
+  flat = trees.flatten(params)
+  for l in (1, 2):
+    for leaf in ("attn/o/kernel", "mlp/down/kernel"):
+      flat[f"decoder/layer_{l}/{leaf}"] = np.zeros_like(flat[f"decoder/layer_{l}/{leaf}"])
+  model = nnx.merge(nnx.graphdef(llama.build(TEACHER)), trees.unflatten(flat))
+  ids = jnp.asarray(np.random.default_rng(1).integers(1, 300, (2, 9)))
+  mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
+  bi = np.asarray(block_influence(llama.residual_stream(model, ids, mask), mask))
+  assert bi[1] == pytest.approx(0, abs=1e-6) and bi[2] == pytest.approx(0, abs=1e-6)
+  assert bi[0] > 0.01 and bi[3] > 0.01
+  assert top_layers(bi, 2).tolist() == [0, 3]
+  student = nnx.to_pure_dict(nnx.state(llama.build(dataclasses.replace(TEACHER, num_layers=2))))
+  kept = generators.select(trees.unflatten(flat), student, indices={"depth": top_layers(bi, 2)})
+  np.testing.assert_array_equal(kept["decoder"]["layer_1"]["mlp"]["up"]["kernel"],
+                                flat["decoder/layer_3/mlp/up/kernel"])
+
+
+def _tiny_batch(rng, b=8, t=12):
+  ids = rng.integers(1, 300, (b, t + 1))
+  mask = np.ones((b, t), np.float32)
+  mask[-1, 7:] = 0
+  return {"input_ids": ids[:, :-1].astype(np.int32), "attention_mask": mask.astype(np.int32),
+          "labels": ids[:, 1:].astype(np.int32), "weights": mask}
+
+
+def test_sharded_llama_step_equals_single_device_step():
+  """A KD step (full next-token distributions) on 8 devices, 4 (data) x 2 (model: the query, KV
+  and FFN spaces) with FSDP, equals the 1-device step."""
+  assert jax.device_count() == 8
+  student_cfg = dataclasses.replace(TEACHER, num_layers=2)
+  t_params = nnx.to_pure_dict(nnx.state(llama.build(TEACHER, seed=3)))
+  init = nnx.to_pure_dict(nnx.state(llama.build(student_cfg, seed=1)))
+  batches = [_tiny_batch(np.random.default_rng(i)) for i in range(2)]
+
+  def run(mesh, fsdp):
+    tx = step_lib.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0), 10, init)
+    step = step_lib.make_train_step(
+        generator=Identity(), student_apply=llama.apply_fn(nnx.graphdef(llama.build(student_cfg))),
+        teacher_apply=llama.apply_fn(nnx.graphdef(llama.build(TEACHER))), tx=tx,
+        kd=KDConfig(temperature=2.0, alpha=0.5), seed=0)
+    state = jax.jit(lambda p: step_lib.init_state(Identity(), tx, 0, None, StudentSpec(student_cfg, p)))(init)
+    state_sh = mesh_lib.param_shardings(state, mesh)
+    teacher_sh = mesh_lib.param_shardings(t_params, mesh, fsdp)
+    jitted = jax.jit(step, in_shardings=(state_sh, teacher_sh, mesh_lib.batch_sharding(mesh)),
+                     out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
+    state, teacher = jax.device_put(state, state_sh), jax.device_put(t_params, teacher_sh)
+    for b in batches:
+      state, metrics = jitted(state, teacher, mesh_lib.put_batch(b, mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+  one, m1 = run(mesh_lib.make_mesh(1, 1, jax.devices()[:1]), False)
+  many, m8 = run(mesh_lib.make_mesh(4, 2), True)
+  sh = mesh_lib.param_shardings(init, mesh_lib.make_mesh(4, 2))
+  assert "model" in str(sh["decoder"]["layer_0"]["attn"]["k"]["kernel"].spec)  # the KV space is split
+  assert tree_allclose(one["params"], many["params"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  assert not tree_allclose(one["params"], init)
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+  """A tiny random `transformers` Llama teacher with a byte-level BPE trained here, and text
+  files of random sentences (train, validation, test)."""
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  root = tmp_path_factory.mktemp("lm")
+  rng = np.random.default_rng(0)
+  sentence = lambda: " ".join(rng.choice(WORDS, rng.integers(5, 14))) + "."
+  paragraphs = lambda n: "\n\n".join(" ".join(sentence() for _ in range(3)) for _ in range(n))
+  for name, n in (("train", 120), ("validation", 12), ("test", 12)):
+    (root / f"{name}.txt").write_text(paragraphs(n))
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train([str(root / "train.txt")], trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=0,
+      eos_token_id=0, max_position_embeddings=64)
+  teacher = root / "teacher"
+  transformers.LlamaForCausalLM(hf_cfg).save_pretrained(teacher)
+  tok.save(str(teacher / "tokenizer.json"))
+  return root
+
+
+def _lm_config(root, workdir, **changes) -> Config:
+  cfg = Config(
+      workdir=str(workdir), teacher=TeacherConfig(model=str(root / "teacher")),
+      data=DataConfig(dataset="text", train_file=str(root / "train.txt"),
+                      validation_file=str(root / "validation.txt"), test_file=str(root / "test.txt"),
+                      max_length=16, pad_to_multiple=16, length_grouping=0),
+      task=CausalLMConfig(kd_top_k=8),
+      student=StudentConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=48,
+                            hidden_dropout=0.0, attention_dropout=0.0),
+      distill=TrainConfig(batch_size=8, steps=12, eval_every=6, eval_batch_size=8, log_every=6,
+                          optim=OptimConfig(lr=3e-3)),
+      kd=KDConfig(temperature=1.0, alpha=0.9), checkpoint=CheckpointConfig(every=6, async_save=False),
+      log=LogConfig(progress=False), method=generators.section("kd", init="importance", calibration_batches=2))
+  return dataclasses.replace(cfg, **changes)
+
+
+def test_distilled_student_exports_a_transformers_model_with_the_same_perplexity(lm_files, tmp_path):
+  """importance + KD on cached top-8 logits: the perplexity wdjax reports is exp of the mean
+  next-token CE `transformers` computes on the exported model over the same test rows; the
+  export carries the teacher's tokenizer; `evaluate` reads the export back; KD with the teacher's
+  full distribution in the step trains too."""
+  import torch
+  import transformers
+  from tokenizers import Tokenizer
+  from wdjax.tasks import causal_lm
+  cfg = _lm_config(lm_files, tmp_path / "run")
+  results = run_lib.distill(cfg)
+  assert results["steps"] == 12 and np.isfinite(results["test_perplexity"])
+  assert results["test_perplexity"] == pytest.approx(np.exp(results["test_loss"]), rel=1e-6)
+  model_dir = tmp_path / "run" / "distill_kd_importance" / "model"
+  cached = list((tmp_path / "run" / "cache").glob("teacher_targets_*.npz"))
+  assert len(cached) == 1 and set(np.load(cached[0]).files) == {"teacher_topk_logits", "teacher_topk_ids"}
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+  assert hf_model.config.num_hidden_layers == 2
+  tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+  data = causal_lm.load_data(cfg, model_dir, 0, 300)
+  b = data.test.batch(np.arange(len(data.test)), 16)
+  with torch.no_grad():
+    logits = hf_model(torch.tensor(b["input_ids"]), attention_mask=torch.tensor(b["attention_mask"])).logits
+  nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          torch.tensor(b["labels"]).long().reshape(-1), reduction="none").numpy()
+  w = b["weights"].reshape(-1)
+  assert results["test_perplexity"] == pytest.approx(float(np.exp((nll * w).sum() / w.sum())), rel=1e-4)
+  assert (model_dir / "tokenizer.json").read_text() == (lm_files / "teacher" / "tokenizer.json").read_text()
+  assert tok.decode(tok.encode("the word was with god").ids) == "the word was with god"
+  assert run_lib.evaluate(cfg, model_dir, ("test",))["test"] == pytest.approx(results["test_perplexity"], rel=1e-5)
+
+  full = run_lib.distill(dataclasses.replace(cfg, task=CausalLMConfig(kd_top_k=0),
+                                             method=generators.section("kd", init="selection")))
+  assert np.isfinite(full["test_perplexity"]) and full["steps"] == 12
+
+
+def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):
+  cfg = _lm_config(lm_files, tmp_path / "run")
+  for change, message in [
+      (dict(student=dataclasses.replace(cfg.student, attention_dropout=0.1)), "student.attention_dropout"),
+      (dict(method=generators.section("wid")), "causal language modelling supports kd, select"),
+      (dict(task=CausalLMConfig(kd_top_k=-1)), "task.kd_top_k=-1"),
+      (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "heads must divide"),
+  ]:
+    with pytest.raises(WdjaxError, match=message):
+      run_lib.distill(dataclasses.replace(cfg, **change))
+  with pytest.raises(WdjaxError, match="no finetune phase"):
+    run_lib.finetune(cfg)
+  with pytest.raises(WdjaxError, match="neither an asset"):
+    run_lib.distill(dataclasses.replace(cfg, teacher=TeacherConfig(model=str(tmp_path / "none"))))
+  (tmp_path / "empty.txt").write_text("\n\n")
+  with pytest.raises(WdjaxError, match="holds no text"):
+    run_lib.distill(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_file=str(tmp_path / "empty.txt"))))
+
+
+def test_bible_lm_splits_by_book(bible_db):
+  books = lm.bible_books(bible_db, "en")
+  assert len(books["validation"]) == 2 and len(books["test"]) == 2 and len(books["train"]) == 62
+  assert books["train"][0].startswith("In the beginning God created the heavens and the earth.")
+  with pytest.raises(WdjaxError, match="task.language='xx'"):
+    lm.bible_books(bible_db, "xx")
