@@ -195,11 +195,33 @@ def test_distilled_student_exports_a_transformers_model_with_the_same_perplexity
   assert np.isfinite(full["test_perplexity"]) and full["steps"] == 12
 
 
+@pytest.mark.parametrize("method", ["ws", "gws", "wd", "opdf"])
+def test_weight_transfer_methods_distil_a_llama(lm_files, tmp_path, method):
+  """WS, GWS, WD (two phases) and OPDF train through the decoder's roles and tags and export a
+  student `transformers` loads with wdjax's logits."""
+  import torch
+  import transformers
+  sets = {"wd": dict(init="identity")}.get(method, {})
+  cfg = _lm_config(lm_files, tmp_path / "run", method=generators.section(method, **sets),
+                   distill=TrainConfig(batch_size=8, steps=6, eval_every=6, eval_batch_size=8, log_every=6,
+                                       optim=OptimConfig(lr=1e-3)))
+  results = run_lib.distill(cfg)
+  assert np.isfinite(results["test_perplexity"]) and results["trainable_params"] > 0
+  model_dir = next((tmp_path / "run").glob("distill*/model")) if method != "wd" else \
+      next((tmp_path / "run").glob("distill*_phase2/model"))
+  s_cfg, params = llama.load_hf(model_dir)
+  ids = np.random.default_rng(0).integers(1, 300, (2, 10))
+  ours = np.asarray(nnx.merge(nnx.graphdef(llama.build(s_cfg)), params)(jnp.asarray(ids)))
+  with torch.no_grad():
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):
   cfg = _lm_config(lm_files, tmp_path / "run")
   for change, message in [
       (dict(student=dataclasses.replace(cfg.student, attention_dropout=0.1)), "student.attention_dropout"),
-      (dict(method=generators.section("wid")), "causal language modelling supports kd, select"),
+      (dict(method=generators.section("wid")), "causal language modelling supports kd, select, ws"),
       (dict(task=CausalLMConfig(kd_top_k=-1)), "task.kd_top_k=-1"),
       (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "heads must divide"),
   ]:

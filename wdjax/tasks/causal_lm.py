@@ -241,7 +241,8 @@ class CausalLMTask(Task):
   name = "causal language modelling"
   datasets = ("bible-lm", "text")
   metric = "perplexity"
-  methods = ("kd", "select")  # generators checked on the decoder's tree
+  # the generators checked on the decoder's tree (WID's compactors do not cover the KV space yet)
+  methods = ("kd", "select", "ws", "gws", "wd", "opdf")
   ranks_units = True  # depth: block influence (`unit_ranking`)
 
   def check(self, cfg: Config) -> list[str]:
