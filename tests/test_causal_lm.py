@@ -217,13 +217,28 @@ def test_weight_transfer_methods_distil_a_llama(lm_files, tmp_path, method):
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_a_narrower_student_inherits_the_teachers_heads(lm_files, tmp_path):
+  """hidden_size 32 -> 16 and FFN 48 -> 24 with the teacher's 4 heads of 8: the attention spaces
+  are kept whole, the residual stream and the FFN are selected."""
+  cfg = _lm_config(lm_files, tmp_path / "run", method=generators.section("kd", init="selection"),
+                   distill=TrainConfig(batch_size=8, steps=4, eval_every=4, eval_batch_size=8, log_every=4,
+                                       optim=OptimConfig(lr=1e-3)))
+  cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, hidden_size=16, intermediate_size=24))
+  results = run_lib.distill(cfg)
+  s_cfg, params = llama.load_hf(tmp_path / "run" / "distill_kd_selection" / "model")
+  assert (s_cfg.hidden_size, s_cfg.num_heads, s_cfg.head_dim, s_cfg.intermediate_size) == (16, 4, 8, 24)
+  assert params["decoder"]["layer_0"]["attn"]["q"]["kernel"].shape == (16, 32)
+  assert np.isfinite(results["test_perplexity"])
+
+
 def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):
   cfg = _lm_config(lm_files, tmp_path / "run")
   for change, message in [
       (dict(student=dataclasses.replace(cfg.student, attention_dropout=0.1)), "student.attention_dropout"),
       (dict(method=generators.section("wid")), "causal language modelling supports kd, select, ws"),
       (dict(task=CausalLMConfig(kd_top_k=-1)), "task.kd_top_k=-1"),
-      (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "heads must divide"),
+      (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "multiple of the teacher's 2"),
+      (dict(student=dataclasses.replace(cfg.student, num_heads=2)), "keeps its 4 heads"),
   ]:
     with pytest.raises(WdjaxError, match=message):
       run_lib.distill(dataclasses.replace(cfg, **change))

@@ -222,17 +222,24 @@ def load_data(cfg: Config, tokenizer_dir: Path, eos_id: int | None, vocab_size: 
 
 
 def student_config(cfg: Config, teacher: LlamaConfig) -> LlamaConfig:
-  """The teacher's vocabulary, positions and RoPE with the student's shape; its heads keep the
-  teacher's head size and query heads per KV head."""
+  """The teacher's vocabulary, positions, RoPE and head size with the student's depth, width
+  (`hidden_size`: the residual stream), heads and FFN; its query heads per KV head are the
+  teacher's. A student that inherits weights keeps the teacher's heads (their spaces are kept
+  whole; selecting among grouped heads is not offered)."""
   s = cfg.student
-  if s.hidden_size % s.num_heads or s.num_heads % teacher.group_size:
-    raise WdjaxError(f"student: {s.num_heads} heads must divide hidden_size {s.hidden_size} and be a "
-                     f"multiple of the teacher's {teacher.group_size} query heads per KV head")
+  if s.num_heads % teacher.group_size:
+    raise WdjaxError(f"student: num_heads={s.num_heads} must be a multiple of the teacher's "
+                     f"{teacher.group_size} query heads per KV head")
+  inherits = cfg.method.name != "kd" or cfg.method.student_start != "random"
+  if inherits and s.num_heads != teacher.num_heads:
+    raise WdjaxError(f"student: num_heads={s.num_heads}; a student that inherits the teacher's weights "
+                     f"(method {cfg.method.label!r}) keeps its {teacher.num_heads} heads (narrow "
+                     "hidden_size or intermediate_size instead, or train from method.init=random)")
   try:
     return dataclasses.replace(
         teacher, num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-        num_kv_heads=s.num_heads // teacher.group_size, head_dim=s.hidden_size // s.num_heads,
-        intermediate_size=s.intermediate_size, hidden_dropout=s.hidden_dropout, dtype=s.dtype)
+        num_kv_heads=s.num_heads // teacher.group_size, intermediate_size=s.intermediate_size,
+        hidden_dropout=s.hidden_dropout, dtype=s.dtype)
   except ValueError as e:
     raise WdjaxError(f"student: {e}") from None
 
