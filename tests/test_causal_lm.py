@@ -195,14 +195,14 @@ def test_distilled_student_exports_a_transformers_model_with_the_same_perplexity
   assert np.isfinite(full["test_perplexity"]) and full["steps"] == 12
 
 
-@pytest.mark.parametrize("method", ["ws", "gws", "wd", "opdf"])
+@pytest.mark.parametrize("method", ["ws", "gws-importance", "wd", "opdf"])
 def test_weight_transfer_methods_distil_a_llama(lm_files, tmp_path, method):
-  """WS, GWS, WD (two phases) and OPDF train through the decoder's roles and tags and export a
-  student `transformers` loads with wdjax's logits."""
+  """WS, GWS (from the layers of highest block influence), WD (two phases) and OPDF train through
+  the decoder's roles and tags and export a student `transformers` loads with wdjax's logits."""
   import torch
   import transformers
-  sets = {"wd": dict(init="identity")}.get(method, {})
-  cfg = _lm_config(lm_files, tmp_path / "run", method=generators.section(method, **sets),
+  sets = {"wd": dict(init="identity"), "gws-importance": dict(init="importance")}.get(method, {})
+  cfg = _lm_config(lm_files, tmp_path / "run", method=generators.section(method.split("-")[0], **sets),
                    distill=TrainConfig(batch_size=8, steps=6, eval_every=6, eval_batch_size=8, log_every=6,
                                        optim=OptimConfig(lr=1e-3)))
   results = run_lib.distill(cfg)

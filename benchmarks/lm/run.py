@@ -45,6 +45,8 @@ ROWS = {  # label -> (phase, --set assignments)
     "kd": ("distill_kd", ["method.init=random", "distill.optim.lr=1e-3"]),
     "select+kd": ("distill_kd_selection", ["method.init=selection"]),  # every 2nd layer
     "importance+kd": ("distill_kd_importance", ["method.init=importance"]),  # most influential layers
+    # learned maps from the importance-selected student (WS: W_s = L W_t R)
+    "ws-importance": ("distill_ws", ["method=ws", "method.init=importance"]),
 }
 
 
@@ -63,7 +65,7 @@ def initial_perplexity(cfg, teacher, data, row: str) -> float:
   s_cfg = causal_lm.student_config(c, teacher.config)
   shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: llama.build(s_cfg))))
   indices = (causal_lm.TASK.unit_ranking(c, teacher, data, shapes, print)
-             if c.method.student_start == "importance" else None)
+             if c.method.ranks_units else None)
   params = generators.select(teacher.params, shapes, c.method.layer_map or "every_k", indices)
   return perplexity(s_cfg, params, data.test, c.distill.eval_batch_size)
 
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     row_out = {"row": row, "layers": models[row][0].num_layers, "params": param_count(models[row][1]),
                "test_perplexity": r["test_perplexity"], "validation_perplexity": r["validation_perplexity"],
                "steps": r["steps"], "cpu_s": times[row], **speeds[row]}
-    if row in ("select+kd", "importance+kd"):
+    if row in ("select+kd", "importance+kd", "ws-importance"):
       row_out["initial_test_perplexity"] = initial_perplexity(base, teacher, data, row)
     rows.append(row_out)
   info = {"date": datetime.date.today().isoformat(),

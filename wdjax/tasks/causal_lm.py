@@ -288,6 +288,11 @@ class CausalLMTask(Task):
   def load_model(self, model_dir: Path):
     return llama.load_hf(model_dir)
 
+  def generator_options(self, cfg: Config, teacher: Model, data: LmData, student_shapes, log) -> dict:
+    if cfg.method.name in ("ws", "gws") and cfg.method.init == "importance":
+      return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
+    return {}
+
   def unit_ranking(self, cfg: Config, teacher: Model, data: LmData, student_shapes, log) -> dict:
     """The teacher layers the student keeps: the most influential ones (`block_influence` on
     `method.calibration_batches` training batches). Widths the student shrinks keep a uniform
