@@ -130,8 +130,11 @@ def lm_files(tmp_path_factory):
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train([str(root / "train.txt")], trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  # the vocabulary also covers text the task never shows (what vocabulary compression drops)
+  (root / "elsewhere.txt").write_text(" ".join("".join(rng.choice(list("qxzjkvwy"), rng.integers(3, 7)))
+                                               for _ in range(3000)))
+  tok.train([str(root / "train.txt"), str(root / "elsewhere.txt")], trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   torch.manual_seed(0)
   hf_cfg = transformers.LlamaConfig(
       vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
@@ -178,7 +181,7 @@ def test_distilled_student_exports_a_transformers_model_with_the_same_perplexity
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
   assert hf_model.config.num_hidden_layers == 2
   tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-  data = causal_lm.load_data(cfg, model_dir, 0, 300)
+  data = causal_lm.load_data(cfg, model_dir, 0, 400)
   b = data.test.batch(np.arange(len(data.test)), 16)
   with torch.no_grad():
     logits = hf_model(torch.tensor(b["input_ids"]), attention_mask=torch.tensor(b["attention_mask"])).logits
@@ -231,12 +234,39 @@ def test_a_narrower_student_inherits_the_teachers_heads(lm_files, tmp_path):
   assert np.isfinite(results["test_perplexity"])
 
 
+def test_a_vocabulary_compressed_student_tokenizes_and_predicts_in_transformers_as_in_wdjax(lm_files, tmp_path):
+  """student.vocabulary=corpus: the student keeps the tokens its training text uses; the export's
+  tokenizer (loaded by `transformers`' AutoTokenizer) gives wdjax's ids and its model wdjax's logits."""
+  import torch
+  import transformers
+  from tokenizers import Tokenizer
+  cfg = _lm_config(lm_files, tmp_path / "run",
+                   distill=TrainConfig(batch_size=8, steps=4, eval_every=4, eval_batch_size=8, log_every=4,
+                                       optim=OptimConfig(lr=1e-3)))
+  cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, vocabulary="corpus"))
+  results = run_lib.distill(cfg)
+  model_dir = tmp_path / "run" / "distill_kd_importance" / "model"
+  s_cfg, params = llama.load_hf(model_dir)
+  teacher_vocab = Tokenizer.from_file(str(lm_files / "teacher" / "tokenizer.json")).get_vocab_size()
+  assert 256 < s_cfg.vocab_size < teacher_vocab and np.isfinite(results["test_perplexity"])
+  assert results["model_params"] < teacher_vocab * 32 * 2 + 2 * 32 * 4 * 32 * 4  # both tables shrank
+  text = (lm_files / "test.txt").read_text().split("\n\n")[0]
+  ours = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
+  hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+  assert hf_tok(text)["input_ids"] == ours
+  logits = np.asarray(nnx.merge(nnx.graphdef(llama.build(s_cfg)), params)(jnp.asarray([ours])))
+  with torch.no_grad():
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor([ours])).logits.numpy()
+  np.testing.assert_allclose(logits, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):
   cfg = _lm_config(lm_files, tmp_path / "run")
   for change, message in [
       (dict(student=dataclasses.replace(cfg.student, attention_dropout=0.1)), "student.attention_dropout"),
       (dict(method=generators.section("wid")), "causal language modelling supports kd, select, ws"),
       (dict(task=CausalLMConfig(kd_top_k=-1)), "task.kd_top_k=-1"),
+      (dict(student=dataclasses.replace(cfg.student, vocabulary="tiny")), "student.vocabulary='tiny'"),
       (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "multiple of the teacher's 2"),
       (dict(student=dataclasses.replace(cfg.student, num_heads=2)), "keeps its 4 heads"),
   ]:

@@ -38,6 +38,9 @@ class StudentConfig:
   hidden_dropout: float = 0.1  # dropout on embeddings, residual branches, head
   attention_dropout: float = 0.1  # dropout on attention probabilities
   dtype: str = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay fp32)
+  # "teacher": the teacher's vocabulary | "corpus": only the tokens the training text uses
+  # (the teacher narrowed to them, a renumbered tokenizer exported with the student: models/vocab.py)
+  vocabulary: str = "teacher"
 
 
 @dataclasses.dataclass(frozen=True)

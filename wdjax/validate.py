@@ -52,6 +52,11 @@ def check(cfg: Config) -> Config:
            f"{task.name} supports {', '.join(task.methods)}")
     need(not cfg.method.ranks_units or task.ranks_units, "method.init",
          "importance", f"{task.name} cannot rank its teacher's units yet; use selection")
+    if cfg.student.vocabulary == "corpus":
+      need(task.compresses_vocabulary, "student.vocabulary", "corpus",
+           f"{task.name} does not compress vocabularies")
+      need(not cfg.method.task_agnostic, "student.vocabulary", "corpus",
+           f"method {cfg.method.label!r} trains on the pretrained teacher's own vocabulary")
     bad += task.check(cfg)
   if bad:
     raise WdjaxError("invalid config: " + "; ".join(dict.fromkeys(bad)))
@@ -82,6 +87,8 @@ def check_fields(cfg: Config, need) -> None:
       except re.error:
         ok = False
       need(ok, f"{phase}.optim.frozen", pattern, "must be regular expressions of parameter paths")
+  need(cfg.student.vocabulary in ("teacher", "corpus"), "student.vocabulary", cfg.student.vocabulary,
+       "one of teacher, corpus")
   for who in ("teacher", "student"):
     m = getattr(cfg, who)
     need(m.dtype in DTYPES, f"{who}.dtype", m.dtype, f"one of {', '.join(DTYPES)}")

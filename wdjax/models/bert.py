@@ -33,13 +33,14 @@ from flax import nnx
 from wdjax.errors import WdjaxError
 from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, gelu, layer_norm, sow,
                                  masked_norm, split_keys, take_rows)
-from wdjax.models.contract import OUTPUT, RANKS_INPUT, SUMMED_EMBEDDING, leaf
+from wdjax.models.contract import OUTPUT, RANKS_INPUT, SUMMED_EMBEDDING, VOCAB_COLUMNS, VOCAB_ROWS, leaf
 
 Array = jax.Array
 
 # the family's own leaves (models/contract.py; the blocks' are the shared layers')
 PARAMETERS = (
-    leaf(r"encoder/embeddings/(word|position|token_type)/embedding$", (None, "hidden"), SUMMED_EMBEDDING),
+    leaf(r"encoder/embeddings/word/embedding$", (None, "hidden"), SUMMED_EMBEDDING, VOCAB_ROWS),
+    leaf(r"encoder/embeddings/(position|token_type)/embedding$", (None, "hidden"), SUMMED_EMBEDDING),
     leaf(r"relative_bias/embedding$", (None, "heads")),
     leaf(r"pooler/kernel$", ("hidden", "pooled")),
     leaf(r"pooler/bias$", ("pooled",)),
@@ -47,7 +48,7 @@ PARAMETERS = (
     leaf(r"classifier/bias$", (None,), OUTPUT),
     leaf(r"mlm_dense/kernel$", ("hidden", "hidden")),
     leaf(r"mlm_dense/bias$", ("hidden",)),
-    leaf(r"mlm_bias$", (None,)),
+    leaf(r"mlm_bias$", (None,), VOCAB_COLUMNS),
 )
 
 

@@ -35,6 +35,8 @@ SUMMED_EMBEDDING = "summed_embedding"  # a table summed into the stream before i
 RANKS_INPUT = "ranks_input"  # WID ranks the units of this kernel's input space by its norms
 RANKS_HIDDEN = "ranks_hidden"  # WID ranks the residual stream by this kernel (its first layer's)
 QUERY = "query"  # attention queries: rescaled when WID narrows the heads (1/sqrt(head size))
+VOCAB_ROWS = "vocab_rows"  # a token table, one row per vocabulary entry (vocabulary compression)
+VOCAB_COLUMNS = "vocab_columns"  # an output over the vocabulary on its last axis (lm_head, MLM bias)
 
 # roles of the spaces inside a layer: a space of their own per layer, sharded over 'model'
 INNER_SPACES = ("attn", "kv", "ffn", "enc_attn", "enc_ffn", "xattn")

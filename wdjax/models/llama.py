@@ -36,7 +36,7 @@ from flax import nnx
 
 from wdjax import trees
 from wdjax.errors import WdjaxError
-from wdjax.models.contract import DECOMPOSE, OUTPUT, RANKS_HIDDEN, leaf
+from wdjax.models.contract import DECOMPOSE, OUTPUT, RANKS_HIDDEN, VOCAB_COLUMNS, VOCAB_ROWS, leaf
 from wdjax.models.layers import DTYPES, dense, dropout, sow, split_keys
 
 Array = jax.Array
@@ -46,12 +46,12 @@ Params = Any
 # (narrower than the queries' `attn` under grouped-query attention); the norms, q, o, up and
 # down are the shared layers' rules
 PARAMETERS = (
-    leaf(r"^decoder/embed/embedding$", (None, "hidden")),
+    leaf(r"^decoder/embed/embedding$", (None, "hidden"), VOCAB_ROWS),
     leaf(r"^decoder/layer_\d+/attn/k/kernel$", ("hidden", "kv"), DECOMPOSE),
     leaf(r"^decoder/layer_\d+/attn/v/kernel$", ("hidden", "kv"), DECOMPOSE, RANKS_HIDDEN),
     leaf(r"^decoder/layer_\d+/attn/(k|v)/bias$", ("kv",)),
     leaf(r"^decoder/layer_\d+/mlp/gate/kernel$", ("hidden", "ffn"), DECOMPOSE),
-    leaf(r"^lm_head/kernel$", ("hidden", None), OUTPUT),
+    leaf(r"^lm_head/kernel$", ("hidden", None), OUTPUT, VOCAB_COLUMNS),
 )
 
 ROPE_TYPES = ("default", "linear", "llama3")

@@ -251,6 +251,7 @@ class CausalLMTask(Task):
   # the generators checked on the decoder's tree (WID's compactors do not cover the KV space yet)
   methods = ("kd", "select", "ws", "gws", "wd", "opdf")
   ranks_units = True  # depth: block influence (`unit_ranking`)
+  compresses_vocabulary = True
 
   def check(self, cfg: Config) -> list[str]:
     bad = []

@@ -103,6 +103,7 @@ class TextClassification(Task):
   name = "text classification"
   datasets = ("rotten-tomatoes", "files")
   ranks_units = True
+  compresses_vocabulary = True
 
   def check(self, cfg: Config) -> list[str]:
     d, bad = cfg.data, []

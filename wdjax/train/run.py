@@ -20,6 +20,7 @@ from wdjax import distributed, generators, tasks, validate, xla_cache
 from wdjax.config import Config
 from wdjax.errors import WdjaxError
 from wdjax.generators import Generator, Identity, StudentSpec
+from wdjax.models import vocab
 from wdjax.train import checkpoint as ckpt_lib
 from wdjax.train.phase import Model, phase_dir, total_steps, train_phase
 
@@ -49,6 +50,9 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
   phase = first_phase(cfg, phase)
   teacher = task.load_teacher(cfg)
   data = task.load_data(cfg, teacher, log)
+  if cfg.student.vocabulary == "corpus":  # the teacher narrowed to the training text's tokens
+    teacher = vocab.compress_teacher(teacher, data.train, Path(cfg.workdir) / "cache", log)
+    data = task.load_data(cfg, teacher, log)
   objective = task.objective(cfg)
   # phase 1's teacher and objective: the task's, or a task-agnostic one (WID on masked-LM)
   teacher1, objective1, agnostic = teacher, objective, None
