@@ -45,6 +45,9 @@ ROWS = {  # label -> (phase, --set assignments)
     "kd": ("distill_kd", ["method.init=random", "distill.optim.lr=1e-3"]),
     "select+kd": ("distill_kd_selection", ["method.init=selection"]),  # every 2nd layer
     "importance+kd": ("distill_kd_importance", ["method.init=importance"]),  # most influential layers
+    # the same, keeping only the tokens the training text uses (student.vocabulary=corpus)
+    "importance+kd+vocab": ("distill_kd_importance_vocab", ["method.init=importance",
+                                                            "student.vocabulary=corpus"]),
     # learned maps from the importance-selected student (WS: W_s = L W_t R)
     "ws-importance": ("distill_ws", ["method=ws", "method.init=importance"]),
 }
@@ -115,13 +118,13 @@ def table(rows: list[dict], info: dict) -> str:
            f"{c['distill']['batch_size']} x {c['data']['max_length']}), test perplexity on "
            f"{info['test_tokens']:,} tokens of Romans and Ephesians", "",
            f"{info['date']}, commit {info['commit']}, {info['hardware']}, jax {info['jax']}", "",
-           "| model | layers | params | test ppl | val ppl | ppl before training | x teacher | CPU min "
-           "| forward tok/s | generate tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | layers | vocabulary | params | test ppl | val ppl | ppl before training | x teacher "
+           "| CPU min | forward tok/s | generate tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   teacher = rows[0]["test_perplexity"]
   for r in rows:
     before = f"{r['initial_test_perplexity']:.1f}" if r.get("initial_test_perplexity") else ""
     minutes = f"{r['cpu_s'] / 60:.1f}" if r.get("cpu_s") else ""
-    lines.append(f"| {r['row']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['test_perplexity']:.2f} | "
+    lines.append(f"| {r['row']} | {r['layers']} | {r['vocab']:,} | {r['params'] / 1e6:.1f}M | {r['test_perplexity']:.2f} | "
                  f"{r['validation_perplexity']:.2f} | {before} | {r['test_perplexity'] / teacher:.2f} | "
                  f"{minutes} | {r.get('forward_tokens_per_s', 0):.0f} | {r.get('generate_tokens_per_s', 0):.1f} |")
   return "\n".join(lines)
@@ -167,15 +170,20 @@ def main(argv=None) -> int:
   models = {"teacher": (teacher.config, teacher.params)}
   models.update({row: llama.load_hf(d) for row, d in dirs.items()})
   speeds = speed(models, data)
-  rows = [{"row": "teacher", "layers": teacher.config.num_layers, "params": param_count(teacher.params),
+  rows = [{"row": "teacher", "layers": teacher.config.num_layers, "vocab": teacher.config.vocab_size,
+           "params": param_count(teacher.params), "test_tokens": data.test.tokens,
            "test_perplexity": perplexity(teacher.config, teacher.params, data.test, base.distill.eval_batch_size),
            "validation_perplexity": perplexity(teacher.config, teacher.params, data.validation,
                                                base.distill.eval_batch_size), **speeds["teacher"]}]
   for row in args.rows:
     r = results[row]
-    row_out = {"row": row, "layers": models[row][0].num_layers, "params": param_count(models[row][1]),
+    row_out = {"row": row, "layers": models[row][0].num_layers, "vocab": models[row][0].vocab_size,
+               "params": param_count(models[row][1]),
                "test_perplexity": r["test_perplexity"], "validation_perplexity": r["validation_perplexity"],
-               "steps": r["steps"], "cpu_s": times[row], **speeds[row]}
+               "steps": r["steps"], "cpu_s": times[row], **speeds[row],
+               # its own tokenizer's count (a narrowed vocabulary may split new words finer)
+               "test_tokens": causal_lm.load_data(base, dirs[row], models[row][0].eos_token_id,
+                                                  models[row][0].vocab_size).test.tokens}
     if row in ("select+kd", "importance+kd", "ws-importance"):
       row_out["initial_test_perplexity"] = initial_perplexity(base, teacher, data, row)
     rows.append(row_out)

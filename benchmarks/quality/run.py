@@ -42,6 +42,8 @@ METHODS = {  # label -> (preset, extra --set assignments)
     "ce": ("kd", ["kd.alpha=0.0"]),
     "kd": ("kd", []),
     "select+kd": ("select_kd", []),
+    # the same student keeping only the tokens the training text uses (its twin: select+kd)
+    "select+kd-vocab": ("select_kd", ["student.vocabulary=corpus"]),
     # the same, from the teacher's most active units on 16 training batches (generators/importance.py)
     "importance+kd": ("select_kd", ["method.init=importance"]),
     "ws": ("ws", []),
