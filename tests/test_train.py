@@ -301,3 +301,12 @@ def test_macro_f1_is_scikit_learns_and_exposes_a_majority_class_model():
   logits = np.stack([np.ones(1000), np.zeros(1000)], axis=1)
   got = scores(logits, labels)
   assert got["accuracy"] == pytest.approx(0.626) and got["macro_f1"] == pytest.approx(0.3849, abs=1e-4)
+
+
+def test_resume_settings_ignore_fields_added_or_removed_since_the_run_started():
+  from wdjax.train.phase import settings_diff
+  saved = {"data": {"dataset": "bible", "pair": "en-de"}, "mt": {"beam": 4}, "seed": 0}
+  now = {"data": {"dataset": "bible", "max_length": 64}, "task": {"beam": 4}, "seed": 0}
+  assert settings_diff(saved, now) == []  # pair and mt were removed, max_length and task added
+  assert settings_diff(saved, dict(now, seed=1)) == ["seed: 0 -> 1"]
+  assert settings_diff(saved, dict(now, data={"dataset": "files"})) == ["data.dataset: 'bible' -> 'files'"]

@@ -74,10 +74,13 @@ def fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool) -> dict
 def settings_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
   """Settings that differ between a saved fingerprint and the current one. Keys the saved one
   lacks are config fields added after that run started: they had their defaults then, so they
-  do not count."""
+  do not count; keys the current one lacks are fields since removed (or moved), which no setting
+  of this version can contradict."""
   out = []
   for k in sorted(saved):
-    va, vb = saved[k], now.get(k)
+    if k not in now:
+      continue
+    va, vb = saved[k], now[k]
     if isinstance(va, dict) and isinstance(vb, dict):
       out += settings_diff(va, vb, f"{prefix}{k}.")
     elif va != vb and not (isinstance(va, (list, tuple)) and list(va) == list(vb or [])):
