@@ -40,13 +40,29 @@ def kd_kl(student_logits: Array, teacher_logits: Array, temperature: float, weig
   return (t * t) * _mean(kl, weights)
 
 
+def topk_kd(student_logits: Array, topk_logits: Array, topk_ids: Array, temperature: float,
+            weights: Array) -> Array:
+  """T^2 * KL of the teacher's top-k distribution to the student's, per token: the teacher's
+  `topk_logits [..., k]` at vocabulary ids `topk_ids [..., k]` renormalised over those k (its
+  cached targets), against the student's full-vocabulary log-probabilities at the same ids
+  (mass the student puts elsewhere only lowers them)."""
+  t = temperature
+  log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+  log_ps = jnp.take_along_axis(log_ps, topk_ids, axis=-1)
+  log_pt = jax.nn.log_softmax(topk_logits.astype(jnp.float32) / t, axis=-1)
+  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+  return (t * t) * _mean(kl, weights)
+
+
 def hinton(student_logits: Array, teacher_logits: Array, labels: Array, weights: Array, *,
-           temperature: float, alpha: float, label_weights: Array | None = None
-           ) -> tuple[Array, dict[str, Array]]:
+           temperature: float, alpha: float, label_weights: Array | None = None,
+           topk_ids: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """alpha * KD + (1 - alpha) * CE; returns the total and both parts. The CE averages over
-  `label_weights` (default `weights`): examples without a gold label get 0 there."""
+  `label_weights` (default `weights`): examples without a gold label get 0 there. With
+  `topk_ids`, `teacher_logits` are the teacher's cached top-k logits at those ids (`topk_kd`)."""
   ce = cross_entropy(student_logits, labels, weights if label_weights is None else label_weights)
-  kd = kd_kl(student_logits, teacher_logits, temperature, weights)
+  kd = (kd_kl(student_logits, teacher_logits, temperature, weights) if topk_ids is None
+        else topk_kd(student_logits, teacher_logits, topk_ids, temperature, weights))
   return alpha * kd + (1.0 - alpha) * ce, {"ce": ce, "kd": kd}
 
 
@@ -66,26 +82,3 @@ def regression_kd(student: Array, teacher: Array, labels: Array, weights: Array,
 
 def accuracy(logits: Array, labels: Array, weights: Array) -> Array:
   return _mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32), weights)
-
-
-def topk_kd(student_logits: Array, topk_logits: Array, topk_ids: Array, temperature: float,
-            weights: Array) -> Array:
-  """T^2 * KL of the teacher's top-k distribution to the student's, per token: the teacher's
-  `topk_logits [..., k]` at vocabulary ids `topk_ids [..., k]` renormalised over those k (its
-  cached targets), against the student's full-vocabulary log-probabilities at the same ids
-  (mass the student puts elsewhere only lowers them)."""
-  t = temperature
-  log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
-  log_ps = jnp.take_along_axis(log_ps, topk_ids, axis=-1)
-  log_pt = jax.nn.log_softmax(topk_logits.astype(jnp.float32) / t, axis=-1)
-  kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
-  return (t * t) * _mean(kl, weights)
-
-
-def hinton_topk(student_logits: Array, topk_logits: Array, topk_ids: Array, labels: Array,
-                weights: Array, *, temperature: float, alpha: float,
-                label_weights: Array | None = None) -> tuple[Array, dict[str, Array]]:
-  """`hinton` with the teacher's cached top-k logits as the soft targets (`topk_kd`)."""
-  ce = cross_entropy(student_logits, labels, weights if label_weights is None else label_weights)
-  kd = topk_kd(student_logits, topk_logits, topk_ids, temperature, weights)
-  return alpha * kd + (1.0 - alpha) * ce, {"ce": ce, "kd": kd}

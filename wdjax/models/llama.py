@@ -37,7 +37,7 @@ from flax import nnx
 from wdjax import trees
 from wdjax.errors import WdjaxError
 from wdjax.models.contract import DECOMPOSE, OUTPUT, RANKS_HIDDEN, VOCAB_COLUMNS, VOCAB_ROWS, leaf
-from wdjax.models.layers import DTYPES, dense, dropout, sow, split_keys
+from wdjax.models.layers import DTYPES, attention_implementation, dense, dropout, sow, split_keys
 
 Array = jax.Array
 Params = Any
@@ -173,13 +173,10 @@ class CausalAttention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
       cache = (k, v)
-    # grouped-query attention: the kernel pairs each KV head with its group of query heads
-    implementation = None
-    if cfg.attention == "cudnn" or (cfg.attention == "auto" and jax.default_backend() == "gpu"
-                                    and cfg.dtype != "float32" and cache is None):
-      implementation = "cudnn"
+    # grouped-query attention: the kernel pairs each KV head with its group of query heads; a
+    # few queries against the cache (decoding) take XLA's product, as the encoders' short rows do
     ctx = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                       implementation=implementation)
+                                       implementation=attention_implementation(cfg) if cache is None else None)
     ctx = rearrange(ctx, "b t h d -> b t (h d)")
     sow(self, "inner", ctx)  # the attention-inner space (input of o)
     return self.o(ctx), cache
@@ -263,10 +260,7 @@ class CausalLM(nnx.Module):
                dropout_key: Array | None = None) -> Array:
     """`input_ids [batch, seq]` (right-padded; `attention_mask` 1 on real tokens) -> logits
     `[batch, seq, vocab]` float32, position t predicting token t + 1."""
-    b, t = input_ids.shape
-    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = causal_mask(positions, jnp.broadcast_to(jnp.arange(t), (b, t)), valid)
+    positions, mask = whole_sequence(input_ids, attention_mask)
     h, _ = self.decoder(input_ids, positions, mask, dropout_key)
     return self.logits(h)
 
@@ -279,10 +273,8 @@ class CausalLM(nnx.Module):
     valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], cache["incoming"][:, :t], start, axis=1)
     positions = cache["next_position"][:, None] + jnp.cumsum(cache["incoming"][:, :t], axis=1) - 1
     positions = jnp.maximum(positions, 0)
-    slots = jnp.arange(valid.shape[1])
-    key_positions = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1)  # position of each cached key
-    mask = (valid[:, None, None, :] & (slots[None, None, None, :] < start + t)
-            & (key_positions[:, None, None, :] <= positions[:, None, :, None]))
+    # the cache's slots past this call's are not valid yet; a valid slot's position is its rank
+    mask = causal_mask(positions, jnp.cumsum(valid, axis=1) - 1, valid)
     h, kv = self.decoder(input_ids, positions, mask, None, cache["kv"], start)
     out = dict(cache, kv=kv, valid=valid, length=start + t,
                next_position=positions[:, -1] + 1,
@@ -294,14 +286,21 @@ def residual_stream(model: CausalLM, input_ids: Array, attention_mask: Array) ->
   """The residual stream `[batch, seq, hidden]` (float32) entering each block and leaving the
   last: `num_layers + 1` states, what depth importance compares (`generators.importance`)."""
   dec, cfg = model.decoder, model.cfg
-  b, t = input_ids.shape
-  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  mask = causal_mask(positions, positions, attention_mask.astype(bool))
+  positions, mask = whole_sequence(input_ids, attention_mask)
   inv_freq = jnp.asarray(rope_frequencies(cfg))
   states = [dec.embed(input_ids)]
   for i in range(cfg.num_layers):
     states.append(getattr(dec, f"layer_{i}")(states[-1], positions, mask, inv_freq)[0])
   return states
+
+
+def whole_sequence(input_ids: Array, attention_mask: Array | None) -> tuple[Array, Array]:
+  """Positions `[batch, seq]` 0..seq-1 and the causal mask `[batch, 1, seq, seq]` of right-padded
+  sequences scored at once (`attention_mask` 1 on real tokens; None: all are)."""
+  b, t = input_ids.shape
+  valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  return positions, causal_mask(positions, positions, valid)
 
 
 def causal_mask(q_positions: Array, k_positions: Array, k_valid: Array) -> Array:

@@ -139,13 +139,14 @@ def compress_teacher(teacher, train_split, cache_dir: Path, log):
   special ids renumbered; its sha256 is the teacher's and the kept ids' together."""
   src = Path(teacher.tokenizer_dir)
   tokenizer = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
-  kept = kept_ids(tokenizer, used_ids(train_split))
+  used = used_ids(train_split)
+  kept = kept_ids(tokenizer, used)
   digest = hashlib.sha256(teacher.sha256.encode() + kept.tobytes()).hexdigest()
   dest = Path(cache_dir) / f"vocab_{digest[:16]}"
   if not (dest / "tokenizer.json").is_file():
     write_tokenizer(src, dest, compress_tokenizer(tokenizer, kept))
   config = compress_config(teacher.config, kept)
-  log(f"[vocabulary] the training text uses {len(used_ids(train_split)):,} of the teacher's "
+  log(f"[vocabulary] the training text uses {len(used):,} of the teacher's "
       f"{teacher.config.vocab_size:,} tokens; keeping {len(kept):,} (tokenizer in {dest})")
   return dataclasses.replace(teacher, config=config, params=compress_params(teacher.params, kept),
                              tokenizer_dir=dest, sha256=digest)

@@ -24,6 +24,7 @@ import jax
 from flax import nnx
 
 from wdjax.config import Config
+from wdjax.errors import WdjaxError
 from wdjax.generators import StudentSpec
 from wdjax.train import mesh as mesh_lib
 from wdjax.train.phase import Model
@@ -49,6 +50,20 @@ class AgnosticStart:
   teacher: Model
   objective: Any
   phase2_spec: Any
+
+
+def student_shape(teacher_config, cfg: Config, **changes):
+  """`teacher_config` with the student's depth, width, heads, FFN, dropout and dtype (and
+  `changes`): every family's student keeps the rest (vocabulary, positions, numerics) of its
+  teacher. A shape the family's config rejects is one line naming `student`."""
+  s = cfg.student
+  try:
+    return dataclasses.replace(
+        teacher_config, num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+        intermediate_size=s.intermediate_size, hidden_dropout=s.hidden_dropout,
+        attention_dropout=s.attention_dropout, dtype=s.dtype, **changes)
+  except ValueError as e:
+    raise WdjaxError(f"student: {e}") from None
 
 
 CLASS_METRICS = ("accuracy", "macro_f1", "mcc")

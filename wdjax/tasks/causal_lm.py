@@ -31,18 +31,21 @@ import math
 from pathlib import Path
 from typing import ClassVar
 
+import jax
 import numpy as np
 from flax import nnx
 
 from wdjax import assets, distributed
 from wdjax.config import Config, TaskConfig
-from wdjax.data import lm
+from wdjax.data import lm, pipeline
 from wdjax.data.lm import LmSplit
 from wdjax.errors import WdjaxError
 from wdjax.models import gguf_io, hf, llama
 from wdjax.models.llama import LlamaConfig
 from wdjax.tasks import register
-from wdjax.tasks.base import Task
+from wdjax.tasks.base import Task, student_shape
+from wdjax.train import mesh as mesh_lib
+from wdjax.train.evaluate import device_batch
 from wdjax.train.objectives import TokenPredictor
 from wdjax.train.phase import Model
 
@@ -81,16 +84,15 @@ class CausalLanguageModel:
   def predictor(self, apply_fn, mesh, params_sharding, batch_size: int, pad_to_multiple: int):
     return LmPredictor(apply_fn, mesh, params_sharding, batch_size, pad_to_multiple)
 
+  @property
+  def caches_targets(self) -> bool:
+    """Whether `teacher_targets` caches the KD targets (else the teacher runs in the step)."""
+    return self.top_k > 0
+
   def teacher_targets(self, teacher_apply, params, split: LmSplit, mesh, sharding, batch_size: int,
-                      pad_to_multiple: int) -> dict[str, np.ndarray] | None:
+                      pad_to_multiple: int) -> dict[str, np.ndarray]:
     """The teacher's top-k logits and their ids at every position of every training row,
     `[rows, length, k]` (float16 logits: what the KD term reads, at half the memory)."""
-    if not self.top_k:
-      return None
-    import jax
-    from wdjax.data import pipeline
-    from wdjax.train import mesh as mesh_lib
-    from wdjax.train.evaluate import device_batch
     top = jax.jit(lambda p, b: jax.lax.top_k(teacher_apply(p, b, None), self.top_k),
                   in_shardings=(sharding, mesh_lib.batch_sharding(mesh)),
                   out_shardings=mesh_lib.replicated(mesh))
@@ -137,19 +139,18 @@ class LmData:
 # --- the teacher ----------------------------------------------------------------------------
 
 def _source(cfg: Config) -> Path:
-  """The teacher's file or directory: `teacher.path`, else `teacher.model` (an asset's name, a
-  GGUF file, or a `transformers` directory)."""
+  """The teacher's file or directory: `teacher.path`, else `teacher.model` (a GGUF file, or what
+  `assets.path` resolves: an asset's name, a `transformers` directory, a Hub id); a directory
+  holding `model.gguf` and no `config.json` (the `smollm2-135m` asset) is its GGUF file."""
   ref = cfg.teacher.path or cfg.teacher.model
-  if ref in assets.ASSETS:
-    d = assets.path(ref, cfg.cache_dir)
-    return d / "model.gguf" if (d / "model.gguf").is_file() else d
   p = Path(ref).expanduser()
-  if p.is_dir() and not (p / "config.json").is_file() and (p / "model.gguf").is_file():
-    return p / "model.gguf"
-  if not p.exists():
+  if p.is_file():
+    return p
+  if ref not in assets.ASSETS and not p.exists() and not assets.HUB_ID.match(ref):
     raise WdjaxError(f"teacher.model={ref!r} is neither an asset ({', '.join(assets.ASSETS)}), a GGUF "
                      "file nor a transformers directory")
-  return p
+  d = distributed.process0_first("teacher asset", lambda: assets.path(ref, cfg.cache_dir))
+  return d / "model.gguf" if (d / "model.gguf").is_file() and not (d / "config.json").is_file() else d
 
 
 def gguf_tokenizer_dir(cfg: Config, path: Path, sha256: str) -> Path:
@@ -235,13 +236,7 @@ def student_config(cfg: Config, teacher: LlamaConfig) -> LlamaConfig:
     raise WdjaxError(f"student: num_heads={s.num_heads}; a student that inherits the teacher's weights "
                      f"(method {cfg.method.label!r}) keeps its {teacher.num_heads} heads (narrow "
                      "hidden_size or intermediate_size instead, or train from method.init=random)")
-  try:
-    return dataclasses.replace(
-        teacher, num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-        num_kv_heads=s.num_heads // teacher.group_size, intermediate_size=s.intermediate_size,
-        hidden_dropout=s.hidden_dropout, dtype=s.dtype)
-  except ValueError as e:
-    raise WdjaxError(f"student: {e}") from None
+  return student_shape(teacher, cfg, num_kv_heads=s.num_heads // teacher.group_size)
 
 
 class CausalLMTask(Task):
@@ -298,9 +293,7 @@ class CausalLMTask(Task):
     """The teacher layers the student keeps: the most influential ones (`block_influence` on
     `method.calibration_batches` training batches). Widths the student shrinks keep a uniform
     selection of their units."""
-    import jax
     from wdjax import trees
-    from wdjax.data import pipeline
     from wdjax.generators.importance import block_influence, top_layers
     from wdjax.generators.select import DEPTH
     graph = nnx.graphdef(nnx.eval_shape(lambda: llama.build(dataclasses.replace(teacher.config, dtype="float32"))))

@@ -25,7 +25,8 @@ from wdjax.generators import StudentSpec
 from wdjax.models import vit
 from wdjax.models.vit import ViTConfig
 from wdjax.tasks import register
-from wdjax.tasks.base import FinetuneStart, Task, best_metric, check_best_metric
+from wdjax.tasks.base import (FinetuneStart, Task, best_metric, check_best_metric,
+                              student_shape)
 from wdjax.train import phase as phase_lib
 from wdjax.train.objectives import Classification
 from wdjax.train.phase import Model
@@ -120,14 +121,7 @@ class ImageClassificationTask(Task):
 
   def student_config(self, cfg: Config, teacher_config: ViTConfig) -> ViTConfig:
     """The teacher's patches, pooling and labels with the student's shape."""
-    s = cfg.student
-    try:
-      return dataclasses.replace(
-          teacher_config, num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-          intermediate_size=s.intermediate_size, hidden_dropout=s.hidden_dropout,
-          attention_dropout=s.attention_dropout, dtype=s.dtype)
-    except ValueError as e:
-      raise WdjaxError(f"student: {e}") from None
+    return student_shape(teacher_config, cfg)
 
   def load_model(self, model_dir: Path):
     return vit.load(model_dir)

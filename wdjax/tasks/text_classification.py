@@ -25,7 +25,8 @@ from wdjax.errors import WdjaxError
 from wdjax.generators import Identity, StudentSpec
 from wdjax.models import bert, hf
 from wdjax.tasks import register
-from wdjax.tasks.base import AgnosticStart, FinetuneStart, Task, best_metric, check_best_metric
+from wdjax.tasks.base import (AgnosticStart, FinetuneStart, Task, best_metric, check_best_metric,
+                              student_shape)
 from wdjax.train import phase as phase_lib
 from wdjax.train.objectives import Classification, MaskedLanguageModel
 from wdjax.train.phase import Model
@@ -54,10 +55,7 @@ def student_config(cfg: Config, teacher: bert.EncoderConfig) -> bert.EncoderConf
   if s.hidden_size % s.num_heads:
     raise WdjaxError(f"student.hidden_size {s.hidden_size} is not divisible by "
                      f"student.num_heads {s.num_heads}")
-  return dataclasses.replace(
-      teacher, num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-      intermediate_size=s.intermediate_size, hidden_dropout=s.hidden_dropout,
-      attention_dropout=s.attention_dropout, dtype=s.dtype)
+  return student_shape(teacher, cfg)
 
 
 def pretrained_dir(cfg: Config) -> Path:

@@ -39,7 +39,7 @@ from wdjax.generators import StudentSpec
 from wdjax.models import search, transformer
 from wdjax.models.transformer import TransformerConfig
 from wdjax.tasks import register
-from wdjax.tasks.base import FinetuneStart, Task
+from wdjax.tasks.base import FinetuneStart, Task, student_shape
 from wdjax.train import phase as phase_lib
 from wdjax.train.objectives import TokenPredictor
 from wdjax.train.phase import Model
@@ -161,14 +161,7 @@ def teacher_config(cfg: Config, vocab_size: int) -> TransformerConfig:
 
 def student_config(cfg: Config, teacher: TransformerConfig) -> TransformerConfig:
   """The teacher's encoder and vocabulary, the student's decoder."""
-  s = cfg.student
-  try:
-    return dataclasses.replace(
-        teacher, hidden_size=s.hidden_size, num_heads=s.num_heads, intermediate_size=s.intermediate_size,
-        num_layers=s.num_layers, hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
-        dtype=s.dtype)
-  except ValueError as e:
-    raise WdjaxError(f"student: {e}") from None
+  return student_shape(teacher, cfg)
 
 
 def objective(cfg: Config) -> Translation:

@@ -39,8 +39,10 @@ class _Encoder:
     from wdjax.models import bert
     return bert.build(config, self.head, seed=seed)
 
+  caches_targets = True  # `teacher_targets` computes the KD targets once (kd.cache_teacher_logits)
+
   def teacher_targets(self, teacher_apply, params, split, mesh, sharding, batch_size: int,
-                      pad_to_multiple: int) -> dict[str, np.ndarray] | None:
+                      pad_to_multiple: int) -> dict[str, np.ndarray]:
     """The KD targets of every example of `split`, computed once (`kd.cache_teacher_logits`):
     the teacher's logits `[n, classes]` (regression: `[n, 1]`)."""
     predictor = Predictor(teacher_apply, mesh, sharding, batch_size, pad_to_multiple)

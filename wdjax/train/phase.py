@@ -201,7 +201,8 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
       return scores, student
 
     targets = None
-    if teacher_apply is not None and cfg.kd.cache_teacher_logits and not export_only:
+    if (teacher_apply is not None and cfg.kd.cache_teacher_logits and objective.caches_targets
+        and not export_only):
       targets = teacher_train_targets(
           cfg, teacher, task, objective, lambda: objective.teacher_targets(
               teacher_apply, teacher_params, task.train, mesh, teacher_sh, train.eval_batch_size,
@@ -297,12 +298,12 @@ def write_results(path: Path, results: dict) -> None:
 
 
 def teacher_train_targets(cfg: Config, teacher: Model, task: Any, objective, compute, log
-                          ) -> dict[str, np.ndarray] | None:
+                          ) -> dict[str, np.ndarray]:
   """The objective's KD targets over the training split (`compute()`: the teacher's logits
   `[n_train, classes]`, or a language model's top-k per token), computed once per teacher, data
   and objective and kept in `<workdir>/cache/` (every phase and seed of a workdir distils from
   the same numbers). The key holds the data's content, not only its config: a CSV edited in
-  place is other data. None when the objective caches nothing (the teacher runs in the step)."""
+  place is other data."""
   key = hashlib.sha256(json.dumps([teacher.sha256, config_lib.to_dict(cfg.data), cfg.teacher.dtype,
                                    task.train.digest(), repr(objective)]).encode()).hexdigest()[:16]
   path = Path(cfg.workdir) / "cache" / f"teacher_targets_{key}.npz"
@@ -313,7 +314,7 @@ def teacher_train_targets(cfg: Config, teacher: Model, task: Any, objective, com
       return targets
   log(f"computing the teacher's targets on the {len(task.train)} training examples")
   targets = compute()
-  if targets is not None and jax.process_index() == 0:
+  if jax.process_index() == 0:
     tmp = path.with_suffix(".tmp.npz")
     with errors.writing("the teacher-target cache", path):
       path.parent.mkdir(parents=True, exist_ok=True)

@@ -184,10 +184,11 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
   def step(state: dict, teacher_params: Params | None, batch: Batch):
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
     teacher_params = jax.lax.stop_gradient(teacher_params)
+    topk_ids = batch.get("teacher_topk_ids")  # a language model's cached top-k logits per token
     if "teacher_logits" in batch:  # precomputed once per run (the teacher is frozen and in eval mode)
       teacher_logits = batch["teacher_logits"]
-    elif "teacher_topk_ids" in batch:  # a language model's cached top-k logits per token
-      teacher_logits = (batch["teacher_topk_logits"], batch["teacher_topk_ids"])
+    elif topk_ids is not None:
+      teacher_logits = batch["teacher_topk_logits"]
     elif use_teacher_logits:
       teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch, None))
     else:
@@ -211,14 +212,10 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
       elif teacher_logits is None:
         task = losses.cross_entropy(logits, labels, label_weights, smoothing=label_smoothing)
         parts = {"ce": task}
-      elif isinstance(teacher_logits, tuple):
-        task, parts = losses.hinton_topk(logits, *teacher_logits, labels, weights,
-                                         temperature=kd.temperature, alpha=kd.alpha,
-                                         label_weights=label_weights)
       else:
         task, parts = losses.hinton(logits, teacher_logits, labels, weights,
                                     temperature=kd.temperature, alpha=kd.alpha,
-                                    label_weights=label_weights)
+                                    label_weights=label_weights, topk_ids=topk_ids)
       aux = generator.aux_loss(gen_params, teacher_params, state["gen_state"])
       return task + aux, (logits, parts, aux)
 
