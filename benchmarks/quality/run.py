@@ -143,7 +143,8 @@ def main():
       cfg = config_lib.load(f"{preset}:{args.hardware}",
                             sets + args.set + [f"seed={seed}", f"teacher.path={teacher_dir}"])
       cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
-      phase = f"quality_{label.replace('+', '_').replace('-', '_')}_s{seed}"
+      tag = f"_{args.tag}" if args.tag else ""  # a side table's runs are its own phases
+      phase = f"quality_{label.replace('+', '_').replace('-', '_')}{tag}_s{seed}"
       t0 = time.time()
       result = run_lib.distill(cfg, phase=phase, log=quiet)
       print(f"{label:10s} seed {seed}: test {100 * result['test_accuracy']:.2f} "
