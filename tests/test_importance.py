@@ -8,8 +8,9 @@ from flax import nnx
 
 from wdjax import generators, trees
 from wdjax.data.tokenize import TokenizedSplit
-from wdjax.generators import importance, pca
-from wdjax.generators.select import SelectionPlan
+from wdjax.generators import importance
+from wdjax.config import DataConfig, TrainConfig
+from wdjax.generators.select import DEPTH, SelectionPlan
 from wdjax.models import bert
 
 TEACHER = bert.EncoderConfig(vocab_size=99, hidden_size=48, num_layers=2, num_heads=4,
@@ -50,9 +51,9 @@ def _student(**kw):
 
 
 def _ranked(teacher_params, student, heads_s):
-  moments = pca.second_moments(TEACHER, teacher_params, _calibration_split(), batches=4,
-                               batch_size=16, seed=0)
-  scores = importance.unit_scores(moments)
+  squares, _ = importance.calibrate(bert.activation_fn(TEACHER), teacher_params, _calibration_split(),
+                                    batches=4, batch_size=16, seed=0, pad_to_multiple=16)
+  scores = importance.unit_scores(squares)
   plan = SelectionPlan(teacher_params, student)
   return scores, importance.keep_indices(scores, plan, TEACHER.num_heads, heads_s)
 
@@ -130,3 +131,61 @@ def test_kd_from_an_importance_selected_student_runs_end_to_end(tiny):
   result = run.distill(cfg, log=lines.append)
   assert result["phase"] == "distill_kd_importance" and np.isfinite(result["test_loss"])
   assert any("ranking the teacher's units on 2 training batches" in l for l in lines)
+
+
+def test_a_shallower_student_keeps_the_layers_that_turn_the_residual_stream_most():
+  """Block influence: a teacher layer whose attention and FFN write nothing leaves the stream as
+  it was (post-LN of a LayerNorm output), so a student with one layer fewer drops it; an
+  explicit layer map keeps its own layers."""
+  teacher_cfg = dataclasses.replace(TEACHER, num_layers=3)
+  flat = trees.flatten(nnx.to_pure_dict(nnx.state(bert.build(teacher_cfg, seed=3))))
+  flat = {k: np.array(v) for k, v in flat.items()}
+  for k in ("attn/o/kernel", "attn/o/bias", "mlp/down/kernel", "mlp/down/bias"):
+    flat[f"encoder/layer_1/{k}"][...] = 0.0
+  teacher = trees.unflatten(flat)
+  student = nnx.to_pure_dict(nnx.state(bert.build(dataclasses.replace(teacher_cfg, num_layers=2), seed=1)))
+  squares, influence = importance.calibrate(bert.activation_fn(teacher_cfg), teacher, _calibration_split(),
+                                            batches=2, batch_size=16, seed=0, pad_to_multiple=16)
+  assert influence.shape == (3,) and influence[1] < 1e-4 < min(influence[0], influence[2])
+
+  class Cfg:  # what importance_indices reads of a config
+    seed, distill, data = 0, TrainConfig(batch_size=16), DataConfig(pad_to_multiple=16)
+
+  method = generators.section("kd", init="importance", calibration_batches=2)
+  keep = importance.importance_indices(bert.activation_fn(teacher_cfg), teacher, student,
+                                       _calibration_split(), Cfg, method, heads_t=4, heads_s=4)
+  assert keep[DEPTH].tolist() == [0, 2]
+  got = trees.flatten(generators.select(teacher, student, indices=keep))
+  np.testing.assert_array_equal(got["encoder/layer_1/mlp/up/kernel"], flat["encoder/layer_2/mlp/up/kernel"])
+  mapped = importance.importance_indices(bert.activation_fn(teacher_cfg), teacher, student,
+                                         _calibration_split(), Cfg,
+                                         dataclasses.replace(method, layer_map="first_n"),
+                                         heads_t=4, heads_s=4)
+  assert DEPTH not in mapped
+
+
+def test_vit_units_are_ranked_on_images():
+  """The same ranking on a ViT (every token is real): a planted residual channel and FFN neuron
+  are kept by a half-width student."""
+  from wdjax.data.images import ImageSplit
+  from wdjax.models import vit
+  cfg = vit.ViTConfig(image_size=8, patch_size=2, hidden_size=32, num_layers=2, num_heads=4,
+                      intermediate_size=64)
+  flat = {k: np.array(v) for k, v in trees.flatten(nnx.to_pure_dict(nnx.state(vit.build(cfg, seed=0)))).items()}
+  channel, neuron = 13, 41  # neither kept by every-other selection
+  flat["embeddings/patch/bias"][channel] = 20.0
+  flat["encoder/layer_1/mlp/up/bias"][neuron] = 10.0
+  teacher = trees.unflatten(flat)
+  student = nnx.to_pure_dict(nnx.state(vit.build(dataclasses.replace(cfg, hidden_size=16,
+                                                                     intermediate_size=32), seed=1)))
+  rng = np.random.default_rng(0)
+  split = ImageSplit(rng.integers(0, 255, (64, 8, 8), dtype=np.uint8), rng.integers(0, 3, 64),
+                     mean=0.5, std=0.3)
+  squares, _ = importance.calibrate(vit.activation_fn(cfg), teacher, split, batches=2, batch_size=32,
+                                    seed=0, pad_to_multiple=1)
+  scores = importance.unit_scores(squares)
+  assert int(np.argmax(scores["hidden"])) == channel and int(np.argmax(scores["ffn/layer_1"])) == neuron
+  keep = importance.keep_indices(scores, SelectionPlan(teacher, student), 4, 4)
+  assert channel in keep["hidden"] and neuron in keep["ffn/layer_1"] and "pooled" not in keep
+  uniform = SelectionPlan(teacher, student)
+  assert channel not in uniform.index["hidden"] and neuron not in uniform.index["ffn"]

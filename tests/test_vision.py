@@ -204,6 +204,11 @@ def test_digits_teacher_and_students_end_to_end(tmp_path):
   wd = run_lib.distill(dataclasses.replace(cfg, method=generators.section("wd", init="identity")))
   assert wd["test_accuracy"] > 0.85  # 0.97 measured
   assert wd["phase1"]["trainable_params"] > wd["model_params"]  # the maps train in phase 1
+  lines = []  # importance selection + KD: the ViT teacher's units ranked on training images
+  imp = run_lib.distill(dataclasses.replace(
+      cfg, method=generators.section("kd", init="importance", calibration_batches=2)), log=lines.append)
+  assert imp["phase"] == "distill_kd_importance" and imp["test_accuracy"] > 0.85
+  assert any("ranking the teacher's units on 2 training batches" in l for l in lines)
   model = tmp_path / "run" / "distill_wd_phase2" / "model"
   assert run_lib.evaluate(cfg, model)["test"] == pytest.approx(wd["test_accuracy"])
   torch = pytest.importorskip("torch")

@@ -20,12 +20,13 @@ here its RMS, read off the same second moments activation PCA collects):
   other head layout: the top dimensions of the whole space);
 - `pooled`: the pooler output.
 
-Indices are kept in ascending order, so the student's units stay in the teacher's order. Depth
-follows the layer map, as in weight selection, unless the task ranks layers too: a layer's
-*block influence* is how much it turns the residual stream, 1 - cos(x_in, x_out) averaged over
-the real tokens of the calibration sample (Men et al., "ShortGPT: Layers in Large Language Models
-are More Redundant Than You Expect", 2024), and the student keeps the most influential layers in
-their order. Used as `method.init=importance` of KD.
+Indices are kept in ascending order, so the student's units stay in the teacher's order. A
+student shallower than its teacher keeps the teacher's most influential layers, in their order: a
+layer's *block influence* is how much it turns the residual stream, 1 - cos(x_in, x_out)
+averaged over the real tokens of the calibration sample (Men et al., "ShortGPT: Layers in Large
+Language Models are More Redundant Than You Expect", 2024); an explicit `method.layer_map`
+overrides it, and units are then scored in the teacher layer that map gives each student layer.
+Used as `method.init=importance` of KD, and as the start of WS and GWS (`init=importance`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ import numpy as np
 from wdjax.generators.select import SelectionPlan
 
 
-def unit_scores(moments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """`{teacher space: [d] RMS activation (up to a constant)}` from `pca.second_moments`' sums
-  of `x x^T` (only their diagonals are read)."""
-  diag = {k: np.diag(v) for k, v in moments.items()}
-  scores = {"hidden": np.sqrt(sum(v for k, v in diag.items() if k.startswith("hidden/")))}
-  scores.update({k: np.sqrt(v) for k, v in diag.items() if not k.startswith("hidden/")})
+def unit_scores(squares: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`{teacher space: [d] RMS activation (up to a constant)}` from `calibrate`'s sums of x^2
+  over real tokens; the residual stream's (`hidden/*`) are pooled into one `hidden`."""
+  scores = {"hidden": np.sqrt(sum(v for k, v in squares.items() if k.startswith("hidden/")))}
+  scores.update({k: np.sqrt(v) for k, v in squares.items() if not k.startswith("hidden/")})
   return scores
 
 
@@ -106,14 +106,51 @@ def keep_indices(scores: dict[str, np.ndarray], plan: SelectionPlan, heads_t: in
   return out
 
 
-def importance_indices(teacher_cfg, teacher_params, student_shapes, split, cfg, method
-                       ) -> dict[str, np.ndarray]:
+def calibrate(activation_fn, params, split, *, batches: int, batch_size: int, seed: int,
+              pad_to_multiple: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(`{space: [d] sum of x^2 over real tokens}`, `[layers]` mean block influence) of the
+  network whose `activation_fn(params, batch) -> (activations, weights)` is given
+  (`bert.activation_fn`), over the calibration batches (`pca.calibration_batches`)."""
+  import jax
+  import jax.numpy as jnp
+  from wdjax.generators.pca import calibration_batches, row_weights
+
+  @jax.jit
+  def stats(params, batch):
+    acts, weights = activation_fn(params, batch)
+    squares = {k: jnp.einsum("btd,bt->d", jnp.square(x.astype(jnp.float32)), row_weights(x, weights))
+               for k, x in acts.items()}
+    layers = sorted(int(k.rsplit("_", 1)[1]) for k in acts if k.startswith("hidden/layer_"))
+    states = [acts["hidden/embeddings"]] + [acts[f"hidden/layer_{l}"] for l in layers]
+    return squares, block_influence(states, weights)
+
+  squares, influence, n = {}, 0.0, 0
+  for b in calibration_batches(split, batches=batches, batch_size=batch_size, seed=seed,
+                               pad_to_multiple=pad_to_multiple):
+    sq, infl = stats(params, b)
+    for k, v in sq.items():
+      squares[k] = squares.get(k, 0) + np.asarray(v, np.float64)
+    influence, n = influence + np.asarray(infl, np.float64), n + 1
+  return squares, influence / max(n, 1)
+
+
+def importance_indices(activation_fn, teacher_params, student_shapes, split, cfg, method, *,
+                       heads_t: int, heads_s: int, log=lambda _: None) -> dict[str, np.ndarray]:
   """The kept indices of every student space, from `method.calibration_batches` training
-  batches of the teacher's activations (see the module docstring)."""
-  from wdjax.generators import pca
-  moments = pca.second_moments(teacher_cfg, teacher_params, split,
-                               batches=method.calibration_batches,
-                               batch_size=cfg.distill.batch_size, seed=cfg.seed,
-                               pad_to_multiple=cfg.data.pad_to_multiple)
-  plan = SelectionPlan(teacher_params, student_shapes, method.layer_map or "every_k")
-  return keep_indices(unit_scores(moments), plan, teacher_cfg.num_heads, cfg.student.num_heads)
+  batches of the teacher's activations (see the module docstring): its units by RMS activation
+  and, for a shallower student without an explicit `method.layer_map`, its layers by block
+  influence (`indices[DEPTH]`)."""
+  from wdjax import trees
+  from wdjax.generators.select import DEPTH
+  squares, influence = calibrate(activation_fn, teacher_params, split,
+                                 batches=method.calibration_batches,
+                                 batch_size=cfg.distill.batch_size, seed=cfg.seed,
+                                 pad_to_multiple=cfg.data.pad_to_multiple)
+  depth = {}
+  n_s = 1 + max(trees.layer_of(p) for p in trees.flatten(student_shapes) if trees.layer_of(p) is not None)
+  if not method.layer_map and n_s < len(influence):
+    depth = {DEPTH: top_layers(influence, n_s)}
+    log(f"block influence {', '.join(f'{v:.3f}' for v in influence)}; the student keeps layers "
+        f"{depth[DEPTH].tolist()}")
+  plan = SelectionPlan(teacher_params, student_shapes, method.layer_map or "every_k", depth)
+  return {**keep_indices(unit_scores(squares), plan, heads_t, heads_s), **depth}

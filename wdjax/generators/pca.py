@@ -15,39 +15,46 @@ column is positive), so the same data gives the same maps.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from wdjax.data import pipeline
 from wdjax.generators import paths
 from wdjax.models import bert
 
 
-def second_moments(teacher_cfg: bert.EncoderConfig, teacher_params, split, *, batches: int,
-                   batch_size: int, seed: int, pad_to_multiple: int = 16) -> dict[str, np.ndarray]:
-  """`{activation name: sum over real tokens of x x^T}` over the first `batches` training batches."""
-  graph = nnx.split(bert.build(dataclasses.replace(teacher_cfg, dtype="float32")))[0]
+def calibration_batches(split, *, batches: int, batch_size: int, seed: int, pad_to_multiple: int):
+  """The first `batches` training batches of `split` (fewer if an epoch is shorter): the
+  calibration sample activation PCA and importance selection read."""
+  order = pipeline.TrainBatches(split, batch_size, seed=seed, pad_to_multiple=pad_to_multiple)
+  return (order.batch(step) for step in range(min(batches, order.steps_per_epoch)))
+
+
+def row_weights(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """`[batch, rows]` weights of activation `x [batch, rows, d]`: a space computed at fewer rows
+  than the input (a pooler's one vector) is at its first rows (`layers.activations`)."""
+  return weights[:, :x.shape[1]].astype(jnp.float32)
+
+
+def second_moments(activation_fn, params, split, *, batches: int, batch_size: int, seed: int,
+                   pad_to_multiple: int = 16) -> dict[str, np.ndarray]:
+  """`{activation name: sum over real tokens of x x^T}` over the calibration batches;
+  `activation_fn(params, batch) -> (activations, weights)` is the family's (`bert.activation_fn`)."""
 
   @jax.jit
-  def moments(params, ids, mask, types):
-    _, acts = bert.activations(nnx.merge(graph, params), ids, mask, types, all_rows=True)
+  def moments(params, batch):
+    acts, weights = activation_fn(params, batch)
     out = {}
     for name, x in acts.items():
-      w = mask[:, :1] if name == "pooled" else mask  # the pooler sees one vector per example
-      x = x.astype(jnp.float32) * w[..., None]
+      x = x.astype(jnp.float32) * row_weights(x, weights)[..., None]
       out[name] = jnp.einsum("bti,btj->ij", x, x)
     return out
 
-  order = pipeline.TrainBatches(split, batch_size, seed=seed, pad_to_multiple=pad_to_multiple)
   total: dict[str, np.ndarray] = {}
-  for step in range(min(batches, order.steps_per_epoch)):
-    b = order.batch(step)
-    for k, v in moments(teacher_params, b["input_ids"], b["attention_mask"],
-                        b.get("token_type_ids")).items():
+  for b in calibration_batches(split, batches=batches, batch_size=batch_size, seed=seed,
+                               pad_to_multiple=pad_to_multiple):
+    for k, v in moments(params, b).items():
       total[k] = total.get(k, 0) + np.asarray(v, np.float64)
   return total
 
@@ -62,7 +69,8 @@ def top_directions(moment: np.ndarray, k: int) -> np.ndarray:
 
 def pca_maps(teacher_cfg: bert.EncoderConfig, teacher_params, split, cfg, method) -> dict[str, np.ndarray]:
   """Maps for every space of the student `cfg.student` (see the module docstring)."""
-  moments = second_moments(teacher_cfg, teacher_params, split, batches=method.pca_batches,
+  moments = second_moments(bert.activation_fn(teacher_cfg), teacher_params, split,
+                           batches=method.pca_batches,
                            batch_size=cfg.distill.batch_size, seed=cfg.seed,
                            pad_to_multiple=cfg.data.pad_to_multiple)
   s = cfg.student

@@ -50,9 +50,10 @@ class SelectionPlan:
     depth = lambda flat, stack: 1 + max(trees.layer_of(p) for p in flat if trees.layer_of(p) is not None
                                          and trees.stack_of(p) == stack)
     stacks = sorted({trees.stack_of(p) for p in s_flat if trees.layer_of(p) is not None})
-    self.stack_layers = {st: paths.layer_map(layer_map, depth(t_flat, st), depth(s_flat, st))
-                         for st in stacks}
-    if kept_layers is not None:
+    if kept_layers is None:
+      self.stack_layers = {st: paths.layer_map(layer_map, depth(t_flat, st), depth(s_flat, st))
+                           for st in stacks}
+    else:  # the layer map is not used (it may not even fit these depths)
       kept = [int(l) for l in kept_layers]
       n_t, n_s = depth(t_flat, stacks[0]), depth(s_flat, stacks[0])
       if len(stacks) != 1 or len(kept) != n_s or kept != sorted(set(kept)) or not 0 <= kept[0] <= kept[-1] < n_t:

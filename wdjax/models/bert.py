@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from wdjax.errors import WdjaxError
-from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, gelu, layer_norm, sow,
-                                 masked_norm, split_keys, take_rows)
+from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, activations, dense, dropout, gelu,
+                                 layer_norm, masked_norm, sow, split_keys, take_rows)
 from wdjax.models.contract import OUTPUT, RANKS_INPUT, SUMMED_EMBEDDING, VOCAB_COLUMNS, VOCAB_ROWS, leaf
 
 Array = jax.Array
@@ -326,27 +326,19 @@ class MaskedLM(nnx.Module):
 HEADS = {"classifier": SequenceClassifier, "mlm": MaskedLM}
 
 
-# Where each sown activation lives in the module tree -> the space it belongs to (activation PCA's
-# names): the embedding output and block outputs are the residual stream, `attn`/`ffn` the layer's
-# inner spaces.
-_SOWN = {("encoder", "embedded"): "hidden/embeddings", ("pooled",): "pooled"}
-_SOWN_IN_LAYER = {("out",): "hidden", ("attn", "inner"): "attn", ("mlp", "inner"): "ffn"}
+def activation_fn(cfg: EncoderConfig):
+  """`fn(params, batch) -> (activations, weights)` of a `SequenceClassifier` of `cfg` (float32):
+  every space's activations at every row (`layers.activations`' names) and `weights [batch, seq]`
+  (1 on real tokens), what the calibration passes of importance selection and PCA read."""
+  graph = nnx.graphdef(nnx.eval_shape(lambda: build(dataclasses.replace(cfg, dtype="float32"))))
 
+  def fn(params, batch):
+    model = nnx.merge(graph, params)
+    _, acts = activations(model, batch["input_ids"], batch["attention_mask"],
+                          batch.get("token_type_ids"), all_rows=True)
+    return acts, batch["attention_mask"]
 
-def activations(model: nnx.Module, *args, **kwargs) -> tuple[Array, dict[str, Array]]:
-  """`model(*args, **kwargs)` and the activations it recorded, by space: `hidden/embeddings`,
-  `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (`[batch, seq, width]`) and `pooled`
-  (`[batch, 1, hidden]`)."""
-  result, sown_state = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
-  out = {}
-  for path, sown in nnx.to_flat_state(sown_state):
-    path = tuple(str(p) for p in path)
-    value = sown.get_value()
-    if path in _SOWN:
-      out[_SOWN[path]] = value[0]
-    elif path[:1] == ("encoder",) and path[1].startswith("layer_"):
-      out[f"{_SOWN_IN_LAYER[path[2:]]}/{path[1]}"] = value[0]
-  return result, out
+  return fn
 
 
 def build(cfg: EncoderConfig, head: str = "classifier", seed: int = 0) -> nnx.Module:

@@ -92,6 +92,29 @@ def sow(module: nnx.Module, name: str, value: Array) -> None:
     module.sow(nnx.Intermediate, name, value)
 
 
+# Where a family's sown activations live in its module tree -> the space each belongs to: the
+# embedding output and the block outputs are the residual stream (`hidden`), `attn`/`ffn` a
+# layer's inner spaces (the inputs of its output and down projections), `pooled` a pooler's output.
+_SOWN = {("encoder", "embedded"): "hidden/embeddings", ("pooled",): "pooled"}
+_SOWN_IN_LAYER = {("out",): "hidden", ("attn", "inner"): "attn", ("mlp", "inner"): "ffn"}
+
+
+def activations(model: nnx.Module, *args, **kwargs) -> tuple[Array, dict[str, Array]]:
+  """`model(*args, **kwargs)` and the activations it sowed, by space: `hidden/embeddings`,
+  `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (`[batch, rows, width]`) and `pooled`
+  (`[batch, 1, hidden]`). A layer that computes fewer rows than its input (`take_rows`) sows
+  its first rows."""
+  result, sown_state = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+  out = {}
+  for path, sown in nnx.to_flat_state(sown_state):
+    path = tuple(str(p) for p in path)
+    if path in _SOWN:
+      out[_SOWN[path]] = sown.get_value()[0]
+    elif path[:1] == ("encoder",) and path[1].startswith("layer_") and path[2:] in _SOWN_IN_LAYER:
+      out[f"{_SOWN_IN_LAYER[path[2:]]}/{path[1]}"] = sown.get_value()[0]
+  return result, out
+
+
 def take_rows(x: Array, rows: Rows) -> Array:
   """`x [batch, seq, ...]` at the sequence positions `rows`: None, all of them; a slice, the same
   ones in every sequence (`slice(0, 1)`: the first token, which a classification head reads); or

@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from wdjax.errors import WdjaxError
-from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, dense, dropout, layer_norm, masked_norm,
-                                 split_keys, take_rows)
+from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, activations, dense, dropout, layer_norm,
+                                 masked_norm, sow, split_keys, take_rows)
 from wdjax.models.contract import OUTPUT, leaf
 
 Array = jax.Array
@@ -140,7 +140,9 @@ class Block(nnx.Module):
     h = masked_norm(self.attn_ln, x, hidden_keep).astype(dt)
     x = take_rows(x, rows) + dropout(self.attn(h, mask, None, k_attn, rows=rows), rate, k_res1)
     h = masked_norm(self.mlp_ln, x, hidden_keep).astype(dt)
-    return (x + dropout(self.mlp(h), rate, k_res2)).astype(dt)
+    out = (x + dropout(self.mlp(h), rate, k_res2)).astype(dt)
+    sow(self, "out", out)
+    return out
 
 
 class Encoder(nnx.Module):
@@ -154,7 +156,9 @@ class Encoder(nnx.Module):
   def __call__(self, x: Array, dropout_key: Array | None, hidden_keep: Array | None = None,
                rows: Rows = None) -> Array:
     """`[batch, tokens, hidden]` -> the final LayerNorm's output, float32; with `rows` only at
-    those positions, which is all the last layer then computes (as `bert.Encoder`)."""
+    those positions, which is all the last layer then computes (as `bert.Encoder`). Every
+    space's activations are sown (`layers.activations` reads them)."""
+    sow(self, "embedded", x)
     mask = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)  # every token attends to every token
     last = self.cfg.num_layers - 1
     for i, key in enumerate(split_keys(dropout_key, self.cfg.num_layers)):
@@ -172,18 +176,33 @@ class ImageClassifier(nnx.Module):
     self.head = dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
 
   def __call__(self, images: Array, *, dropout_key: Array | None = None,
-               hidden_keep: Array | None = None) -> Array:
+               hidden_keep: Array | None = None, all_rows: bool = False) -> Array:
     """`images [batch, h, w, channels]` -> logits. `hidden_keep` (`[hidden]` 0/1) restricts the
-    LayerNorms' statistics to the kept units (WID)."""
+    LayerNorms' statistics to the kept units (WID). With class-token pooling the last layer
+    computes that token only, unless `all_rows` (for reading every token's activations)."""
     k_emb, k_enc = split_keys(dropout_key, 2)
     cls = self.cfg.pooling == "cls"  # the head reads the class token only: so does the last layer
-    h = self.encoder(self.embeddings(images, k_emb), k_enc, hidden_keep, slice(0, 1) if cls else None)
+    rows = slice(0, 1) if cls and not all_rows else None
+    h = self.encoder(self.embeddings(images, k_emb), k_enc, hidden_keep, rows)
     pooled = h[:, 0] if cls else h.mean(axis=1)  # [batch, hidden]
     return self.head(pooled.astype(self.cfg.compute_dtype)).astype(jnp.float32)
 
 
 def build(cfg: ViTConfig, seed: int = 0) -> ImageClassifier:
   return ImageClassifier(cfg, nnx.Rngs(params=seed))
+
+
+def activation_fn(cfg: ViTConfig):
+  """`fn(params, batch) -> (activations, weights)` of an `ImageClassifier` of `cfg` (float32), as
+  `bert.activation_fn`: every space's activations at every token, and weights of 1 (every token
+  of an image is real)."""
+  graph = nnx.graphdef(nnx.eval_shape(lambda: build(dataclasses.replace(cfg, dtype="float32"))))
+
+  def fn(params, batch):
+    _, acts = activations(nnx.merge(graph, params), batch["image"], all_rows=True)
+    return acts, jnp.ones(acts["hidden/embeddings"].shape[:2], jnp.float32)
+
+  return fn
 
 
 def apply_fn(graphdef):

@@ -121,14 +121,29 @@ class Task:
     raise NotImplementedError
 
   def generator_options(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:
-    """Options of `generators.make` that depend on the task (e.g. PCA maps from its data)."""
-    del cfg, teacher, data, student_shapes, log
+    """Options of `generators.make` that depend on the task (e.g. PCA maps from its data); by
+    default the importance-selected units WS and GWS start from (`method.init=importance`)."""
+    if cfg.method.name in ("ws", "gws") and cfg.method.init == "importance":
+      return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
     return {}
+
+  def activation_fn(self, teacher_config):
+    """The teacher family's `fn(params, batch) -> (activations, weights)` (`bert.activation_fn`)
+    that importance selection ranks units with; None where the family sows none."""
+    del teacher_config
+    return None
 
   def unit_ranking(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:
     """`{student space: kept teacher indices}` of importance selection, from the teacher's
     activations on the task's training data (`generators.importance`)."""
-    raise NotImplementedError(f"{self.name} cannot rank its teacher's units")
+    activation_fn = self.activation_fn(teacher.config)
+    if activation_fn is None:
+      raise NotImplementedError(f"{self.name} cannot rank its teacher's units")
+    from wdjax.generators.importance import importance_indices
+    log(f"ranking the teacher's units on {cfg.method.calibration_batches} training batches")
+    return importance_indices(activation_fn, teacher.params, student_shapes, data.train, cfg,
+                              cfg.method, heads_t=teacher.config.num_heads,
+                              heads_s=cfg.student.num_heads, log=log)
 
   def agnostic_start(self, cfg: Config, teacher: Model, data: Any, log) -> AgnosticStart:
     raise NotImplementedError(f"{self.name} has no task-agnostic objective")

@@ -284,15 +284,12 @@ class CausalLMTask(Task):
   def load_model(self, model_dir: Path):
     return llama.load_hf(model_dir)
 
-  def generator_options(self, cfg: Config, teacher: Model, data: LmData, student_shapes, log) -> dict:
-    if cfg.method.name in ("ws", "gws") and cfg.method.init == "importance":
-      return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
-    return {}
-
   def unit_ranking(self, cfg: Config, teacher: Model, data: LmData, student_shapes, log) -> dict:
     """The teacher layers the student keeps: the most influential ones (`block_influence` on
     `method.calibration_batches` training batches). Widths the student shrinks keep a uniform
-    selection of their units."""
+    selection of their units. An explicit `method.layer_map` keeps its layers instead."""
+    if cfg.method.layer_map:
+      return {}
     from wdjax import trees
     from wdjax.generators.importance import block_influence, top_layers
     from wdjax.generators.select import DEPTH

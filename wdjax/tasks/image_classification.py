@@ -85,6 +85,7 @@ def teacher_config(cfg: Config, data: TaskData) -> ViTConfig:
 class ImageClassificationTask(Task):
   name = "image classification"
   datasets = ("fashion-mnist", "digits")
+  ranks_units = True
 
   def check(self, cfg: Config) -> list[str]:
     method, bad = cfg.method, []
@@ -118,6 +119,9 @@ class ImageClassificationTask(Task):
                        f"images with {t.num_labels} labels; data.dataset={cfg.data.dataset!r} has "
                        f"{images.image_size(data)}px and {len(data.label_names)}")
     return data
+
+  def activation_fn(self, teacher_config: ViTConfig):
+    return vit.activation_fn(teacher_config)
 
   def student_config(self, cfg: Config, teacher_config: ViTConfig) -> ViTConfig:
     """The teacher's patches, pooling and labels with the student's shape."""

@@ -159,15 +159,10 @@ class TextClassification(Task):
     if method.name in ("ws", "gws") and method.init == "pca":
       from wdjax.generators.pca import pca_maps
       return {"pca": pca_maps(teacher.config, teacher.params, data.train, cfg, method)}
-    if method.name in ("ws", "gws") and method.init == "importance":
-      return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
-    return {}
+    return super().generator_options(cfg, teacher, data, student_shapes, log)
 
-  def unit_ranking(self, cfg: Config, teacher: Model, data: TaskData, student_shapes, log) -> dict:
-    from wdjax.generators.importance import importance_indices
-    log(f"ranking the teacher's units on {cfg.method.calibration_batches} training batches")
-    return importance_indices(teacher.config, teacher.params, student_shapes, data.train, cfg,
-                              cfg.method)
+  def activation_fn(self, teacher_config: bert.EncoderConfig):
+    return bert.activation_fn(teacher_config)
 
   def agnostic_start(self, cfg: Config, teacher: Model, data: TaskData, log) -> AgnosticStart:
     """Task-agnostic WID (docs/methods.md §3.4): phase 1 trains the compactors of the
