@@ -131,6 +131,14 @@ class KDConfig:
   temperature: float = 2.0  # softmax temperature of the soft targets
   alpha: float = 0.9  # weight of the KD term; 1 - alpha weighs the label CE; 0 = no teacher
   cache_teacher_logits: bool = True  # run the teacher once over the train split, not every step
+  # intermediate-layer distillation (train/intermediate.py; the teacher then runs every step):
+  hidden_weight: float = 0.0  # weight of the hidden-state term (1 - R^2 of the student's states' fit)
+  attention_weight: float = 0.0  # weight of the attention-map KL
+  attention_heads: int = 0  # heads the attention maps are split into (0: the student's)
+
+  @property
+  def intermediate(self) -> bool:
+    return self.hidden_weight > 0 or self.attention_weight > 0
 
 
 @dataclasses.dataclass(frozen=True)

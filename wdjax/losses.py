@@ -82,3 +82,52 @@ def regression_kd(student: Array, teacher: Array, labels: Array, weights: Array,
 
 def accuracy(logits: Array, labels: Array, weights: Array) -> Array:
   return _mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32), weights)
+
+
+# --- intermediate-layer distillation (`train/intermediate.py`) ---------------------------------
+
+_EXACT = jax.lax.Precision.HIGHEST  # small products whose rounding would bias a least-squares fit
+
+
+def hidden_mismatch(student: Array, teacher: Array, weights: Array, ridge: float = 1e-4) -> Array:
+  """1 - R^2 of the best affine map from the student's states `[batch, rows, d_s]` to the
+  teacher's `[batch, rows, d_t]` over the tokens of `weights [batch, rows]` (1 on real ones):
+  the share of the teacher's (centred) variance the student's states cannot predict linearly,
+  in [0, 1]. The map is the batch's ridge least-squares fit (`ridge` x the mean eigenvalue of
+  the student's moment matrix), differentiated through: a projection that needs no parameters
+  of its own and is always at its optimum for the current states."""
+  w = weights.astype(jnp.float32)[..., None]
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  x = student.astype(jnp.float32).reshape(-1, student.shape[-1])
+  y = teacher.astype(jnp.float32).reshape(-1, teacher.shape[-1])
+  w = w.reshape(-1, 1)
+  x_mean, y_mean = jnp.sum(x * w, 0) / n, jnp.sum(y * w, 0) / n
+  x, y = (x - x_mean) * w, (y - y_mean) * w  # padding rows are zero and drop out of every sum
+  xx = jnp.einsum("ni,nj->ij", x, x, precision=_EXACT)
+  xy = jnp.einsum("ni,nj->ij", x, y, precision=_EXACT)
+  lam = ridge * jnp.trace(xx) / x.shape[-1] + 1e-12
+  fit = jnp.linalg.solve(xx + lam * jnp.eye(x.shape[-1]), xy)  # [d_s, d_t]
+  residual = y - jnp.einsum("ni,ij->nj", x, fit, precision=_EXACT)
+  return jnp.sum(jnp.square(residual)) / jnp.maximum(jnp.sum(jnp.square(y)), 1e-12)
+
+
+def attention_kl(student_q: Array, student_k: Array, teacher_q: Array, teacher_k: Array,
+                 mask: Array, heads: int) -> Array:
+  """KL(teacher || student) of the attention distributions softmax(q k^T / sqrt(d / heads)) of
+  `heads` heads, averaged over heads and real query rows (MiniLM's attention transfer). Queries
+  `[batch, rows, d]` (a layer that computes fewer rows: its first ones; both are cut to the fewer),
+  keys `[batch, seq, d]`; widths may differ (the heads split each). `mask [batch, seq]`: 1 on real
+  tokens. With `heads` the networks' own head count these are their attention maps (without a
+  relative position bias, which MPNet adds)."""
+  rows = min(student_q.shape[1], teacher_q.shape[1])
+
+  def logits(q, k):
+    q = q[:, :rows].astype(jnp.float32).reshape(*q.shape[:1], rows, heads, -1)
+    k = k.astype(jnp.float32).reshape(*k.shape[:2], heads, -1)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_EXACT) / jnp.sqrt(q.shape[-1])
+    return jnp.where(mask[:, None, None, :] > 0, s, -1e30)
+
+  log_t = jax.nn.log_softmax(logits(teacher_q, teacher_k), -1)
+  log_s = jax.nn.log_softmax(logits(student_q, student_k), -1)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1).mean(1)  # [batch, rows]
+  return _mean(kl, mask[:, :rows].astype(jnp.float32))

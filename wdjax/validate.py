@@ -52,6 +52,11 @@ def check(cfg: Config) -> Config:
            f"{task.name} supports {', '.join(task.methods)}")
     need(not cfg.method.ranks_units or task.ranks_units, "method.init",
          "importance", f"{task.name} cannot rank its teacher's units yet; use selection")
+    need(not cfg.kd.intermediate or (task.distils_intermediate and not cfg.method.task_agnostic),
+         "kd.hidden_weight" if cfg.kd.hidden_weight else "kd.attention_weight",
+         cfg.kd.hidden_weight or cfg.kd.attention_weight,
+         "intermediate-layer distillation is offered for text and image classification, with the "
+         "task's own objective; set it to 0")
     if cfg.student.vocabulary == "corpus":
       need(task.compresses_vocabulary, "student.vocabulary", "corpus",
            f"{task.name} does not compress vocabularies")
@@ -98,6 +103,11 @@ def check_fields(cfg: Config, need) -> None:
     need(getattr(cfg.student, name) >= 1, f"student.{name}", getattr(cfg.student, name), "must be at least 1")
   need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "must be > 0")
   need(0 <= cfg.kd.alpha <= 1, "kd.alpha", cfg.kd.alpha, "must be in [0, 1]")
+  for name in ("hidden_weight", "attention_weight", "attention_heads"):
+    need(getattr(cfg.kd, name) >= 0, f"kd.{name}", getattr(cfg.kd, name), "must be >= 0")
+  heads = cfg.kd.attention_heads or cfg.student.num_heads
+  need(cfg.kd.attention_weight == 0 or cfg.student.hidden_size % heads == 0, "kd.attention_heads",
+       heads, f"must divide student.hidden_size={cfg.student.hidden_size}")
   need(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep,
        "must be at least 1: the last checkpoint is what a run resumes and exports from")
   need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0; 0 = only at the end")

@@ -46,6 +46,11 @@ METHODS = {  # label -> (preset, extra --set assignments)
     "select+kd-vocab": ("select_kd", ["student.vocabulary=corpus"]),
     # the same, from the teacher's most active units on 16 training batches (generators/importance.py)
     "importance+kd": ("select_kd", ["method.init=importance"]),
+    # intermediate-layer distillation beside the logit KD (train/intermediate.py): hidden states
+    # (1 - R^2 of their affine fit) and attention maps, weight 1 each
+    "kd+inter": ("kd", ["kd.hidden_weight=1", "kd.attention_weight=1"]),
+    "importance+kd+inter": ("select_kd", ["method.init=importance", "kd.hidden_weight=1",
+                                          "kd.attention_weight=1"]),
     "ws": ("ws", []),
     "ws-importance": ("ws", ["method.init=importance"]),  # WS's maps start at importance selection
     "gws": ("gws", []),
@@ -73,6 +78,9 @@ VISION_METHODS = {
     "ce": ("vit", ["kd.alpha=0.0"]),  # the student from scratch, no teacher
     "kd": ("vit", []),
     "select+kd": ("vit", ["method.init=selection"]),  # weight selection's own setting, plus KD
+    "importance+kd": ("vit", ["method.init=importance"]),  # the most active units (generators/importance.py)
+    "importance+kd+inter": ("vit", ["method.init=importance", "kd.hidden_weight=1",
+                                    "kd.attention_weight=1"]),  # plus intermediate-layer terms
     "ws": ("vit", ["method.name=ws"]),
     "gws": ("vit", ["method.name=gws"]),
     "wd": ("vit", ["method.name=wd", "method.init=identity"]),

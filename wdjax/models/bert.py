@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 from wdjax.errors import WdjaxError
 from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, activations, dense, dropout, gelu,
-                                 layer_norm, masked_norm, sow, split_keys, take_rows)
+                                 layer_norm, masked_norm, sow, split_keys, take_rows,
+                                 unit_activations)
 from wdjax.models.contract import OUTPUT, RANKS_INPUT, SUMMED_EMBEDDING, VOCAB_COLUMNS, VOCAB_ROWS, leaf
 
 Array = jax.Array
@@ -336,7 +337,7 @@ def activation_fn(cfg: EncoderConfig):
     model = nnx.merge(graph, params)
     _, acts = activations(model, batch["input_ids"], batch["attention_mask"],
                           batch.get("token_type_ids"), all_rows=True)
-    return acts, batch["attention_mask"]
+    return unit_activations(acts), batch["attention_mask"]
 
   return fn
 

@@ -95,15 +95,24 @@ def sow(module: nnx.Module, name: str, value: Array) -> None:
 # Where a family's sown activations live in its module tree -> the space each belongs to: the
 # embedding output and the block outputs are the residual stream (`hidden`), `attn`/`ffn` a
 # layer's inner spaces (the inputs of its output and down projections), `pooled` a pooler's output.
+# `query`/`key` are a layer's attention queries and keys (intermediate distillation's maps).
 _SOWN = {("encoder", "embedded"): "hidden/embeddings", ("pooled",): "pooled"}
-_SOWN_IN_LAYER = {("out",): "hidden", ("attn", "inner"): "attn", ("mlp", "inner"): "ffn"}
+_SOWN_IN_LAYER = {("out",): "hidden", ("attn", "inner"): "attn", ("mlp", "inner"): "ffn",
+                  ("attn", "query"): "query", ("attn", "key"): "key"}
+UNIT_SPACES = ("hidden", "attn", "ffn", "pooled")  # the spaces whose units importance ranks
+
+
+def unit_activations(acts: dict[str, Array]) -> dict[str, Array]:
+  """The activations of `UNIT_SPACES` only (what activation PCA and importance read)."""
+  return {k: v for k, v in acts.items() if k.split("/")[0] in UNIT_SPACES}
 
 
 def activations(model: nnx.Module, *args, **kwargs) -> tuple[Array, dict[str, Array]]:
   """`model(*args, **kwargs)` and the activations it sowed, by space: `hidden/embeddings`,
-  `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l` (`[batch, rows, width]`) and `pooled`
-  (`[batch, 1, hidden]`). A layer that computes fewer rows than its input (`take_rows`) sows
-  its first rows."""
+  `hidden/layer_l`, `attn/layer_l`, `ffn/layer_l`, `query/layer_l`, `key/layer_l` (`[batch, rows,
+  width]`) and `pooled` (`[batch, 1, hidden]`). A layer that computes fewer rows than its input
+  (`take_rows`) sows its first rows. `model` is a module, or a function whose first argument is
+  one (`nnx.capture`'s)."""
   result, sown_state = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
   out = {}
   for path, sown in nnx.to_flat_state(sown_state):
@@ -113,6 +122,23 @@ def activations(model: nnx.Module, *args, **kwargs) -> tuple[Array, dict[str, Ar
     elif path[:1] == ("encoder",) and path[1].startswith("layer_") and path[2:] in _SOWN_IN_LAYER:
       out[f"{_SOWN_IN_LAYER[path[2:]]}/{path[1]}"] = sown.get_value()[0]
   return result, out
+
+
+def model_apply(graphdef, call):
+  """`apply(params, batch, dropout_key, **kwargs) = call(model, batch, dropout_key, **kwargs)`, the
+  model merged from `graphdef` and `params` inside the trace (the training step's and predictors'
+  apply functions). `apply.with_activations` takes the same arguments and returns
+  `(output, activations(...))`, what intermediate distillation reads."""
+
+  def apply(params, batch, dropout_key, **kwargs):
+    return call(nnx.merge(graphdef, params), batch, dropout_key, **kwargs)
+
+  def with_activations(params, batch, dropout_key, **kwargs):
+    return activations(lambda model: call(model, batch, dropout_key, **kwargs),
+                       nnx.merge(graphdef, params))
+
+  apply.with_activations = with_activations
+  return apply
 
 
 def take_rows(x: Array, rows: Rows) -> Array:
@@ -153,7 +179,10 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b = x.shape[0]
     split = lambda y: rearrange(y, "b t (h d) -> b t h d", h=cfg.num_heads)
-    q, k, v = split(self.q(take_rows(x, rows))), split(self.k(x)), split(self.v(x))
+    q, k, v = self.q(take_rows(x, rows)), self.k(x), self.v(x)
+    sow(self, "query", q)  # [batch, rows, d]: what intermediate distillation's attention maps read
+    sow(self, "key", k)
+    q, k, v = split(q), split(k), split(v)
     if bias is not None and rows is not None:  # the bias at those query rows: [1 or b, heads, k, seq]
       bias = (bias[:, :, rows] if isinstance(rows, slice)
               else jnp.moveaxis(jnp.take(bias[0], rows, axis=1), 1, 0))

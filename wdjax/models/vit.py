@@ -30,7 +30,8 @@ from flax import nnx
 
 from wdjax.errors import WdjaxError
 from wdjax.models.layers import (DTYPES, Attention, Mlp, Rows, activations, dense, dropout, layer_norm,
-                                 masked_norm, sow, split_keys, take_rows)
+                                 masked_norm, model_apply, sow, split_keys, take_rows,
+                                 unit_activations)
 from wdjax.models.contract import OUTPUT, leaf
 
 Array = jax.Array
@@ -200,16 +201,16 @@ def activation_fn(cfg: ViTConfig):
 
   def fn(params, batch):
     _, acts = activations(nnx.merge(graph, params), batch["image"], all_rows=True)
-    return acts, jnp.ones(acts["hidden/embeddings"].shape[:2], jnp.float32)
+    return unit_activations(acts), jnp.ones(acts["hidden/embeddings"].shape[:2], jnp.float32)
 
   return fn
 
 
 def apply_fn(graphdef):
-  """`apply(params, batch, dropout_key, **kwargs) -> logits` for the training step and predictors."""
-  def apply(params, batch, dropout_key, **kwargs):
-    return nnx.merge(graphdef, params)(batch["image"], dropout_key=dropout_key, **kwargs)
-  return apply
+  """`apply(params, batch, dropout_key, **kwargs) -> logits` for the training step and predictors
+  (`layers.model_apply`)."""
+  return model_apply(graphdef, lambda model, batch, dropout_key, **kwargs: model(
+      batch["image"], dropout_key=dropout_key, **kwargs))
 
 
 # --- transformers' ViTForImageClassification layout -------------------------------------------

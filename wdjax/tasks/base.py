@@ -94,6 +94,7 @@ class Task:
   methods: tuple[str, ...] | None = None  # the methods written for its families (None: all)
   ranks_units = False  # whether `unit_ranking` can rank the teacher's units (importance selection)
   compresses_vocabulary = False  # whether its data are token ids a narrowed vocabulary can renumber
+  distils_intermediate = False  # whether its objective's apply reads activations (kd.hidden_weight)
 
   def check(self, cfg: Config) -> list[str]:
     """Problems of `cfg` for this task, each as `key=value (rule)`; [] when it can run."""

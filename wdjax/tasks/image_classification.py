@@ -86,6 +86,7 @@ class ImageClassificationTask(Task):
   name = "image classification"
   datasets = ("fashion-mnist", "digits")
   ranks_units = True
+  distils_intermediate = True
 
   def check(self, cfg: Config) -> list[str]:
     method, bad = cfg.method, []

@@ -102,6 +102,7 @@ class TextClassification(Task):
   datasets = ("rotten-tomatoes", "files")
   ranks_units = True
   compresses_vocabulary = True
+  distils_intermediate = True
 
   def check(self, cfg: Config) -> list[str]:
     d, bad = cfg.data, []

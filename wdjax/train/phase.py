@@ -27,6 +27,7 @@ from wdjax.data import pipeline
 from wdjax.errors import WdjaxError
 from wdjax.generators import Generator, StudentSpec, param_count
 from wdjax.train import checkpoint as ckpt_lib, loop, mesh as mesh_lib, step as step_lib
+from wdjax.train.intermediate import IntermediateLoss
 from wdjax.train.metrics import MetricWriter
 
 Params = Any
@@ -69,6 +70,17 @@ def fingerprint(cfg: Config, phase_train: TrainConfig, distilling: bool) -> dict
   if distilling:
     out.update(student=d["student"], kd=d["kd"], method=d["method"])
   return out
+
+
+def intermediate_loss(kd, teacher_config, student_config, student_apply) -> IntermediateLoss:
+  """The intermediate-distillation terms of `kd` for these networks (`train/intermediate.py`)."""
+  if not hasattr(student_apply, "with_activations"):
+    raise WdjaxError("kd.hidden_weight / kd.attention_weight: this objective's network does not "
+                     "report its activations; set both to 0")
+  return IntermediateLoss(teacher_layers=teacher_config.num_layers,
+                          student_layers=student_config.num_layers, hidden_weight=kd.hidden_weight,
+                          attention_weight=kd.attention_weight,
+                          heads=kd.attention_heads or student_config.num_heads)
 
 
 def settings_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -128,9 +140,13 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
   export_apply = objective.apply(nnx.split(objective.build(spec.config))[0])
   student_apply = objective.apply(student_graph)
   teacher_apply = None
-  if teacher is not None and cfg.kd.alpha > 0 and objective.logit_kd:
+  intermediate = None
+  if teacher is not None and (cfg.kd.alpha > 0 or cfg.kd.intermediate) and objective.logit_kd:
     teacher_cfg = dataclasses.replace(teacher.config, dtype=cfg.teacher.dtype)
     teacher_apply = objective.apply(nnx.split(objective.build(teacher_cfg))[0])
+    if cfg.kd.intermediate:
+      intermediate = intermediate_loss(cfg.kd, teacher.config, generator.training_config(spec.config),
+                                       student_apply)
 
   gen_shapes, gen_state_shapes = jax.eval_shape(
       lambda p, t: generator.init(jax.random.key(cfg.seed), t, StudentSpec(spec.config, p)),
@@ -151,7 +167,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
                                teacher_apply=teacher_apply, tx=tx, kd=cfg.kd, seed=cfg.seed,
                                frozen=train.optim.frozen, label_smoothing=objective.label_smoothing,
                                products=step_lib.generator_products(spec.config.dtype),
-                               loss=objective.loss),
+                               loss=objective.loss, intermediate=intermediate),
       in_shardings=(state_sh, teacher_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   materialize = jax.jit(lambda p, t, s: generator.materialize(p, t, s), out_shardings=student_sh)
@@ -202,7 +218,7 @@ def _train_phase(cfg: Config, *, phase: str, train: TrainConfig, task: Any,
 
     targets = None
     if (teacher_apply is not None and cfg.kd.cache_teacher_logits and objective.caches_targets
-        and not export_only):
+        and intermediate is None and not export_only):  # the intermediate terms run the teacher anyway
       targets = teacher_train_targets(
           cfg, teacher, task, objective, lambda: objective.teacher_targets(
               teacher_apply, teacher_params, task.train, mesh, teacher_sh, train.eval_batch_size,

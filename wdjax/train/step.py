@@ -29,6 +29,7 @@ from wdjax.errors import WdjaxError
 from wdjax import trees
 from wdjax.config import KDConfig, OptimConfig
 from wdjax.generators.base import Generator, MomentInjection, OptimizerHooks, StudentSpec
+from wdjax.train.intermediate import IntermediateLoss, token_mask
 from wdjax.train.mesh import path_str
 
 Params = Any
@@ -163,7 +164,8 @@ def generator_products(compute_dtype: str, device: jax.Device | None = None) -> 
 def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_apply: ApplyFn | None,
                     tx: optax.GradientTransformation, kd: KDConfig, seed: int,
                     frozen: tuple[str, ...] = (), label_smoothing: float = 0.0,
-                    products: str | None = None, loss: str = "ce"):
+                    products: str | None = None, loss: str = "ce",
+                    intermediate: IntermediateLoss | None = None):
   """`step(state, teacher_params, batch) -> (state, metrics)`, not yet jitted.
 
   The KD targets are `batch["teacher_logits"]` when the batch carries them (or a language
@@ -176,6 +178,8 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
   and backward (the backward's products are the transposes of the forward's and keep their
   algorithm); None leaves JAX's default. `loss="mse"` trains a regression head (one output):
   squared error, and under KD `losses.regression_kd` with the teacher's scores.
+  `intermediate` adds the hidden-state and attention terms (`train/intermediate.py`): both
+  networks then run through their `apply.with_activations`, the teacher in every step.
   """
   if loss not in ("ce", "mse"):
     raise ValueError(f"loss must be 'ce' or 'mse', got {loss!r}")
@@ -184,13 +188,18 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
   def step(state: dict, teacher_params: Params | None, batch: Batch):
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
     teacher_params = jax.lax.stop_gradient(teacher_params)
+    teacher_out = teacher_acts = None
+    if intermediate is not None:
+      teacher_out, teacher_acts = jax.lax.stop_gradient(
+          teacher_apply.with_activations(teacher_params, batch, None))
     topk_ids = batch.get("teacher_topk_ids")  # a language model's cached top-k logits per token
     if "teacher_logits" in batch:  # precomputed once per run (the teacher is frozen and in eval mode)
       teacher_logits = batch["teacher_logits"]
     elif topk_ids is not None:
       teacher_logits = batch["teacher_topk_logits"]
     elif use_teacher_logits:
-      teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch, None))
+      teacher_logits = (teacher_out if teacher_out is not None
+                        else jax.lax.stop_gradient(teacher_apply(teacher_params, batch, None)))
     else:
       teacher_logits = None
     labels, weights = batch["labels"], batch["weights"]
@@ -202,7 +211,13 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
             lambda f, x: jax.lax.stop_gradient(x) if f else x, frozen_mask(gen_params, frozen), gen_params)
       with contextlib.nullcontext() if products is None else jax.default_matmul_precision(products):
         student = generator.generate(gen_params, teacher_params, state["gen_state"])
-      logits = student_apply(student, batch, key, **generator.model_kwargs(state["gen_state"]))
+      model_kwargs = generator.model_kwargs(state["gen_state"])
+      inter, inter_parts = jnp.zeros((), jnp.float32), {}
+      if intermediate is None:
+        logits = student_apply(student, batch, key, **model_kwargs)
+      else:
+        logits, acts = student_apply.with_activations(student, batch, key, **model_kwargs)
+        inter, inter_parts = intermediate(acts, teacher_acts, token_mask(batch, acts))
       if loss == "mse" and teacher_logits is None:
         task = losses.squared_error(logits, labels, label_weights)
         parts = {"mse": task}
@@ -217,7 +232,7 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
                                     temperature=kd.temperature, alpha=kd.alpha,
                                     label_weights=label_weights, topk_ids=topk_ids)
       aux = generator.aux_loss(gen_params, teacher_params, state["gen_state"])
-      return task + aux, (logits, parts, aux)
+      return task + aux + inter, (logits, {**parts, **inter_parts}, aux)
 
     (total, (logits, parts, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.global_norm(grads)
@@ -240,11 +255,7 @@ def make_train_step(*, generator: Generator, student_apply: ApplyFn, teacher_app
 
 def classifier_apply(graphdef) -> ApplyFn:
   """Apply function of an NNX sequence classifier from its graphdef (merge inside the trace)."""
-  from flax import nnx
-
-  def apply(params: Params, batch: Batch, dropout_key: jax.Array | None, **kwargs) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                 dropout_key=dropout_key, **kwargs)
-
-  return apply
+  from wdjax.models.layers import model_apply
+  return model_apply(graphdef, lambda model, batch, dropout_key, **kwargs: model(
+      batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+      dropout_key=dropout_key, **kwargs))
