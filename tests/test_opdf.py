@@ -105,6 +105,27 @@ def test_constraint_pulls_the_first_layers_towards_the_aligned_ones():
   assert float(gen_at_target.aux_loss(gp_t, t_params, gs_t)) < 1e-10
 
 
+def test_relative_constraint_is_the_mean_relative_squared_distance_of_the_cores():
+  """`constraint="relative"`: lambda x the mean over (matrix, auxiliary core) of
+  ||T_s - T_t||^2 / ||T_t||^2, from the two layers' own decompositions; zero at the target."""
+  t_params = _params(SMALL, 0)
+  gen, gp, gs, _ = _opdf(t_params, n_cores=5, constraint_lambda=2.0, constraint="relative")
+  flat, want = trees.flatten(t_params), []
+  for p in gen.factors:
+    a, b = [mpo.decompose(np.asarray(flat[p.replace("layer_0", l)]).T, *gen.factors[p])
+            for l in ("layer_0", "layer_1")]
+    want += [np.sum(np.square(np.asarray(a[k], np.float64) - b[k])) / np.sum(np.square(np.asarray(b[k], np.float64)))
+             for k in gen.constrained[p]]
+  got = float(gen.aux_loss(gp, t_params, gs))
+  assert got > 0.1  # the scale of a relative distance, not of a core entry's square
+  np.testing.assert_allclose(got, 2.0 * np.mean(want), rtol=1e-4)
+  at, gp_t, gs_t, _ = _opdf(t_params, n_cores=5, constraint_lambda=1.0, layer_map="every_k",
+                            constraint="relative")
+  assert float(at.aux_loss(gp_t, t_params, gs_t)) < 1e-8
+  with pytest.raises(ValueError, match="constraint must be one of"):
+    _opdf(t_params, constraint="l1")
+
+
 def test_constraint_loss_has_gradient_on_exactly_the_auxiliary_cores():
   t_params = _params(SMALL, 0)
   gen, gp, gs, _ = _opdf(t_params, n_cores=5, constraint_lambda=1.0)

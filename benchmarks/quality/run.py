@@ -69,6 +69,14 @@ METHODS = {  # label -> (preset, extra --set assignments)
     "kd-384": ("select_kd", ["SAME_WIDTH", "method.layer_map=first_n"]),
     "opdf": ("opdf", []),
     "opdf-noloss": ("opdf", ["method.constraint_lambda=0"]),
+    # where the constraint can act: a random start (its baseline: KD from scratch at 3x384, the
+    # size curve's kd row), and the scale-free constraint at lambda 10, whose gradient at the
+    # start is about KD's (opdf_gradients_cpu.md) where the paper's is 4e-8 of it
+    "opdf-random": ("opdf", ["method.init=random"]),
+    "opdf-random-noloss": ("opdf", ["method.init=random", "method.constraint_lambda=0"]),
+    "opdf-random-relative": ("opdf", ["method.init=random", "method.constraint=relative",
+                                      "method.constraint_lambda=10"]),
+    "opdf-relative": ("opdf", ["method.constraint=relative", "method.constraint_lambda=10"]),
 }
 
 

@@ -17,6 +17,7 @@ from wdjax.generators.mpo import core_shapes, decompose, factorize
 from wdjax.models import contract
 from wdjax.generators.select import SelectionPlan
 
+CONSTRAINTS = ("mse", "relative")
 
 
 class MatrixProductOperator(Generator):
@@ -45,9 +46,12 @@ class MatrixProductOperator(Generator):
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, n_cores: int = 5,
                constraint_lambda: float | None = None, start: str = "selection",
-               layer_map: str = "first_n"):
+               layer_map: str = "first_n", constraint: str = "mse"):
     if start not in ("selection", "random"):
       raise ValueError(f"OPDF start must be 'selection' or 'random', got {start!r}")
+    if constraint not in CONSTRAINTS:
+      raise ValueError(f"OPDF constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+    self.constraint = constraint
     self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)  # where the student starts
     self.start = start
     self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
@@ -115,16 +119,22 @@ class MatrixProductOperator(Generator):
     return trees.unflatten(trees.unstack_layers(out))
 
   def aux_loss(self, gen_params, teacher_params, gen_state):
-    """lambda * (1/|M|) sum_m sum_{k aux} MSE(T_s^(m,k), sg(T_t^(m,k))) (§2.5, the paper's
-    definition: the released code's version never reaches the gradient)."""
+    """`mse`: lambda * (1/|M|) sum_m sum_{k aux} MSE(T_s^(m,k), sg(T_t^(m,k))) (§2.5, the paper's
+    definition: the released code's version never reaches the gradient). `relative`: lambda x
+    the mean over constrained (matrix, core) pairs of ||T_s - T_t||^2 / ||T_t||^2, a scale-free
+    form whose gradient is not divided by the cores' sizes (§2.5)."""
     del teacher_params
     if not self.constraint_lambda:
       return jnp.zeros((), jnp.float32)
     flat = trees.flatten(gen_params["cores"])
     targets = trees.flatten(gen_state["targets"])
-    # per matrix and core (a stacked leaf holds one per layer): the mean of its squared error
-    per_matrix = lambda d, k: (jnp.mean(d, axis=tuple(range(1, d.ndim))).sum() if trees.is_stacked(k)
-                               else jnp.mean(d))
+    # per matrix and core (a stacked leaf holds one per layer [L, ...]): reduce all but the layer axis
+    inner = lambda d, k: tuple(range(1, d.ndim)) if trees.is_stacked(k) else None
+    if self.constraint == "relative":
+      terms = [jnp.sum(jnp.square(flat[k] - jax.lax.stop_gradient(t)), axis=inner(t, k))
+               / jnp.maximum(jnp.sum(jnp.square(t), axis=inner(t, k)), 1e-12) for k, t in targets.items()]
+      return self.constraint_lambda * jnp.mean(jnp.concatenate([jnp.atleast_1d(x) for x in terms]))
+    per_matrix = lambda d, k: jnp.mean(d, axis=inner(d, k)).sum()
     total = sum(per_matrix(jnp.square(flat[k] - jax.lax.stop_gradient(t)), k) for k, t in targets.items())
     return self.constraint_lambda * total / len(self.factors)
 
@@ -138,6 +148,7 @@ class OPDFMethod(MethodConfig):
   cores: int = 5  # cores per matrix (2 = the SVD ablation, 5 = Theseus's, 7 = LGTM's)
   constraint_lambda: float = -1.0  # constraint-loss weight (-1 = the paper's 1e-4 / student layers)
   init: str = "selection"  # the cores' start: decomposed teacher layers ("selection") | "random"
+  constraint: str = "mse"  # the constraint's form: "mse" (the paper's) | "relative" (scale-free, §2.5)
 
 
 def _check(method: OPDFMethod) -> list[str]:
@@ -146,7 +157,7 @@ def _check(method: OPDFMethod) -> list[str]:
 
 register(Method("opdf", MatrixProductOperator, section=OPDFMethod, check=_check,
                 options=lambda m, context: {
-                    "n_cores": m.cores, "start": m.init,
+                    "n_cores": m.cores, "start": m.init, "constraint": m.constraint,
                     "constraint_lambda": None if m.constraint_lambda < 0 else m.constraint_lambda,
                     "layer_map": m.layer_map or "first_n"},  # the paper's start (docs/methods.md §2.3)
-                choices={"init": ("selection", "random")}))
+                choices={"init": ("selection", "random"), "constraint": CONSTRAINTS}))
