@@ -2,6 +2,7 @@
 distillation end to end on a tiny random Llama teacher and text files made in the test."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -258,6 +259,27 @@ def test_a_vocabulary_compressed_student_tokenizes_and_predicts_in_transformers_
   with torch.no_grad():
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor([ours])).logits.numpy()
   np.testing.assert_allclose(logits, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_pipeline_scores_the_pretrained_teacher_as_it_is_beside_its_students(lm_files, tmp_path, capsys):
+  """`wdjax pipeline` on a language model: no finetune phase; the teacher's own perplexity heads
+  the table (printed as it is, not x 100), then the transfer, KD and CE students."""
+  from wdjax import cli
+  cfg = _lm_config(lm_files, tmp_path / "run", method=generators.section("kd"))
+  path = tmp_path / "lm_cfg.py"
+  path.write_text("from wdjax.config import *\nfrom wdjax.tasks.causal_lm import CausalLMConfig\n\n\n"
+                  f"def get_config():\n  return {cfg!r}\n")
+  assert cli.run(["pipeline", str(path), "--set", "pipeline.transfer=importance"]) == 0
+  table = capsys.readouterr().out
+  teacher = run_lib.score_teacher(cfg, log=lambda _: None)
+  assert teacher["trainable_params"] == 0 and teacher["model_params"] > 0
+  row = f"| teacher ({lm_files / 'teacher'}, as it is) | none | {teacher['test_perplexity']:.2f} |"
+  assert row in table
+  for name, phase in (("importance selection + KD (weight transfer)", "distill_kd_importance"),
+                      ("kd (T=1.0, alpha=0.9)", "distill"), ("CE only, same steps", "distill_ce")):
+    ppl = json.loads((tmp_path / "run" / phase / "results.json").read_text())["test_perplexity"]
+    assert f"| student 2x32, {name} | " in table and f"| {ppl:.2f} |" in table, name
+  assert (tmp_path / "run" / "results.md").read_text().strip() == table.strip().split("\n\n")[-1].strip()
 
 
 def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):

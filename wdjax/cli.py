@@ -76,15 +76,21 @@ def _assets(args) -> None:
     print(f"{name}: {assets.fetch(name, args.cache_dir)}")
 
 
+UNSCALED = ("perplexity", "bleu")  # metrics the pipeline's table prints as they are (not x 100)
+
+
 def _table(rows: list[tuple[str, dict]], metric: str = "accuracy") -> str:
-  """The pipeline's summary: each model's test and validation `metric` (x 100), and macro-F1
-  beside accuracy where the results have it (it exposes a majority-class predictor)."""
+  """The pipeline's summary: each model's test and validation `metric` (a share x 100;
+  perplexity and BLEU as they are), and macro-F1 beside accuracy where the results have it (it
+  exposes a majority-class predictor)."""
   names = [metric] + (["macro_f1"] if metric != "macro_f1" and "test_macro_f1" in rows[0][1] else [])
   head = " | ".join(f"{split} {n.replace('_', '-')}" for n in names for split in ("test", "validation"))
   lines = [f"| model | trainable params | {head} |", "|---|---|" + "---|" * 2 * len(names)]
   for name, r in rows:
-    cells = " | ".join(f"{100 * r[f'{split}_{n}']:.2f}" for n in names for split in ("test", "validation"))
-    lines.append(f"| {name} | {r['trainable_params'] / 1e6:.2f}M | {cells} |")
+    cells = " | ".join(f"{(1 if n in UNSCALED else 100) * r[f'{split}_{n}']:.2f}"
+                       for n in names for split in ("test", "validation"))
+    trainable = f"{r['trainable_params'] / 1e6:.2f}M" if r["trainable_params"] else "none"
+    lines.append(f"| {name} | {trainable} | {cells} |")
   return "\n".join(lines)
 
 
@@ -145,19 +151,21 @@ def run(argv: list[str] | None = None) -> int:
     from wdjax import tasks
     s = cfg.student
     shape = f"{s.num_layers}x{s.hidden_size}"
-    rows = [(f"teacher (fine-tuned {cfg.teacher.model})", run_lib.finetune(cfg))]
+    task = tasks.for_dataset(cfg.data.dataset)
+    rows = [(f"teacher (fine-tuned {cfg.teacher.model})", run_lib.finetune(cfg)) if task.trains_teacher
+            else (f"teacher ({cfg.teacher.model}, as it is)", run_lib.score_teacher(cfg))]
     transfer = transfer_config(cfg)
     if transfer is not None and transfer.method.label != cfg.method.label:
       name = {"selection": "weight selection + KD",
               "importance": "importance selection + KD"}.get(cfg.pipeline.transfer, cfg.pipeline.transfer)
       rows.append((f"student {shape}, {name} (weight transfer)", run_lib.distill(transfer)))
-    rows.append((f"student {shape}, {cfg.method.name} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})",
+    rows.append((f"student {shape}, {cfg.method.label} (T={cfg.kd.temperature}, alpha={cfg.kd.alpha})",
                  run_lib.distill(cfg)))
     ce_cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.0))
-    objective = tasks.for_dataset(cfg.data.dataset).objective(cfg)
+    objective = task.objective(cfg)
     loss = "MSE" if objective.loss == "mse" else "CE"
     rows.append((f"student {shape}, {loss} only, same steps", run_lib.distill(ce_cfg, phase="distill_ce")))
-    table = _table(rows, objective.best_metric)
+    table = _table(rows, task.metric_name(cfg))
     if _main_print("\n" + table):
       Path(cfg.workdir, "results.md").write_text(table + "\n")
   return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from wdjax.config import Config
@@ -95,6 +96,7 @@ class Task:
   ranks_units = False  # whether `unit_ranking` can rank the teacher's units (importance selection)
   compresses_vocabulary = False  # whether its data are token ids a narrowed vocabulary can renumber
   distils_intermediate = False  # whether its objective's apply reads activations (kd.hidden_weight)
+  trains_teacher = True  # whether its teacher comes from `wdjax finetune` (else it is used as it is)
 
   def check(self, cfg: Config) -> list[str]:
     """Problems of `cfg` for this task, each as `key=value (rule)`; [] when it can run."""
@@ -160,15 +162,30 @@ class Task:
   def evaluate(self, cfg: Config, model_dir: Path, splits: tuple[str, ...]) -> dict[str, float]:
     """`{split: metric_name(cfg)}` of an exported model on the config's data."""
     config, params = self.load_model(model_dir)
-    data = self.eval_data(cfg, model_dir, config)
+    scores = self.scores(cfg, config, params, self.eval_data(cfg, model_dir, config), splits)
+    metric = self.metric_name(cfg)
+    return {split: s[metric] for split, s in scores.items()}
+
+  def score_teacher(self, cfg: Config, log) -> dict:
+    """The teacher as it is, scored like a phase's results (`{split}_{score}` for validation and
+    test, its parameter count, none trainable): the first row of `wdjax pipeline` for a task
+    that does not train its teacher."""
+    teacher = self.load_teacher(cfg)
+    data = self.load_data(cfg, teacher, log)
+    scores = self.scores(cfg, teacher.config, teacher.params, data, ("validation", "test"))
+    count = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(teacher.params))
+    return {"trainable_params": 0, "model_params": count,
+            **{f"{split}_{k}": v for split, s in scores.items() for k, v in s.items()}}
+
+  def scores(self, cfg: Config, config, params, data: Any, splits: tuple[str, ...]) -> dict[str, dict]:
+    """`{split: the objective's scores}` of a model (`config`, `params`) on `data`'s splits."""
     objective = self.objective(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
     sh = mesh_lib.param_shardings(params, mesh)
     apply = objective.apply(nnx.split(objective.build(config))[0])
     predictor = objective.predictor(apply, mesh, sh, cfg.distill.eval_batch_size, cfg.data.pad_to_multiple)
     params = jax.device_put(params, sh)
-    metric = self.metric_name(cfg)
-    return {split: predictor.scores(params, data.split(split))[metric] for split in splits}
+    return {split: predictor.scores(params, data.split(split)) for split in splits}
 
   def eval_data(self, cfg: Config, model_dir: Path, config) -> Any:
     """The data `evaluate` scores `model_dir`'s model on."""

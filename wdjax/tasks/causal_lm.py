@@ -265,6 +265,8 @@ class CausalLMTask(Task):
   def objective(self, cfg: Config) -> CausalLanguageModel:
     return CausalLanguageModel(top_k=cfg.task.kd_top_k)
 
+  trains_teacher = False  # a pretrained LM is distilled as it is
+
   def finetune_start(self, cfg: Config, log):
     raise WdjaxError("a causal-LM teacher is a pretrained model distilled as it is (teacher.model); "
                      "there is no finetune phase: run `wdjax distill`")

@@ -92,6 +92,13 @@ def evaluate(cfg: Config, model_dir: str | Path, splits=("validation", "test")) 
   return tasks.for_dataset(cfg.data.dataset).evaluate(cfg, Path(model_dir), tuple(splits))
 
 
+def score_teacher(cfg: Config, log=distributed.log) -> dict:
+  """The teacher of a task that uses it as it is (a pretrained LM), scored on the config's
+  validation and test data like a phase's results."""
+  cfg = start(cfg)
+  return tasks.for_dataset(cfg.data.dataset).score_teacher(cfg, log)
+
+
 def initial_student(cfg: Config, model: nnx.Module, teacher_params: Params,
                     rank: Callable[[Params], dict] | None = None) -> Params:
   """The student's starting parameters: `model`'s random initialisation, or the teacher's
