@@ -19,6 +19,7 @@ from wdjax.errors import WdjaxError
 from wdjax.generators import Identity, StudentSpec
 from wdjax.generators.importance import block_influence, top_layers
 from wdjax.models import llama
+from wdjax.models.layers import activations
 from wdjax.tasks.causal_lm import CausalLMConfig
 from wdjax.train import mesh as mesh_lib, run as run_lib, step as step_lib
 
@@ -63,7 +64,9 @@ def test_block_influence_drops_blocks_that_leave_the_stream_unchanged():
   model = nnx.merge(nnx.graphdef(llama.build(TEACHER)), trees.unflatten(flat))
   ids = jnp.asarray(np.random.default_rng(1).integers(1, 300, (2, 9)))
   mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
-  bi = np.asarray(block_influence(llama.residual_stream(model, ids, mask), mask))
+  _, acts = activations(model, ids, mask)  # the residual stream entering each block and leaving the last
+  states = [acts["hidden/embeddings"]] + [acts[f"hidden/layer_{l}"] for l in range(4)]
+  bi = np.asarray(block_influence(states, mask))
   assert bi[1] == pytest.approx(0, abs=1e-6) and bi[2] == pytest.approx(0, abs=1e-6)
   assert bi[0] > 0.01 and bi[3] > 0.01
   assert top_layers(bi, 2).tolist() == [0, 3]
@@ -71,6 +74,29 @@ def test_block_influence_drops_blocks_that_leave_the_stream_unchanged():
   kept = generators.select(trees.unflatten(flat), student, indices={"depth": top_layers(bi, 2)})
   np.testing.assert_array_equal(kept["decoder"]["layer_1"]["mlp"]["up"]["kernel"],
                                 flat["decoder/layer_3/mlp/up/kernel"])
+
+
+def test_a_narrower_llama_keeps_the_most_active_residual_channels_and_ffn_neurons():
+  """Width importance on the Llama family: a planted residual channel (the embedding's) and a
+  planted SwiGLU neuron of the layer the student keeps are kept; every-other selection keeps
+  neither."""
+  from wdjax.generators import importance
+  from wdjax.generators.select import SelectionPlan
+  flat = {k: np.array(v) for k, v in trees.flatten(nnx.to_pure_dict(nnx.state(llama.build(TEACHER, seed=0)))).items()}
+  channel, neuron = 13, 41
+  flat["decoder/embed/embedding"][:, channel] *= 30.0  # pre-norm: the stream carries it to the end
+  flat["decoder/layer_1/mlp/up/kernel"][:, neuron] *= 30.0
+  teacher = trees.unflatten(flat)
+  s_cfg = dataclasses.replace(TEACHER, num_layers=4, hidden_size=16, intermediate_size=24)
+  student = nnx.to_pure_dict(nnx.state(llama.build(s_cfg, seed=1)))
+  acts, w = llama.activation_fn(TEACHER)(teacher, _tiny_batch(np.random.default_rng(0)))
+  squares = {k: np.einsum("btd,bt->d", np.square(np.asarray(x)), np.asarray(w)) for k, x in acts.items()}
+  assert {"hidden/embeddings", "hidden/layer_3", "attn/layer_0", "ffn/layer_3"} <= set(squares)
+  scores = importance.unit_scores(squares)
+  keep = importance.keep_indices(scores, SelectionPlan(teacher, student), TEACHER.num_heads, s_cfg.num_heads)
+  assert channel in keep["hidden"] and neuron in keep["ffn/layer_1"]
+  uniform = SelectionPlan(teacher, student)
+  assert channel not in uniform.index["hidden"] and neuron not in uniform.index["ffn"]
 
 
 def _tiny_batch(rng, b=8, t=12):

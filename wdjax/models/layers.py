@@ -96,7 +96,8 @@ def sow(module: nnx.Module, name: str, value: Array) -> None:
 # embedding output and the block outputs are the residual stream (`hidden`), `attn`/`ffn` a
 # layer's inner spaces (the inputs of its output and down projections), `pooled` a pooler's output.
 # `query`/`key` are a layer's attention queries and keys (intermediate distillation's maps).
-_SOWN = {("encoder", "embedded"): "hidden/embeddings", ("pooled",): "pooled"}
+_SOWN = {("encoder", "embedded"): "hidden/embeddings", ("decoder", "embedded"): "hidden/embeddings",
+         ("pooled",): "pooled"}
 _SOWN_IN_LAYER = {("out",): "hidden", ("attn", "inner"): "attn", ("mlp", "inner"): "ffn",
                   ("attn", "query"): "query", ("attn", "key"): "key"}
 UNIT_SPACES = ("hidden", "attn", "ffn", "pooled")  # the spaces whose units importance ranks
@@ -119,7 +120,7 @@ def activations(model: nnx.Module, *args, **kwargs) -> tuple[Array, dict[str, Ar
     path = tuple(str(p) for p in path)
     if path in _SOWN:
       out[_SOWN[path]] = sown.get_value()[0]
-    elif path[:1] == ("encoder",) and path[1].startswith("layer_") and path[2:] in _SOWN_IN_LAYER:
+    elif path[0] in ("encoder", "decoder") and path[1].startswith("layer_") and path[2:] in _SOWN_IN_LAYER:
       out[f"{_SOWN_IN_LAYER[path[2:]]}/{path[1]}"] = sown.get_value()[0]
   return result, out
 

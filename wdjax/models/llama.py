@@ -37,7 +37,8 @@ from flax import nnx
 from wdjax import trees
 from wdjax.errors import WdjaxError
 from wdjax.models.contract import DECOMPOSE, OUTPUT, RANKS_HIDDEN, VOCAB_COLUMNS, VOCAB_ROWS, leaf
-from wdjax.models.layers import DTYPES, attention_implementation, dense, dropout, sow, split_keys
+from wdjax.models.layers import (DTYPES, activations, attention_implementation, dense, dropout,
+                                 model_apply, sow, split_keys, unit_activations)
 
 Array = jax.Array
 Params = Any
@@ -211,6 +212,7 @@ class Block(nnx.Module):
     h, cache = self.attn(self.attn_ln(x).astype(dt), positions, mask, inv_freq, cache, start)
     x = x + dropout(h, rate, k1).astype(jnp.float32)
     x = x + dropout(self.mlp(self.mlp_ln(x).astype(dt)), rate, k2).astype(jnp.float32)
+    sow(self, "out", x)  # the residual stream leaving the block (`layers.activations`)
     return x, cache
 
 
@@ -231,6 +233,7 @@ class Decoder(nnx.Module):
     inv_freq = jnp.asarray(rope_frequencies(cfg))
     keys = split_keys(dropout_key, cfg.num_layers + 1)
     x = dropout(self.embed(input_ids), cfg.hidden_dropout, keys[0])
+    sow(self, "embedded", x)
     new_cache = []
     for i in range(cfg.num_layers):
       x, c = getattr(self, f"layer_{i}")(x, positions, mask, inv_freq, keys[i + 1],
@@ -282,18 +285,6 @@ class CausalLM(nnx.Module):
     return self.logits(h), out
 
 
-def residual_stream(model: CausalLM, input_ids: Array, attention_mask: Array) -> list[Array]:
-  """The residual stream `[batch, seq, hidden]` (float32) entering each block and leaving the
-  last: `num_layers + 1` states, what depth importance compares (`generators.importance`)."""
-  dec, cfg = model.decoder, model.cfg
-  positions, mask = whole_sequence(input_ids, attention_mask)
-  inv_freq = jnp.asarray(rope_frequencies(cfg))
-  states = [dec.embed(input_ids)]
-  for i in range(cfg.num_layers):
-    states.append(getattr(dec, f"layer_{i}")(states[-1], positions, mask, inv_freq)[0])
-  return states
-
-
 def whole_sequence(input_ids: Array, attention_mask: Array | None) -> tuple[Array, Array]:
   """Positions `[batch, seq]` 0..seq-1 and the causal mask `[batch, 1, seq, seq]` of right-padded
   sequences scored at once (`attention_mask` 1 on real tokens; None: all are)."""
@@ -329,11 +320,23 @@ def build(cfg: LlamaConfig, seed: int = 0) -> CausalLM:
 
 def apply_fn(graphdef):
   """`apply(params, batch, dropout_key, **kwargs) -> logits [batch, seq, vocab]` for the training
-  step and predictors (`batch`: `input_ids`, `attention_mask`)."""
-  def apply(params, batch, dropout_key, **kwargs):
-    return nnx.merge(graphdef, params)(batch["input_ids"], batch.get("attention_mask"),
-                                       dropout_key=dropout_key, **kwargs)
-  return apply
+  step and predictors (`batch`: `input_ids`, `attention_mask`; `layers.model_apply`)."""
+  return model_apply(graphdef, lambda model, batch, dropout_key, **kwargs: model(
+      batch["input_ids"], batch.get("attention_mask"), dropout_key=dropout_key, **kwargs))
+
+
+def activation_fn(cfg: LlamaConfig):
+  """`fn(params, batch) -> (activations, weights)` of a `CausalLM` of `cfg` (float32), as
+  `bert.activation_fn`: the residual stream entering each block and leaving the last
+  (`hidden/embeddings`, `hidden/layer_l`), each layer's attention context and gated FFN input,
+  and `weights [batch, seq]` (1 on real tokens)."""
+  graph = nnx.graphdef(nnx.eval_shape(lambda: build(dataclasses.replace(cfg, dtype="float32"))))
+
+  def fn(params, batch):
+    _, acts = activations(nnx.merge(graph, params), batch["input_ids"], batch["attention_mask"])
+    return unit_activations(acts), batch["attention_mask"]
+
+  return fn
 
 
 def generate(cfg: LlamaConfig, params: Params, prompt_ids: Array, max_new_tokens: int, *,

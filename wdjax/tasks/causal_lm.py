@@ -33,7 +33,6 @@ from typing import ClassVar
 
 import jax
 import numpy as np
-from flax import nnx
 
 from wdjax import assets, distributed
 from wdjax.config import Config, TaskConfig
@@ -245,7 +244,7 @@ class CausalLMTask(Task):
   metric = "perplexity"
   # the generators checked on the decoder's tree (WID's compactors do not cover the KV space yet)
   methods = ("kd", "select", "ws", "gws", "wd", "opdf")
-  ranks_units = True  # depth: block influence (`unit_ranking`)
+  ranks_units = True
   compresses_vocabulary = True
 
   def check(self, cfg: Config) -> list[str]:
@@ -286,28 +285,8 @@ class CausalLMTask(Task):
   def load_model(self, model_dir: Path):
     return llama.load_hf(model_dir)
 
-  def unit_ranking(self, cfg: Config, teacher: Model, data: LmData, student_shapes, log) -> dict:
-    """The teacher layers the student keeps: the most influential ones (`block_influence` on
-    `method.calibration_batches` training batches). Widths the student shrinks keep a uniform
-    selection of their units. An explicit `method.layer_map` keeps its layers instead."""
-    if cfg.method.layer_map:
-      return {}
-    from wdjax import trees
-    from wdjax.generators.importance import block_influence, top_layers
-    from wdjax.generators.select import DEPTH
-    graph = nnx.graphdef(nnx.eval_shape(lambda: llama.build(dataclasses.replace(teacher.config, dtype="float32"))))
-    influence = jax.jit(lambda p, ids, mask: block_influence(
-        llama.residual_stream(nnx.merge(graph, p), ids, mask), mask))
-    order = pipeline.TrainBatches(data.train, cfg.distill.batch_size, seed=cfg.seed,
-                                  pad_to_multiple=cfg.data.pad_to_multiple)
-    n = min(cfg.method.calibration_batches, order.steps_per_epoch)
-    log(f"ranking the teacher's {teacher.config.num_layers} layers by block influence on {n} training batches")
-    total = sum(np.asarray(influence(teacher.params, b["input_ids"], b["attention_mask"]))
-                for b in (order.batch(i) for i in range(n))) / n
-    n_s = 1 + max(trees.layer_of(p) for p in trees.flatten(student_shapes) if trees.layer_of(p) is not None)
-    kept = top_layers(total, n_s)
-    log(f"block influence {', '.join(f'{v:.3f}' for v in total)}; the student keeps layers {kept.tolist()}")
-    return {DEPTH: kept}
+  def activation_fn(self, teacher_config: LlamaConfig):
+    return llama.activation_fn(teacher_config)
 
   def eval_data(self, cfg: Config, model_dir: Path, config: LlamaConfig) -> LmData:
     return load_data(cfg, Path(model_dir), config.eos_token_id, config.vocab_size)
