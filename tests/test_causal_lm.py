@@ -247,9 +247,41 @@ def test_weight_transfer_methods_distil_a_llama(lm_files, tmp_path, method):
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_a_narrower_student_inherits_the_teachers_heads(lm_files, tmp_path):
+def test_a_student_with_fewer_heads_keeps_whole_kv_groups():
+  """4 query heads over 2 KV heads -> 2 over 1: selection keeps KV head 0 with query heads 0 and
+  1, intact. With the other group silenced in the teacher (its rows of the output projection
+  zero), the student computes the teacher's logits; importance keeps the group whose values
+  are largest, here the other one."""
+  from wdjax.generators import importance
+  from wdjax.generators.select import SelectionPlan, uniform_group_indices
+  flat = {k: np.array(v) for k, v in trees.flatten(nnx.to_pure_dict(nnx.state(llama.build(TEACHER, seed=0)))).items()}
+  for l in range(TEACHER.num_layers):
+    flat[f"decoder/layer_{l}/attn/o/kernel"][16:] = 0.0  # query heads 2, 3 (KV head 1) write nothing
+  teacher = trees.unflatten(flat)
+  s_cfg = dataclasses.replace(TEACHER, num_heads=2, num_kv_heads=1)
+  student = nnx.to_pure_dict(nnx.state(llama.build(s_cfg, seed=1)))
+  plan = SelectionPlan(teacher, student)
+  indices = uniform_group_indices(plan, TEACHER.num_heads)
+  np.testing.assert_array_equal(indices["attn/layer_0"], np.arange(16))
+  np.testing.assert_array_equal(indices["kv/layer_3"], np.arange(8))
+  selected = generators.select(teacher, student, indices=indices)
+  batch = _tiny_batch(np.random.default_rng(0))
+  logits = lambda cfg, p: np.asarray(nnx.merge(nnx.graphdef(llama.build(cfg)), p)(
+      batch["input_ids"], batch["attention_mask"]))
+  np.testing.assert_allclose(logits(s_cfg, selected), logits(TEACHER, teacher), rtol=1e-5, atol=1e-5)
+
+  for l in range(TEACHER.num_layers):
+    flat[f"decoder/layer_{l}/attn/v/kernel"][:, 8:] *= 30.0  # KV head 1's values dominate
+  acts, w = llama.activation_fn(TEACHER)(trees.unflatten(flat), batch)
+  squares = {k: np.einsum("btd,bt->d", np.square(np.asarray(x)), np.asarray(w)) for k, x in acts.items()}
+  keep = importance.keep_indices(importance.unit_scores(squares), plan, TEACHER.num_heads, 2)
+  np.testing.assert_array_equal(keep["attn/layer_2"], np.arange(16, 32))
+  np.testing.assert_array_equal(keep["kv/layer_2"], np.arange(8, 16))
+
+
+def test_narrower_students_inherit_the_teachers_heads(lm_files, tmp_path):
   """hidden_size 32 -> 16 and FFN 48 -> 24 with the teacher's 4 heads of 8: the attention spaces
-  are kept whole, the residual stream and the FFN are selected."""
+  are kept whole, the residual stream and the FFN are selected; with 2 heads, whole KV groups."""
   cfg = _lm_config(lm_files, tmp_path / "run", method=generators.section("kd", init="selection"),
                    distill=TrainConfig(batch_size=8, steps=4, eval_every=4, eval_batch_size=8, log_every=4,
                                        optim=OptimConfig(lr=1e-3)))
@@ -259,6 +291,22 @@ def test_a_narrower_student_inherits_the_teachers_heads(lm_files, tmp_path):
   assert (s_cfg.hidden_size, s_cfg.num_heads, s_cfg.head_dim, s_cfg.intermediate_size) == (16, 4, 8, 24)
   assert params["decoder"]["layer_0"]["attn"]["q"]["kernel"].shape == (16, 32)
   assert np.isfinite(results["test_perplexity"])
+
+  # 2 query heads over 1 KV head, by importance: one of the teacher's KV groups, exported as a
+  # Llama that transformers computes as wdjax does
+  import torch
+  import transformers
+  fewer = dataclasses.replace(cfg, method=generators.section("kd", init="importance", calibration_batches=2),
+                              student=dataclasses.replace(cfg.student, num_heads=2))
+  assert np.isfinite(run_lib.distill(fewer)["test_perplexity"])
+  model_dir = tmp_path / "run" / "distill_kd_importance" / "model"
+  s_cfg, params = llama.load_hf(model_dir)
+  assert (s_cfg.num_heads, s_cfg.num_kv_heads, s_cfg.head_dim) == (2, 1, 8)
+  ids = np.random.default_rng(0).integers(1, 300, (2, 10)).astype(np.int32)
+  ours = np.asarray(nnx.merge(nnx.graphdef(llama.build(s_cfg)), params)(ids))
+  with torch.no_grad():
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_a_vocabulary_compressed_student_tokenizes_and_predicts_in_transformers_as_in_wdjax(lm_files, tmp_path):
@@ -316,7 +364,8 @@ def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):
       (dict(task=CausalLMConfig(kd_top_k=-1)), "task.kd_top_k=-1"),
       (dict(student=dataclasses.replace(cfg.student, vocabulary="tiny")), "student.vocabulary='tiny'"),
       (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "multiple of the teacher's 2"),
-      (dict(student=dataclasses.replace(cfg.student, num_heads=2)), "keeps its 4 heads"),
+      (dict(student=dataclasses.replace(cfg.student, num_heads=2), method=generators.section("ws")),
+       "method 'ws' keeps the teacher's 4 heads"),
   ]:
     with pytest.raises(WdjaxError, match=message):
       run_lib.distill(dataclasses.replace(cfg, **change))

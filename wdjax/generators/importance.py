@@ -17,7 +17,8 @@ here its RMS, read off the same second moments activation PCA collects):
   per head: a student with the teacher's heads keeps the top dimensions *within* each head (the
   same dimensions for its query, key, value and output rows, so heads stay aligned); a student
   with fewer heads of the teacher's width keeps the heads with the largest total score (any
-  other head layout: the top dimensions of the whole space);
+  other head layout: the top dimensions of the whole space); a grouped-query student with fewer
+  KV heads keeps whole KV heads, each with its query heads, by their query heads' total score;
 - `pooled`: the pooler output.
 
 Indices are kept in ascending order, so the student's units stay in the teacher's order. A
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wdjax.generators.select import SelectionPlan
+from wdjax.generators.select import SelectionPlan, group_indices, kv_groups
 
 
 def unit_scores(squares: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,6 +91,7 @@ def keep_indices(scores: dict[str, np.ndarray], plan: SelectionPlan, heads_t: in
   """`{student space: kept teacher indices}` for `SelectionPlan(indices=...)`: every space of
   the student, scored in the teacher layer the plan's layer map takes it from."""
   out = {}
+  kv = kv_groups(plan.sizes, heads_t)  # grouped-query attention with fewer KV heads
   for space in ("hidden", "pooled"):
     if space in plan.sizes and space in scores:
       out[space] = top_units(scores[space], plan.sizes[space][1])
@@ -101,8 +103,14 @@ def keep_indices(scores: dict[str, np.ndarray], plan: SelectionPlan, heads_t: in
         if role not in plan.sizes or name not in scores:
           continue
         d_s = plan.sizes[role][1]
-        out[f"{role}/layer_{l}"] = (top_in_heads(scores[name], heads_t, heads_s, d_s)
-                                    if role == "attn" else top_units(scores[name], d_s))
+        if role == "attn" and kv is not None:  # whole KV groups, by their query heads' total score
+          kv_t, kv_s, size, head_dim = kv
+          kept = top_units(scores[name].reshape(kv_t, -1).sum(axis=1), kv_s)
+          out[f"attn/layer_{l}"], out[f"kv/layer_{l}"] = group_indices(kept, size, head_dim)
+        elif role == "attn":
+          out[f"attn/layer_{l}"] = top_in_heads(scores[name], heads_t, heads_s, d_s)
+        else:
+          out[f"ffn/layer_{l}"] = top_units(scores[name], d_s)
   return out
 
 

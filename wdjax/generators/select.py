@@ -100,6 +100,41 @@ class SelectionPlan:
     return {p: self.select(t_flat[srcs[-1]], p) for p, srcs in self.sources.items()}
 
 
+def kv_groups(sizes: dict[str, tuple[int, int]], heads_t: int) -> tuple[int, int, int, int] | None:
+  """(teacher KV heads, student KV heads, query heads per KV head, head size) when a plan's `kv`
+  space (grouped-query attention's keys and values) shrinks, from `SelectionPlan.sizes` and the
+  teacher's query heads; None when it is kept whole or absent. The student keeps the head size."""
+  if "kv" not in sizes or sizes["kv"][0] == sizes["kv"][1]:
+    return None
+  head_dim = sizes["attn"][0] // heads_t
+  kv_t, kv_s = sizes["kv"][0] // head_dim, sizes["kv"][1] // head_dim
+  return kv_t, kv_s, heads_t // kv_t, head_dim
+
+
+def group_indices(kept: np.ndarray, group: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """(attention-space, kv-space) indices that keep the KV heads `kept` (ascending) whole, each with
+  its `group` query heads: a grouped-query student's heads are some of the teacher's, intact
+  (a head's rotary dimensions stay paired, its queries stay with their keys)."""
+  expand = lambda heads: (np.reshape(heads, (-1, 1)) * head_dim + np.arange(head_dim)[None]).reshape(-1)
+  return expand(np.reshape(kept, (-1, 1)) * group + np.arange(group)[None]), expand(kept)
+
+
+def uniform_group_indices(plan: SelectionPlan, heads_t: int) -> dict[str, np.ndarray]:
+  """`indices` for every student layer of a grouped-query student with fewer KV heads: the KV heads
+  of weight selection's uniform rule (`paths.uniform_indices` over heads), with their query
+  heads; {} when the KV heads are kept."""
+  groups = kv_groups(plan.sizes, heads_t)
+  if groups is None:
+    return {}
+  kv_t, kv_s, group, head_dim = groups
+  attn, kv = group_indices(paths.uniform_indices(kv_t, kv_s), group, head_dim)
+  out = {}
+  for stack_layers in plan.stack_layers.values():
+    for l in range(len(stack_layers)):
+      out[f"attn/layer_{l}"], out[f"kv/layer_{l}"] = attn, kv
+  return out
+
+
 def select(teacher_params: Params, student_shapes: Params, layer_map: str = "every_k",
            indices: dict[str, np.ndarray] | None = None) -> Params:
   """The weight-selection student (a param tree shaped like `student_shapes`); `indices` as

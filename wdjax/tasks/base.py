@@ -130,6 +130,12 @@ class Task:
       return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
     return {}
 
+  def selection_indices(self, cfg: Config, teacher: Model, student_shapes) -> dict | None:
+    """`SelectionPlan` indices that uniform weight selection must keep whole (a family's head
+    structure), or None: every space is sliced by the uniform rule."""
+    del cfg, teacher, student_shapes
+    return None
+
   def activation_fn(self, teacher_config):
     """The teacher family's `fn(params, batch) -> (activations, weights)` (`bert.activation_fn`)
     that importance selection ranks units with; None where the family sows none."""

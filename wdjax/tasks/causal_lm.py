@@ -224,17 +224,17 @@ def load_data(cfg: Config, tokenizer_dir: Path, eos_id: int | None, vocab_size: 
 def student_config(cfg: Config, teacher: LlamaConfig) -> LlamaConfig:
   """The teacher's vocabulary, positions, RoPE and head size with the student's depth, width
   (`hidden_size`: the residual stream), heads and FFN; its query heads per KV head are the
-  teacher's. A student that inherits weights keeps the teacher's heads (their spaces are kept
-  whole; selecting among grouped heads is not offered)."""
+  teacher's. A KD student started from the teacher's weights may have fewer heads: it keeps
+  whole KV heads with their query heads (`select.group_indices`); the generators keep the
+  teacher's heads."""
   s = cfg.student
   if s.num_heads % teacher.group_size:
     raise WdjaxError(f"student: num_heads={s.num_heads} must be a multiple of the teacher's "
                      f"{teacher.group_size} query heads per KV head")
-  inherits = cfg.method.name != "kd" or cfg.method.student_start != "random"
-  if inherits and s.num_heads != teacher.num_heads:
-    raise WdjaxError(f"student: num_heads={s.num_heads}; a student that inherits the teacher's weights "
-                     f"(method {cfg.method.label!r}) keeps its {teacher.num_heads} heads (narrow "
-                     "hidden_size or intermediate_size instead, or train from method.init=random)")
+  if cfg.method.name != "kd" and s.num_heads != teacher.num_heads:
+    raise WdjaxError(f"student: num_heads={s.num_heads}; method {cfg.method.label!r} keeps the "
+                     f"teacher's {teacher.num_heads} heads (KD with method.init=selection or "
+                     "importance keeps whole KV groups; or narrow hidden_size or intermediate_size)")
   return student_shape(teacher, cfg, num_kv_heads=s.num_heads // teacher.group_size)
 
 
@@ -284,6 +284,12 @@ class CausalLMTask(Task):
 
   def load_model(self, model_dir: Path):
     return llama.load_hf(model_dir)
+
+  def selection_indices(self, cfg: Config, teacher: Model, student_shapes) -> dict | None:
+    """Uniform selection of whole KV heads, each with its query heads, for a student with fewer."""
+    from wdjax.generators.select import SelectionPlan, uniform_group_indices
+    plan = SelectionPlan(teacher.params, student_shapes, cfg.method.layer_map or "every_k")
+    return uniform_group_indices(plan, teacher.config.num_heads) or None
 
   def activation_fn(self, teacher_config: LlamaConfig):
     return llama.activation_fn(teacher_config)

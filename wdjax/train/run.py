@@ -61,7 +61,8 @@ def distill(cfg: Config, phase: str = "", log=distributed.log, export_only: bool
     teacher1, objective1 = agnostic.teacher, agnostic.objective
   s_cfg = task.student_config(cfg, teacher1.config)
   init = initial_student(cfg, objective1.build(s_cfg, cfg.seed), teacher1.params,
-                         rank=lambda shapes: task.unit_ranking(cfg, teacher1, data, shapes, log))
+                         rank=lambda shapes: task.unit_ranking(cfg, teacher1, data, shapes, log),
+                         structure=lambda shapes: task.selection_indices(cfg, teacher1, shapes))
   # WD, WID: phase 1 trains the generator, phase 2 fine-tunes the materialised student (same
   # total budget); WID's mask schedule is laid out over phase 1's length.
   steps, steps1 = phase_steps(cfg, data)
@@ -100,14 +101,17 @@ def score_teacher(cfg: Config, log=distributed.log) -> dict:
 
 
 def initial_student(cfg: Config, model: nnx.Module, teacher_params: Params,
-                    rank: Callable[[Params], dict] | None = None) -> Params:
+                    rank: Callable[[Params], dict] | None = None,
+                    structure: Callable[[Params], dict | None] | None = None) -> Params:
   """The student's starting parameters: `model`'s random initialisation, or the teacher's
-  weights by selection when the method starts from them (KD with `method.init=selection`, or
+  weights by selection when the method starts from them (KD with `method.init=selection`:
+  uniform, within the head structure `structure(student_shapes)` gives, if any; or
   `importance`: the units `rank(student_shapes)` keeps)."""
   method = cfg.method
   init = nnx.to_pure_dict(nnx.state(model))
   if method.student_start in ("selection", "importance"):
-    indices = rank(init) if method.student_start == "importance" else None
+    indices = (rank(init) if method.student_start == "importance"
+               else structure(init) if structure is not None else None)
     return generators.select(teacher_params, init, method.layer_map or "every_k", indices)
   return init
 
