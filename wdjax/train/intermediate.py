@@ -7,7 +7,8 @@ the states of whatever network the method trains.
 
 - `hidden`: the mean over layer pairs of `losses.hidden_mismatch`, 1 - R^2 of the best affine map
   from the student's residual stream to the teacher's (the embedding outputs, then student layer
-  l against its teacher layer). TinyBERT trains that projection as a parameter; here it is the
+  l against its teacher layer; a classifier's last layer, computed at its first token only, is
+  left out: its logits are distilled already). TinyBERT trains that projection as a parameter; here it is the
   batch's least-squares fit, so it adds no parameters, fits any widths, and its scale does not
   depend on the teacher's (a share of variance, in [0, 1]).
 - `attention`: the mean over the paired layers of `losses.attention_kl`, KL(teacher || student)
@@ -54,10 +55,11 @@ class IntermediateLoss:
     if self.hidden_weight > 0:
       names = [("hidden/embeddings", "hidden/embeddings")] + [
           (f"hidden/layer_{s}", f"hidden/layer_{t}") for s, t in self.pairs]
-      terms = []
-      for s, t in names:
-        rows = min(student[s].shape[1], teacher[t].shape[1])  # a last layer's first rows
-        terms.append(losses.hidden_mismatch(student[s][:, :rows], teacher[t][:, :rows], mask[:, :rows]))
+      # a layer computed at its first rows only (a classifier's last) is left out: one row per
+      # example is fewer points than the fit has unknowns, which it would match exactly
+      whole = lambda x: x.shape[1] == mask.shape[1]
+      terms = [losses.hidden_mismatch(student[s], teacher[t], mask) for s, t in names
+               if whole(student[s]) and whole(teacher[t])]
       parts["hidden"] = sum(terms) / len(terms)
       total = total + self.hidden_weight * parts["hidden"]
     if self.attention_weight > 0:
