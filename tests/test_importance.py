@@ -189,3 +189,13 @@ def test_vit_units_are_ranked_on_images():
   assert channel in keep["hidden"] and neuron in keep["ffn/layer_1"] and "pooled" not in keep
   uniform = SelectionPlan(teacher, student)
   assert channel not in uniform.index["hidden"] and neuron not in uniform.index["ffn"]
+
+
+def test_opdf_from_an_importance_selected_student_runs_end_to_end(tiny):
+  from wdjax.train import run
+  cfg = tiny(method=generators.section("opdf", init="importance", calibration_batches=2,
+                                       constraint_lambda=0.0, cores=3))
+  lines = []
+  result = run.distill(cfg, log=lines.append)
+  assert result["phase"] == "distill_opdf" and np.isfinite(result["test_loss"])
+  assert any("ranking the teacher's units on 2 training batches" in l for l in lines)

@@ -162,6 +162,23 @@ def test_student_starts_as_the_selected_teacher_layers_and_exports_what_it_train
   assert 2.0 < n_cores / n_dense < 4.5
 
 
+def test_an_importance_start_is_the_importance_selected_student():
+  """`start="importance"`: the contracted student at init is the teacher selected at the given
+  indices (here the teacher's last layer); without indices it is refused."""
+  from wdjax.generators.select import DEPTH
+  t_params = _params(SMALL, 0)
+  init = nnx.to_pure_dict(nnx.state(bert.build(HALF, seed=1)))
+  indices = {DEPTH: np.array([1])}  # the teacher's layer 1, where `first_n` starts at layer 0
+  gen = generators.make("opdf", init, t_params, n_cores=5, constraint_lambda=0.0, start="importance",
+                        indices=indices)
+  gp, gs = gen.init(jax.random.key(0), t_params, StudentSpec(HALF, init))
+  want = trees.flatten(generators.select(t_params, init, indices=indices))
+  for p, a in trees.flatten(gen.materialize(gp, t_params, gs)).items():
+    np.testing.assert_allclose(a, want[p], rtol=1e-5, atol=1e-5, err_msg=p)
+  with pytest.raises(ValueError, match="needs the kept indices"):
+    generators.make("opdf", init, t_params, start="importance")
+
+
 def test_width_mismatch_refuses_the_undefined_constraint():
   t_params = _params(SMALL, 0)
   narrow = dataclasses.replace(HALF, hidden_size=24, intermediate_size=48)

@@ -18,6 +18,7 @@ from wdjax.models import contract
 from wdjax.generators.select import SelectionPlan
 
 CONSTRAINTS = ("mse", "relative")
+STARTS = ("selection", "random", "importance")
 
 
 class MatrixProductOperator(Generator):
@@ -36,7 +37,8 @@ class MatrixProductOperator(Generator):
 
   The student starts from `start`: "selection" (the teacher's layers by `layer_map`, sliced to
   the student's width: at the same width, the teacher's own layers; `first_n` by default, the
-  paper's start, §2.3: LGTM loads the teacher's first L_S layers) or "random" (its fresh init).
+  paper's start, §2.3: LGTM loads the teacher's first L_S layers), "importance" (the units and
+  layers importance selection keeps, `indices`) or "random" (its fresh init).
   So the constraint pulls the student's layer i, started as teacher layer i, towards layer 2i+1.
   Width mismatch (an extension, §2.8 b): only the auxiliary cores whose shapes coincide are
   constrained; with none, a non-zero `constraint_lambda` is refused.
@@ -46,13 +48,18 @@ class MatrixProductOperator(Generator):
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, n_cores: int = 5,
                constraint_lambda: float | None = None, start: str = "selection",
-               layer_map: str = "first_n", constraint: str = "mse"):
-    if start not in ("selection", "random"):
-      raise ValueError(f"OPDF start must be 'selection' or 'random', got {start!r}")
+               layer_map: str = "first_n", constraint: str = "mse",
+               indices: dict | None = None):
+    if start not in STARTS:
+      raise ValueError(f"OPDF start must be one of {STARTS}, got {start!r}")
+    if start == "importance" and indices is None:
+      raise ValueError("start='importance' needs the kept indices (importance.importance_indices)")
     if constraint not in CONSTRAINTS:
       raise ValueError(f"OPDF constraint must be one of {CONSTRAINTS}, got {constraint!r}")
     self.constraint = constraint
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)  # where the student starts
+    # where the student starts: the selected (or importance-selected) teacher layers
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map,
+                              indices if start == "importance" else None)
     self.start = start
     self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
                               else constraint_lambda)
@@ -148,7 +155,13 @@ class OPDFMethod(MethodConfig):
   cores: int = 5  # cores per matrix (2 = the SVD ablation, 5 = Theseus's, 7 = LGTM's)
   constraint_lambda: float = -1.0  # constraint-loss weight (-1 = the paper's 1e-4 / student layers)
   init: str = "selection"  # the cores' start: decomposed teacher layers ("selection") | "random"
+  #                          | "importance" (importance selection: its units and layers)
   constraint: str = "mse"  # the constraint's form: "mse" (the paper's) | "relative" (scale-free, §2.5)
+  calibration_batches: int = 16  # init=importance: training batches that rank the units
+
+  @property
+  def ranks_units(self) -> bool:
+    return self.init == "importance"
 
 
 def _check(method: OPDFMethod) -> list[str]:
@@ -160,4 +173,4 @@ register(Method("opdf", MatrixProductOperator, section=OPDFMethod, check=_check,
                     "n_cores": m.cores, "start": m.init, "constraint": m.constraint,
                     "constraint_lambda": None if m.constraint_lambda < 0 else m.constraint_lambda,
                     "layer_map": m.layer_map or "first_n"},  # the paper's start (docs/methods.md §2.3)
-                choices={"init": ("selection", "random"), "constraint": CONSTRAINTS}))
+                choices={"init": STARTS, "constraint": CONSTRAINTS}))
