@@ -247,6 +247,66 @@ def test_weight_transfer_methods_distil_a_llama(lm_files, tmp_path, method):
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_wid_cuts_a_llama_to_a_narrower_student_that_transformers_computes(lm_files, tmp_path):
+  """WID on the decoder: compactors on every kernel, the residual stream and the FFN masked
+  (RMSNorm statistics over the kept units), the heads and their KV space kept whole; the cut
+  student is exported and `transformers` computes its logits as wdjax does."""
+  import torch
+  import transformers
+  cfg = _lm_config(lm_files, tmp_path / "run", method=generators.section("wid"),
+                   distill=TrainConfig(batch_size=8, steps=40, eval_every=20, eval_batch_size=8,
+                                       log_every=20, optim=OptimConfig(lr=1e-3)))
+  cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, hidden_size=16, intermediate_size=24))
+  results = run_lib.distill(cfg)
+  phase1 = results["phase1"]
+  assert phase1["trainable_params"] > results["model_params"] and np.isfinite(results["test_perplexity"])
+  assert phase1["generator"]["at_target"] == 1.0  # every mask at the student's width before the cut
+  model_dir = tmp_path / "run" / "distill_wid_phase2" / "model"
+  s_cfg, params = llama.load_hf(model_dir)
+  assert (s_cfg.hidden_size, s_cfg.intermediate_size, s_cfg.num_heads, s_cfg.head_dim) == (16, 24, 4, 8)
+  ids = np.random.default_rng(0).integers(1, 300, (2, 10))
+  ours = np.asarray(nnx.merge(nnx.graphdef(llama.build(s_cfg)), params)(jnp.asarray(ids)))
+  with torch.no_grad():
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_wid_cut_of_a_llama_equals_its_masked_training_network():
+  """The decoder's exact cut: perturbed compactors, every mask at its target, the masked entries
+  zeroed: the cut 16-wide student computes the 32-wide masked network's logits (pre-norm blocks,
+  RMSNorm over the kept units, an untied output projection, the KV space whole)."""
+  from test_wid import _zero_masked
+  t_params = nnx.to_pure_dict(nnx.state(llama.build(TEACHER, seed=0)))
+  s_cfg = dataclasses.replace(TEACHER, hidden_size=16, intermediate_size=24)
+  init = nnx.to_pure_dict(nnx.state(llama.build(s_cfg, seed=1)))
+  gen = generators.make("wid", init, t_params, teacher_heads=4, student_heads=4, w_step=1)
+  gp, gs = gen.init(jax.random.key(0), t_params, StudentSpec(s_cfg, init))
+  key = iter(jax.random.split(jax.random.key(5), 400))
+  gp = jax.tree_util.tree_map(lambda c: c + 0.05 * jax.random.normal(next(key), c.shape), gp)
+  gs = gen.update_state(gp, gs, jnp.asarray(16))
+  assert float(gen.diagnostics(gp, t_params, gs)["at_target"]) == 1.0
+  assert int(np.sum(np.asarray(trees.flatten(gs["masks"])["kv/layer_0"]))) == 16  # kept whole
+  gp = _zero_masked(gen, gp, gs)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 300, (2, 9)))
+  run = lambda cfg, p, **kw: np.asarray(nnx.merge(nnx.graphdef(llama.build(cfg)), p)(ids, **kw))
+  want = run(gen.training_config(s_cfg), gen.generate(gp, t_params, gs), **gen.model_kwargs(gs))
+  np.testing.assert_allclose(run(s_cfg, gen.materialize(gp, t_params, gs)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_rms_norm_is_the_cut_networks_norm():
+  """With the dropped units at zero, the RMSNorm over the kept units equals the narrower
+  network's RMSNorm of the kept units (what makes WID's cut exact)."""
+  from wdjax.models.layers import masked_norm
+  norm = llama.rms_norm(TEACHER, 6, nnx.Rngs(0))
+  norm.scale[...] = np.arange(1.0, 7.0, dtype=np.float32)
+  keep = np.array([1, 0, 1, 1, 0, 1], np.float32)
+  x = np.random.default_rng(0).normal(size=(2, 3, 6)).astype(np.float32) * keep
+  small = llama.rms_norm(TEACHER, 4, nnx.Rngs(0))
+  small.scale[...] = norm.scale[...][keep > 0]
+  np.testing.assert_allclose(np.asarray(masked_norm(norm, x, keep))[..., keep > 0],
+                             np.asarray(small(x[..., keep > 0])), rtol=1e-6)
+
+
 def test_a_student_with_fewer_heads_keeps_whole_kv_groups():
   """4 query heads over 2 KV heads -> 2 over 1: selection keeps KV head 0 with query heads 0 and
   1, intact. With the other group silenced in the teacher (its rows of the output projection
@@ -360,7 +420,7 @@ def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):
   cfg = _lm_config(lm_files, tmp_path / "run")
   for change, message in [
       (dict(student=dataclasses.replace(cfg.student, attention_dropout=0.1)), "student.attention_dropout"),
-      (dict(method=generators.section("wid")), "causal language modelling supports kd, select, ws"),
+      (dict(method=generators.section("wid", objective="mlm")), "method 'wid_mlm' .its phase 1 is an encoder's masked LM"),
       (dict(task=CausalLMConfig(kd_top_k=-1)), "task.kd_top_k=-1"),
       (dict(student=dataclasses.replace(cfg.student, vocabulary="tiny")), "student.vocabulary='tiny'"),
       (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "multiple of the teacher's 2"),

@@ -111,12 +111,13 @@ class WeightInherited(Generator):
       raise ValueError("WID's head strategy drops different heads in different layers, which "
                        "MPNet's shared relative-position bias cannot express; use strategy='dim'")
     self.heads_t = teacher_heads
-    self.hd_t = d_t // teacher_heads
+    # head sizes from the attention space (a Llama's may differ from hidden / heads)
+    self.hd_t = self.sizes.get("attn", self.sizes["hidden"])[0] // teacher_heads
     if strategy == "dim":
       if student_heads != teacher_heads or d_s % student_heads:
         raise ValueError(f"WID strategy 'dim' keeps the teacher's {teacher_heads} heads and "
                          f"narrows each; the student has {student_heads} heads of width {d_s}")
-      self.hd_s = d_s // student_heads
+      self.hd_s = self.sizes.get("attn", self.sizes["hidden"])[1] // student_heads
     else:
       if d_s % self.hd_t or d_s // self.hd_t != student_heads:
         raise ValueError(f"WID strategy 'head' keeps whole heads of {self.hd_t}: a student of "
@@ -143,7 +144,9 @@ class WeightInherited(Generator):
     for p, (s_in, _) in self.compacted.items():
       if contract.has(p, contract.RANKS_INPUT):
         self.norm_source[s_in] = (p, "col")
-    missing = [s for s in self.spaces if s not in self.norm_source]
+    # spaces the student keeps whole (a Llama's KV heads when it keeps the heads) are never masked
+    self.cut_spaces = [s for s in self.spaces if self.space_size(s)[0] != self.space_size(s)[1]]
+    missing = [s for s in self.cut_spaces if s not in self.norm_source]
     if missing:
       raise ValueError(f"WID has no compactor to rank the units of {missing}")
     if targets_at > 0:
@@ -226,7 +229,8 @@ class WeightInherited(Generator):
   def unit_norms(self, gen_params) -> dict[str, jax.Array]:
     """Per-unit L2 norm of each space's ranking compactor (its rows: one per input unit)."""
     c = self._flat(gen_params)[1]
-    return {s: jnp.linalg.norm(c[f"{p}/{side}"], axis=1) for s, (p, side) in self.norm_source.items()}
+    return {s: jnp.linalg.norm(c[f"{p}/{side}"], axis=1) for s, (p, side) in self.norm_source.items()
+            if s in self.cut_spaces}
 
   def boundaries_to_targets(self) -> int:
     """How many mask boundaries the schedule takes until every space drops `d_t - d_s` units:
@@ -282,7 +286,7 @@ class WeightInherited(Generator):
     for s, v in norms.items():
       kind = s.split("/")[0]
       if kind in ("hidden", "attn"):
-        chunks = v.reshape(self.heads_t, self.hd_t)
+        chunks = v.reshape(self.heads_t, -1)  # one chunk per head
         if self.strategy == "dim":
           out[s] = drop_smallest(chunks, n[s]).reshape(-1)
         else:
@@ -296,9 +300,9 @@ class WeightInherited(Generator):
     """At every boundary `step = k w_step` (k >= 1), recompute every mask from scratch."""
     def recompute(_):
       k = step // self.w_step
-      n = {s: self.dropped(s, k, step) for s in self.spaces}
-      return {"masks": trees.unflatten(self.masks_for(self.unit_norms(gen_params), n)),
-              "active": jnp.ones((), jnp.float32)}
+      n = {s: self.dropped(s, k, step) for s in self.cut_spaces}
+      masks = {**trees.flatten(gen_state["masks"]), **self.masks_for(self.unit_norms(gen_params), n)}
+      return {"masks": trees.unflatten(masks), "active": jnp.ones((), jnp.float32)}
     boundary = (step >= self.w_step) & (step % self.w_step == 0)
     return jax.lax.cond(boundary, recompute, lambda _: gen_state, None)
 
@@ -307,7 +311,7 @@ class WeightInherited(Generator):
     current masks' kept units, completed by largest norm while the schedule still grows."""
     norms = self.unit_norms(gen_params)
     masks = trees.flatten(gen_state["masks"])
-    out = {}
+    out = {s: jnp.arange(self.space_size(s)[0]) for s in self.spaces if s not in self.cut_spaces}
     for s, v in norms.items():
       d_t, d_s = self.space_size(s)
       score = v + masks[s] * (1.0 + jnp.max(v))  # kept units first, then by norm

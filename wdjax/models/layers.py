@@ -55,15 +55,18 @@ def layer_norm(cfg, d: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
                        param_dtype=jnp.float32, rngs=rngs)
 
 
-def masked_norm(ln: nnx.LayerNorm, x: Array, keep: Array | None) -> Array:
-  """`ln(x)`, or with `keep` (`[hidden]` of 0/1) a LayerNorm whose mean and variance run over the
-  kept units only: WID's training-time LayerNorm, which equals the cut student's LayerNorm once
-  the dropped units carry zeros (their gain and shift are driven to zero as well)."""
+def masked_norm(ln: nnx.LayerNorm | nnx.RMSNorm, x: Array, keep: Array | None) -> Array:
+  """`ln(x)`, or with `keep` (`[hidden]` of 0/1) a LayerNorm whose mean and variance (an
+  RMSNorm's mean square) run over the kept units only: WID's training-time norm, which equals
+  the cut student's once the dropped units carry zeros (their gain and shift are driven to zero
+  as well)."""
   if keep is None:
     return ln(x)
   x = x.astype(jnp.float32)
   keep = keep.astype(jnp.float32)
   n = jnp.sum(keep)
+  if isinstance(ln, nnx.RMSNorm):
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x) * keep, axis=-1, keepdims=True) / n + ln.epsilon) * ln.scale[...]
   mean = jnp.sum(x * keep, axis=-1, keepdims=True) / n
   var = jnp.sum(jnp.square((x - mean) * keep), axis=-1, keepdims=True) / n
   y = (x - mean) * jax.lax.rsqrt(var + ln.epsilon)

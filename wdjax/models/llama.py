@@ -36,9 +36,10 @@ from flax import nnx
 
 from wdjax import trees
 from wdjax.errors import WdjaxError
-from wdjax.models.contract import DECOMPOSE, OUTPUT, RANKS_HIDDEN, VOCAB_COLUMNS, VOCAB_ROWS, leaf
+from wdjax.models.contract import (DECOMPOSE, OUTPUT, RANKS_HIDDEN, SUMMED_EMBEDDING, VOCAB_COLUMNS,
+                                   VOCAB_ROWS, leaf)
 from wdjax.models.layers import (DTYPES, activations, attention_implementation, dense, dropout,
-                                 model_apply, sow, split_keys, unit_activations)
+                                 masked_norm, model_apply, sow, split_keys, unit_activations)
 
 Array = jax.Array
 Params = Any
@@ -47,7 +48,7 @@ Params = Any
 # (narrower than the queries' `attn` under grouped-query attention); the norms, q, o, up and
 # down are the shared layers' rules
 PARAMETERS = (
-    leaf(r"^decoder/embed/embedding$", (None, "hidden"), VOCAB_ROWS),
+    leaf(r"^decoder/embed/embedding$", (None, "hidden"), SUMMED_EMBEDDING, VOCAB_ROWS),
     leaf(r"^decoder/layer_\d+/attn/k/kernel$", ("hidden", "kv"), DECOMPOSE),
     leaf(r"^decoder/layer_\d+/attn/v/kernel$", ("hidden", "kv"), DECOMPOSE, RANKS_HIDDEN),
     leaf(r"^decoder/layer_\d+/attn/(k|v)/bias$", ("kv",)),
@@ -206,12 +207,15 @@ class Block(nnx.Module):
     self.mlp_ln = rms_norm(cfg, cfg.hidden_size, rngs)
     self.mlp = GatedMlp(cfg, rngs)
 
-  def __call__(self, x, positions, mask, inv_freq, dropout_key=None, cache=None, start=0):
+  def __call__(self, x, positions, mask, inv_freq, dropout_key=None, cache=None, start=0,
+               hidden_keep=None):
     dt, rate = self.cfg.compute_dtype, self.cfg.hidden_dropout
     k1, k2 = split_keys(dropout_key, 2)
-    h, cache = self.attn(self.attn_ln(x).astype(dt), positions, mask, inv_freq, cache, start)
+    h = masked_norm(self.attn_ln, x, hidden_keep).astype(dt)
+    h, cache = self.attn(h, positions, mask, inv_freq, cache, start)
     x = x + dropout(h, rate, k1).astype(jnp.float32)
-    x = x + dropout(self.mlp(self.mlp_ln(x).astype(dt)), rate, k2).astype(jnp.float32)
+    h = masked_norm(self.mlp_ln, x, hidden_keep).astype(dt)
+    x = x + dropout(self.mlp(h), rate, k2).astype(jnp.float32)
     sow(self, "out", x)  # the residual stream leaving the block (`layers.activations`)
     return x, cache
 
@@ -227,8 +231,10 @@ class Decoder(nnx.Module):
       setattr(self, f"layer_{i}", Block(cfg, rngs))
     self.final_ln = rms_norm(cfg, cfg.hidden_size, rngs)
 
-  def __call__(self, input_ids, positions, mask, dropout_key=None, cache=None, start=0):
-    """-> (final hidden states `[batch, t, hidden]` float32, updated cache or None)."""
+  def __call__(self, input_ids, positions, mask, dropout_key=None, cache=None, start=0,
+               hidden_keep=None):
+    """-> (final hidden states `[batch, t, hidden]` float32, updated cache or None).
+    `hidden_keep` (`[hidden]` 0/1) restricts every RMSNorm's statistic to the kept units (WID)."""
     cfg = self.cfg
     inv_freq = jnp.asarray(rope_frequencies(cfg))
     keys = split_keys(dropout_key, cfg.num_layers + 1)
@@ -237,9 +243,9 @@ class Decoder(nnx.Module):
     new_cache = []
     for i in range(cfg.num_layers):
       x, c = getattr(self, f"layer_{i}")(x, positions, mask, inv_freq, keys[i + 1],
-                                         None if cache is None else cache[i], start)
+                                         None if cache is None else cache[i], start, hidden_keep)
       new_cache.append(c)
-    return self.final_ln(x), (None if cache is None else tuple(new_cache))
+    return masked_norm(self.final_ln, x, hidden_keep), (None if cache is None else tuple(new_cache))
 
 
 class CausalLM(nnx.Module):
@@ -260,11 +266,12 @@ class CausalLM(nnx.Module):
     return self.lm_head(h).astype(jnp.float32)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
-               dropout_key: Array | None = None) -> Array:
+               dropout_key: Array | None = None, hidden_keep: Array | None = None) -> Array:
     """`input_ids [batch, seq]` (right-padded; `attention_mask` 1 on real tokens) -> logits
-    `[batch, seq, vocab]` float32, position t predicting token t + 1."""
+    `[batch, seq, vocab]` float32, position t predicting token t + 1 (`hidden_keep`: WID's
+    masked norms, `Decoder`)."""
     positions, mask = whole_sequence(input_ids, attention_mask)
-    h, _ = self.decoder(input_ids, positions, mask, dropout_key)
+    h, _ = self.decoder(input_ids, positions, mask, dropout_key, hidden_keep=hidden_keep)
     return self.logits(h)
 
   def decode(self, input_ids: Array, cache: dict) -> tuple[Array, dict]:

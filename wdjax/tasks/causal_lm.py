@@ -242,8 +242,8 @@ class CausalLMTask(Task):
   name = "causal language modelling"
   datasets = ("bible-lm", "text")
   metric = "perplexity"
-  # the generators checked on the decoder's tree (WID's compactors do not cover the KV space yet)
-  methods = ("kd", "select", "ws", "gws", "wd", "opdf")
+  # the generators checked on the decoder's tree (WID with the teacher's heads, its KV space whole)
+  methods = ("kd", "select", "ws", "gws", "wd", "wid", "opdf")
   ranks_units = True
   compresses_vocabulary = True
 
