@@ -50,6 +50,19 @@ ROWS = {  # label -> (phase, --set assignments)
                                                             "student.vocabulary=corpus"]),
     # learned maps from the importance-selected student (WS: W_s = L W_t R)
     "ws-importance": ("distill_ws", ["method=ws", "method.init=importance"]),
+    # WD from identity maps over contiguous layer pairs; WID narrowing the every-2nd-layer
+    # student's residual stream (576 -> 432: 48 of each 64-unit chunk) and FFN (1536 -> 1024),
+    # its heads kept, with KD in both phases; OPDF's MPO cores from the importance selection
+    "wd": ("distill_wd", ["method=wd", "method.init=identity"]),
+    "wid": ("distill_wid", ["method=wid", "kd.alpha=0.9", "student.hidden_size=432",
+                            "student.intermediate_size=1024"]),
+    "opdf-importance": ("distill_opdf", ["method=opdf", "method.init=importance",
+                                         "method.constraint_lambda=0"]),
+    # a smaller student: 10 of the 30 layers, 384 wide, 6 of the 9 query heads (2 of the 3 KV
+    # groups, whole), FFN 1024, from the teacher's most active units and most influential layers
+    "importance+kd-small": ("distill_kd_importance_small", [
+        "method.init=importance", "student.num_layers=10", "student.hidden_size=384",
+        "student.num_heads=6", "student.intermediate_size=1024"]),
 }
 
 
@@ -184,7 +197,7 @@ def main(argv=None) -> int:
                # its own tokenizer's count (a narrowed vocabulary may split new words finer)
                "test_tokens": causal_lm.load_data(base, dirs[row], models[row][0].eos_token_id,
                                                   models[row][0].vocab_size).test.tokens}
-    if row in ("select+kd", "importance+kd", "ws-importance"):
+    if row in ("select+kd", "importance+kd", "ws-importance", "importance+kd-small"):
       row_out["initial_test_perplexity"] = initial_perplexity(base, teacher, data, row)
     rows.append(row_out)
   info = {"date": datetime.date.today().isoformat(),
