@@ -91,7 +91,7 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6) -> bool:
 
 
 def run_generator_steps(gen, s_cfg, init, t_params, mesh, batches, *, student_apply, teacher_apply=None,
-                        kd_alpha: float = 0.5, label_smoothing: float = 0.0):
+                        kd_alpha: float = 0.5, label_smoothing: float = 0.0, intermediate=None):
   """Train `gen` for one step per batch on `mesh` (lr 1e-3, Adam): returns (state, teacher as
   it was after the steps, generator params before the last step)."""
   from wdjax.generators import StudentSpec
@@ -104,7 +104,7 @@ def run_generator_steps(gen, s_cfg, init, t_params, mesh, batches, *, student_ap
   step = step_lib.make_train_step(generator=gen, student_apply=student_apply,
                                   teacher_apply=teacher_apply, tx=tx,
                                   kd=KDConfig(alpha=kd_alpha if teacher_apply else 0.0), seed=0,
-                                  label_smoothing=label_smoothing)
+                                  label_smoothing=label_smoothing, intermediate=intermediate)
   state = jax.jit(lambda p, t: step_lib.init_state(gen, tx, 0, t, StudentSpec(s_cfg, p)))(init, t_params)
   state_sh = mesh_lib.param_shardings(state, mesh)
   teacher_sh = mesh_lib.param_shardings(t_params, mesh)

@@ -174,13 +174,19 @@ def test_vit_sharded_step_equals_single_device():
   batches = [{k: v for k, v in data.batch(np.arange(16) + 16 * i).items() if k != "index"} for i in range(2)]
   apply = vit.apply_fn(nnx.split(vit.build(STUDENT))[0])
   teacher_apply = vit.apply_fn(nnx.split(vit.build(TEACHER))[0])
-  run = lambda mesh: run_generator_steps(gen, STUDENT, init, t_params, mesh, batches,
-                                         student_apply=apply, teacher_apply=teacher_apply)[0]
-  one, many = run(mesh_lib.make_mesh(1, 1, jax.devices()[:1])), run(mesh_lib.make_mesh(4, 2))
-  a, b = trees.flatten(one["params"]), trees.flatten(many["params"])
-  compared = [k for k in a if "attn/k/bias" not in k]  # exactly-zero gradients: see test_translation
-  for k in compared:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  # with intermediate-layer distillation too: its batch-wide fits and maps shard like the loss
+  from wdjax.train.intermediate import IntermediateLoss
+  single = []
+  for intermediate in (None, IntermediateLoss(2, 2, hidden_weight=1.0, attention_weight=1.0, heads=4)):
+    run = lambda mesh: run_generator_steps(gen, STUDENT, init, t_params, mesh, batches, student_apply=apply,
+                                           teacher_apply=teacher_apply, intermediate=intermediate)[0]
+    one, many = run(mesh_lib.make_mesh(1, 1, jax.devices()[:1])), run(mesh_lib.make_mesh(4, 2))
+    a, b = trees.flatten(one["params"]), trees.flatten(many["params"])
+    compared = [k for k in a if "attn/k/bias" not in k]  # exactly-zero gradients: see test_translation
+    for k in compared:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    single.append(a)
+  assert any(not np.allclose(single[0][k], single[1][k]) for k in single[0])  # the terms train
 
 
 # ---------------------------------------------------------------- end to end
