@@ -122,6 +122,26 @@ def test_weight_squeezing_starts_at_the_importance_selected_student(method, shar
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.parametrize("mode", ["faithful", "lean"])
+def test_weight_distillation_starts_at_the_importance_selected_student(mode):
+  """WD's `init="importance"`: maps at the kept units of each layer, one teacher layer per
+  student layer (the ranked depth): step 0 generates the importance-selected student."""
+  import jax
+  from wdjax.generators import StudentSpec
+  teacher = _planted_teacher()
+  s_cfg = dataclasses.replace(TEACHER, num_layers=1, hidden_size=24, intermediate_size=40)
+  student = nnx.to_pure_dict(nnx.state(bert.build(s_cfg, seed=1)))
+  _, keep = _ranked(teacher, student, heads_s=4)
+  keep[DEPTH] = np.array([0])  # not the `contiguous` group's last layer: the indices decide
+  want = trees.flatten(generators.select(teacher, student, indices=keep))
+  gen = generators.make("wd", student, teacher, init="importance", indices=keep, mode=mode)
+  gen_params, gen_state = gen.init(jax.random.key(0), teacher, StudentSpec(s_cfg, student))
+  got = trees.flatten(gen.generate(gen_params, teacher, gen_state))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 def test_kd_from_an_importance_selected_student_runs_end_to_end(tiny):
   """`method.init=importance` through the pipeline: the real teacher's units are ranked on the
   task's training batches and KD trains the selected student."""

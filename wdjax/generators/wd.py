@@ -53,18 +53,24 @@ from wdjax.generators.registry import Method, register
 from wdjax.generators.select import SelectionPlan
 from wdjax.generators.squeeze import xavier_normal
 
+INITS = ("xavier", "identity", "importance")
 
 
 class WeightDistillation(Generator):
   name = "wd"
 
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, mode: str = "faithful",
-               layer_map: str = "contiguous", init: str = "xavier", elementwise: tuple[str, ...] = ()):
+               layer_map: str = "contiguous", init: str = "xavier", elementwise: tuple[str, ...] = (),
+               indices: dict | None = None):
     if mode not in ("faithful", "lean"):
       raise ValueError(f"wd mode must be 'faithful' or 'lean', got {mode!r}")
-    if init not in ("xavier", "identity"):
-      raise ValueError(f"wd init must be 'xavier' (the paper's) or 'identity', got {init!r}")
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+    if init not in INITS:
+      raise ValueError(f"wd init must be one of {INITS} (xavier: the paper's), got {init!r}")
+    if init == "importance" and indices is None:
+      raise ValueError("init='importance' needs the kept indices (importance.importance_indices)")
+    # importance: one teacher layer per student layer (its ranked depth), sliced at its units
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map,
+                              indices if init == "importance" else None)
     self.mode, self.init_kind, self.elementwise = mode, init, tuple(elementwise)
     t_flat = trees.flatten(teacher_shapes)
     for path, sources in self.plan.sources.items():
@@ -101,13 +107,12 @@ class WeightDistillation(Generator):
 
   def init(self, rng, teacher_params, spec):
     del spec
-    identity = self.init_kind == "identity"
+    identity = self.init_kind in ("identity", "importance")  # step 0 is the selected student
     keys = iter(jax.random.split(rng, len(self.map_specs) + len(self.groups)))
     maps, mix, affine = {}, {}, {}
     for name, (d_t, d_s, n) in sorted(self.map_specs.items()):
       key, lead = next(keys), (n,) if n else ()
-      maps[name] = (jnp.broadcast_to(paths.selection_matrix(d_t, d_s), (*lead, d_t, d_s)) if identity
-                    else xavier_normal(key, d_t, d_s, lead))
+      maps[name] = (self.selection_maps(name) if identity else xavier_normal(key, d_t, d_s, lead))
     selected = self.plan.apply(teacher_params) if identity else {}
     for key, group in self.groups.items():
       rng_key, n, ts = next(keys), len(group), len(self.plan.sources[group[0]])
@@ -129,6 +134,18 @@ class WeightDistillation(Generator):
         affine[key] = {"a": a, "b": jnp.zeros(shape, jnp.float32)}
     gen = {"maps": maps, "mix": mix, "affine": affine}
     return {k: trees.unflatten(v) for k, v in gen.items()}, {}
+
+  def selection_maps(self, name: str) -> jax.Array:
+    """Map `name` at the plan's selection: `[d_t, d_s]` (`[L, d_t, d_s]` per layer) with a 1 at
+    each kept unit (uniform, or the importance-selected ones per layer)."""
+    key, axis = next((k, a) for k in self.groups for a in range(len(self.plan.roles[self.groups[k][0]]))
+                     if self.space(k, a) == name)
+    role = self.plan.roles[self.groups[key][0]][axis]
+    d_t, d_s, n = self.map_specs[name]
+    layer_paths = self.groups[key] if n else self.groups[key][:1]
+    stacked = [paths.selection_matrix(d_t, d_s, index=self.plan.indices.get(
+        paths.space_of(p, role), self.plan.index[role])) for p in layer_paths]
+    return jnp.stack(stacked) if n else stacked[0]
 
   def generate(self, gen_params, teacher_params, gen_state):
     del gen_state
@@ -164,10 +181,16 @@ class WDMethod(TwoPhaseMethod):
 
   name: str = "wd"
   mode: str = "faithful"  # faithful (maps per tensor, as the paper's code) | lean (per space)
-  init: str = "xavier"  # the maps' start: xavier (the paper's) | identity (weight selection; an extension)
+  init: str = "xavier"  # the maps' start: xavier (the paper's) | identity (weight selection; an
+  #                       extension) | importance (importance selection's units and layers)
+  calibration_batches: int = 16  # init=importance: training batches that rank the units
+
+  @property
+  def ranks_units(self) -> bool:
+    return self.init == "importance"
 
 
 register(Method("wd", WeightDistillation, section=WDMethod, two_phase=True,
                 options=lambda m, context: {"mode": m.mode, "init": m.init,
                                             "layer_map": m.layer_map or "contiguous"},
-                choices={"mode": ("faithful", "lean"), "init": ("xavier", "identity")}))
+                choices={"mode": ("faithful", "lean"), "init": INITS}))
