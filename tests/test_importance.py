@@ -219,3 +219,20 @@ def test_opdf_from_an_importance_selected_student_runs_end_to_end(tiny):
   result = run.distill(cfg, log=lines.append)
   assert result["phase"] == "distill_opdf" and np.isfinite(result["test_loss"])
   assert any("ranking the teacher's units on 2 training batches" in l for l in lines)
+
+
+def test_wid_keeps_the_layers_importance_ranks(tiny):
+  """WID with `method.init=importance`: a shallower student's teacher layers are the most
+  influential ones (the calibration's), its widths WID's own to cut; refused task-agnostic."""
+  from wdjax import validate
+  from wdjax.errors import WdjaxError
+  from wdjax.train import run
+  from wdjax.config import StudentConfig
+  cfg = tiny(method=generators.section("wid", init="importance", calibration_batches=2),
+             student=StudentConfig(num_layers=2, hidden_size=96, num_heads=12, intermediate_size=256))
+  lines = []
+  result = run.distill(cfg, log=lines.append)
+  assert np.isfinite(result["test_loss"]) and result["phase1"]["trainable_params"] > 0
+  assert any("the student keeps layers" in l for l in lines)
+  with pytest.raises(WdjaxError, match="task-agnostic WID starts from the pretrained teacher"):
+    validate.check(tiny(method=generators.section("wid", init="importance", objective="mlm")))

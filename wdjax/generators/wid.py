@@ -50,7 +50,8 @@ Layout: the weights and compactors of the L layers are stored stacked (`encoder/
 (state) stay per layer, and `flat_params` / `keep_tree` map between the two.
 
 Depth: WID keeps the teacher's depth; a shallower student takes its layers from the teacher by
-a layer map first (`every_k` by default; an extension, as in weight selection).
+a layer map first (`every_k` by default; an extension, as in weight selection), or with
+`method.init=importance` the layers of highest block influence (`generators/importance.py`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, OptimizerHooks, Params, StudentSpec
 from wdjax.generators.registry import Method, register
-from wdjax.generators.select import SelectionPlan
+from wdjax.generators.select import DEPTH, SelectionPlan
 
 STRATEGIES = ("dim", "head")
 SURGERIES = ("momentum", "clean")
@@ -91,7 +92,7 @@ class WeightInherited(Generator):
   def __init__(self, student_shapes: Params, teacher_shapes: Params, *, teacher_heads: int,
                student_heads: int, strategy: str = "dim", w_step: int = 500, targets_at: int = 0,
                l2_lambda: float = 20.0, surgery: str = "momentum", teacher_lr_scale: float = 0.02,
-               layer_map: str = "every_k"):
+               layer_map: str = "every_k", indices: dict | None = None):
     """`w_step`: steps between mask boundaries; or, with `targets_at > 0`, the largest `w_step`
     with which every space reaches its target by step `targets_at`."""
     if strategy not in STRATEGIES:
@@ -100,7 +101,10 @@ class WeightInherited(Generator):
       raise ValueError(f"WID surgery must be one of {SURGERIES}, got {surgery!r}")
     if w_step < 1 and targets_at < 1:
       raise ValueError(f"w_step must be >= 1, got {w_step}")
-    plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+    # depth: the layer map, or the teacher layers `indices[DEPTH]` names (importance's ranking);
+    # widths are WID's own to cut
+    depth = {DEPTH: indices[DEPTH]} if indices and DEPTH in indices else None
+    plan = SelectionPlan(teacher_shapes, student_shapes, layer_map, depth)
     self.sources = {p: srcs[-1] for p, srcs in plan.sources.items()}
     self.sizes = plan.sizes  # role -> (d_teacher, d_student)
     self.n_layers = plan.n_student
@@ -439,10 +443,17 @@ class WIDMethod(TwoPhaseMethod):
   mlm_head_steps: int = 300  # objective=mlm: steps that fit an MLM head to a teacher that ships none
   surgery: str = "momentum"  # "momentum" (the reference's form) | "clean" (g' = lambda p)
   teacher_lr_scale: float = 0.02  # teacher weights' lr / compactors' lr (1e-6 / 5e-5)
+  init: str = "selection"  # a shallower student's teacher layers: the layer map ("selection") or
+  #                          the most influential ones ("importance", generators/importance.py)
+  calibration_batches: int = 16  # init=importance: training batches that rank the layers
 
   @property
   def label(self) -> str:
     return "wid_mlm" if self.objective == "mlm" else "wid"
+
+  @property
+  def ranks_units(self) -> bool:
+    return self.init == "importance"
 
   @property
   def task_agnostic(self) -> bool:
@@ -461,6 +472,9 @@ def _options(method: WIDMethod, context) -> dict:
 
 def _check(method: WIDMethod) -> list[str]:
   bad = []
+  if method.init == "importance" and method.objective == "mlm":
+    bad.append("method.init='importance' (task-agnostic WID starts from the pretrained teacher, "
+               "whose layers are ranked on no task; use selection)")
   if method.w_step < 0:
     bad.append(f"method.w_step={method.w_step} (must be >= 0; 0 = derived from method.reach)")
   if not 0 < method.reach <= 1:
@@ -471,4 +485,5 @@ def _check(method: WIDMethod) -> list[str]:
 
 
 register(Method("wid", WeightInherited, section=WIDMethod, options=_options, check=_check, two_phase=True,
-                choices={"strategy": STRATEGIES, "objective": ("task", "mlm"), "surgery": SURGERIES}))
+                choices={"strategy": STRATEGIES, "objective": ("task", "mlm"), "surgery": SURGERIES,
+                         "init": ("selection", "importance")}))

@@ -125,8 +125,8 @@ class Task:
 
   def generator_options(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:
     """Options of `generators.make` that depend on the task (e.g. PCA maps from its data); by
-    default the importance-selected units WS, GWS, WD and OPDF start from (`method.init=importance`)."""
-    if cfg.method.name in ("ws", "gws", "wd", "opdf") and cfg.method.init == "importance":
+    default the importance-selected units (for WID: layers) WS, GWS, WD, WID and OPDF start from (`method.init=importance`)."""
+    if cfg.method.name in ("ws", "gws", "wd", "wid", "opdf") and cfg.method.init == "importance":
       return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
     return {}
 
