@@ -83,7 +83,8 @@ def test_the_method_section_is_the_methods_own():
   cfg = validate.load(QUICKSTART, ["method.init=identity", "method=wd", "method.mode=lean"])
   assert cfg.method == WDMethod(init="identity", mode="lean") == generators.section("wd", init="identity", mode="lean")
   assert config_lib.to_dict(cfg)["method"] == {"name": "wd", "layer_map": "", "phase1_fraction": 0.5,
-                                               "phase2_lr": 0.0, "mode": "lean", "init": "identity"}
+                                               "phase2_lr": 0.0, "mode": "lean", "init": "identity",
+                                               "calibration_batches": 16}
   assert validate.load(QUICKSTART, ["method.name=wd"]).method == WDMethod()
   assert config_lib.apply_overrides(cfg, ["method=wd"]).method is cfg.method  # already WD's: kept
   with pytest.raises(WdjaxError, match=r"'method\.mode': the kd section has name, layer_map, init, "
