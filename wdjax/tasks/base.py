@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from wdjax.config import Config
@@ -126,7 +125,7 @@ class Task:
   def generator_options(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:
     """Options of `generators.make` that depend on the task (e.g. PCA maps from its data); by
     default the importance-selected units (for WID: layers) WS, GWS, WD, WID and OPDF start from (`method.init=importance`)."""
-    if cfg.method.name in ("ws", "gws", "wd", "wid", "opdf") and cfg.method.init == "importance":
+    if cfg.method.ranks_units and cfg.method.name != "kd":  # KD's start is ranked in run.initial_student
       return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
     return {}
 
@@ -179,8 +178,8 @@ class Task:
     teacher = self.load_teacher(cfg)
     data = self.load_data(cfg, teacher, log)
     scores = self.scores(cfg, teacher.config, teacher.params, data, ("validation", "test"))
-    count = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(teacher.params))
-    return {"trainable_params": 0, "model_params": count,
+    from wdjax.generators import param_count
+    return {"trainable_params": 0, "model_params": param_count(teacher.params),
             **{f"{split}_{k}": v for split, s in scores.items() for k, v in s.items()}}
 
   def scores(self, cfg: Config, config, params, data: Any, splits: tuple[str, ...]) -> dict[str, dict]:
