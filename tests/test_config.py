@@ -84,11 +84,11 @@ def test_the_method_section_is_the_methods_own():
   assert cfg.method == WDMethod(init="identity", mode="lean") == generators.section("wd", init="identity", mode="lean")
   assert config_lib.to_dict(cfg)["method"] == {"name": "wd", "layer_map": "", "phase1_fraction": 0.5,
                                                "phase2_lr": 0.0, "mode": "lean", "init": "identity",
-                                               "calibration_batches": 16}
+                                               "calibration_batches": 16, "depth_score": "influence"}
   assert validate.load(QUICKSTART, ["method.name=wd"]).method == WDMethod()
   assert config_lib.apply_overrides(cfg, ["method=wd"]).method is cfg.method  # already WD's: kept
   with pytest.raises(WdjaxError, match=r"'method\.mode': the kd section has name, layer_map, init, "
-                                       r"calibration_batches; mode is an option of wd \(--set method=wd first\)"):
+                                       r"calibration_batches, depth_score; mode is an option of wd \(--set method=wd first\)"):
     validate.load(QUICKSTART, ["method.mode=lean"])
   with pytest.raises(WdjaxError, match=r"did you mean method\.init\?"):
     validate.load(QUICKSTART, ["method.inti=selection"])

@@ -184,6 +184,66 @@ def test_a_shallower_student_keeps_the_layers_that_turn_the_residual_stream_most
   assert DEPTH not in mapped
 
 
+def _silenced_teacher(num_layers: int, silent: tuple[int, ...]):
+  """(config, params) of a BERT teacher whose `silent` layers' attention and FFN write nothing."""
+  teacher_cfg = dataclasses.replace(TEACHER, num_layers=num_layers)
+  flat = {k: np.array(v) for k, v in trees.flatten(nnx.to_pure_dict(nnx.state(bert.build(teacher_cfg, seed=3)))).items()}
+  for layer in silent:
+    for k in ("attn/o/kernel", "attn/o/bias", "mlp/down/kernel", "mlp/down/bias"):
+      flat[f"encoder/layer_{layer}/{k}"][...] = 0.0
+  return teacher_cfg, trees.unflatten(flat)
+
+
+def _pooled(cfg, params, batch):
+  """The pooler output `[batch, hidden]` of a BERT of `cfg`, merged here from `params`."""
+  model = nnx.merge(nnx.graphdef(bert.build(cfg)), params)
+  _, acts = bert.activations(model, batch["input_ids"], batch["attention_mask"], None, all_rows=True)
+  return np.asarray(acts["pooled"])[:, 0]
+
+
+@pytest.mark.parametrize("num_layers,silent,keep,greedy", [(3, (1,), 2, False), (4, (1, 2), 2, True)])
+def test_output_distance_keeps_the_layers_whose_network_moves_the_output_least(
+    monkeypatch, num_layers, silent, keep, greedy):
+  """depth_score=output: the kept layers are the subset whose network's pooler output is closest
+  (mean 1 - cos) to the teacher's, as computed here layer by layer from the teacher's own
+  weights; a teacher's silent layers are the ones dropped, by the search over every subset and
+  by the greedy one."""
+  import itertools
+  from wdjax.generators.pca import calibration_batches
+  if greedy:
+    monkeypatch.setattr(importance, "MAX_SUBSETS", 0)
+  teacher_cfg, teacher = _silenced_teacher(num_layers, silent)
+  flat = trees.flatten(teacher)
+  batches = list(calibration_batches(_calibration_split(), batches=2, batch_size=16, seed=0, pad_to_multiple=16))
+  targets = [_pooled(teacher_cfg, teacher, b) for b in batches]
+
+  def distance(layers):
+    sub = {p: x for p, x in flat.items() if trees.layer_of(p) is None}
+    for s, t in enumerate(layers):
+      sub.update({trees.with_layer(p, s): x for p, x in flat.items() if trees.layer_of(p) == t})
+    cfg = dataclasses.replace(teacher_cfg, num_layers=len(layers))
+    cos = [np.sum(y * x, -1) / (np.linalg.norm(y, axis=-1) * np.linalg.norm(x, axis=-1))
+           for y, x in zip(targets, (_pooled(cfg, trees.unflatten(sub), b) for b in batches))]
+    return float(np.mean(1 - np.concatenate(cos)))
+
+  costs = {c: distance(c) for c in itertools.combinations(range(num_layers), keep)}
+  want = tuple(l for l in range(num_layers) if l not in silent)
+  assert costs[want] < 1e-3 * min(v for c, v in costs.items() if c != want)
+
+  class Cfg:  # what importance_indices reads of a config
+    seed, distill, data = 0, TrainConfig(batch_size=16), DataConfig(pad_to_multiple=16)
+
+  student = nnx.to_pure_dict(nnx.state(bert.build(dataclasses.replace(teacher_cfg, num_layers=keep), seed=1)))
+  lines = []
+  method = generators.section("kd", init="importance", calibration_batches=2, depth_score="output")
+  at_depth = lambda n: bert.activation_fn(dataclasses.replace(teacher_cfg, num_layers=n))
+  kept = importance.importance_indices(bert.activation_fn(teacher_cfg), teacher, student, _calibration_split(),
+                                       Cfg, method, heads_t=4, heads_s=4, activation_fn_at=at_depth,
+                                       log=lines.append)
+  assert tuple(kept[DEPTH].tolist()) == want
+  assert any(("greedy" in l) == greedy and "output distance" in l for l in lines)
+
+
 def test_vit_units_are_ranked_on_images():
   """The same ranking on a ViT (every token is real): a planted residual channel and FFN neuron
   are kept by a half-width student."""

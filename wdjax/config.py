@@ -190,6 +190,11 @@ class MethodConfig:
     return out
 
 
+# method.depth_score: how importance selection picks a shallower student's layers
+# (generators/importance.py): each layer's block influence, or the kept layers' output distance
+DEPTH_SCORES = ("influence", "output")
+
+
 @dataclasses.dataclass(frozen=True)
 class KDMethod(MethodConfig):
   """Logit KD (plain CE when `kd.alpha` is 0): the student's own weights are trained."""
@@ -198,6 +203,7 @@ class KDMethod(MethodConfig):
   init: str = "random"  # the student's starting weights: "random", or the teacher's by uniform
   #                       "selection" or by "importance" (its most active units)
   calibration_batches: int = 16  # init=importance: training batches whose activations rank the units
+  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
 
   @property
   def label(self) -> str:

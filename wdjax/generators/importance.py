@@ -27,14 +27,30 @@ layer's *block influence* is how much it turns the residual stream, 1 - cos(x_in
 averaged over the real tokens of the calibration sample (Men et al., "ShortGPT: Layers in Large
 Language Models are More Redundant Than You Expect", 2024); an explicit `method.layer_map`
 overrides it, and units are then scored in the teacher layer that map gives each student layer.
-Used as `method.init=importance` of KD, and as the start of WS and GWS (`init=importance`).
+With `method.depth_score=output` the layers are instead the subset whose network, the teacher
+with its other layers skipped, moves the teacher's output representation least: the mean over
+real tokens of 1 - cos between the two networks' last representation (the pooler output where
+the family has one, else the residual stream leaving the last layer), the loss-of-skipping
+criterion of layer pruning (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper
+Layers", 2024, compare a block's input and output the same way; Kim et al., "Shortened LLaMA",
+2024, skip layers by the loss they cost). It searches every subset when there are at most
+`MAX_SUBSETS`, else drops one layer at a time, the one that costs least (greedy). Block
+influence scores each layer alone in the full network; the output distance scores the student's
+layers together, as they will run.
+Used as `method.init=importance` of KD, and as the start of WS, GWS, WD, OPDF and WID.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 
+
 from wdjax.generators.select import SelectionPlan, group_indices, kv_groups
+
+MAX_SUBSETS = 256  # depth_score=output: above this many layer subsets, the greedy search
 
 
 def unit_scores(squares: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,23 +158,110 @@ def calibrate(activation_fn, params, split, *, batches: int, batch_size: int, se
   return squares, influence / max(n, 1)
 
 
+def keep_layers(params, layers) -> dict:
+  """The nested params of the network that runs only the teacher's `layers` (ascending), renumbered
+  0..len(layers)-1; every leaf outside the layer stack kept."""
+  from wdjax import trees
+  flat = trees.flatten(params)
+  new_index = {int(t): s for s, t in enumerate(layers)}
+  out = {}
+  for p, x in flat.items():
+    layer = trees.layer_of(p)
+    if layer is None:
+      out[p] = x
+    elif layer in new_index:
+      out[trees.with_layer(p, new_index[layer])] = x
+  return trees.unflatten(out)
+
+
+def final_representation(acts: dict, weights):
+  """(`[batch, rows, d]`, `[batch, rows]` weights) of a network's last representation: its pooler
+  output where it has one, else the residual stream leaving its last layer."""
+  import jax.numpy as jnp
+  if "pooled" in acts:
+    x = acts["pooled"]
+    return x, jnp.ones(x.shape[:2], jnp.float32)
+  last = max(int(k.rsplit("_", 1)[1]) for k in acts if k.startswith("hidden/layer_"))
+  return acts[f"hidden/layer_{last}"], weights
+
+
+def output_distance_layers(activation_fn_at, params, batches: list, n_layers: int, n_keep: int,
+                           log=lambda _: None) -> np.ndarray:
+  """The `n_keep` teacher layers (ascending) whose network moves the teacher's final
+  representation least over `batches` (see the module docstring): every subset when there are at
+  most `MAX_SUBSETS`, else greedy removal. `activation_fn_at(depth)` is the family's
+  `activation_fn` of the teacher at that depth."""
+  import jax
+  import jax.numpy as jnp
+  fns = {}
+
+  def rep_fn(depth):
+    if depth not in fns:
+      act = activation_fn_at(depth)
+      fns[depth] = jax.jit(lambda p, b: final_representation(*act(p, b)))
+    return fns[depth]
+
+  targets = [rep_fn(n_layers)(params, b)[0] for b in batches]
+
+  @jax.jit
+  def distance(x, y, w):
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    cos = jnp.sum(x * y, -1) / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1), 1e-12)
+    return jnp.sum((1.0 - cos) * w), jnp.sum(w)
+
+  def cost(layers) -> float:
+    sub = keep_layers(params, layers)
+    total = count = 0.0
+    for b, target in zip(batches, targets):
+      rep, w = rep_fn(len(layers))(sub, b)
+      d, n = distance(target, rep, w)
+      total, count = total + float(d), count + float(n)
+    return total / max(count, 1.0)
+
+  if math.comb(n_layers, n_keep) <= MAX_SUBSETS:
+    candidates = list(itertools.combinations(range(n_layers), n_keep))
+    costs = [cost(c) for c in candidates]
+    best = candidates[int(np.argmin(costs))]
+    log(f"output distance of {len(candidates)} layer subsets: best {list(best)} "
+        f"{min(costs):.4f}, median {float(np.median(costs)):.4f}")
+    return np.asarray(best)
+  kept = list(range(n_layers))
+  while len(kept) > n_keep:
+    options = [kept[:i] + kept[i + 1:] for i in range(len(kept))]
+    costs = [cost(o) for o in options]
+    kept = options[int(np.argmin(costs))]
+  log(f"output distance, greedy: the student keeps layers {kept} ({min(costs):.4f})")
+  return np.asarray(kept)
+
+
 def importance_indices(activation_fn, teacher_params, student_shapes, split, cfg, method, *,
-                       heads_t: int, heads_s: int, log=lambda _: None) -> dict[str, np.ndarray]:
+                       heads_t: int, heads_s: int, activation_fn_at=None,
+                       log=lambda _: None) -> dict[str, np.ndarray]:
   """The kept indices of every student space, from `method.calibration_batches` training
   batches of the teacher's activations (see the module docstring): its units by RMS activation
-  and, for a shallower student without an explicit `method.layer_map`, its layers by block
-  influence (`indices[DEPTH]`)."""
+  and, for a shallower student without an explicit `method.layer_map`, its layers by
+  `method.depth_score` (`indices[DEPTH]`). `activation_fn_at(depth)`: the family's
+  `activation_fn` of the teacher at another depth (what `depth_score=output` runs)."""
   from wdjax import trees
+  from wdjax.generators.pca import calibration_batches
   from wdjax.generators.select import DEPTH
-  squares, influence = calibrate(activation_fn, teacher_params, split,
-                                 batches=method.calibration_batches,
-                                 batch_size=cfg.distill.batch_size, seed=cfg.seed,
-                                 pad_to_multiple=cfg.data.pad_to_multiple)
+  options = dict(batches=method.calibration_batches, batch_size=cfg.distill.batch_size,
+                 seed=cfg.seed, pad_to_multiple=cfg.data.pad_to_multiple)
+  squares, influence = calibrate(activation_fn, teacher_params, split, **options)
   depth = {}
   n_s = 1 + max(trees.layer_of(p) for p in trees.flatten(student_shapes) if trees.layer_of(p) is not None)
   if not method.layer_map and n_s < len(influence):
-    depth = {DEPTH: top_layers(influence, n_s)}
+    score = method.depth_score
+    if score == "output":
+      if activation_fn_at is None:
+        raise ValueError("depth_score='output' needs the teacher's activation_fn at other depths")
+      layers = output_distance_layers(activation_fn_at, teacher_params,
+                                      list(calibration_batches(split, **options)),
+                                      len(influence), n_s, log=log)
+    else:
+      layers = top_layers(influence, n_s)
+    depth = {DEPTH: layers}
     log(f"block influence {', '.join(f'{v:.3f}' for v in influence)}; the student keeps layers "
-        f"{depth[DEPTH].tolist()}")
+        f"{depth[DEPTH].tolist()} (depth_score={score})")
   plan = SelectionPlan(teacher_params, student_shapes, method.layer_map or "every_k", depth)
   return {**keep_indices(unit_scores(squares), plan, heads_t, heads_s), **depth}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
-from wdjax.config import MethodConfig
+from wdjax.config import DEPTH_SCORES, MethodConfig
 from wdjax.generators.base import Generator, Params, StudentSpec
 from wdjax.generators.registry import Method, register
 from wdjax.generators import mpo
@@ -158,6 +158,7 @@ class OPDFMethod(MethodConfig):
   #                          | "importance" (importance selection: its units and layers)
   constraint: str = "mse"  # the constraint's form: "mse" (the paper's) | "relative" (scale-free, §2.5)
   calibration_batches: int = 16  # init=importance: training batches that rank the units
+  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
 
   @property
   def ranks_units(self) -> bool:
@@ -173,4 +174,4 @@ register(Method("opdf", MatrixProductOperator, section=OPDFMethod, check=_check,
                     "n_cores": m.cores, "start": m.init, "constraint": m.constraint,
                     "constraint_lambda": None if m.constraint_lambda < 0 else m.constraint_lambda,
                     "layer_map": m.layer_map or "first_n"},  # the paper's start (docs/methods.md §2.3)
-                choices={"init": STARTS, "constraint": CONSTRAINTS}))
+                choices={"init": STARTS, "constraint": CONSTRAINTS, "depth_score": DEPTH_SCORES}))

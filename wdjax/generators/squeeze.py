@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
-from wdjax.config import MethodConfig
+from wdjax.config import DEPTH_SCORES, MethodConfig
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
@@ -206,6 +206,7 @@ class WSMethod(MethodConfig):
   layer_mix: str = "fixed"  # the "fixed" layer map, or a "learned" mix over contiguous groups
   pca_batches: int = 8  # init=pca: training batches of teacher activations to decompose
   calibration_batches: int = 16  # init=importance: training batches that rank the units
+  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
 
   @property
   def ranks_units(self) -> bool:
@@ -236,7 +237,7 @@ def _check(method: WSMethod) -> list[str]:
 
 
 _CHOICES = {"sharing": ("role", "tensor"), "init": INITS,
-            "layer_mix": ("fixed", "learned")}
+            "layer_mix": ("fixed", "learned"), "depth_score": DEPTH_SCORES}
 register(Method("ws", lambda s, t, **o: WeightSqueezing(s, t, gated=False, **o), section=WSMethod,
                 options=_options, choices=_CHOICES, check=_check),
          Method("gws", lambda s, t, **o: WeightSqueezing(s, t, gated=True, **o), section=GWSMethod,

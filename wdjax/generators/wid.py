@@ -65,7 +65,7 @@ import numpy as np
 import optax
 
 from wdjax import trees
-from wdjax.config import TwoPhaseMethod
+from wdjax.config import DEPTH_SCORES, TwoPhaseMethod
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, OptimizerHooks, Params, StudentSpec
@@ -446,6 +446,7 @@ class WIDMethod(TwoPhaseMethod):
   init: str = "selection"  # a shallower student's teacher layers: the layer map ("selection") or
   #                          the most influential ones ("importance", generators/importance.py)
   calibration_batches: int = 16  # init=importance: training batches that rank the layers
+  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
 
   @property
   def label(self) -> str:
@@ -486,4 +487,4 @@ def _check(method: WIDMethod) -> list[str]:
 
 register(Method("wid", WeightInherited, section=WIDMethod, options=_options, check=_check, two_phase=True,
                 choices={"strategy": STRATEGIES, "objective": ("task", "mlm"), "surgery": SURGERIES,
-                         "init": ("selection", "importance")}))
+                         "init": ("selection", "importance"), "depth_score": DEPTH_SCORES}))

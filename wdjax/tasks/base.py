@@ -149,9 +149,10 @@ class Task:
       raise NotImplementedError(f"{self.name} cannot rank its teacher's units")
     from wdjax.generators.importance import importance_indices
     log(f"ranking the teacher's units on {cfg.method.calibration_batches} training batches")
+    at_depth = lambda n: self.activation_fn(dataclasses.replace(teacher.config, num_layers=n))
     return importance_indices(activation_fn, teacher.params, student_shapes, data.train, cfg,
                               cfg.method, heads_t=teacher.config.num_heads,
-                              heads_s=cfg.student.num_heads, log=log)
+                              heads_s=cfg.student.num_heads, activation_fn_at=at_depth, log=log)
 
   def agnostic_start(self, cfg: Config, teacher: Model, data: Any, log) -> AgnosticStart:
     raise NotImplementedError(f"{self.name} has no task-agnostic objective")
