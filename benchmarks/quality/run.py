@@ -46,6 +46,9 @@ METHODS = {  # label -> (preset, extra --set assignments)
     "select+kd-vocab": ("select_kd", ["student.vocabulary=corpus"]),
     # the same, from the teacher's most active units on 16 training batches (generators/importance.py)
     "importance+kd": ("select_kd", ["method.init=importance"]),
+    # the same, a shallower student's layers chosen together: the subset whose network moves the
+    # teacher's output least (method.depth_score=output) instead of each layer's block influence
+    "importance+kd-output": ("select_kd", ["method.init=importance", "method.depth_score=output"]),
     # intermediate-layer distillation beside the logit KD (train/intermediate.py): hidden states
     # (1 - R^2 of their affine fit) and attention maps, weight 1 each
     "kd+inter": ("kd", ["kd.hidden_weight=1", "kd.attention_weight=1"]),
@@ -165,7 +168,8 @@ def main():
       result = run_lib.distill(cfg, phase=phase, log=quiet)
       print(f"{label:10s} seed {seed}: test {100 * result['test_accuracy']:.2f} "
             f"(val {100 * result['validation_accuracy']:.2f}) in {time.time() - t0:.0f}s", flush=True)
-      runs.append(dict(result, seed=seed, model=str(run_lib.final_model_dir(cfg, phase))))
+      runs.append(dict(result, seed=seed, model=str(run_lib.final_model_dir(cfg, phase)),
+                       wall_s=time.time() - t0))  # a resumed run counts only its own part
     acc = [100 * r["test_accuracy"] for r in runs]
     rows[label] = {"runs": runs, "test_mean": float(np.mean(acc)),
                    "test_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
@@ -224,6 +228,13 @@ def _f1_mean(row: dict) -> float | None:
   return float(np.mean(f1)) if len(f1) == len(row["runs"]) else None
 
 
+def _minutes(row: dict) -> str:
+  """Mean wall minutes per seed of a row (the 2-core CPU, whatever else ran beside it); "—" where
+  a run's time was not recorded."""
+  t = [r["wall_s"] for r in row["runs"] if "wall_s" in r]
+  return f"{np.mean(t) / 60:.1f}" if len(t) == len(row["runs"]) else "—"
+
+
 def markdown(info: dict, rows: dict) -> str:
   lat = info["latency_ms"]
   lines = [
@@ -231,16 +242,16 @@ def markdown(info: dict, rows: dict) -> str:
       f"({info['budget_steps']} steps) for every method; teacher {info['teacher_test']:.2f}.",
       "",
       "| method | student | test accuracy | test macro-F1 | val accuracy | trainable params (training) "
-      "| trainable + Adam (fp32) | student params |",
-      "|---|---|---|---|---|---|---|---|",
-      f"| teacher ({'trained' if info.get('data') == 'Fashion-MNIST' else 'fine-tuned'}) | | {info['teacher_test']:.2f} | | | | | {info['teacher_params'] / 1e6:.2f}M |",
+      "| trainable + Adam (fp32) | student params | CPU min / seed |",
+      "|---|---|---|---|---|---|---|---|---|",
+      f"| teacher ({'trained' if info.get('data') == 'Fashion-MNIST' else 'fine-tuned'}) | | {info['teacher_test']:.2f} | | | | | {info['teacher_params'] / 1e6:.2f}M | |",
   ]
   for label, r in rows.items():
     f1 = _f1_mean(r)
     lines.append(f"| {label} | {r.get('student', '')} | {r['test_mean']:.2f} +- {r['test_std']:.2f} | "
                  f"{'—' if f1 is None else f'{f1:.2f}'} | {r['val_mean']:.2f} | "
                  f"{r['trainable_params'] / 1e6:.2f}M | {12 * r['trainable_params'] / 2**20:.0f} MB | "
-                 f"{r['student_params'] / 1e6:.2f}M |")
+                 f"{r['student_params'] / 1e6:.2f}M | {_minutes(r)} |")
   if lat:
     t, s = ({str(k): v for k, v in lat[m].items()} for m in ("teacher", "student"))
     lines += ["", f"CPU latency ({info['device']}, {info.get('inputs', '64 tokens')}): teacher {t['1']:.1f} ms vs "
