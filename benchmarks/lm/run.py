@@ -45,6 +45,10 @@ ROWS = {  # label -> (phase, --set assignments)
     "kd": ("distill_kd", ["method.init=random", "distill.optim.lr=1e-3"]),
     "select+kd": ("distill_kd_selection", ["method.init=selection"]),  # every 2nd layer
     "importance+kd": ("distill_kd_importance", ["method.init=importance"]),  # most influential layers
+    # the 15 layers whose network moves the teacher's last hidden state least (greedy removal on
+    # 2 calibration batches: about 345 sub-network passes), then KD
+    "importance+kd-output": ("distill_kd_importance_output", [
+        "method.init=importance", "method.depth_score=output", "method.calibration_batches=2"]),
     # the same, keeping only the tokens the training text uses (student.vocabulary=corpus)
     "importance+kd+vocab": ("distill_kd_importance_vocab", ["method.init=importance",
                                                             "student.vocabulary=corpus"]),
@@ -64,6 +68,10 @@ ROWS = {  # label -> (phase, --set assignments)
         "method.init=importance", "student.num_layers=10", "student.hidden_size=384",
         "student.num_heads=6", "student.intermediate_size=1024"]),
 }
+
+
+# rows whose student starts from the teacher's weights: the table gives its perplexity before training
+INHERITS = ("select+kd", "importance+kd", "importance+kd-output", "ws-importance", "importance+kd-small")
 
 
 def perplexity(cfg_m, params, split, batch_size: int) -> float:
@@ -188,21 +196,25 @@ def main(argv=None) -> int:
            "test_perplexity": perplexity(teacher.config, teacher.params, data.test, base.distill.eval_batch_size),
            "validation_perplexity": perplexity(teacher.config, teacher.params, data.validation,
                                                base.distill.eval_batch_size), **speeds["teacher"]}]
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=HERE).stdout.strip()
   for row in args.rows:
     r = results[row]
     row_out = {"row": row, "layers": models[row][0].num_layers, "vocab": models[row][0].vocab_size,
                "params": param_count(models[row][1]),
                "test_perplexity": r["test_perplexity"], "validation_perplexity": r["validation_perplexity"],
-               "steps": r["steps"], "cpu_s": times[row], **speeds[row],
+               "steps": r["steps"], "cpu_s": times[row], "commit": commit, **speeds[row],
                # its own tokenizer's count (a narrowed vocabulary may split new words finer)
                "test_tokens": causal_lm.load_data(base, dirs[row], models[row][0].eos_token_id,
                                                   models[row][0].vocab_size).test.tokens}
-    if row in ("select+kd", "importance+kd", "ws-importance", "importance+kd-small"):
+    if row in INHERITS:
       row_out["initial_test_perplexity"] = initial_perplexity(base, teacher, data, row)
     rows.append(row_out)
-  info = {"date": datetime.date.today().isoformat(),
-          "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                   text=True, cwd=HERE).stdout.strip(),
+  # the rows of the file not run now are kept as they were (their speeds: their own run's, beside
+  # the teacher of that run), in ROWS order
+  earlier = {r["row"]: r for r in old.get("rows", []) if r["row"] in ROWS and r["row"] not in args.rows}
+  rows = rows[:1] + sorted(rows[1:] + list(earlier.values()), key=lambda r: list(ROWS).index(r["row"]))
+  info = {"date": datetime.date.today().isoformat(), "commit": commit,
           "hardware": f"{args.hardware}: {platform.processor() or platform.machine()}, "
                       f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
           "jax": jax.__version__, "python": platform.python_version(),
