@@ -339,6 +339,33 @@ def test_a_student_with_fewer_heads_keeps_whole_kv_groups():
   np.testing.assert_array_equal(keep["kv/layer_2"], np.arange(8, 16))
 
 
+@pytest.mark.parametrize("name,options,layer_map", [
+    ("ws", dict(init="identity"), "every_k"), ("gws", dict(init="identity"), "every_k"),
+    ("wd", dict(init="identity", mode="lean"), "contiguous"),
+    ("opdf", dict(start="selection", n_cores=3, constraint_lambda=0.0), "first_n")])
+def test_the_generators_start_a_student_with_fewer_heads_at_whole_kv_groups(name, options, layer_map):
+  """4 query heads over 2 KV heads -> 2 over 1: the head structure the task gives
+  (`generator_options`: uniform whole KV groups) is where WS's and WD's identity maps and OPDF's
+  cores start, so step 0 generates the weight-selection student of those groups."""
+  from wdjax.config import StudentConfig
+  from wdjax.tasks import causal_lm
+  from wdjax.train.phase import Model
+  teacher = nnx.to_pure_dict(nnx.state(llama.build(TEACHER, seed=0)))
+  s_cfg = dataclasses.replace(TEACHER, num_layers=2, num_heads=2, num_kv_heads=1)
+  student = nnx.to_pure_dict(nnx.state(llama.build(s_cfg, seed=1)))
+  cfg = Config(method=generators.section(name), student=StudentConfig(num_layers=2, num_heads=2))
+  got = causal_lm.TASK.generator_options(cfg, Model(TEACHER, teacher, None), None, student, print)
+  np.testing.assert_array_equal(got["indices"]["attn/layer_1"], np.arange(16))
+  np.testing.assert_array_equal(got["indices"]["kv/layer_0"], np.arange(8))
+  want = trees.flatten(generators.select(teacher, student, layer_map, got["indices"]))
+  gen = generators.make(name, student, teacher, layer_map=layer_map, indices=got["indices"], **options)
+  gen_params, gen_state = gen.init(jax.random.key(0), teacher, StudentSpec(s_cfg, student))
+  out = trees.flatten(gen.generate(gen_params, teacher, gen_state))
+  assert out.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(out[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
 def test_narrower_students_inherit_the_teachers_heads(lm_files, tmp_path):
   """hidden_size 32 -> 16 and FFN 48 -> 24 with the teacher's 4 heads of 8: the attention spaces
   are kept whole, the residual stream and the FFN are selected; with 2 heads, whole KV groups."""
@@ -424,8 +451,8 @@ def test_bad_lm_settings_get_one_clear_error(lm_files, tmp_path):
       (dict(task=CausalLMConfig(kd_top_k=-1)), "task.kd_top_k=-1"),
       (dict(student=dataclasses.replace(cfg.student, vocabulary="tiny")), "student.vocabulary='tiny'"),
       (dict(student=dataclasses.replace(cfg.student, num_heads=3)), "multiple of the teacher's 2"),
-      (dict(student=dataclasses.replace(cfg.student, num_heads=2), method=generators.section("ws")),
-       "method 'ws' keeps the teacher's 4 heads"),
+      (dict(student=dataclasses.replace(cfg.student, num_heads=2), method=generators.section("wid")),
+       "method 'wid' keeps the teacher's 4 heads"),
   ]:
     with pytest.raises(WdjaxError, match=message):
       run_lib.distill(dataclasses.replace(cfg, **change))

@@ -57,9 +57,9 @@ class MatrixProductOperator(Generator):
     if constraint not in CONSTRAINTS:
       raise ValueError(f"OPDF constraint must be one of {CONSTRAINTS}, got {constraint!r}")
     self.constraint = constraint
-    # where the student starts: the selected (or importance-selected) teacher layers
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map,
-                              indices if start == "importance" else None)
+    # where the student starts: the selected (or importance-selected) teacher layers, within
+    # the family's head structure where `indices` gives one
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map, indices)
     self.start = start
     self.constraint_lambda = (1e-4 / self.plan.n_student if constraint_lambda is None
                               else constraint_lambda)

@@ -149,8 +149,9 @@ class WeightSelection(Generator):
 
   name = "select"
 
-  def __init__(self, student_shapes: Params, teacher_shapes: Params, *, layer_map: str = "every_k"):
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map)
+  def __init__(self, student_shapes: Params, teacher_shapes: Params, *, layer_map: str = "every_k",
+               indices: dict[str, np.ndarray] | None = None):
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map, indices)
 
   def init(self, rng, teacher_params, spec: StudentSpec):
     del rng, teacher_params, spec

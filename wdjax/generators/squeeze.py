@@ -88,8 +88,8 @@ class WeightSqueezing(Generator):
       raise ValueError("init='pca' needs the activation PCA maps (pca_maps)")
     if layer_mix == "learned" and layer_map == "every_k":
       layer_map = "contiguous"  # a learned mix needs a group to mix over
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map,
-                              indices if init == "importance" else None)
+    # indices: importance selection's units, or the family's head structure (uniform KV groups)
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map, indices)
     if layer_mix == "learned" and all(len(s) == 1 for s in self.plan.sources.values()):
       raise ValueError(f"layer_mix='learned' mixes each student layer's group of teacher layers, "
                        f"but layer map {layer_map!r} gives every student layer one teacher layer: "

@@ -68,9 +68,9 @@ class WeightDistillation(Generator):
       raise ValueError(f"wd init must be one of {INITS} (xavier: the paper's), got {init!r}")
     if init == "importance" and indices is None:
       raise ValueError("init='importance' needs the kept indices (importance.importance_indices)")
-    # importance: one teacher layer per student layer (its ranked depth), sliced at its units
-    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map,
-                              indices if init == "importance" else None)
+    # importance: one teacher layer per student layer (its ranked depth), sliced at its units;
+    # otherwise indices, if any, are the family's head structure (uniform KV groups)
+    self.plan = SelectionPlan(teacher_shapes, student_shapes, layer_map, indices)
     self.mode, self.init_kind, self.elementwise = mode, init, tuple(elementwise)
     t_flat = trees.flatten(teacher_shapes)
     for path, sources in self.plan.sources.items():

@@ -124,10 +124,15 @@ class Task:
 
   def generator_options(self, cfg: Config, teacher: Model, data: Any, student_shapes, log) -> dict:
     """Options of `generators.make` that depend on the task (e.g. PCA maps from its data); by
-    default the importance-selected units (for WID: layers) WS, GWS, WD, WID and OPDF start from (`method.init=importance`)."""
-    if cfg.method.ranks_units and cfg.method.name != "kd":  # KD's start is ranked in run.initial_student
+    default the importance-selected units (for WID: layers) WS, GWS, WD, WID and OPDF start from
+    (`method.init=importance`), else the head structure uniform selection keeps
+    (`selection_indices`), if the family has one for this student."""
+    if cfg.method.name == "kd":  # KD's start is selected in run.initial_student
+      return {}
+    if cfg.method.ranks_units:
       return {"indices": self.unit_ranking(cfg, teacher, data, student_shapes, log)}
-    return {}
+    structure = self.selection_indices(cfg, teacher, student_shapes)  # e.g. whole KV groups
+    return {"indices": structure} if structure else {}
 
   def selection_indices(self, cfg: Config, teacher: Model, student_shapes) -> dict | None:
     """`SelectionPlan` indices that uniform weight selection must keep whole (a family's head

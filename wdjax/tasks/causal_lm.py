@@ -224,17 +224,18 @@ def load_data(cfg: Config, tokenizer_dir: Path, eos_id: int | None, vocab_size: 
 def student_config(cfg: Config, teacher: LlamaConfig) -> LlamaConfig:
   """The teacher's vocabulary, positions, RoPE and head size with the student's depth, width
   (`hidden_size`: the residual stream), heads and FFN; its query heads per KV head are the
-  teacher's. A KD student started from the teacher's weights may have fewer heads: it keeps
-  whole KV heads with their query heads (`select.group_indices`); the generators keep the
-  teacher's heads."""
+  teacher's. A student started from the teacher's weights may have fewer heads: it keeps whole
+  KV heads with their query heads (`select.group_indices`), uniformly or by importance, and so do
+  the generators' starts (WS's and WD's identity maps, OPDF's cores); WID, which cuts the widths
+  it learns, keeps the teacher's heads."""
   s = cfg.student
   if s.num_heads % teacher.group_size:
     raise WdjaxError(f"student: num_heads={s.num_heads} must be a multiple of the teacher's "
                      f"{teacher.group_size} query heads per KV head")
-  if cfg.method.name != "kd" and s.num_heads != teacher.num_heads:
+  if cfg.method.name == "wid" and s.num_heads != teacher.num_heads:
     raise WdjaxError(f"student: num_heads={s.num_heads}; method {cfg.method.label!r} keeps the "
-                     f"teacher's {teacher.num_heads} heads (KD with method.init=selection or "
-                     "importance keeps whole KV groups; or narrow hidden_size or intermediate_size)")
+                     f"teacher's {teacher.num_heads} heads (the other methods keep whole KV "
+                     "groups; or narrow hidden_size or intermediate_size)")
   return student_shape(teacher, cfg, num_kv_heads=s.num_heads // teacher.group_size)
 
 
