@@ -296,3 +296,21 @@ def test_wid_keeps_the_layers_importance_ranks(tiny):
   assert any("the student keeps layers" in l for l in lines)
   with pytest.raises(WdjaxError, match="task-agnostic WID starts from the pretrained teacher"):
     validate.check(tiny(method=generators.section("wid", init="importance", objective="mlm")))
+
+
+def test_a_ranking_is_computed_once_per_key_and_read_back(tmp_path):
+  """`cached_indices`: the same key reads the written ranking back (equal arrays, no second
+  computation); another key computes its own."""
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"hidden": np.array([3, 1, 4]), DEPTH: np.array([0, 2])}
+
+  first = importance.cached_indices(tmp_path, {"teacher": "a", "batches": 2}, compute)
+  lines = []
+  again = importance.cached_indices(tmp_path, {"batches": 2, "teacher": "a"}, compute, log=lines.append)
+  assert len(calls) == 1 and any("read from" in l for l in lines)
+  assert again.keys() == first.keys() and all(np.array_equal(again[k], first[k]) for k in first)
+  importance.cached_indices(tmp_path, {"teacher": "b", "batches": 2}, compute)
+  assert len(calls) == 2 and len(list(tmp_path.glob("importance_*.json"))) == 2

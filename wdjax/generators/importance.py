@@ -234,6 +234,27 @@ def output_distance_layers(activation_fn_at, params, batches: list, n_layers: in
   return np.asarray(kept)
 
 
+def cached_indices(cache_dir, key: dict, compute, log=lambda _: None) -> dict[str, np.ndarray]:
+  """`compute()`'s indices, read back from `cache_dir` when a ranking of the same `key` (a
+  JSON-able description of everything it depends on) was written there; else computed and
+  written atomically."""
+  import hashlib
+  import json
+  import os
+  from pathlib import Path
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  path = Path(cache_dir) / f"importance_{digest}.json"
+  if path.exists():
+    log(f"importance ranking read from {path}")
+    return {k: np.asarray(v, np.int64) for k, v in json.loads(path.read_text()).items()}
+  indices = compute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f".tmp{os.getpid()}")
+  tmp.write_text(json.dumps({k: np.asarray(v).tolist() for k, v in indices.items()}))
+  os.replace(tmp, path)
+  return indices
+
+
 def importance_indices(activation_fn, teacher_params, student_shapes, split, cfg, method, *,
                        heads_t: int, heads_s: int, activation_fn_at=None,
                        log=lambda _: None) -> dict[str, np.ndarray]:

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
+from wdjax import trees
 from wdjax.config import Config
 from wdjax.errors import WdjaxError
 from wdjax.generators import StudentSpec
@@ -152,12 +154,23 @@ class Task:
     activation_fn = self.activation_fn(teacher.config)
     if activation_fn is None:
       raise NotImplementedError(f"{self.name} cannot rank its teacher's units")
-    from wdjax.generators.importance import importance_indices
-    log(f"ranking the teacher's units on {cfg.method.calibration_batches} training batches")
-    at_depth = lambda n: self.activation_fn(dataclasses.replace(teacher.config, num_layers=n))
-    return importance_indices(activation_fn, teacher.params, student_shapes, data.train, cfg,
-                              cfg.method, heads_t=teacher.config.num_heads,
-                              heads_s=cfg.student.num_heads, activation_fn_at=at_depth, log=log)
+    from wdjax.generators.importance import cached_indices, importance_indices
+
+    def rank():
+      log(f"ranking the teacher's units on {cfg.method.calibration_batches} training batches")
+      at_depth = lambda n: self.activation_fn(dataclasses.replace(teacher.config, num_layers=n))
+      return importance_indices(activation_fn, teacher.params, student_shapes, data.train, cfg,
+                                cfg.method, heads_t=teacher.config.num_heads,
+                                heads_s=cfg.student.num_heads, activation_fn_at=at_depth, log=log)
+
+    if not teacher.sha256:  # nothing identifies the teacher: rank it afresh
+      return rank()
+    # the ranking is a function of the teacher, the data, the student's shapes and the method's
+    # calibration settings: a resumed or repeated run reads it back (the search may be long)
+    return cached_indices(Path(cfg.workdir) / "cache", dict(
+        teacher=teacher.sha256, data=dataclasses.asdict(cfg.data), train_rows=len(data.train),
+        method=dataclasses.asdict(cfg.method), seed=cfg.seed, batch_size=cfg.distill.batch_size,
+        student={k: list(np.shape(v)) for k, v in trees.flatten(student_shapes).items()}), rank, log)
 
   def agnostic_start(self, cfg: Config, teacher: Model, data: Any, log) -> AgnosticStart:
     raise NotImplementedError(f"{self.name} has no task-agnostic objective")
