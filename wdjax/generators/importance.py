@@ -67,12 +67,16 @@ def block_influence(states, weights):
   tokens); jax.numpy, so that it runs inside the jitted forward pass."""
   import jax.numpy as jnp
   w = weights.astype(jnp.float32)
-  out = []
-  for x, y in zip(states[:-1], states[1:]):
-    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-    cos = jnp.sum(x * y, -1) / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1), 1e-12)
-    out.append(jnp.sum((1.0 - cos) * w) / jnp.maximum(jnp.sum(w), 1.0))
-  return jnp.stack(out)
+  return jnp.stack([jnp.sum(angular_distance(x, y) * w) / jnp.maximum(jnp.sum(w), 1.0)
+                    for x, y in zip(states[:-1], states[1:])])
+
+
+def angular_distance(x, y):
+  """`[...]` 1 - cos(x, y) over the last axis of two `[..., d]` arrays (float32)."""
+  import jax.numpy as jnp
+  x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+  norms = jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1)
+  return 1.0 - jnp.sum(x * y, -1) / jnp.maximum(norms, 1e-12)
 
 
 def top_layers(influence: np.ndarray, n: int) -> np.ndarray:
@@ -205,9 +209,7 @@ def output_distance_layers(activation_fn_at, params, batches: list, n_layers: in
 
   @jax.jit
   def distance(x, y, w):
-    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-    cos = jnp.sum(x * y, -1) / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1), 1e-12)
-    return jnp.sum((1.0 - cos) * w), jnp.sum(w)
+    return jnp.sum(angular_distance(x, y) * w), jnp.sum(w)
 
   def cost(layers) -> float:
     sub = keep_layers(params, layers)
