@@ -90,6 +90,8 @@ VISION_METHODS = {
     "kd": ("vit", []),
     "select+kd": ("vit", ["method.init=selection"]),  # weight selection's own setting, plus KD
     "importance+kd": ("vit", ["method.init=importance"]),  # the most active units (generators/importance.py)
+    # a shallower student's layers: the subset that moves the teacher's last representation least
+    "importance+kd-output": ("vit", ["method.init=importance", "method.depth_score=output"]),
     "importance+kd+inter": ("vit", ["method.init=importance", "kd.hidden_weight=1",
                                     "kd.attention_weight=1"]),  # plus intermediate-layer terms
     "ws": ("vit", ["method.name=ws"]),
