@@ -45,14 +45,21 @@ def _calibration_split(n=64, length=20, seed=0):
   return TokenizedSplit(ids, lengths, np.zeros(n, np.int32), pad_id=0)
 
 
+def _batches(split, n: int, batch_size: int, pad_to_multiple: int) -> list:
+  """The first `n` calibration batches of `split` (seed 0), as importance selection draws them."""
+  from wdjax.generators.pca import calibration_batches
+  return list(calibration_batches(split, batches=n, batch_size=batch_size, seed=0,
+                                  pad_to_multiple=pad_to_multiple))
+
+
 def _student(**kw):
   cfg = dataclasses.replace(TEACHER, num_layers=1, **kw)
   return nnx.to_pure_dict(nnx.state(bert.build(cfg, seed=1)))
 
 
 def _ranked(teacher_params, student, heads_s):
-  squares, _ = importance.calibrate(bert.activation_fn(TEACHER), teacher_params, _calibration_split(),
-                                    batches=4, batch_size=16, seed=0, pad_to_multiple=16)
+  squares, _, _ = importance.calibrate(bert.activation_fn(TEACHER), teacher_params,
+                                       _batches(_calibration_split(), 4, 16, 16))
   scores = importance.unit_scores(squares)
   plan = SelectionPlan(teacher_params, student)
   return scores, importance.keep_indices(scores, plan, TEACHER.num_heads, heads_s)
@@ -164,8 +171,8 @@ def test_a_shallower_student_keeps_the_layers_that_turn_the_residual_stream_most
     flat[f"encoder/layer_1/{k}"][...] = 0.0
   teacher = trees.unflatten(flat)
   student = nnx.to_pure_dict(nnx.state(bert.build(dataclasses.replace(teacher_cfg, num_layers=2), seed=1)))
-  squares, influence = importance.calibrate(bert.activation_fn(teacher_cfg), teacher, _calibration_split(),
-                                            batches=2, batch_size=16, seed=0, pad_to_multiple=16)
+  squares, influence, _ = importance.calibrate(bert.activation_fn(teacher_cfg), teacher,
+                                               _batches(_calibration_split(), 2, 16, 16))
   assert influence.shape == (3,) and influence[1] < 1e-4 < min(influence[0], influence[2])
 
   class Cfg:  # what importance_indices reads of a config
@@ -209,12 +216,11 @@ def test_output_distance_keeps_the_layers_whose_network_moves_the_output_least(
   weights; a teacher's silent layers are the ones dropped, by the search over every subset and
   by the greedy one."""
   import itertools
-  from wdjax.generators.pca import calibration_batches
   if greedy:
     monkeypatch.setattr(importance, "MAX_SUBSETS", 0)
   teacher_cfg, teacher = _silenced_teacher(num_layers, silent)
   flat = trees.flatten(teacher)
-  batches = list(calibration_batches(_calibration_split(), batches=2, batch_size=16, seed=0, pad_to_multiple=16))
+  batches = _batches(_calibration_split(), 2, 16, 16)
   targets = [_pooled(teacher_cfg, teacher, b) for b in batches]
 
   def distance(layers):
@@ -261,8 +267,7 @@ def test_vit_units_are_ranked_on_images():
   rng = np.random.default_rng(0)
   split = ImageSplit(rng.integers(0, 255, (64, 8, 8), dtype=np.uint8), rng.integers(0, 3, 64),
                      mean=0.5, std=0.3)
-  squares, _ = importance.calibrate(vit.activation_fn(cfg), teacher, split, batches=2, batch_size=32,
-                                    seed=0, pad_to_multiple=1)
+  squares, _, _ = importance.calibrate(vit.activation_fn(cfg), teacher, _batches(split, 2, 32, 1))
   scores = importance.unit_scores(squares)
   assert int(np.argmax(scores["hidden"])) == channel and int(np.argmax(scores["ffn/layer_1"])) == neuron
   keep = importance.keep_indices(scores, SelectionPlan(teacher, student), 4, 4)

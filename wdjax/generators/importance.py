@@ -134,14 +134,14 @@ def keep_indices(scores: dict[str, np.ndarray], plan: SelectionPlan, heads_t: in
   return out
 
 
-def calibrate(activation_fn, params, split, *, batches: int, batch_size: int, seed: int,
-              pad_to_multiple: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """(`{space: [d] sum of x^2 over real tokens}`, `[layers]` mean block influence) of the
-  network whose `activation_fn(params, batch) -> (activations, weights)` is given
-  (`bert.activation_fn`), over the calibration batches (`pca.calibration_batches`)."""
+def calibrate(activation_fn, params, batches) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
+  """(`{space: [d] sum of x^2 over real tokens}`, `[layers]` mean block influence, per batch the
+  network's `final_representation`) of the network whose `activation_fn(params, batch) ->
+  (activations, weights)` is given (`bert.activation_fn`), over `batches`
+  (`pca.calibration_batches`)."""
   import jax
   import jax.numpy as jnp
-  from wdjax.generators.pca import calibration_batches, row_weights
+  from wdjax.generators.pca import row_weights
 
   @jax.jit
   def stats(params, batch):
@@ -150,16 +150,16 @@ def calibrate(activation_fn, params, split, *, batches: int, batch_size: int, se
                for k, x in acts.items()}
     layers = sorted(int(k.rsplit("_", 1)[1]) for k in acts if k.startswith("hidden/layer_"))
     states = [acts["hidden/embeddings"]] + [acts[f"hidden/layer_{l}"] for l in layers]
-    return squares, block_influence(states, weights)
+    return squares, block_influence(states, weights), final_representation(acts, weights)[0]
 
-  squares, influence, n = {}, 0.0, 0
-  for b in calibration_batches(split, batches=batches, batch_size=batch_size, seed=seed,
-                               pad_to_multiple=pad_to_multiple):
-    sq, infl = stats(params, b)
+  squares, influence, finals = {}, 0.0, []
+  for b in batches:
+    sq, infl, final = stats(params, b)
     for k, v in sq.items():
       squares[k] = squares.get(k, 0) + np.asarray(v, np.float64)
-    influence, n = influence + np.asarray(infl, np.float64), n + 1
-  return squares, influence / max(n, 1)
+    influence = influence + np.asarray(infl, np.float64)
+    finals.append(final)
+  return squares, influence / max(len(finals), 1), finals
 
 
 def keep_layers(params, layers) -> dict:
@@ -189,12 +189,13 @@ def final_representation(acts: dict, weights):
   return acts[f"hidden/layer_{last}"], weights
 
 
-def output_distance_layers(activation_fn_at, params, batches: list, n_layers: int, n_keep: int,
-                           log=lambda _: None) -> np.ndarray:
+def output_distance_layers(activation_fn_at, params, batches: list, targets: list, n_layers: int,
+                           n_keep: int, log=lambda _: None) -> np.ndarray:
   """The `n_keep` teacher layers (ascending) whose network moves the teacher's final
   representation least over `batches` (see the module docstring): every subset when there are at
   most `MAX_SUBSETS`, else greedy removal. `activation_fn_at(depth)` is the family's
-  `activation_fn` of the teacher at that depth."""
+  `activation_fn` of the teacher at that depth; `targets`: the teacher's final representation of
+  each batch (`calibrate`'s third output)."""
   import jax
   import jax.numpy as jnp
   fns = {}
@@ -205,7 +206,6 @@ def output_distance_layers(activation_fn_at, params, batches: list, n_layers: in
       fns[depth] = jax.jit(lambda p, b: final_representation(*act(p, b)))
     return fns[depth]
 
-  targets = [rep_fn(n_layers)(params, b)[0] for b in batches]
 
   @jax.jit
   def distance(x, y, w):
@@ -268,9 +268,10 @@ def importance_indices(activation_fn, teacher_params, student_shapes, split, cfg
   from wdjax import trees
   from wdjax.generators.pca import calibration_batches
   from wdjax.generators.select import DEPTH
-  options = dict(batches=method.calibration_batches, batch_size=cfg.distill.batch_size,
-                 seed=cfg.seed, pad_to_multiple=cfg.data.pad_to_multiple)
-  squares, influence = calibrate(activation_fn, teacher_params, split, **options)
+  batches = list(calibration_batches(split, batches=method.calibration_batches,
+                                     batch_size=cfg.distill.batch_size, seed=cfg.seed,
+                                     pad_to_multiple=cfg.data.pad_to_multiple))
+  squares, influence, finals = calibrate(activation_fn, teacher_params, batches)
   depth = {}
   n_s = 1 + max(trees.layer_of(p) for p in trees.flatten(student_shapes) if trees.layer_of(p) is not None)
   if not method.layer_map and n_s < len(influence):
@@ -278,8 +279,7 @@ def importance_indices(activation_fn, teacher_params, student_shapes, split, cfg
     if score == "output":
       if activation_fn_at is None:
         raise ValueError("depth_score='output' needs the teacher's activation_fn at other depths")
-      layers = output_distance_layers(activation_fn_at, teacher_params,
-                                      list(calibration_batches(split, **options)),
+      layers = output_distance_layers(activation_fn_at, teacher_params, batches, finals,
                                       len(influence), n_s, log=log)
     else:
       layers = top_layers(influence, n_s)
