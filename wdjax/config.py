@@ -180,11 +180,12 @@ class MethodConfig:
 
   @staticmethod
   def sections() -> dict[str, type[MethodConfig]]:
-    """Every defined section by method name: the subclasses that give `name` a default."""
+    """Every defined section by method name: the subclasses that give `name` a default, depth
+    first in definition order (a base's methods beside one another)."""
     out, todo = {}, list(MethodConfig.__subclasses__())
     while todo:
       cls = todo.pop(0)
-      todo += cls.__subclasses__()
+      todo[:0] = cls.__subclasses__()
       if "name" in cls.__dict__:  # a dataclass field redefined with a default sets the attribute
         out.setdefault(cls.name, cls)
     return out
@@ -196,14 +197,27 @@ DEPTH_SCORES = ("influence", "output")
 
 
 @dataclasses.dataclass(frozen=True)
-class KDMethod(MethodConfig):
+class RankedStartMethod(MethodConfig):
+  """The fields of a method that can start from importance selection (`init="importance"`,
+  `generators/importance.py`); each such method gives `init` its own default and other values.
+  `generators.check` validates `calibration_batches` and `depth_score` for all of them."""
+
+  init: str = "selection"
+  calibration_batches: int = 16  # init=importance: training batches whose activations rank the units
+  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
+
+  @property
+  def ranks_units(self) -> bool:
+    return self.init == "importance"
+
+
+@dataclasses.dataclass(frozen=True)
+class KDMethod(RankedStartMethod):
   """Logit KD (plain CE when `kd.alpha` is 0): the student's own weights are trained."""
 
   name: str = "kd"
   init: str = "random"  # the student's starting weights: "random", or the teacher's by uniform
   #                       "selection" or by "importance" (its most active units)
-  calibration_batches: int = 16  # init=importance: training batches whose activations rank the units
-  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
 
   @property
   def label(self) -> str:
@@ -212,10 +226,6 @@ class KDMethod(MethodConfig):
   @property
   def student_start(self) -> str:
     return self.init
-
-  @property
-  def ranks_units(self) -> bool:
-    return self.init == "importance"
 
 
 @dataclasses.dataclass(frozen=True)

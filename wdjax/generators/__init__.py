@@ -20,6 +20,7 @@ import importlib
 import pkgutil
 from typing import Any
 
+from wdjax.config import DEPTH_SCORES, RankedStartMethod
 from wdjax.generators import paths, registry
 from wdjax.generators.base import Generator, Identity, OptimizerHooks, StudentSpec, param_count
 from wdjax.generators.registry import Context, Method
@@ -75,6 +76,11 @@ def check(section) -> list[str]:
       bad.append(f"method.{key}={value!r} (one of {', '.join(repr(a) if a == '' else a for a in allowed)})")
   if m.two_phase and not 0 < section.phase1_fraction <= 1:
     bad.append(f"method.phase1_fraction={section.phase1_fraction!r} (must be in (0, 1])")
+  if isinstance(section, RankedStartMethod):
+    if section.depth_score not in DEPTH_SCORES:
+      bad.append(f"method.depth_score={section.depth_score!r} (one of {', '.join(DEPTH_SCORES)})")
+    if section.calibration_batches < 1:
+      bad.append(f"method.calibration_batches={section.calibration_batches} (must be at least 1)")
   if m.two_phase and section.phase2_lr < 0:
     bad.append(f"method.phase2_lr={section.phase2_lr!r} (must be >= 0; 0 = distill.optim.lr)")
   return bad + m.check(section)

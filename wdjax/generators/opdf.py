@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
-from wdjax.config import DEPTH_SCORES, MethodConfig
+from wdjax.config import RankedStartMethod
 from wdjax.generators.base import Generator, Params, StudentSpec
 from wdjax.generators.registry import Method, register
 from wdjax.generators import mpo
@@ -147,7 +147,7 @@ class MatrixProductOperator(Generator):
 
 
 @dataclasses.dataclass(frozen=True)
-class OPDFMethod(MethodConfig):
+class OPDFMethod(RankedStartMethod):
   """OPDF: every attention and FFN matrix of the student as a product of MPO cores, trained with
   KD and a constraint that keeps the auxiliary cores near the teacher's."""
 
@@ -157,12 +157,6 @@ class OPDFMethod(MethodConfig):
   init: str = "selection"  # the cores' start: decomposed teacher layers ("selection") | "random"
   #                          | "importance" (importance selection: its units and layers)
   constraint: str = "mse"  # the constraint's form: "mse" (the paper's) | "relative" (scale-free, §2.5)
-  calibration_batches: int = 16  # init=importance: training batches that rank the units
-  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
-
-  @property
-  def ranks_units(self) -> bool:
-    return self.init == "importance"
 
 
 def _check(method: OPDFMethod) -> list[str]:
@@ -174,4 +168,4 @@ register(Method("opdf", MatrixProductOperator, section=OPDFMethod, check=_check,
                     "n_cores": m.cores, "start": m.init, "constraint": m.constraint,
                     "constraint_lambda": None if m.constraint_lambda < 0 else m.constraint_lambda,
                     "layer_map": m.layer_map or "first_n"},  # the paper's start (docs/methods.md §2.3)
-                choices={"init": STARTS, "constraint": CONSTRAINTS, "depth_score": DEPTH_SCORES}))
+                choices={"init": STARTS, "constraint": CONSTRAINTS}))

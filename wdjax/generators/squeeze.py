@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wdjax import trees
-from wdjax.config import DEPTH_SCORES, MethodConfig
+from wdjax.config import RankedStartMethod
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
@@ -196,7 +196,7 @@ class WeightSqueezing(Generator):
 
 
 @dataclasses.dataclass(frozen=True)
-class WSMethod(MethodConfig):
+class WSMethod(RankedStartMethod):
   """Weight Squeezing: learned linear maps from the teacher's spaces to the student's."""
 
   name: str = "ws"
@@ -205,12 +205,6 @@ class WSMethod(MethodConfig):
   #                         | importance (= importance selection at step 0)
   layer_mix: str = "fixed"  # the "fixed" layer map, or a "learned" mix over contiguous groups
   pca_batches: int = 8  # init=pca: training batches of teacher activations to decompose
-  calibration_batches: int = 16  # init=importance: training batches that rank the units
-  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
-
-  @property
-  def ranks_units(self) -> bool:
-    return self.init == "importance"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,13 +225,11 @@ def _options(method: WSMethod, context) -> dict:
 
 
 def _check(method: WSMethod) -> list[str]:
-  return [f"method.{k}={v} (must be at least 1)" for k, v in
-          (("pca_batches", method.pca_batches), ("calibration_batches", method.calibration_batches))
-          if v < 1]
+  return [] if method.pca_batches >= 1 else [f"method.pca_batches={method.pca_batches} (must be at least 1)"]
 
 
 _CHOICES = {"sharing": ("role", "tensor"), "init": INITS,
-            "layer_mix": ("fixed", "learned"), "depth_score": DEPTH_SCORES}
+            "layer_mix": ("fixed", "learned")}
 register(Method("ws", lambda s, t, **o: WeightSqueezing(s, t, gated=False, **o), section=WSMethod,
                 options=_options, choices=_CHOICES, check=_check),
          Method("gws", lambda s, t, **o: WeightSqueezing(s, t, gated=True, **o), section=GWSMethod,

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from wdjax import trees
-from wdjax.config import DEPTH_SCORES, TwoPhaseMethod
+from wdjax.config import RankedStartMethod, TwoPhaseMethod
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, Params
@@ -176,22 +176,16 @@ def _lookup(tree: dict, path: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class WDMethod(TwoPhaseMethod):
+class WDMethod(TwoPhaseMethod, RankedStartMethod):
   """Weight Distillation: phase 1 trains the parameter generator, phase 2 the student it made."""
 
   name: str = "wd"
   mode: str = "faithful"  # faithful (maps per tensor, as the paper's code) | lean (per space)
   init: str = "xavier"  # the maps' start: xavier (the paper's) | identity (weight selection; an
   #                       extension) | importance (importance selection's units and layers)
-  calibration_batches: int = 16  # init=importance: training batches that rank the units
-  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
-
-  @property
-  def ranks_units(self) -> bool:
-    return self.init == "importance"
 
 
 register(Method("wd", WeightDistillation, section=WDMethod, two_phase=True,
                 options=lambda m, context: {"mode": m.mode, "init": m.init,
                                             "layer_map": m.layer_map or "contiguous"},
-                choices={"mode": ("faithful", "lean"), "init": INITS, "depth_score": DEPTH_SCORES}))
+                choices={"mode": ("faithful", "lean"), "init": INITS}))

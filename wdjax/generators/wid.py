@@ -65,7 +65,7 @@ import numpy as np
 import optax
 
 from wdjax import trees
-from wdjax.config import DEPTH_SCORES, TwoPhaseMethod
+from wdjax.config import RankedStartMethod, TwoPhaseMethod
 from wdjax.generators import paths
 from wdjax.models import contract
 from wdjax.generators.base import Generator, OptimizerHooks, Params, StudentSpec
@@ -429,7 +429,7 @@ class WeightInherited(Generator):
 
 
 @dataclasses.dataclass(frozen=True)
-class WIDMethod(TwoPhaseMethod):
+class WIDMethod(TwoPhaseMethod, RankedStartMethod):
   """Weight-Inherited Distillation: phase 1 trains compactors around the teacher's kernels while
   their masks narrow them to the student's width; phase 2 trains the cut-and-merged student."""
 
@@ -445,16 +445,10 @@ class WIDMethod(TwoPhaseMethod):
   teacher_lr_scale: float = 0.02  # teacher weights' lr / compactors' lr (1e-6 / 5e-5)
   init: str = "selection"  # a shallower student's teacher layers: the layer map ("selection") or
   #                          the most influential ones ("importance", generators/importance.py)
-  calibration_batches: int = 16  # init=importance: training batches that rank the layers
-  depth_score: str = "influence"  # init=importance, a shallower student: its layers by "influence" or "output" distance
 
   @property
   def label(self) -> str:
     return "wid_mlm" if self.objective == "mlm" else "wid"
-
-  @property
-  def ranks_units(self) -> bool:
-    return self.init == "importance"
 
   @property
   def task_agnostic(self) -> bool:
@@ -487,4 +481,4 @@ def _check(method: WIDMethod) -> list[str]:
 
 register(Method("wid", WeightInherited, section=WIDMethod, options=_options, check=_check, two_phase=True,
                 choices={"strategy": STRATEGIES, "objective": ("task", "mlm"), "surgery": SURGERIES,
-                         "init": ("selection", "importance"), "depth_score": DEPTH_SCORES}))
+                         "init": ("selection", "importance")}))
