@@ -160,3 +160,26 @@ def test_real_smollm2_gguf_matches_transformers(smollm_gguf):
                           max_new_tokens=8, do_sample=False).numpy()[0, len(chat):]
   assert ours[:len(theirs)].tolist() == theirs.tolist()
   assert tok.decode(ours.tolist(), skip_special_tokens=True) == "The capital of France is Paris."
+
+
+def test_a_sharded_checkpoint_loads_whole_and_every_shard_identifies_the_teacher(tmp_path):
+  """A `save_pretrained` directory split into shards loads to the same parameters as the
+  single-file one, and the teacher's sha256 (what resumed runs and cached rankings are keyed on)
+  changes when only its last shard does."""
+  from safetensors.numpy import load_file, save_file
+  from wdjax import config
+  from wdjax.models import hf
+  from wdjax.tasks import causal_lm
+  single, model = _save_tiny(tmp_path, "llama", False)
+  sharded = tmp_path / "sharded"
+  model.save_pretrained(sharded, max_shard_size="20KB")
+  shards = hf.safetensors_files(sharded)
+  assert len(shards) >= 3
+  (_, whole), (_, split) = llama.load_hf(single), llama.load_hf(sharded)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), whole, split))
+  (sharded / "tokenizer.json").write_text("{}")  # load_teacher requires one; nothing here reads it
+  cfg = config.load("lm:cpu", [f"teacher.path={sharded}"])
+  before = causal_lm.load_teacher(cfg).sha256
+  last = load_file(str(shards[-1]))
+  save_file({k: v * 2 for k, v in last.items()}, str(shards[-1]), metadata={"format": "pt"})
+  assert causal_lm.load_teacher(cfg).sha256 != before

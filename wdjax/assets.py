@@ -138,10 +138,17 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+  return sha256_files([path], chunk)
+
+
+def sha256_files(paths, chunk: int = 1 << 22) -> str:
+  """The sha256 of the files' contents joined in the given order (a sharded checkpoint's shards);
+  of one file, its own sha256."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
+  for path in paths:
+    with open(path, "rb") as f:
+      while block := f.read(chunk):
+        h.update(block)
   return h.hexdigest()
 
 

@@ -303,17 +303,19 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     raise WdjaxError(f"{path} is not valid JSON ({e})") from None
 
 
-def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of `model.safetensors`, or of the shards `model.safetensors.index.json` lists."""
-  from safetensors.numpy import load_file
+def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
+  """`model.safetensors`, or the shards `model.safetensors.index.json` lists (sorted)."""
   index = Path(model_dir) / "model.safetensors.index.json"
   if index.is_file():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    paths = [Path(model_dir) / s for s in shards]
-  else:
-    paths = [Path(model_dir) / "model.safetensors"]
+    return [Path(model_dir) / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+  return [Path(model_dir) / "model.safetensors"]
+
+
+def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of `safetensors_files(model_dir)`."""
+  from safetensors.numpy import load_file
   tensors = {}
-  for path in paths:
+  for path in safetensors_files(model_dir):
     if not path.is_file():
       raise WdjaxError(f"{path} is missing (only safetensors weights are read, never pickles)")
     try:

@@ -187,7 +187,7 @@ def load_teacher(cfg: Config) -> Model:
   t_cfg, params = llama.load_hf(src, dtype=cfg.teacher.dtype)
   if not (src / "tokenizer.json").is_file():
     raise WdjaxError(f"teacher {src} has no tokenizer.json")
-  return Model(t_cfg, params, src, assets.sha256_file(next(iter(sorted(src.glob("*.safetensors"))))))
+  return Model(t_cfg, params, src, assets.sha256_files(hf.safetensors_files(src)))  # every shard
 
 
 # --- data -----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def load_model(model_dir: str | Path, *, require_head: bool, **overrides) -> tup
   """The HF model in `model_dir` with its file's sha256 (what a resumed run checks), and the
   paths its file lacks (freshly initialised)."""
   cfg, params, fresh = read_model(model_dir, require_head=require_head, **overrides)
-  sha = assets.sha256_file(Path(model_dir) / "model.safetensors")
+  sha = assets.sha256_files(hf.safetensors_files(model_dir))
   return Model(cfg, params, Path(model_dir), sha), fresh
 
 
