@@ -49,9 +49,15 @@ def markdown(task: str, curve: dict) -> str:
   methods = list(dict.fromkeys(m for s in sizes for m in curve[s]["rows"]))
   info = next(iter(curve.values()))["info"]
   params = {s: next(iter(curve[s]["rows"].values()))["student_params"] for s in sizes}
+  teachers = {s: curve[s]["info"]["teacher_test"] for s in sizes}
+  head = {s: f"{s} ({params[s] / 1e6:.2f}M)" for s in sizes}
+  teacher = f"teacher {info['teacher_test']:.2f}"
+  if len(set(teachers.values())) > 1:  # tables of different trainings of the teacher
+    head = {s: f"{s} ({params[s] / 1e6:.2f}M; teacher {teachers[s]:.2f})" for s in sizes}
+    teacher = "teacher accuracy in each size's column"
   lines = [f"{info.get('data', task)} test accuracy (mean +- std over seeds {info['seeds']}) by student "
-           f"size; teacher {info['teacher_test']:.2f} ({info['teacher_params'] / 1e6:.2f}M parameters).",
-           "", "| method | " + " | ".join(f"{s} ({params[s] / 1e6:.2f}M)" for s in sizes) + " |",
+           f"size; {teacher} ({info['teacher_params'] / 1e6:.2f}M parameters).",
+           "", "| method | " + " | ".join(head[s] for s in sizes) + " |",
            "|---|" + "---|" * len(sizes)]
   for m in methods:
     cells = [f"{curve[s]['rows'][m]['test_mean']:.2f} +- {curve[s]['rows'][m]['test_std']:.2f}"
