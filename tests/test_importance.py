@@ -171,9 +171,10 @@ def test_a_shallower_student_keeps_the_layers_that_turn_the_residual_stream_most
     flat[f"encoder/layer_1/{k}"][...] = 0.0
   teacher = trees.unflatten(flat)
   student = nnx.to_pure_dict(nnx.state(bert.build(dataclasses.replace(teacher_cfg, num_layers=2), seed=1)))
-  squares, influence, _ = importance.calibrate(bert.activation_fn(teacher_cfg), teacher,
-                                               _batches(_calibration_split(), 2, 16, 16))
+  squares, influence, finals = importance.calibrate(bert.activation_fn(teacher_cfg), teacher,
+                                                    _batches(_calibration_split(), 2, 16, 16))
   assert influence.shape == (3,) and influence[1] < 1e-4 < min(influence[0], influence[2])
+  assert finals == []  # held only for depth_score=output
 
   class Cfg:  # what importance_indices reads of a config
     seed, distill, data = 0, TrainConfig(batch_size=16), DataConfig(pad_to_multiple=16)
@@ -222,6 +223,9 @@ def test_output_distance_keeps_the_layers_whose_network_moves_the_output_least(
   flat = trees.flatten(teacher)
   batches = _batches(_calibration_split(), 2, 16, 16)
   targets = [_pooled(teacher_cfg, teacher, b) for b in batches]
+  _, _, finals = importance.calibrate(bert.activation_fn(teacher_cfg), teacher, batches, keep_finals=True)
+  assert len(finals) == 2
+  np.testing.assert_allclose(np.asarray(finals[1]).reshape(targets[1].shape), targets[1], rtol=1e-5, atol=1e-6)
 
   def distance(layers):
     sub = {p: x for p, x in flat.items() if trees.layer_of(p) is None}

@@ -134,11 +134,14 @@ def keep_indices(scores: dict[str, np.ndarray], plan: SelectionPlan, heads_t: in
   return out
 
 
-def calibrate(activation_fn, params, batches) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
+def calibrate(activation_fn, params, batches, *, keep_finals: bool = False
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
   """(`{space: [d] sum of x^2 over real tokens}`, `[layers]` mean block influence, per batch the
-  network's `final_representation`) of the network whose `activation_fn(params, batch) ->
-  (activations, weights)` is given (`bert.activation_fn`), over `batches`
-  (`pca.calibration_batches`)."""
+  network's `final_representation` when `keep_finals`, else `[]`) of the network whose
+  `activation_fn(params, batch) -> (activations, weights)` is given (`bert.activation_fn`), over
+  `batches` (`pca.calibration_batches`). The final representations are what `depth_score=output`
+  compares against; held for every batch they take batches x rows x length x width floats (tens of
+  MB for a 576-wide LM), so only that score asks for them."""
   import jax
   import jax.numpy as jnp
   from wdjax.generators.pca import row_weights
@@ -152,14 +155,16 @@ def calibrate(activation_fn, params, batches) -> tuple[dict[str, np.ndarray], np
     states = [acts["hidden/embeddings"]] + [acts[f"hidden/layer_{l}"] for l in layers]
     return squares, block_influence(states, weights), final_representation(acts, weights)[0]
 
-  squares, influence, finals = {}, 0.0, []
+  squares, influence, finals, n = {}, 0.0, [], 0
   for b in batches:
     sq, infl, final = stats(params, b)
     for k, v in sq.items():
       squares[k] = squares.get(k, 0) + np.asarray(v, np.float64)
     influence = influence + np.asarray(infl, np.float64)
-    finals.append(final)
-  return squares, influence / max(len(finals), 1), finals
+    n += 1
+    if keep_finals:
+      finals.append(final)
+  return squares, influence / max(n, 1), finals
 
 
 def keep_layers(params, layers) -> dict:
@@ -271,7 +276,8 @@ def importance_indices(activation_fn, teacher_params, student_shapes, split, cfg
   batches = list(calibration_batches(split, batches=method.calibration_batches,
                                      batch_size=cfg.distill.batch_size, seed=cfg.seed,
                                      pad_to_multiple=cfg.data.pad_to_multiple))
-  squares, influence, finals = calibrate(activation_fn, teacher_params, batches)
+  wants_output = not method.layer_map and method.depth_score == "output"
+  squares, influence, finals = calibrate(activation_fn, teacher_params, batches, keep_finals=wants_output)
   depth = {}
   n_s = 1 + max(trees.layer_of(p) for p in trees.flatten(student_shapes) if trees.layer_of(p) is not None)
   if not method.layer_map and n_s < len(influence):
