@@ -54,6 +54,8 @@ ROWS = {  # label -> (phase, --set assignments)
                                                             "student.vocabulary=corpus"]),
     # learned maps from the importance-selected student (WS: W_s = L W_t R)
     "ws-importance": ("distill_ws", ["method=ws", "method.init=importance"]),
+    # gated WS: W_s = g * W_m + (1 - g) * L W_t R, with W_m and both maps from the same selection
+    "gws-importance": ("distill_gws", ["method=gws", "method.init=importance"]),
     # WD from identity maps over contiguous layer pairs; WID narrowing the every-2nd-layer
     # student's residual stream (576 -> 432: 48 of each 64-unit chunk) and FFN (1536 -> 1024),
     # its heads kept, with KD in both phases; OPDF's MPO cores from the importance selection
@@ -71,7 +73,8 @@ ROWS = {  # label -> (phase, --set assignments)
 
 
 # rows whose student starts from the teacher's weights: the table gives its perplexity before training
-INHERITS = ("select+kd", "importance+kd", "importance+kd-output", "ws-importance", "importance+kd-small")
+INHERITS = ("select+kd", "importance+kd", "importance+kd-output", "ws-importance", "gws-importance",
+            "importance+kd-small")
 
 
 def perplexity(cfg_m, params, split, batch_size: int) -> float:
