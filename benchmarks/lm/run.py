@@ -134,21 +134,28 @@ def speed(models: dict[str, tuple], data, repeats: int = 3) -> dict[str, dict]:
               "generate_tokens_per_s": 32 / statistics.median(gen[k])} for k in fns}
 
 
+def width(row: str, default: int) -> int:
+  """The residual width a row's settings give its student (`default` unless they narrow it)."""
+  sets = dict(s.split("=", 1) for s in ROWS.get(row, ("", []))[1])
+  return int(sets.get("student.hidden_size", default))
+
+
 def table(rows: list[dict], info: dict) -> str:
   c = info["config"]
   lines = [f"SmolLM2-135M-Instruct (4-bit Q4_1 GGUF, dequantised) -> {c['student']['num_layers']} x "
-           f"{c['student']['hidden_size']} students on the World English Bible; "
+           f"{c['student']['hidden_size']} students (unless a row narrows them) on the World English Bible; "
            f"{info['train_tokens']:,} training tokens ({c['distill']['steps']} steps of "
            f"{c['distill']['batch_size']} x {c['data']['max_length']}), test perplexity on "
            f"{info['test_tokens']:,} tokens of Romans and Ephesians", "",
            f"{info['date']}, commit {info['commit']}, {info['hardware']}, jax {info['jax']}", "",
-           "| model | layers | vocabulary | params | test ppl | val ppl | ppl before training | x teacher "
+           "| model | layers x width | vocabulary | params | test ppl | val ppl | ppl before training | x teacher "
            "| CPU min | forward tok/s | generate tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   teacher = rows[0]["test_perplexity"]
   for r in rows:
     before = f"{r['initial_test_perplexity']:.1f}" if r.get("initial_test_perplexity") else ""
     minutes = f"{r['cpu_s'] / 60:.1f}" if r.get("cpu_s") else ""
-    lines.append(f"| {r['row']} | {r['layers']} | {r['vocab']:,} | {r['params'] / 1e6:.1f}M | {r['test_perplexity']:.2f} | "
+    shape = f"{r['layers']} x {r.get('hidden_size') or width(r['row'], c['student']['hidden_size'])}"
+    lines.append(f"| {r['row']} | {shape} | {r['vocab']:,} | {r['params'] / 1e6:.1f}M | {r['test_perplexity']:.2f} | "
                  f"{r['validation_perplexity']:.2f} | {before} | {r['test_perplexity'] / teacher:.2f} | "
                  f"{minutes} | {r.get('forward_tokens_per_s', 0):.0f} | {r.get('generate_tokens_per_s', 0):.1f} |")
   return "\n".join(lines)
@@ -163,7 +170,7 @@ def plot(rows: list[dict], path: Path) -> None:
   ax.bar(names, [r["test_perplexity"] for r in rows], color=["#555"] + ["#4a7"] * (len(rows) - 1))
   ax.set_yscale("log")
   ax.set_ylabel("test perplexity (log)")
-  ax.set_title("SmolLM2-135M -> half depth, same token budget")
+  ax.set_title("SmolLM2-135M -> smaller students, same token budget")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -194,7 +201,8 @@ def main(argv=None) -> int:
   models = {"teacher": (teacher.config, teacher.params)}
   models.update({row: llama.load_hf(d) for row, d in dirs.items()})
   speeds = speed(models, data)
-  rows = [{"row": "teacher", "layers": teacher.config.num_layers, "vocab": teacher.config.vocab_size,
+  rows = [{"row": "teacher", "layers": teacher.config.num_layers, "hidden_size": teacher.config.hidden_size,
+           "vocab": teacher.config.vocab_size,
            "params": param_count(teacher.params), "test_tokens": data.test.tokens,
            "test_perplexity": perplexity(teacher.config, teacher.params, data.test, base.distill.eval_batch_size),
            "validation_perplexity": perplexity(teacher.config, teacher.params, data.validation,
@@ -203,7 +211,8 @@ def main(argv=None) -> int:
                           cwd=HERE).stdout.strip()
   for row in args.rows:
     r = results[row]
-    row_out = {"row": row, "layers": models[row][0].num_layers, "vocab": models[row][0].vocab_size,
+    row_out = {"row": row, "layers": models[row][0].num_layers, "hidden_size": models[row][0].hidden_size,
+               "vocab": models[row][0].vocab_size,
                "params": param_count(models[row][1]),
                "test_perplexity": r["test_perplexity"], "validation_perplexity": r["validation_perplexity"],
                "steps": r["steps"], "cpu_s": times[row], "commit": commit, **speeds[row],
